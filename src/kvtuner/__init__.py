@@ -1,0 +1,47 @@
+"""kvtuner: layer-wise mixed-precision KV cache quantization (KVTuner, ICML 2025), re-implemented.
+
+``import kvtuner`` is cheap: torch and transformers load on first use of the names that need them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+from .spec import KVPlan, LayerSpec, ModelDims, PlanError, QuantSpec  # noqa: E402  (no torch import)
+
+_LAZY = {
+    "MixedPrecisionCache": "cache",
+    "QuantizedKVLayer": "cache",
+    "load_model": "models",
+    "default_texts": "data",
+    "perplexity": "evaluate",
+}
+
+__all__ = [
+    "KVPlan",
+    "LayerSpec",
+    "MixedPrecisionCache",
+    "ModelDims",
+    "PlanError",
+    "QuantSpec",
+    "QuantizedKVLayer",
+    "__version__",
+    "default_texts",
+    "load_model",
+    "perplexity",
+]
+
+if TYPE_CHECKING:
+    from .cache import MixedPrecisionCache, QuantizedKVLayer
+    from .data import default_texts
+    from .evaluate import perplexity
+    from .models import load_model
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'kvtuner' has no attribute {name!r}")

@@ -1,0 +1,290 @@
+"""A transformers ``Cache`` whose every layer stores K and V at its own precision.
+
+Each layer keeps, for keys and for values separately, append-only packed storage (codes +
+scales/zeros, see ``quant.py``) and a full-precision residual of the newest tokens:
+
+* prefill: everything except the residual window is quantized at once;
+* decode: new tokens go to the residual; once ``residual_length + flush_unit`` tokens wait, the
+  oldest ``flush_unit`` are quantized once and appended to packed storage. History is never
+  re-quantized and never held twice.
+
+Attention runs through the model's own attention function on the dequantized history (the CPU
+reference path); the fused GPU kernel reads the packed storage directly.
+
+Example:
+    >>> plan = KVPlan.uniform(model.config.num_hidden_layers, 4, 2, mode="kivi")
+    >>> cache = MixedPrecisionCache(plan, model.config)
+    >>> out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+    >>> cache.nbytes()
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from . import quant
+from .spec import KVPlan, LayerSpec, PlanError, QuantSpec
+
+
+class _TensorStore:
+    """Packed history plus full-precision residual for the keys *or* the values of one layer."""
+
+    def __init__(self, spec: QuantSpec, role: str, head_dim: int):
+        self.spec, self.role, self.head_dim = spec, role, head_dim
+        self.granularity = spec.granularity(role)
+        self.group = spec.group_size if self.granularity == "per_channel" else spec.channel_group(head_dim)
+        self.unit = spec.flush_unit(role)
+        self.packed: quant.QuantizedTensor | None = None
+        self.residual: torch.Tensor | None = None
+
+    @property
+    def num_quantized(self) -> int:
+        return 0 if self.packed is None else self.packed.num_tokens
+
+    @property
+    def num_residual(self) -> int:
+        return 0 if self.residual is None else self.residual.shape[-2]
+
+    def __len__(self) -> int:
+        return self.num_quantized + self.num_residual
+
+    def append(self, x: torch.Tensor) -> None:
+        self.residual = x if self.residual is None else torch.cat([self.residual, x], dim=-2)
+        if not self.spec.quantized:
+            return
+        n = max(0, (self.num_residual - self.spec.residual_length) // self.unit * self.unit)
+        if n:
+            block = quant.quantize(self.residual[..., :n, :], self.spec.bits, self.granularity, self.group)
+            self.packed = block if self.packed is None else quant.cat([self.packed, block])
+            self.residual = self.residual[..., n:, :]
+
+    def materialize(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.packed is None:
+            return self.residual
+        return torch.cat([quant.dequantize(self.packed, dtype), self.residual], dim=-2)
+
+    def drop_front(self, n: int) -> None:
+        """Forget the ``n`` oldest tokens (per-channel stores: ``n`` is a multiple of the group)."""
+        k = min(n, self.num_quantized)
+        if k:
+            self.packed = None if k == self.num_quantized else quant.slice_tokens(self.packed, k, self.num_quantized)
+        if n > k:
+            self.residual = self.residual[..., n - k:, :]
+
+    def drop_back(self, n: int) -> None:
+        """Forget the ``n`` newest tokens.
+
+        When the cut falls inside a per-channel key group, the surviving part of that group is
+        dequantized back into the residual (its values are the ones attention already saw) and is
+        quantized again on the next flush: the one case where tokens are re-quantized.
+        """
+        k = min(n, self.num_residual)
+        if k:
+            self.residual = self.residual[..., : self.num_residual - k, :]
+        m = n - k
+        if not m:
+            return
+        keep = self.num_quantized - m
+        cut = keep // self.unit * self.unit if self.granularity == "per_channel" else keep
+        tail = None
+        if cut < keep:
+            tail = quant.dequantize(quant.slice_tokens(self.packed, cut, self.num_quantized),
+                                    self.residual.dtype)[..., : keep - cut, :]
+        self.packed = quant.slice_tokens(self.packed, 0, cut) if cut else None
+        if tail is not None:
+            self.residual = torch.cat([tail, self.residual], dim=-2)
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if self.packed is not None:
+            self.packed = self.packed.map(fn)
+        if self.residual is not None:
+            self.residual = fn(self.residual)
+
+    def nbytes(self) -> int:
+        total = 0 if self.packed is None else self.packed.nbytes()
+        if self.residual is not None:
+            total += self.residual.numel() * self.residual.element_size()
+        return total
+
+
+class QuantizedKVLayer(CacheLayerMixin):
+    """One decoder layer's cache: keys and values each with their own :class:`QuantSpec`.
+
+    Args:
+        spec: the layer's (k, v) specs.
+        num_kv_heads, head_dim: the shape the model will hand to ``update``; other shapes are an
+            error (a cache used with the wrong model).
+        layer_idx: for error messages.
+        sliding_window: set for sliding-window attention layers; tokens older than the window are
+            dropped, in whole key groups for KIVI keys (the mask is told via ``get_mask_sizes``).
+    """
+
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, spec: LayerSpec, *, num_kv_heads: int, head_dim: int, layer_idx: int = 0,
+                 sliding_window: int | None = None):
+        super().__init__()
+        self.spec, self.num_kv_heads, self.head_dim, self.layer_idx = spec, num_kv_heads, head_dim, layer_idx
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
+        self.is_croppable = not self.is_sliding
+        self._clear()
+
+    def _clear(self) -> None:
+        self._k = _TensorStore(self.spec.k, "key", self.head_dim)
+        self._v = _TensorStore(self.spec.v, "value", self.head_dim)
+        self.cumulative_length = 0  # tokens seen
+        self.start = 0  # absolute position of the oldest stored token (> 0 only for sliding layers)
+        self.is_initialized = False
+
+    def __repr__(self) -> str:
+        return f"QuantizedKVLayer({self.spec.name}, {self.spec.k.mode}, sliding={self.sliding_window})"
+
+    # ------------------------------------------------------------------ CacheLayerMixin
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch_size = key_states.shape[0]
+        self.is_initialized = True
+
+    def _check(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        want = (self.num_kv_heads, self.head_dim)
+        for name, t in (("key_states", key_states), ("value_states", value_states)):
+            if t.dim() != 4 or (t.shape[1], t.shape[3]) != want:
+                raise ValueError(
+                    f"layer {self.layer_idx}: {name} shape {tuple(t.shape)} does not fit this cache; allowed: "
+                    f"[batch, {want[0]}, tokens, {want[1]}] (the cache was built for another model config)")
+        if key_states.shape[:3] != value_states.shape[:3]:
+            raise ValueError(f"layer {self.layer_idx}: key/value shapes {tuple(key_states.shape)} and "
+                             f"{tuple(value_states.shape)} differ in batch or tokens; allowed: equal")
+        if self.is_initialized and len(self._k) and key_states.shape[0] != self.batch_size:
+            raise ValueError(f"layer {self.layer_idx}: batch size {key_states.shape[0]} does not match the "
+                             f"cached batch size {self.batch_size}; allowed: {self.batch_size} (call reset())")
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check(key_states, value_states)
+        if not self.is_initialized or not len(self._k):
+            self.lazy_initialization(key_states, value_states)
+        self._k.append(key_states)
+        self._v.append(value_states)
+        self.cumulative_length += key_states.shape[-2]
+        keys, values = self._k.materialize(self.dtype), self._v.materialize(self.dtype)
+        if self.is_sliding:
+            self._evict()
+        return keys, values
+
+    def _evict(self) -> None:
+        # Mirrors DynamicSlidingWindowLayer (keep window - 1 tokens) but only drops whole key groups.
+        unit = self._k.unit if self._k.granularity == "per_channel" else 1
+        new_start = max(0, (self.cumulative_length - self.sliding_window + 1) // unit * unit)
+        if new_start > self.start:
+            self._k.drop_front(new_start - self.start)
+            self._v.drop_front(new_start - self.start)
+            self.start = new_start
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cumulative_length - self.start + query_length, self.start
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return self.sliding_window if self.is_sliding else -1
+
+    def reset(self) -> None:
+        self._clear()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the newest ``-tokens_to_remove`` tokens (negative), or keep the first ``n`` (positive)."""
+        n = -tokens_to_remove if tokens_to_remove <= 0 else max(0, self.cumulative_length - tokens_to_remove)
+        if n == 0 or not self.is_initialized:
+            return
+        if self.start > 0:
+            raise RuntimeError(f"layer {self.layer_idx}: cannot crop a sliding-window layer whose oldest tokens "
+                               "were already evicted")
+        if n > self.cumulative_length:
+            raise ValueError(f"crop({tokens_to_remove}) removes {n} tokens; allowed: at most "
+                             f"{self.cumulative_length} (the cached length)")
+        self._k.drop_back(n)
+        self._v.drop_back(n)
+        self.cumulative_length -= n
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self._k.map(fn)
+        self._v.map(fn)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.cumulative_length:
+            self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.cumulative_length:
+            self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+            self.batch_size *= repeats
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.cumulative_length:
+            self._map(lambda t: t[indices, ...])
+            self.batch_size = self._k.residual.shape[0]
+
+    def offload(self) -> None:
+        if self.is_initialized:
+            self._map(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        if self.is_initialized:
+            self._map(lambda t: t.to(self.device, non_blocking=True))
+
+    # ------------------------------------------------------------------ kvtuner additions
+    def nbytes(self) -> int:
+        """Bytes really held: packed codes + scales/zeros + residual, keys and values."""
+        return self._k.nbytes() + self._v.nbytes()
+
+    def token_counts(self) -> dict[str, tuple[int, int]]:
+        """``{"key": (quantized, full_precision), "value": (...)}`` stored tokens."""
+        return {"key": (self._k.num_quantized, self._k.num_residual),
+                "value": (self._v.num_quantized, self._v.num_residual)}
+
+
+class MixedPrecisionCache(Cache):
+    """A ``transformers.Cache`` with a (key bits, value bits) pair per layer, from a :class:`KVPlan`.
+
+    Args:
+        plan: a :class:`KVPlan` or the path of a plan file.
+        config: the model's config (``model.config``); the plan is validated against it.
+    """
+
+    def __init__(self, plan: KVPlan | str | os.PathLike[str], config: Any):
+        if not isinstance(plan, KVPlan):
+            plan = KVPlan.load(plan)
+        dims = plan.check_config(config)
+        layers = [QuantizedKVLayer(spec, num_kv_heads=dims.num_kv_heads, head_dim=dims.head_dim, layer_idx=i,
+                                   sliding_window=dims.sliding_window if kind == "sliding_attention" else None)
+                  for i, (spec, kind) in enumerate(zip(plan.layers, dims.layer_types))]
+        super().__init__(layers=layers)
+        self.plan, self.dims = plan, dims
+
+    @classmethod
+    def from_plan(cls, config: Any, plan: KVPlan | str | os.PathLike[str]) -> MixedPrecisionCache:
+        return cls(plan, config)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= layer_idx < len(self.layers):
+            raise PlanError(f"layer_idx={layer_idx} is outside this cache; allowed: 0..{len(self.layers) - 1} "
+                            "(the cache was built for a model with another layer count)")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def nbytes(self) -> int:
+        """Bytes really held by all layers (codes + scales/zeros + residual)."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def __repr__(self) -> str:
+        return (f"MixedPrecisionCache({self.plan.num_layers} layers, {self.plan.equivalent_bits:.2f} equivalent "
+                f"bits, {self.get_seq_length()} tokens, {self.nbytes()} bytes)")

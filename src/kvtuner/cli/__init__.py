@@ -1,0 +1,5 @@
+"""The ``kvtuner`` command line (filled in below)."""
+
+
+def main() -> None:
+    pass

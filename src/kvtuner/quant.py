@@ -1,0 +1,225 @@
+r"""Reference KV quantization: the specification every fast kernel must match.
+
+Shape letters, fixed project-wide: ``B`` batch, ``H`` KV heads, ``T`` tokens, ``D`` head_dim,
+``G`` group size.
+
+Quantizer (asymmetric round-to-nearest min/max, KVTuner Eq. 2)::
+
+    zero  = min(group)                              stored in the input dtype, rounded down
+    scale = (max(group) - zero) / (2**b - 1)        stored in the input dtype, rounded up
+    q     = clamp(round((x - zero) / scale), 0, 2**b - 1)     unsigned codes
+    x_hat = q * scale + zero                        computed in fp32, returned in the input dtype
+
+Statistics are taken in fp32 and the stored scale/zero are rounded *outward*, so every element
+of a group lies inside the representable range and ``|x - x_hat| <= scale / 2`` holds (up to the
+final rounding to the output dtype). A constant group has ``scale == 0`` and is reproduced exactly.
+
+Granularity:
+
+* ``per_token``: groups of ``G`` consecutive channels inside one token of one head;
+  ``scale``/``zero`` have shape ``[B, H, T, ceil(D / G)]``.
+* ``per_channel`` (KIVI keys): groups of ``G`` consecutive tokens inside one channel;
+  ``scale``/``zero`` have shape ``[B, H, ceil(T / G), D]``.
+
+The last group along an axis may be shorter (a tail); its statistics cover only real elements.
+
+Bit layout of the packed codes (``uint8``, packed along the last dim D; ``k = 8 // b`` codes per
+byte, code ``i`` of a byte in bits ``[b*i, b*i + b)``, little end first)::
+
+    b=2:  byte = c0 | c1 << 2 | c2 << 4 | c3 << 6        [c3 c3 c2 c2 c1 c1 c0 c0]  (MSB..LSB)
+    b=4:  byte = c0 | c1 << 4                            [c1 c1 c1 c1 c0 c0 c0 c0]
+    b=8:  byte = c0
+
+``D`` is padded with zero codes to a multiple of ``k``; packed codes have shape
+``[B, H, T, ceil(D / k)]`` whatever the granularity, so tokens can be appended along dim -2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+GRANULARITIES = ("per_token", "per_channel")
+
+
+@dataclass
+class QuantizedTensor:
+    """Packed codes plus per-group scale and zero of one ``[..., T, D]`` tensor."""
+
+    codes: torch.Tensor  # uint8 [..., T, ceil(D / (8 // bits))]
+    scale: torch.Tensor  # input dtype, see module docstring for the shape
+    zero: torch.Tensor
+    bits: int
+    granularity: str
+    group_size: int
+    head_dim: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.codes.shape[-2]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
+
+    def map(self, fn) -> QuantizedTensor:
+        """Apply ``fn`` to codes, scale and zero alike (batch indexing, device moves)."""
+        return QuantizedTensor(fn(self.codes), fn(self.scale), fn(self.zero), self.bits, self.granularity,
+                               self.group_size, self.head_dim)
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in (2, 4, 8):
+        raise ValueError(f"bits={bits!r} is invalid; allowed: 2, 4 or 8")
+
+
+# ---------------------------------------------------------------------- packing
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack ``uint8`` codes ``[..., D]`` (values < 2**bits) into ``[..., ceil(D / (8 // bits))]`` bytes."""
+    _check_bits(bits)
+    if codes.dtype != torch.uint8:
+        raise TypeError(f"codes.dtype={codes.dtype} is invalid; allowed: torch.uint8")
+    per_byte = 8 // bits
+    if per_byte == 1:
+        return codes.contiguous()
+    d = codes.shape[-1]
+    pad = (-d) % per_byte
+    if pad:
+        codes = torch.nn.functional.pad(codes, (0, pad))
+    codes = codes.reshape(*codes.shape[:-1], -1, per_byte).to(torch.int32)
+    shifts = torch.arange(0, 8, bits, device=codes.device, dtype=torch.int32)
+    return (codes << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: ``[..., ceil(dim / k)]`` bytes to ``[..., dim]`` ``uint8`` codes."""
+    _check_bits(bits)
+    per_byte = 8 // bits
+    if per_byte == 1:
+        return packed[..., :dim]
+    shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.int32)
+    codes = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(*packed.shape[:-1], -1)[..., :dim].to(torch.uint8)
+
+
+# ---------------------------------------------------------------------- grouping helpers
+def _groups(x: torch.Tensor, g: int) -> torch.Tensor:
+    """View the last dim of ``x`` as ``[n, g]`` groups; a short tail is padded with its last element."""
+    n = x.shape[-1]
+    pad = (-n) % g
+    if pad:
+        x = torch.cat([x, x[..., -1:].expand(*x.shape[:-1], pad)], dim=-1)
+    return x.reshape(*x.shape[:-1], -1, g)
+
+
+def _round_outward(v: torch.Tensor, dtype: torch.dtype, down: bool) -> torch.Tensor:
+    """Cast fp32 ``v`` to ``dtype`` so that the result is <= v (down) or >= v (up)."""
+    r = v.to(dtype)
+    if dtype == torch.float32:
+        return r
+    info = torch.finfo(dtype)
+    step = torch.clamp(v.abs() * info.eps, min=info.tiny)
+    rf = r.float()
+    if down:
+        return torch.where(rf > v, (v - step).to(dtype), r)
+    return torch.where(rf < v, (v + step).to(dtype), r)
+
+
+def _qparams_last(x32: torch.Tensor, bits: int, g: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    grouped = _groups(x32, g)
+    mn, mx = grouped.amin(-1), grouped.amax(-1)
+    zero = _round_outward(mn, dtype, down=True)
+    scale = _round_outward((mx - zero.float()) / (2**bits - 1), dtype, down=False)
+    return scale, zero
+
+
+def _expand(p: torch.Tensor, g: int, n: int) -> torch.Tensor:
+    return p.float().repeat_interleave(g, dim=-1)[..., :n]
+
+
+# ---------------------------------------------------------------------- quantize / dequantize
+def quantize(x: torch.Tensor, bits: int, granularity: str = "per_token", group_size: int | None = None
+             ) -> QuantizedTensor:
+    """Quantize ``x`` ``[..., T, D]`` (fp32, fp16 or bf16) to packed codes.
+
+    Args:
+        x: tensor with tokens on dim -2 and channels on dim -1.
+        bits: 2, 4 or 8.
+        granularity: ``"per_token"`` (groups along D) or ``"per_channel"`` (groups along T).
+        group_size: elements per group; ``None`` means the whole axis (D for per_token, T for
+            per_channel).
+
+    Returns:
+        :class:`QuantizedTensor` whose scale/zero have ``x.dtype``.
+    """
+    _check_bits(bits)
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity={granularity!r} is invalid; allowed: 'per_token' or 'per_channel'")
+    if not x.is_floating_point():
+        raise TypeError(f"x.dtype={x.dtype} is invalid; allowed: a floating-point dtype")
+    if x.dim() < 2:
+        raise ValueError(f"x.dim()={x.dim()} is invalid; allowed: >= 2 ([..., T, D])")
+    if group_size is not None and group_size < 1:
+        raise ValueError(f"group_size={group_size!r} is invalid; allowed: a positive integer or None")
+    t, d = x.shape[-2], x.shape[-1]
+    x32 = x.float()
+    if granularity == "per_channel":
+        x32 = x32.transpose(-1, -2)  # [..., D, T]: groups run along tokens
+    n = x32.shape[-1]
+    g = max(n, 1) if group_size is None else group_size
+    if t == 0:
+        empty = x.new_zeros(*x.shape[:-2], 0, d)
+        codes = torch.zeros(*x.shape[:-2], 0, -(-d // (8 // bits)), dtype=torch.uint8, device=x.device)
+        return QuantizedTensor(codes, empty[..., :0], empty[..., :0], bits, granularity, g, d)
+    scale, zero = _qparams_last(x32, bits, g, x.dtype)
+    s, z = _expand(scale, g, n), _expand(zero, g, n)
+    q = torch.where(s > 0, torch.round((x32 - z) / torch.where(s > 0, s, 1.0)), 0.0)
+    q = q.clamp_(0, 2**bits - 1).to(torch.uint8)
+    if granularity == "per_channel":
+        q, scale, zero = q.transpose(-1, -2), scale.transpose(-1, -2), zero.transpose(-1, -2)
+    return QuantizedTensor(pack(q.contiguous(), bits), scale.contiguous(), zero.contiguous(), bits, granularity,
+                           g, d)
+
+
+def dequantize(qt: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Reconstruct ``[..., T, D]`` from a :class:`QuantizedTensor` (math in fp32)."""
+    dtype = dtype or qt.scale.dtype
+    q = unpack(qt.codes, qt.bits, qt.head_dim).float()
+    scale, zero = qt.scale, qt.zero
+    if qt.granularity == "per_channel":
+        q, scale, zero = q.transpose(-1, -2), scale.transpose(-1, -2), zero.transpose(-1, -2)
+    n = q.shape[-1]
+    out = q * _expand(scale, qt.group_size, n) + _expand(zero, qt.group_size, n)
+    if qt.granularity == "per_channel":
+        out = out.transpose(-1, -2)
+    return out.to(dtype)
+
+
+def fake_quantize(x: torch.Tensor, bits: int, granularity: str = "per_token", group_size: int | None = None
+                  ) -> torch.Tensor:
+    """``dequantize(quantize(x))``: simulated quantization in ``x.dtype``; 16 bits returns ``x``."""
+    if bits >= 16:
+        return x
+    return dequantize(quantize(x, bits, granularity, group_size), x.dtype)
+
+
+def cat(parts: list[QuantizedTensor]) -> QuantizedTensor:
+    """Concatenate quantized blocks along tokens (per_channel blocks must hold whole groups)."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    return QuantizedTensor(torch.cat([p.codes for p in parts], dim=-2), torch.cat([p.scale for p in parts], dim=-2),
+                           torch.cat([p.zero for p in parts], dim=-2), first.bits, first.granularity,
+                           first.group_size, first.head_dim)
+
+
+def slice_tokens(qt: QuantizedTensor, start: int, stop: int) -> QuantizedTensor:
+    """Tokens ``[start, stop)``; for per_channel both ends must fall on group boundaries."""
+    if qt.granularity == "per_channel":
+        g = qt.group_size
+        if start % g or (stop % g and stop != qt.num_tokens):
+            raise ValueError(f"per_channel slice [{start}, {stop}) is invalid; allowed: multiples of group_size={g}")
+        gs, ge = start // g, -(-stop // g)
+        return QuantizedTensor(qt.codes[..., start:stop, :], qt.scale[..., gs:ge, :], qt.zero[..., gs:ge, :],
+                               qt.bits, qt.granularity, g, qt.head_dim)
+    return qt.map(lambda t: t[..., start:stop, :])
