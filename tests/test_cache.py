@@ -1,0 +1,240 @@
+"""MixedPrecisionCache on tiny random models: exactness at 16 bits, storage rules, generate(),
+and the Cache API (seq length, crop, reset, beam reordering, batch ops)."""
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig
+
+from kvtuner import KVPlan, MixedPrecisionCache, PlanError
+from kvtuner.testing import tiny_model
+
+MODELS = [("llama", 2), ("qwen2", 2), ("gemma3", 2), ("llama", 1)]  # (arch, kv heads): GQA and MQA
+
+
+def _ids(batch=2, length=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 128, (batch, length), generator=g)
+
+
+def _decode_logits(model, cache, ids, mask, steps=32):
+    """Prefill, then greedy-decode `steps` tokens one at a time; return every step's logits."""
+    out = model(ids, attention_mask=mask, past_key_values=cache)
+    logits = [out.logits]
+    for _ in range(steps):
+        nxt = out.logits[:, -1:].argmax(-1)
+        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+        out = model(nxt, attention_mask=mask, past_key_values=cache)
+        logits.append(out.logits)
+    return logits
+
+
+@pytest.mark.parametrize("arch, kv_heads", MODELS, ids=lambda x: str(x))
+def test_sixteen_bits_is_identical_to_dynamic_cache(arch, kv_heads):
+    model = tiny_model(arch, kv_heads=kv_heads)
+    ids = _ids()
+    mask = torch.ones_like(ids)
+    mask[0, :6] = 0  # left padding in row 0
+    plan = KVPlan.uniform(model.config.num_hidden_layers, 16, 16)
+    ref = _decode_logits(model, DynamicCache(config=model.config), ids, mask)
+    got = _decode_logits(model, MixedPrecisionCache(plan, model.config), ids, mask)
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))  # prefill and all 32 decode steps; gemma3 passes its window
+
+
+def test_sixteen_bit_beam_search_matches_dynamic_cache():
+    model = tiny_model("qwen2")
+    ids = _ids(batch=2, length=20)
+    kw = dict(max_new_tokens=12, num_beams=3, do_sample=False)
+    ref = model.generate(ids, **kw)
+    got = model.generate(ids, past_key_values=MixedPrecisionCache(KVPlan.uniform(4, 16, 16), model.config), **kw)
+    assert torch.equal(ref, got)
+
+
+PLANS = {
+    "kivi-KV4": lambda n: KVPlan.uniform(n, 4, 4, "kivi"),
+    "per_token-mixed": lambda n: KVPlan.from_pairs([(8, 4), (4, 2), (2, 2), (16, 8)][:n], "per_token", group_size=16),
+    "kivi-mixed": lambda n: KVPlan.from_pairs([(8, 4), (4, 2), (2, 4), (8, 8)][:n], "kivi", group_size=8,
+                                              residual_length=8),
+}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("plan_name", list(PLANS))
+@pytest.mark.parametrize("sampling", [False, True])
+def test_generate_runs_with_quantized_plans(arch, plan_name, sampling):
+    model = tiny_model(arch)
+    ids = _ids(length=50)
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    cache = MixedPrecisionCache(PLANS[plan_name](4), model.config)
+    out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=30, do_sample=sampling,
+                         top_k=5 if sampling else None)
+    assert out.shape == (2, 80)
+    assert cache.get_seq_length() == 79  # the last generated token is never fed back
+    full = [layer for layer in cache.layers if not layer.is_sliding]
+    assert all(layer.token_counts()["key"][0] > 0 for layer in full if layer.spec.k.quantized)
+
+
+def test_quantized_greedy_beam_search_runs():
+    model = tiny_model("llama")
+    cache = MixedPrecisionCache(PLANS["kivi-mixed"](4), model.config)
+    out = model.generate(_ids(length=30), past_key_values=cache, max_new_tokens=20, num_beams=2, do_sample=False)
+    assert out.shape == (2, 50)
+
+
+# ---------------------------------------------------------------------- storage rules, driven directly
+CFG = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64, hidden_size=256)
+
+
+def _kv(t, batch=2, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.linspace(0.2, 5, 64)  # channel outliers, as in real keys
+    return [(torch.randn(batch, 2, t, 64, generator=g) * scale).to(dtype) for _ in range(2)]
+
+
+STORAGE_PLANS = {
+    "kivi-K4V2": KVPlan.uniform(2, 4, 2, "kivi"),
+    "kivi-K8V4": KVPlan.uniform(2, 8, 4, "kivi"),
+    "per_token-KV2": KVPlan.uniform(2, 2, 2, "per_token"),
+    "per_token-g32-K4V8-res16": KVPlan.uniform(2, 4, 8, "per_token", group_size=32, residual_length=16),
+    "mixed": KVPlan((KVPlan.uniform(1, 8, 2, "kivi").layers[0], KVPlan.uniform(1, 16, 4, "per_token").layers[0])),
+}
+
+
+@pytest.mark.parametrize("name", list(STORAGE_PLANS))
+def test_nbytes_equals_analytical_at_every_step(name):
+    plan = STORAGE_PLANS[name]
+    cache = MixedPrecisionCache(plan, CFG)
+    for t in [70] + [1] * 70:  # prefill, then 70 decode steps through several flushes
+        k, v = _kv(t, seed=cache.get_seq_length())
+        for layer in range(2):
+            cache.update(k, v, layer)
+        n = cache.get_seq_length()
+        assert cache.nbytes() == plan.expected_nbytes(CFG, n, batch_size=2), f"after {n} tokens"
+        for layer, spec in zip(cache.layers, plan.layers):
+            counts = layer.token_counts()
+            assert counts["key"] == spec.k.split("key", n) and counts["value"] == spec.v.split("value", n)
+
+
+def test_history_is_quantized_once_and_never_rewritten():
+    cache = MixedPrecisionCache(KVPlan.uniform(2, 4, 2, "kivi"), CFG)
+    k, v = _kv(100)
+    cache.update(k, v, 0)
+    store = cache.layers[0]._k
+    first = (store.packed.codes.clone(), store.packed.scale.clone(), store.packed.zero.clone())
+    assert store.num_quantized == 64
+    for step in range(80):
+        k1, v1 = _kv(1, seed=step + 1)
+        keys, _ = cache.update(k1, v1, 0)
+    assert store.num_quantized == 128  # 180 tokens: 32 + (180 - 32) % 32 = 52 stay in the residual
+    assert torch.equal(store.packed.codes[..., :64, :], first[0])
+    assert torch.equal(store.packed.scale[..., :2, :], first[1]) and torch.equal(store.packed.zero[..., :2, :],
+                                                                                 first[2])
+    assert keys.shape[-2] == 180
+
+
+@pytest.mark.parametrize("mode", ["kivi", "per_token"])
+@pytest.mark.parametrize("length", [64, 96, 128])
+def test_group_multiple_and_one_above_are_both_quantized(mode, length):
+    """Lengths G*n and G*n+1: the quantized part is exactly the documented one, no prompt token is left
+    in full precision outside the residual window, and the error does not jump between the two."""
+    errors = []
+    for t in (length, length + 1):
+        plan = KVPlan.uniform(2, 4, 4, mode)
+        cache = MixedPrecisionCache(plan, CFG)
+        k, v = _kv(t, seed=1)
+        keys, values = cache.update(k, v, 0)
+        for role, orig, got, spec in (("key", k, keys, plan.layers[0].k), ("value", v, values, plan.layers[0].v)):
+            n_q, n_fp = spec.split(role, t)
+            assert cache.layers[0].token_counts()[role] == (n_q, n_fp)
+            assert n_fp == (spec.residual_length if mode == "per_token" else 32 + (t - 32) % 32)
+            assert torch.equal(got[..., n_q:, :], orig[..., n_q:, :])  # the residual window is exact
+            changed = (got[..., :n_q, :] != orig[..., :n_q, :]).any(dim=(0, 1, 3))
+            assert changed.all(), "a token before the residual window was left in full precision"
+            errors.append(((got[..., :n_q, :].float() - orig[..., :n_q, :].float()).norm()
+                           / orig[..., :n_q, :].float().norm()).item())
+    k_a, v_a, k_b, v_b = errors
+    assert 0.8 < k_b / k_a < 1.25 and 0.8 < v_b / v_a < 1.25, errors
+
+
+def test_crop_reset_and_batch_operations():
+    plan = KVPlan.uniform(2, 4, 2, "kivi")
+    cache = MixedPrecisionCache(plan, CFG)
+    k, v = _kv(100)
+    for layer in range(2):
+        cache.update(k, v, layer)
+    cache.crop(-10)  # inside the residual
+    assert cache.get_seq_length() == 90 and cache.layers[0].token_counts()["key"] == (64, 26)
+    cache.crop(-30)  # cuts into a quantized key group: its kept part returns to the residual
+    assert cache.get_seq_length() == 60
+    assert cache.layers[0].token_counts()["key"] == (32, 28)
+    assert cache.layers[0].token_counts()["value"] == (60, 0)  # per-token values can be cut anywhere
+    cache.crop(50)  # positive: keep the first 50 tokens (legacy semantics)
+    assert cache.get_seq_length() == 50
+    assert cache.nbytes() == sum(layer.nbytes() for layer in cache.layers) > 0
+    with pytest.raises(ValueError, match="at most 50"):
+        cache.crop(-51)
+
+    keys_before, _ = cache.update(*_kv(1, seed=9), 0)
+    perm = torch.tensor([1, 0])
+    cache.reorder_cache(perm)
+    keys_after, _ = cache.update(*_kv(1, seed=10), 0)
+    assert torch.equal(keys_after[:, :, :-1], keys_before[perm])
+
+    cache.batch_repeat_interleave(3)
+    assert cache.layers[0]._k.residual.shape[0] == 6
+    cache.batch_select_indices(torch.tensor([0, 5]))
+    assert cache.layers[0]._k.residual.shape[0] == 2
+
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.nbytes() == 0
+    fresh = MixedPrecisionCache(plan, CFG)
+    k, v = _kv(40, seed=3)
+    assert torch.equal(cache.update(k, v, 0)[0], fresh.update(k, v, 0)[0])
+
+
+def test_sliding_layers_stay_bounded():
+    model = tiny_model("gemma3", sliding_window=16)
+    plan = KVPlan.uniform(4, 4, 4, "kivi", group_size=8, residual_length=8)
+    cache = MixedPrecisionCache(plan, model.config)
+    model.generate(_ids(length=60), past_key_values=cache, max_new_tokens=60, do_sample=False)
+    sliding = [layer for layer in cache.layers if layer.is_sliding]
+    full = [layer for layer in cache.layers if not layer.is_sliding]
+    for layer in sliding:
+        stored = sum(layer.token_counts()["key"])
+        assert stored <= 16 - 1 + 8, stored  # window - 1, plus at most one partial key group
+        assert sum(layer.token_counts()["value"]) == stored
+    assert all(sum(layer.token_counts()["key"]) == 119 for layer in full)
+    with pytest.raises(RuntimeError, match="sliding-window"):
+        cache.crop(-5)
+
+
+# ---------------------------------------------------------------------- misuse
+def test_wrong_model_is_a_clear_error():
+    with pytest.raises(PlanError, match=r"plan.num_layers=30 does not match the model; allowed: 4"):
+        MixedPrecisionCache(KVPlan.uniform(30, 4, 4), tiny_model("llama").config)
+    small = tiny_model("llama", layers=2)
+    big = tiny_model("llama", layers=4)
+    cache = MixedPrecisionCache(KVPlan.uniform(2, 4, 4), small.config)
+    with pytest.raises(PlanError, match="layer_idx=2 is outside this cache"):
+        big(_ids(), past_key_values=cache)
+    other = tiny_model("llama", layers=2, kv_heads=1)
+    cache = MixedPrecisionCache(KVPlan.uniform(2, 4, 4), small.config)
+    with pytest.raises(ValueError, match=r"does not fit this cache; allowed: \[batch, 2, tokens, 32\]"):
+        other(_ids(), past_key_values=cache)
+    assert cache.get_seq_length() == 0 and cache.nbytes() == 0  # nothing half-stored
+
+
+def test_batch_size_change_is_rejected():
+    cache = MixedPrecisionCache(KVPlan.uniform(2, 4, 4), CFG)
+    cache.update(*_kv(10, batch=2), 0)
+    with pytest.raises(ValueError, match="batch size 3 does not match"):
+        cache.update(*_kv(1, batch=3), 0)
+    assert cache.get_seq_length() == 10
+
+
+def test_plan_file_path_is_accepted(tmp_path):
+    path = KVPlan.uniform(4, 8, 4).save(tmp_path / "p.json")
+    model = tiny_model("llama")
+    cache = MixedPrecisionCache.from_plan(model.config, path)
+    model(_ids(), past_key_values=cache)
+    assert cache.get_seq_length() == 40 and "MixedPrecisionCache(4 layers" in repr(cache)

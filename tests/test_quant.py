@@ -1,0 +1,143 @@
+"""The reference quantizer: bit-exact packing, the scale/2 error bound, edge cases, and KIVI
+semantics against an independent loop implementation."""
+
+import pytest
+import torch
+
+from kvtuner import quant
+from kvtuner.testing import assert_close
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dim", [1, 3, 60, 64, 80, 96, 129, 256])
+def test_pack_unpack_round_trip_is_bit_exact(bits, dim):
+    codes = torch.randint(0, 2**bits, (2, 3, 17, dim), dtype=torch.uint8)
+    packed = quant.pack(codes, bits)
+    assert packed.dtype == torch.uint8
+    assert packed.shape[-1] == -(-dim * bits // 8)  # really packed: 4 codes/byte at 2 bits, 2 at 4 bits
+    assert torch.equal(quant.unpack(packed, bits, dim), codes)
+
+
+def test_bit_layout_matches_docstring():
+    codes = torch.tensor([[1, 2, 3, 0]], dtype=torch.uint8)
+    assert quant.pack(codes, 2).item() == 1 | 2 << 2 | 3 << 4
+    assert quant.pack(torch.tensor([[5, 10]], dtype=torch.uint8), 4).item() == 5 | 10 << 4
+
+
+def _per_element(p: torch.Tensor, qt: quant.QuantizedTensor, shape) -> torch.Tensor:
+    t, d = shape[-2], shape[-1]
+    g = qt.group_size
+    if qt.granularity == "per_token":
+        return p.float().repeat_interleave(g, dim=-1)[..., :d]
+    return p.float().repeat_interleave(g, dim=-2)[..., :t, :]
+
+
+CASES = [("per_token", None), ("per_token", 32), ("per_token", 24), ("per_channel", 32), ("per_channel", 7)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("granularity, group", CASES)
+@pytest.mark.parametrize("dim", [64, 80, 96, 256])
+def test_error_within_half_scale(dtype, bits, granularity, group, dim):
+    x = torch.randn(2, 2, 45, dim) * torch.linspace(0.1, 8, dim)  # channel outliers, tails along T and D
+    x = x.to(dtype)
+    qt = quant.quantize(x, bits, granularity, group)
+    assert qt.scale.dtype == dtype and qt.zero.dtype == dtype
+    y = quant.dequantize(qt)
+    assert y.dtype == dtype and y.shape == x.shape
+    half_scale = _per_element(qt.scale, qt, x.shape) / 2
+    out_rounding = y.float().abs() * torch.finfo(dtype).eps  # final cast of x_hat to dtype
+    err = (y.float() - x.float()).abs()
+    excess = err - (half_scale * (1 + 1e-5) + out_rounding + 1e-7)
+    assert excess.max() <= 0, f"worst excess {excess.max().item():.3e}"
+
+
+@pytest.mark.parametrize("granularity", ["per_token", "per_channel"])
+def test_constant_groups_are_exact(granularity):
+    x = torch.full((1, 2, 64, 64), 0.3, dtype=torch.bfloat16)
+    x[..., 32:, 32:] = -7.25
+    for bits in (2, 4, 8):
+        qt = quant.quantize(x, bits, granularity, 32)
+        assert torch.equal(quant.dequantize(qt), x)
+        assert (qt.scale == 0).all()
+
+
+def test_bits_improve_error_monotonically():
+    x = torch.randn(1, 4, 128, 64)
+    errs = [(quant.fake_quantize(x, b, "per_channel", 32) - x).norm().item() for b in (2, 4, 8)]
+    assert errs[0] > errs[1] > errs[2] > 0
+    assert torch.equal(quant.fake_quantize(x, 16), x)
+
+
+def test_tail_group_uses_only_real_elements():
+    # A tail group of 3 tokens must not see padding: its range is exactly the tail's range.
+    x = torch.zeros(1, 1, 35, 4)
+    x[..., 32:, :] = torch.tensor([1.0, 2.0, 4.0]).view(3, 1)
+    qt = quant.quantize(x, 2, "per_channel", 32)
+    assert qt.scale.shape == (1, 1, 2, 4)
+    assert torch.allclose(qt.zero[..., 1, :], torch.tensor(1.0)) and torch.allclose(qt.scale[..., 1, :],
+                                                                                     torch.tensor(1.0))
+
+
+def _kivi_keys_loop(x: torch.Tensor, bits: int, g: int) -> torch.Tensor:
+    """Straightforward KIVI key quantization: each channel, each block of g tokens, its own min/max."""
+    out = torch.empty_like(x)
+    levels = 2**bits - 1
+    for s in range(0, x.shape[-2], g):
+        blk = x[..., s:s + g, :]
+        mn = blk.min(dim=-2, keepdim=True).values
+        scale = (blk.max(dim=-2, keepdim=True).values - mn) / levels
+        q = torch.where(scale > 0, (blk - mn) / scale, 0).round().clamp(0, levels)  # 1-token tail: range 0
+        out[..., s:s + g, :] = q * scale + mn
+    return out
+
+
+def _per_token_loop(x: torch.Tensor, bits: int, g: int) -> torch.Tensor:
+    out = torch.empty_like(x)
+    levels = 2**bits - 1
+    for s in range(0, x.shape[-1], g):
+        blk = x[..., s:s + g]
+        mn = blk.min(dim=-1, keepdim=True).values
+        scale = (blk.max(dim=-1, keepdim=True).values - mn) / levels
+        out[..., s:s + g] = ((blk - mn) / scale).round().clamp(0, levels) * scale + mn
+    return out
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("tokens", [64, 65, 70])
+def test_kivi_matches_independent_loop(bits, tokens):
+    x = torch.randn(2, 3, tokens, 96) * torch.linspace(0.5, 6, 96)
+    assert_close("kivi keys", _kivi_keys_loop(x, bits, 32), quant.fake_quantize(x, bits, "per_channel", 32), 1e-6)
+    assert_close("kivi values", _per_token_loop(x, bits, 32), quant.fake_quantize(x, bits, "per_token", 32), 1e-6)
+
+
+def test_no_group_straddles_two_channels():
+    # The official code reshapes the flat [D, T] buffer into rows of 32, mixing channels when T % 32 != 0.
+    x = torch.zeros(1, 1, 40, 2)
+    x[..., 1] = 1000.0  # channel 1 is huge and constant; channel 0 is all zeros
+    y = quant.fake_quantize(x, 2, "per_channel", 32)
+    assert torch.equal(y, x)
+
+
+@pytest.mark.parametrize("bad, kwargs, err", [
+    ("bits", dict(bits=3), ValueError), ("granularity", dict(granularity="per_head"), ValueError),
+    ("group_size", dict(group_size=0), ValueError),
+])
+def test_quantize_rejects_bad_arguments(bad, kwargs, err):
+    args = dict(bits=4, granularity="per_token", group_size=None) | kwargs
+    with pytest.raises(err, match=bad):
+        quant.quantize(torch.randn(1, 1, 4, 8), **args)
+    with pytest.raises(TypeError, match="floating-point"):
+        quant.quantize(torch.ones(1, 1, 4, 8, dtype=torch.int32), 4)
+
+
+def test_slice_and_cat_preserve_groups():
+    x = torch.randn(1, 2, 96, 64)
+    qt = quant.quantize(x, 4, "per_channel", 32)
+    parts = [quant.slice_tokens(qt, 0, 32), quant.slice_tokens(qt, 32, 96)]
+    assert torch.equal(quant.dequantize(quant.cat(parts)), quant.dequantize(qt))
+    with pytest.raises(ValueError, match="multiples of group_size"):
+        quant.slice_tokens(qt, 5, 96)
