@@ -1,0 +1,38 @@
+"""The command line: fast help, show, and one-line errors."""
+
+import subprocess
+import sys
+import time
+
+from kvtuner import KVPlan, ModelDims
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-c", "from kvtuner.cli import main; main()", *args],
+                          capture_output=True, text=True)
+
+
+def test_help_is_fast_and_lists_commands():
+    t0 = time.perf_counter()
+    out = _run("--help")
+    assert out.returncode == 0 and all(c in out.stdout for c in ("tune", "show", "evaluate"))
+    assert time.perf_counter() - t0 < 5
+
+
+def test_show_prints_layers(tmp_path):
+    dims = ModelDims(4, 2, 64, "llama", ("full_attention",) * 4)
+    path = KVPlan.from_pairs([(8, 4), (4, 2), (4, 4), (2, 2)]).for_model(dims, "tiny").save(tmp_path / "p.json")
+    out = _run("show", str(path))
+    assert out.returncode == 0, out.stderr
+    assert "K8V4" in out.stdout and "K4V2" in out.stdout and "equivalent bits: 3.750" in out.stdout
+    assert "bytes/token" in out.stdout
+
+
+def test_errors_are_one_red_line(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"_type": "KVPlan", "_version": 1, "layers": [{"k": {"bits": 3}, "v": {"bits": 4}}]}')
+    out = _run("show", str(bad))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == "error: plan.layers[0].k.bits=3 is invalid; allowed: 2, 4, 8 or 16"
+    out = _run("tune", str(tmp_path / "missing.gguf"))
+    assert out.returncode == 2 and "no such .gguf file" in out.stderr and "Traceback" not in out.stderr
