@@ -1,6 +1,7 @@
 """The built-in text: the standard library's ``pydoc_data.topics``, split into disjoint parts.
 
-Each pydoc topic goes wholly to one split, chosen by a hash of its name, so the split is
+Each pydoc topic goes wholly to one split: topics are ordered by a hash of their name and the
+first ones, up to a fifth of all characters, are held out for evaluation. The split is
 deterministic and calibration never sees evaluation text.
 """
 
@@ -11,8 +12,18 @@ import hashlib
 SPLITS = ("calibration", "evaluation")
 
 
-def _is_evaluation(topic: str) -> bool:
-    return hashlib.sha256(topic.encode()).digest()[0] % 5 == 0  # about a fifth of the topics
+EVALUATION_SHARE = 0.2
+
+
+def _evaluation_topics(topics: dict[str, str]) -> set[str]:
+    order = sorted(topics, key=lambda k: hashlib.sha256(k.encode()).hexdigest())
+    budget, chosen, used = EVALUATION_SHARE * sum(map(len, topics.values())), set(), 0
+    for name in order:
+        if used + len(topics[name]) > budget:
+            continue
+        chosen.add(name)
+        used += len(topics[name])
+    return chosen
 
 
 def default_texts(split: str = "calibration") -> str:
@@ -21,8 +32,9 @@ def default_texts(split: str = "calibration") -> str:
         raise ValueError(f"split={split!r} is invalid; allowed: 'calibration' or 'evaluation'")
     from pydoc_data.topics import topics
 
+    held_out = _evaluation_topics(topics)
     want = split == "evaluation"
-    return "\n\n".join(topics[k] for k in sorted(topics) if _is_evaluation(k) == want)
+    return "\n\n".join(topics[k] for k in sorted(topics) if (k in held_out) == want)
 
 
 def token_ids(tokenizer, text: str, num_tokens: int, *, offset: int = 0):
