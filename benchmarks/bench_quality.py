@@ -1,9 +1,11 @@
-"""Perplexity of uniform plans on SmolLM2, through the real cache, against full precision.
+"""Quality of uniform plans on SmolLM2 through the real cache, against full precision.
 
-    python benchmarks/bench_quality.py --tokens 1024 --out benchmarks/results/quality_smollm2.md
+    python benchmarks/bench_quality.py --out benchmarks/results/quality_smollm2.md
 
-Protocol: the first 1024 tokens of the held-out pydoc split; a 256-token prefill, then 16-token
-teacher-forced steps through the cache (so history, residual window and flushes are all used).
+Protocol (`kvtuner.Evaluator` defaults): 2 windows of held-out pydoc text, each a 384-token
+prefill then 256 teacher-forced one-token decode steps (512 scored tokens); 4 greedy
+continuations of 64 tokens from 64-token prompts; passkey retrieval at 512 and 1024 tokens
+(3 trials each).
 """
 
 from __future__ import annotations
@@ -16,42 +18,42 @@ import torch
 import transformers
 
 import kvtuner
-from kvtuner import KVPlan, load_model, perplexity
-from kvtuner.data import default_texts, token_ids
+from kvtuner import KVPlan, load_model
+from kvtuner.evaluate import Evaluator
 
 PAIRS = [(8, 8), (8, 4), (4, 8), (4, 4), (4, 2), (2, 4), (2, 2)]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     model, tok = load_model("smollm2")
-    ids = token_ids(tok, default_texts("evaluation"), args.tokens)
-    kw = dict(prefill=256, chunk_size=16)
-    full = perplexity(model, ids, None, **kw)
+    ev = Evaluator(model, tok)
+    t0 = time.perf_counter()
+    ref = ev.reference()
     rows = []
     for mode in ("kivi", "per_token"):
         for k, v in PAIRS:
-            plan = KVPlan.uniform(model.config.num_hidden_layers, k, v, mode)
-            t0 = time.perf_counter()
-            ppl = perplexity(model, ids, plan, **kw)
-            rows.append(dict(mode=mode, pair=plan.layers[0].name, equivalent_bits=plan.equivalent_bits,
-                             bytes_per_token=plan.bytes_per_token(model.config), ppl=ppl, full_ppl=full,
-                             increase=ppl / full - 1, seconds=time.perf_counter() - t0))
-    lines = ["| mode | pair | eq. bits | bytes/token (bf16 metadata) | ppl | vs full |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['mode']} | {r['pair']} | {r['equivalent_bits']:.1f} | {r['bytes_per_token']:.0f} | "
-              f"{r['ppl']:.3f} | {100 * r['increase']:+.2f} % |" for r in rows]
-    meta = (f"SmolLM2-135M-Instruct (fp32 weights from the Q4_1 GGUF), {args.tokens} held-out pydoc tokens, "
-            f"prefill 256 + 16-token teacher-forced steps. Full-precision perplexity {full:.3f}. "
+            r = ev(KVPlan.uniform(model.config.num_hidden_layers, k, v, mode))
+            rows.append(dict(mode=mode, **r.to_dict()))
+            print(rows[-1], flush=True)
+    seconds = time.perf_counter() - t0
+    pk = lambda d: " / ".join(f"{d[n]:.2f}" for n in sorted(d))  # noqa: E731
+    lines = ["| mode | pair | eq. bits | bytes/token | PPL | vs full | KL | top-1 | gen. identical | "
+             "gen. prefix | passkey 512 / 1024 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['mode']} | {r['plan']} | {r['equivalent_bits']:.1f} | {r['bytes_per_token']:.0f} | "
+              f"{r['ppl']:.3f} | {100 * (r['ppl'] / r['full_ppl'] - 1):+.2f} % | {r['kl']:.4f} | {r['top1']:.3f} | "
+              f"{r['generation_agreement']:.2f} | {r['generation_prefix']:.1f} | {pk(r['passkey'])} |" for r in rows]
+    meta = (f"SmolLM2-135M-Instruct (fp32 weights from the Q4_1 GGUF), held-out pydoc text. Full precision: "
+            f"PPL {rows[0]['full_ppl']:.3f}, passkey {pk(ref.passkey)}. {len(rows)} plans in {seconds:.0f} s. "
             f"kvtuner {kvtuner.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, CPU.")
     table = "\n".join(lines)
     print(meta, table, sep="\n\n")
     if args.out:
         with open(args.out, "w") as f:
-            f.write(f"# Perplexity of uniform KV plans on SmolLM2\n\n{meta}\n\nCommand: `python "
-                    f"benchmarks/bench_quality.py --tokens {args.tokens} --out {args.out}`\n\n{table}\n")
+            f.write(f"# Quality of uniform KV plans on SmolLM2\n\n{meta}\n\nCommand: `python "
+                    f"benchmarks/bench_quality.py --out {args.out}`\n\n{__doc__.split(chr(10), 3)[3]}\n{table}\n")
     print(json.dumps(rows))
 
 

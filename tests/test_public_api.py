@@ -8,8 +8,9 @@ import kvtuner
 
 def test_public_names():
     assert sorted(kvtuner.__all__) == sorted([
-        "KVPlan", "LayerSpec", "MixedPrecisionCache", "ModelDims", "PlanError", "QuantSpec", "QuantizedKVLayer",
-        "__version__", "default_texts", "load_model", "perplexity"])
+        "Evaluator", "KVPlan", "LayerSpec", "MixedPrecisionCache", "ModelDims", "PlanError", "QualityReport",
+        "QuantSpec", "QuantizedKVLayer", "SensitivityTable", "__version__", "default_texts", "evaluate", "load_model",
+        "perplexity", "profile"])
     for name in kvtuner.__all__:
         assert getattr(kvtuner, name) is not None
 

@@ -18,26 +18,37 @@ _LAZY = {
     "load_model": "models",
     "default_texts": "data",
     "perplexity": "evaluate",
+    "evaluate": "evaluate",
+    "Evaluator": "evaluate",
+    "QualityReport": "evaluate",
+    "profile": "profiling",
+    "SensitivityTable": "profiling",
 }
 
 __all__ = [
+    "Evaluator",
     "KVPlan",
     "LayerSpec",
     "MixedPrecisionCache",
     "ModelDims",
     "PlanError",
+    "QualityReport",
     "QuantSpec",
     "QuantizedKVLayer",
+    "SensitivityTable",
     "__version__",
     "default_texts",
+    "evaluate",
     "load_model",
     "perplexity",
+    "profile",
 ]
 
 if TYPE_CHECKING:
     from .cache import MixedPrecisionCache, QuantizedKVLayer
     from .data import default_texts
-    from .evaluate import perplexity
+    from .evaluate import Evaluator, QualityReport, evaluate, perplexity
+    from .profiling import SensitivityTable, profile
     from .models import load_model
 
 

@@ -288,3 +288,14 @@ class MixedPrecisionCache(Cache):
     def __repr__(self) -> str:
         return (f"MixedPrecisionCache({self.plan.num_layers} layers, {self.plan.equivalent_bits:.2f} equivalent "
                 f"bits, {self.get_seq_length()} tokens, {self.nbytes()} bytes)")
+
+
+def simulate_cache(x: torch.Tensor, spec: QuantSpec, role: str) -> torch.Tensor:
+    """What attention sees after ``x`` ``[B, H, T, D]`` is written to a cache layer in one prefill.
+
+    Runs the cache's own storage rules (residual window, whole flush units, groups), so offline
+    profiling measures exactly the quantization the online cache applies.
+    """
+    store = _TensorStore(spec, role, x.shape[-1])
+    store.append(x)
+    return store.materialize(x.dtype)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -46,3 +47,154 @@ def perplexity(model: Any, input_ids: torch.Tensor, plan: KVPlan | None = None, 
         nll += torch.nn.functional.cross_entropy(logits[: len(targets)], targets, reduction="sum").item()
         count += len(targets)
     return math.exp(nll / count)
+
+
+# ---------------------------------------------------------------------- full quality report
+PASSKEY_FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
+
+
+@dataclass
+class QualityReport:
+    """Quality of one plan against the same model with a full-precision cache, on the same tokens."""
+
+    plan: str
+    equivalent_bits: float
+    bytes_per_token: float
+    ppl: float
+    full_ppl: float
+    kl: float  # mean KL(full || quantized) of next-token distributions
+    top1: float  # fraction of positions whose argmax agrees with full precision
+    tokens_scored: int
+    generation_agreement: float  # fraction of greedy continuations identical to full precision
+    generation_prefix: float  # mean number of leading generated tokens identical to full precision
+    passkey: dict[int, float] = field(default_factory=dict)  # context length -> exact-match accuracy
+    full_passkey: dict[int, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Reference:
+    logprobs: list[torch.Tensor]
+    generations: list[torch.Tensor]
+    passkey: dict[int, float]
+
+
+class Evaluator:
+    """Runs plans through the real cache and compares them with full precision.
+
+    Protocol per text window: prefill ``prefill`` tokens, then ``decode`` teacher-forced decode
+    steps of one token, so quantized history, residual window and group flushes are all exercised.
+    The full-precision reference is computed once and reused for every plan.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, texts: str | None = None, *, windows: int = 2,
+                 prefill: int = 384, decode: int = 256, prompts: int = 4, new_tokens: int = 64,
+                 passkey_lengths: tuple[int, ...] = (512, 1024), passkey_trials: int = 3, progress: bool = True):
+        from .data import default_texts
+
+        text = default_texts("evaluation") if texts is None else texts
+        if not text or not text.strip():
+            raise ValueError("evaluation text is empty; allowed: non-empty text")
+        self.model, self.tokenizer, self.progress = model, tokenizer, progress
+        self.prefill, self.decode, self.new_tokens = prefill, decode, new_tokens
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+        span = prefill + decode
+        need = windows * span + prompts * 64
+        if ids.shape[1] < need:
+            raise ValueError(f"evaluation text has {ids.shape[1]} tokens; allowed: at least {need} "
+                             f"({windows} windows of {span} + {prompts} prompts of 64)")
+        self.windows = [ids[:, i * span:(i + 1) * span] for i in range(windows)]
+        base = windows * span
+        self.prompts = [ids[:, base + i * 64: base + (i + 1) * 64] for i in range(prompts)]
+        self.passkeys = [_passkey_prompt(tokenizer, n, trial) for n in passkey_lengths for trial in range(passkey_trials)]
+        self._ref: _Reference | None = None
+
+    def _bar(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, disable=not self.progress, leave=False)
+
+    @torch.no_grad()
+    def _run(self, plan: KVPlan | None, desc: str) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[int, float]]:
+        model = self.model
+        bar = self._bar(len(self.windows) * self.decode + len(self.prompts) + len(self.passkeys), desc)
+        logprobs = []
+        for ids in self.windows:
+            ids = ids.to(model.device)
+            cache = make_cache(model, plan)
+            out = model(ids[:, : self.prefill], past_key_values=cache)
+            rows = [out.logits[0, -1]]
+            for t in range(self.prefill, ids.shape[1] - 1):
+                rows.append(model(ids[:, t: t + 1], past_key_values=cache).logits[0, -1])
+                bar.update(1)
+            bar.update(1)
+            logprobs.append(torch.log_softmax(torch.stack(rows).float(), -1))
+        generations = []
+        for prompt in self.prompts:
+            out = model.generate(prompt.to(model.device), past_key_values=make_cache(model, plan),
+                                 max_new_tokens=self.new_tokens, do_sample=False, min_new_tokens=self.new_tokens)
+            generations.append(out[0, prompt.shape[1]:].cpu())
+            bar.update(1)
+        hits: dict[int, list[bool]] = {}
+        for length, ids, answer in self.passkeys:
+            out = model.generate(ids.to(model.device), past_key_values=make_cache(model, plan), max_new_tokens=8,
+                                 do_sample=False)
+            text = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            hits.setdefault(length, []).append(answer in text)
+            bar.update(1)
+        bar.close()
+        return logprobs, generations, {n: sum(h) / len(h) for n, h in hits.items()}
+
+    def reference(self) -> _Reference:
+        if self._ref is None:
+            self._ref = _Reference(*self._run(None, "full precision"))
+        return self._ref
+
+    def __call__(self, plan: KVPlan) -> QualityReport:
+        ref = self.reference()
+        logprobs, generations, passkey = self._run(plan, f"{plan.equivalent_bits:.2f}-bit plan")
+        targets = [ids[0, self.prefill:] for ids in self.windows]
+        nll_q = sum(-lp.gather(1, t.unsqueeze(1)).sum().item() for lp, t in zip(logprobs, targets))
+        nll_f = sum(-lp.gather(1, t.unsqueeze(1)).sum().item() for lp, t in zip(ref.logprobs, targets))
+        n = sum(len(t) for t in targets)
+        kl = sum((f.exp() * (f - q)).sum().item() for f, q in zip(ref.logprobs, logprobs)) / n
+        top1 = sum((f.argmax(-1) == q.argmax(-1)).sum().item() for f, q in zip(ref.logprobs, logprobs)) / n
+        same = [torch.equal(a, b) for a, b in zip(ref.generations, generations)]
+        prefix = [_common_prefix(a, b) for a, b in zip(ref.generations, generations)]
+        layers = {layer.name for layer in plan.layers}
+        return QualityReport(
+            plan=layers.pop() if len(layers) == 1 else f"mixed {plan.equivalent_bits:.2f}",
+            equivalent_bits=plan.equivalent_bits, bytes_per_token=plan.bytes_per_token(self.model.config),
+            ppl=math.exp(nll_q / n), full_ppl=math.exp(nll_f / n), kl=max(0.0, kl), top1=top1, tokens_scored=n,
+            generation_agreement=sum(same) / len(same), generation_prefix=sum(prefix) / len(prefix),
+            passkey=passkey, full_passkey=ref.passkey)
+
+
+def evaluate(model: Any, tokenizer: Any, plan: KVPlan, texts: str | None = None, **kwargs: Any) -> QualityReport:
+    """One plan's :class:`QualityReport`; use :class:`Evaluator` to compare several plans."""
+    return Evaluator(model, tokenizer, texts, **kwargs)(plan)
+
+
+def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    n = min(len(a), len(b))
+    diff = (a[:n] != b[:n]).nonzero()
+    return int(diff[0, 0]) if len(diff) else n
+
+
+def _passkey_prompt(tokenizer: Any, length: int, trial: int) -> tuple[int, torch.Tensor, str]:
+    """A pass key hidden at depth 20-80 % of about ``length`` tokens of filler, asked for at the end."""
+    import random
+
+    rng = random.Random(1000 * length + trial)
+    key = str(rng.randint(10000, 99999))
+    head = "There is an important pass key hidden inside a lot of irrelevant text. Find it and memorize it.\n"
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key.\n"
+    question = "\nWhat is the pass key? The pass key is"
+    filler_tokens = len(tokenizer(PASSKEY_FILLER, add_special_tokens=False).input_ids)
+    fixed = len(tokenizer(head + needle + question, add_special_tokens=False).input_ids)
+    reps = max(2, (length - fixed) // filler_tokens)
+    before = int(reps * rng.uniform(0.2, 0.8))
+    text = head + PASSKEY_FILLER * before + needle + PASSKEY_FILLER * (reps - before) + question
+    return length, tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids, key

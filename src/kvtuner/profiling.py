@@ -1,0 +1,322 @@
+"""Per-layer sensitivity of a model to low-bit keys and values (KVTuner §4, App. B).
+
+One forward pass per calibration sequence captures every layer's post-RoPE queries, keys and
+values through a registered transformers attention function (no hooks on model internals, no
+patching). Then, per layer, mode and (k_bits, v_bits) pair, cheap offline maths measures the
+relative error of that layer's attention output when K and V go through the cache's own
+storage rules (``cache.simulate_cache``):
+
+    e_o = ||attn(q, K_hat, V_hat) - attn(q, K, V)|| / ||attn(q, K, V)||
+
+Each layer sees its own full-precision inputs, so errors do not accumulate across layers. The
+queries scored are the second half of each sequence (positions with a long quantized history,
+as in decoding). Key-only (V kept at 16 bits) and value-only errors are recorded as well.
+
+Optionally (``kl_pairs``), the end-to-end signal: the KL divergence of the next-token
+distribution when only one layer is quantized, through the real :class:`MixedPrecisionCache`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .spec import BITS, MODES, QUANTIZED_BITS, KVPlan, LayerSpec, ModelDims, PlanError, QuantSpec, atomic_write_json
+from .spec import _fail, check_header, read_json
+
+ALL_PAIRS = tuple((k, v) for k in (8, 4, 2) for v in (8, 4, 2))
+TABLE_VERSION = 1
+_CAPTURE = "kvtuner_capture"
+
+
+# ---------------------------------------------------------------------- capture
+@contextmanager
+def capture_attention(model: Any) -> Iterator[dict[int, dict[str, Any]]]:
+    """Record each attention layer's (q, k, v, scaling, sliding_window) while the block runs.
+
+    Uses transformers' AttentionInterface: a registered function records its inputs and then runs
+    the standard SDPA attention. The model's previous attention implementation is restored on exit,
+    also when the block raises.
+    """
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    records: dict[int, dict[str, Any]] = {}
+
+    def capture(module, query, key, value, attention_mask, **kwargs):
+        records[module.layer_idx] = {"q": query.detach(), "k": key.detach(), "v": value.detach(),
+                                     "scaling": kwargs.get("scaling") or query.shape[-1] ** -0.5,
+                                     "sliding_window": kwargs.get("sliding_window")}
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(_CAPTURE, capture)
+    AttentionMaskInterface.register(_CAPTURE, sdpa_mask)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(_CAPTURE)
+    try:
+        yield records
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, first_query: int,
+               window: int | None) -> torch.Tensor:
+    """Causal attention output (fp32) of queries ``first_query..T-1`` over all T keys; GQA aware."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.float().repeat_interleave(rep, 1), v.float().repeat_interleave(rep, 1)
+    q = q[..., first_query:, :].float()
+    scores = (q @ k.transpose(-1, -2)) * scaling
+    qpos = torch.arange(first_query, first_query + q.shape[-2]).unsqueeze(1)
+    kpos = torch.arange(k.shape[-2]).unsqueeze(0)
+    visible = kpos <= qpos
+    if window:
+        visible &= kpos > qpos - window
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+# ---------------------------------------------------------------------- the table
+@dataclass
+class SensitivityTable:
+    """Per-layer attention-output errors for every mode and (k_bits, v_bits) pair.
+
+    ``output_error[mode][layer][i]`` belongs to ``pairs[i]``; ``key_error[mode][layer][j]`` and
+    ``value_error[mode][layer][j]`` to ``bits[j]`` with the other tensor at 16 bits.
+    ``kl[mode][f"K{k}V{v}"][layer]`` is present when end-to-end KL was measured.
+    """
+
+    model_id: str | None
+    model: dict[str, Any]
+    text_sha256: str
+    num_tokens: int
+    seq_len: int
+    modes: tuple[str, ...]
+    pairs: tuple[tuple[int, int], ...]
+    bits: tuple[int, ...]
+    output_error: dict[str, list[list[float]]]
+    key_error: dict[str, list[list[float]]]
+    value_error: dict[str, list[list[float]]]
+    kl: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return self.model["num_layers"]
+
+    def error(self, mode: str, layer: int, pair: tuple[int, int]) -> float:
+        return self.output_error[mode][layer][self.pairs.index(tuple(pair))]
+
+    def check_config(self, config: Any) -> None:
+        dims = ModelDims.from_config(config)
+        for key in ("num_layers", "num_kv_heads", "head_dim"):
+            if self.model.get(key) != getattr(dims, key):
+                raise PlanError(f"table.model.{key}={self.model.get(key)} does not match the model; allowed: "
+                                f"{getattr(dims, key)} (the table was profiled on another model)")
+
+    def to_dict(self) -> dict[str, Any]:
+        from . import __version__
+
+        return {"_type": "SensitivityTable", "_version": TABLE_VERSION, "kvtuner_version": __version__,
+                "model_id": self.model_id, "model": self.model, "text_sha256": self.text_sha256,
+                "num_tokens": self.num_tokens, "seq_len": self.seq_len, "modes": list(self.modes),
+                "pairs": [list(p) for p in self.pairs], "bits": list(self.bits),
+                "output_error": self.output_error, "key_error": self.key_error, "value_error": self.value_error,
+                "kl": self.kl}
+
+    @classmethod
+    def from_dict(cls, data: Any, config: Any = None) -> SensitivityTable:
+        check_header(data, "SensitivityTable", TABLE_VERSION)
+        for key in ("model", "modes", "pairs", "bits", "output_error", "key_error", "value_error", "text_sha256"):
+            if key not in data:
+                _fail(f"table.{key}", None, "present (the field is required)")
+        model = data["model"]
+        if not isinstance(model, dict) or not isinstance(model.get("num_layers"), int) or model["num_layers"] < 1:
+            _fail("table.model", model, "an object with num_layers, num_kv_heads, head_dim")
+        n = model["num_layers"]
+        modes = tuple(data["modes"])
+        for m in modes:
+            if m not in MODES:
+                _fail("table.modes", m, " or ".join(MODES))
+        pairs = tuple(tuple(p) for p in data["pairs"])
+        for p in pairs:
+            if len(p) != 2 or any(b not in BITS for b in p):
+                _fail("table.pairs", list(p), "[k_bits, v_bits] with bits in 2, 4, 8, 16")
+        bits = tuple(data["bits"])
+        for name, width in (("output_error", len(pairs)), ("key_error", len(bits)), ("value_error", len(bits))):
+            block = data[name]
+            if not isinstance(block, dict) or set(block) != set(modes):
+                _fail(f"table.{name}", sorted(block) if isinstance(block, dict) else block, f"one entry per mode {modes}")
+            for m in modes:
+                rows = block[m]
+                if not isinstance(rows, list) or len(rows) != n:
+                    _fail(f"table.{name}.{m}", f"{len(rows) if isinstance(rows, list) else rows} rows",
+                          f"{n} rows (one per layer)")
+                for i, row in enumerate(rows):
+                    if (not isinstance(row, list) or len(row) != width
+                            or not all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in row)):
+                        _fail(f"table.{name}.{m}[{i}]", row, f"{width} finite non-negative numbers")
+        table = cls(data.get("model_id"), model, data["text_sha256"], int(data.get("num_tokens", 0)),
+                    int(data.get("seq_len", 0)), modes, pairs, bits, data["output_error"], data["key_error"],
+                    data["value_error"], data.get("kl") or {})
+        if config is not None:
+            table.check_config(config)
+        return table
+
+    def save(self, path: str | os.PathLike[str]):
+        return atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], config: Any = None) -> SensitivityTable:
+        return cls.from_dict(read_json(path), config=config)
+
+
+# ---------------------------------------------------------------------- profiling
+def calibration_batches(tokenizer: Any, texts: str | Sequence[str], num_sequences: int, seq_len: int
+                        ) -> list[torch.Tensor]:
+    """``num_sequences`` disjoint ``[1, seq_len]`` token windows from ``texts`` (joined)."""
+    text = texts if isinstance(texts, str) else "\n\n".join(texts)
+    if not text.strip():
+        raise ValueError("calibration text is empty; allowed: non-empty text")
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    need = num_sequences * seq_len
+    if len(ids) < seq_len:
+        raise ValueError(f"calibration text has {len(ids)} tokens; allowed: at least seq_len={seq_len}")
+    if len(ids) < need:
+        num_sequences = len(ids) // seq_len
+    return [ids[i * seq_len:(i + 1) * seq_len].unsqueeze(0) for i in range(num_sequences)]
+
+
+@torch.no_grad()
+def profile(model: Any, tokenizer: Any, texts: str | Sequence[str], *, pairs: Sequence[tuple[int, int]] = ALL_PAIRS,
+            modes: Sequence[str] = MODES, num_sequences: int = 8, seq_len: int = 512,
+            kl_pairs: Sequence[tuple[int, int]] = (), model_id: str | None = None,
+            progress: bool = True) -> SensitivityTable:
+    """Measure every layer's sensitivity; see the module docstring.
+
+    Args:
+        texts: calibration text (one string or several, joined).
+        pairs: (k_bits, v_bits) candidates; default all nine of {2, 4, 8}^2.
+        modes: ``"kivi"`` and/or ``"per_token"`` (default group sizes and residual windows).
+        num_sequences, seq_len: calibration windows; ``seq_len`` must exceed one key group plus the
+            residual window, or nothing would be quantized.
+        kl_pairs: pairs for the optional end-to-end KL of quantizing one layer alone (one forward
+            per sequence, layer, pair and mode: off by default).
+    """
+    from tqdm.auto import tqdm
+
+    dims = ModelDims.from_config(model.config)
+    pairs = tuple(tuple(p) for p in pairs)
+    for m in modes:
+        if m not in MODES:
+            raise PlanError(f"mode={m!r} is invalid; allowed: {' or '.join(MODES)}")
+    for p in (*pairs, *kl_pairs):
+        QuantSpec(p[0]), QuantSpec(p[1])  # validates bits
+    for m in modes:
+        n_q, _ = QuantSpec(2, m).split("key", seq_len)
+        if n_q == 0:
+            raise ValueError(f"seq_len={seq_len} leaves nothing quantized in mode {m!r}; allowed: > "
+                             f"{QuantSpec(2, m).residual_length + QuantSpec(2, m).flush_unit('key')}")
+    batches = calibration_batches(tokenizer, texts, num_sequences, seq_len)
+    bits = tuple(sorted({b for p in pairs for b in p if b < 16} | set(QUANTIZED_BITS), reverse=True))
+    L = dims.num_layers
+    sums = {name: {m: torch.zeros(L, width, dtype=torch.float64) for m in modes}
+            for name, width in (("output_error", len(pairs)), ("key_error", len(bits)),
+                                ("value_error", len(bits)))}
+    first_query = seq_len // 2
+    bar = tqdm(total=len(batches) * L, desc="profiling layers", disable=not progress, unit="layer")
+    for ids in batches:
+        with capture_attention(model) as records:
+            model(ids.to(model.device), use_cache=False)
+        for layer in range(L):
+            rec = records[layer]
+            q, k, v, scale, win = rec["q"], rec["k"], rec["v"], rec["scaling"], rec["sliding_window"]
+            ref = _attention(q, k, v, scale, first_query, win)
+            for m in modes:
+                k_hat = {b: _simulate(k, b, m, "key") for b in bits}
+                v_hat = {b: _simulate(v, b, m, "value") for b in bits}
+                for j, b in enumerate(bits):
+                    sums["key_error"][m][layer, j] += _rel(_attention(q, k_hat[b], v, scale, first_query, win), ref)
+                    sums["value_error"][m][layer, j] += _rel(_attention(q, k, v_hat[b], scale, first_query, win),
+                                                             ref)
+                for i, (kb, vb) in enumerate(pairs):
+                    kk = k if kb == 16 else k_hat[kb]
+                    vv = v if vb == 16 else v_hat[vb]
+                    sums["output_error"][m][layer, i] += _rel(_attention(q, kk, vv, scale, first_query, win), ref)
+            bar.update(1)
+        records.clear()
+    bar.close()
+    n = len(batches)
+    table = SensitivityTable(
+        model_id=model_id or getattr(model, "kvtuner_model_id", None), model=dims.fingerprint(),
+        text_sha256=hashlib.sha256(torch.cat(batches, 1).numpy().tobytes()).hexdigest(),
+        num_tokens=n * seq_len, seq_len=seq_len, modes=tuple(modes), pairs=pairs, bits=bits,
+        **{name: {m: (block[m] / n).tolist() for m in modes} for name, block in sums.items()})
+    if kl_pairs:
+        table.kl = layer_kl(model, batches, kl_pairs, modes, progress=progress)
+    return table
+
+
+def _simulate(x: torch.Tensor, bits: int, mode: str, role: str) -> torch.Tensor:
+    from .cache import simulate_cache
+
+    return simulate_cache(x, QuantSpec(bits, mode), role)
+
+
+@torch.no_grad()
+def layer_kl(model: Any, batches: list[torch.Tensor], pairs: Sequence[tuple[int, int]], modes: Sequence[str], *,
+             progress: bool = True) -> dict[str, dict[str, list[float]]]:
+    """KL(full || quantized) of next-token distributions when only one layer uses a pair."""
+    from tqdm.auto import tqdm
+
+    from .evaluate import make_cache
+
+    L = ModelDims.from_config(model.config).num_layers
+    full = [torch.log_softmax(model(ids.to(model.device)).logits.float(), -1) for ids in batches]
+    out: dict[str, dict[str, list[float]]] = {m: {} for m in modes}
+    bar = tqdm(total=len(modes) * len(pairs) * L, desc="layer KL", disable=not progress, unit="run")
+    for m in modes:
+        for kb, vb in pairs:
+            values = []
+            for layer in range(L):
+                specs = [LayerSpec.pair(16, 16, m)] * L
+                specs[layer] = LayerSpec.pair(kb, vb, m)
+                plan = KVPlan(tuple(specs))
+                kl = 0.0
+                for ids, ref in zip(batches, full):
+                    logp = torch.log_softmax(
+                        model(ids.to(model.device), past_key_values=make_cache(model, plan)).logits.float(), -1)
+                    kl += (ref.exp() * (ref - logp)).sum(-1).mean().item()
+                values.append(max(0.0, kl / len(batches)))  # rounding can dip below 0
+                bar.update(1)
+            out[m][LayerSpec.pair(kb, vb).name] = values
+    bar.close()
+    return out
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    import numpy as np
+
+    def ranks(x):
+        x = np.asarray(x, dtype=float)
+        order = x.argsort(kind="stable")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x))
+        for value in np.unique(x):  # average tied ranks
+            tie = x == value
+            r[tie] = r[tie].mean()
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    return float(np.corrcoef(ra, rb)[0, 1])

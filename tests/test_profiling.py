@@ -1,0 +1,115 @@
+"""Profiling and evaluation on tiny models: determinism, monotone errors, hook cleanup, the table
+artefact and its validation, and the evaluation report."""
+
+import json
+import types
+
+import pytest
+import torch
+
+from kvtuner import KVPlan, PlanError
+from kvtuner.evaluate import Evaluator
+from kvtuner.profiling import SensitivityTable, capture_attention, profile, spearman
+from kvtuner.testing import tiny_model
+
+
+class CharTokenizer:
+    """A stand-in tokenizer: one token per character (ids 3..122)."""
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=False):
+        return types.SimpleNamespace(input_ids=torch.tensor([[3 + (ord(c) % 120) for c in text]]))
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(int(i)) for i in ids)
+
+
+TEXT = "The quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs. " * 40
+
+
+@pytest.fixture(scope="module")
+def table():
+    model = tiny_model("llama", layers=3)
+    return profile(model, CharTokenizer(), TEXT, num_sequences=2, seq_len=128, progress=False), model
+
+
+def test_errors_grow_as_bits_fall_and_vanish_at_16(table):
+    tab, model = table
+    for mode in tab.modes:
+        for layer in range(3):
+            kv = [tab.error(mode, layer, (b, b)) for b in (8, 4, 2)]
+            assert 0 < kv[0] < kv[1] < kv[2]
+            assert tab.key_error[mode][layer][0] < tab.key_error[mode][layer][2]
+            assert tab.value_error[mode][layer][0] < tab.value_error[mode][layer][2]
+    t16 = profile(model, CharTokenizer(), TEXT, pairs=[(16, 16), (16, 2)], modes=["kivi"], num_sequences=1,
+                  seq_len=128, progress=False)
+    assert t16.output_error["kivi"][0][0] == 0.0 and t16.output_error["kivi"][0][1] > 0
+
+
+def test_profiling_is_deterministic(table):
+    tab, model = table
+    again = profile(model, CharTokenizer(), TEXT, num_sequences=2, seq_len=128, progress=False)
+    assert again.to_dict() == tab.to_dict()
+
+
+def test_capture_restores_attention_even_after_an_error():
+    model = tiny_model("gemma3", layers=2)
+    before = model.config._attn_implementation
+    with pytest.raises(RuntimeError, match="boom"):
+        with capture_attention(model) as records:
+            model(torch.randint(3, 100, (1, 20)))
+            assert set(records) == {0, 1} and records[0]["sliding_window"] == 16
+            raise RuntimeError("boom")
+    assert model.config._attn_implementation == before
+    model(torch.randint(3, 100, (1, 20)))  # still runs normally
+
+
+def test_table_round_trip_and_validation(table, tmp_path):
+    tab, model = table
+    path = tab.save(tmp_path / "t.kvtable.json")
+    again = SensitivityTable.load(path, config=model.config)
+    assert again.to_dict() == tab.to_dict()
+    with pytest.raises(PlanError, match="table.model.num_layers=3 does not match the model; allowed: 4"):
+        SensitivityTable.load(path, config=tiny_model("llama", layers=4).config)
+    data = json.loads(path.read_text())
+    data["output_error"]["kivi"][1] = [0.1] * 3
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(PlanError, match=r"table.output_error.kivi\[1\]"):
+        SensitivityTable.load(tmp_path / "bad.json")
+
+
+def test_bad_profiling_input_is_clear():
+    model = tiny_model("llama", layers=2)
+    with pytest.raises(ValueError, match="calibration text is empty"):
+        profile(model, CharTokenizer(), "  ", progress=False)
+    with pytest.raises(ValueError, match="has 5 tokens; allowed: at least seq_len=128"):
+        profile(model, CharTokenizer(), "short", seq_len=128, progress=False)
+    with pytest.raises(ValueError, match="leaves nothing quantized"):
+        profile(model, CharTokenizer(), TEXT, seq_len=40, progress=False)
+    with pytest.raises(PlanError, match="bits=3"):
+        profile(model, CharTokenizer(), TEXT, pairs=[(3, 4)], progress=False)
+
+
+def test_layer_kl_is_recorded():
+    model = tiny_model("llama", layers=2)
+    tab = profile(model, CharTokenizer(), TEXT, modes=["kivi"], pairs=[(2, 2)], num_sequences=1, seq_len=128,
+                  kl_pairs=[(2, 16), (16, 2)], progress=False)
+    assert set(tab.kl["kivi"]) == {"K2V16", "K16V2"} and len(tab.kl["kivi"]["K2V16"]) == 2
+    assert all(x >= 0 for x in tab.kl["kivi"]["K2V16"])
+
+
+def test_spearman():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+
+
+def test_evaluator_report():
+    model = tiny_model("llama", layers=2)
+    ev = Evaluator(model, CharTokenizer(), TEXT, windows=1, prefill=64, decode=24, prompts=2, new_tokens=8,
+                   passkey_lengths=(200,), passkey_trials=1, progress=False)
+    full = ev(KVPlan.uniform(2, 16, 16))
+    assert full.kl == 0 and full.top1 == 1 and full.ppl == full.full_ppl and full.generation_agreement == 1
+    assert full.generation_prefix == 8 and full.tokens_scored == 24 and set(full.passkey) == {200}
+    low = ev(KVPlan.uniform(2, 2, 2, "kivi", group_size=8, residual_length=8))
+    assert low.kl > 0 and low.ppl != low.full_ppl and low.equivalent_bits == 2
+    with pytest.raises(ValueError, match="evaluation text has"):
+        Evaluator(model, CharTokenizer(), "tiny", progress=False)
