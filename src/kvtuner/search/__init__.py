@@ -1,0 +1,45 @@
+"""Search per-layer (k_bits, v_bits) pairs: Pareto pruning, layer clustering, an exact budget solver,
+and NSGA-II over measured quality (``search`` extra for the last two steps' clustering/Optuna)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from ..spec import KVPlan
+from .front import FrontPoint, ParetoFront, pareto_points
+from .pareto import non_dominated, prune_pairs, solve_frontier
+from .space import SearchSpace, build_space
+
+__all__ = ["FrontPoint", "ParetoFront", "SearchSpace", "build_space", "non_dominated", "prune_pairs", "search",
+           "solve_frontier"]
+
+
+def search(table, *, mode: str = "kivi", max_bits: float = 16.0, quality: Callable[[KVPlan], float] | None = None,
+           n_trials: int = 40, storage: str | os.PathLike[str] | None = None, study_name: str | None = None,
+           eps: float = 0.05, cluster: bool = True, seed: int = 0, progress: bool = True,
+           metric: str = "kl") -> ParetoFront:
+    """Search plans for ``table``'s model.
+
+    Without ``quality`` this returns the solver's exact proxy frontier (additive profiled errors).
+    With it (e.g. :class:`kvtuner.search.objectives.KLObjective`), NSGA-II measures plans under the
+    ``max_bits`` constraint, warm-started from the solver, and the front holds measured points.
+    """
+    space = build_space(table, mode, eps=eps, cluster=cluster)
+    solver = [FrontPoint(space.plan(c, {"source": "solver", "proxy_error": e}), bits, e) for bits, e, c in
+              space.solver_frontier()]
+    info: dict[str, Any] = {"groups": space.groups, "search_space_size": space.size,
+                            "candidates": [[list(p) for p in c] for c in space.candidates]}
+    if quality is None:
+        return ParetoFront(solver, mode, "proxy", info)
+    from .optuna_backend import run_study
+
+    name = study_name or f"kvtuner-{table.model_id or 'model'}-{mode}-{max_bits:g}"
+    points, study_info = run_study(space, quality, max_bits=max_bits, n_trials=n_trials,
+                                   storage=storage or f"{name}.db", study_name=name, seed=seed, progress=progress)
+    info.update(study_info)
+    if not points:
+        info["note"] = "no feasible trial completed"
+        return ParetoFront([p for p in solver if p.equivalent_bits <= max_bits], mode, "proxy", info)
+    return ParetoFront(pareto_points(points), mode, metric, info)

@@ -1,0 +1,105 @@
+"""NSGA-II over the clustered space with persistent, resumable, multi-worker Optuna storage."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..spec import KVPlan
+from .front import FrontPoint
+from .space import SearchSpace
+
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError as e:
+        raise ImportError("the multi-objective search needs optuna; install the extra: pip install 'kvtuner[search]'") \
+            from e
+    return optuna
+
+
+def open_storage(url: str | os.PathLike[str]):
+    """An Optuna storage from a URL or path.
+
+    * ``sqlite:///x.db``, ``postgresql://...``, ``mysql://...``: RDB storage with heartbeats, so a
+      trial whose worker died is marked failed and its parameters are retried once.
+    * a path ending in ``.log`` or ``.journal`` (or ``journal:PATH``): a journal file.
+    * a path ending in ``.db``: a local SQLite file.
+    """
+    optuna = _optuna()
+    url = str(url)
+    if url.startswith("journal:") or url.endswith((".log", ".journal")):
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal:")))
+    if "://" not in url:
+        url = f"sqlite:///{Path(url).resolve()}"
+    import warnings
+
+    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+    kwargs = ({"heartbeat_stale_trial_callback": retry(max_retry=1)} if retry is not None  # optuna >= 4.9
+              else {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=1)})
+    with warnings.catch_warnings():  # heartbeats are marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, heartbeat_interval=5, grace_period=15, **kwargs,
+                                          engine_kwargs={"connect_args": {"timeout": 60}}
+                                          if url.startswith("sqlite") else {})
+
+
+def run_study(space: SearchSpace, quality: Callable[[KVPlan], float], *, max_bits: float, n_trials: int,
+              storage: str | os.PathLike[str], study_name: str, seed: int = 0, warm_start: int = 12,
+              population_size: int = 20, progress: bool = True) -> tuple[list[FrontPoint], dict[str, Any]]:
+    """Run (or continue) a study until it holds ``n_trials`` completed trials; return its points.
+
+    Workers pointed at the same storage and study name share the work. Identical parameter sets
+    are measured once: a repeat reuses the stored values.
+    """
+    optuna = _optuna()
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def constraints(trial):
+        return [trial.user_attrs.get("bits", 99.0) - max_bits]
+
+    sampler = optuna.samplers.NSGAIISampler(population_size=population_size, seed=seed,
+                                            constraints_func=constraints)
+    study = optuna.create_study(study_name=study_name, storage=open_storage(storage), sampler=sampler,
+                                directions=["minimize", "minimize"], load_if_exists=True)
+    names = [f"group{g}" for g in range(len(space.groups))]
+    if not study.trials and warm_start:
+        feasible = [c for bits, _, c in space.solver_frontier() if bits <= max_bits]
+        step = max(1, len(feasible) // warm_start)
+        for choice in feasible[::-1][::step][:warm_start]:  # the best within budget first, then cheaper ones
+            study.enqueue_trial(dict(zip(names, choice)), skip_if_exists=True)
+
+    def objective(trial):
+        choice = [trial.suggest_int(name, 0, len(space.group_candidates(g)) - 1) for g, name in enumerate(names)]
+        plan = space.plan(choice)
+        trial.set_user_attr("bits", plan.equivalent_bits)
+        trial.set_user_attr("proxy_error", space.proxy_error(choice))
+        for done in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if done.params == trial.params:
+                trial.set_user_attr("cached_from", done.number)
+                return tuple(done.values)
+        return quality(plan), plan.equivalent_bits
+
+    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    remaining = max(0, n_trials - done)
+    if remaining:
+        study.optimize(objective, n_trials=remaining, show_progress_bar=progress,
+                       callbacks=[MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,))])
+    points = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.user_attrs.get("bits", 99) <= max_bits + 1e-9:
+            choice = [t.params[n] for n in names]
+            points.append(FrontPoint(space.plan(choice, {"trial": t.number}), t.values[1], t.user_attrs["proxy_error"],
+                                     t.values[0], f"trial {t.number}"))
+    info = {"study_name": study_name, "trials_complete": len(study.get_trials(states=(TrialState.COMPLETE,))),
+            "trials_cached": sum(1 for t in study.trials if "cached_from" in t.user_attrs),
+            "sampler": "NSGAIISampler", "seed": seed, "population_size": population_size}
+    return points, info

@@ -1,0 +1,77 @@
+"""The clustered search space and the solver's proxy frontier."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..spec import KVPlan, LayerSpec, PlanError
+from .cluster import cluster_layers
+from .pareto import pair_cost, prune_pairs, solve_frontier
+
+Pair = tuple[int, int]
+
+
+@dataclass
+class SearchSpace:
+    """Per-layer pruned candidates, layer groups, and the proxy error of every (layer, pair)."""
+
+    mode: str
+    num_layers: int
+    candidates: list[list[Pair]]  # per layer, cheapest first
+    groups: list[list[int]]
+    errors: list[dict[Pair, float]]  # per layer: pair -> profiled attention-output error
+    model: dict | None = None
+    model_id: str | None = None
+
+    def group_candidates(self, g: int) -> list[Pair]:
+        """A group's options, high precision first (as in the paper's templates)."""
+        return sorted(self.candidates[self.groups[g][0]], key=lambda p: (-pair_cost(p), p))
+
+    @property
+    def size(self) -> int:
+        n = 1
+        for g in range(len(self.groups)):
+            n *= len(self.group_candidates(g))
+        return n
+
+    def plan(self, choice: list[int], provenance: dict | None = None) -> KVPlan:
+        """The plan that gives group ``g`` its option ``choice[g]``."""
+        pairs: list[Pair | None] = [None] * self.num_layers
+        for g, layers in enumerate(self.groups):
+            pair = self.group_candidates(g)[choice[g]]
+            for layer in layers:
+                pairs[layer] = pair
+        layers = tuple(LayerSpec.pair(k, v, self.mode) for k, v in pairs)
+        return KVPlan(layers, model_id=self.model_id, model=self.model, provenance=provenance or {})
+
+    def proxy_error(self, choice: list[int]) -> float:
+        return sum(self.errors[layer][self.group_candidates(g)[choice[g]]]
+                   for g, layers in enumerate(self.groups) for layer in layers)
+
+    def solver_frontier(self) -> list[tuple[float, float, list[int]]]:
+        """``[(equivalent_bits, proxy_error, choice)]``: the exact proxy optimum for every budget."""
+        costs = [[pair_cost(p) * len(layers) for p in self.group_candidates(g)] for g, layers in enumerate(self.groups)]
+        errs = [[sum(self.errors[layer][p] for layer in layers) for p in self.group_candidates(g)]
+                for g, layers in enumerate(self.groups)]
+        return [(total / (2 * self.num_layers), err, choice) for total, err, choice in solve_frontier(costs, errs)]
+
+
+def build_space(table, mode: str = "kivi", *, eps: float = 0.05, min_samples: int = 2,
+                pairs: list[Pair] | None = None, cluster: bool = True) -> SearchSpace:
+    """Prune each layer's pairs to its Pareto set, then cluster layers (``cluster=False``: one group
+    per layer)."""
+    if mode not in table.modes:
+        raise PlanError(f"mode={mode!r} is not in the table; allowed: {', '.join(table.modes)}")
+    pairs = [tuple(p) for p in (pairs or table.pairs)]
+    for p in pairs:
+        if p not in table.pairs:
+            raise PlanError(f"pair {list(p)} was not profiled; allowed: {[list(q) for q in table.pairs]}")
+    errors = [{p: table.error(mode, layer, p) for p in pairs} for layer in range(table.num_layers)]
+    candidates = [prune_pairs(pairs, [errors[layer][p] for p in pairs]) for layer in range(table.num_layers)]
+    if cluster:
+        vectors = [[errors[layer][p] for p in candidates[layer]] for layer in range(table.num_layers)]
+        groups = cluster_layers(candidates, vectors, eps=eps, min_samples=min_samples)
+    else:
+        groups = [[layer] for layer in range(table.num_layers)]
+    return SearchSpace(mode, table.num_layers, candidates, groups, errors, model=dict(table.model),
+                       model_id=table.model_id)
