@@ -36,3 +36,15 @@ def test_errors_are_one_red_line(tmp_path):
     assert out.stderr.strip() == "error: plan.layers[0].k.bits=3 is invalid; allowed: 2, 4, 8 or 16"
     out = _run("tune", str(tmp_path / "missing.gguf"))
     assert out.returncode == 2 and "no such .gguf file" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_search_solver_only_and_budget_check(tmp_path):
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from test_search import synthetic_table
+
+    table = synthetic_table(6).save(tmp_path / "t.json")
+    out = _run("search", str(table), "--budget-bits", "3.25", "--trials", "0", "-o", str(tmp_path / "f.json"))
+    assert out.returncode == 0, out.stderr
+    assert "best within 3.25 bits" in out.stdout and (tmp_path / "f.json").is_file()
+    out = _run("search", str(table), "--budget-bits", "1", "--trials", "0")
+    assert out.returncode == 2 and out.stderr.strip() == "error: --budget-bits=1.0 is invalid; allowed: 2..16"

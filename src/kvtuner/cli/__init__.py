@@ -86,6 +86,62 @@ def evaluate(model: ModelArg = "smollm2",
                f"({100 * (ppl / full - 1):+.2f}%)")
 
 
+@app.command(epilog="Examples:\n\n  kvtuner profile smollm2 -o smollm2.kvtable.json\n\n"
+                    "  kvtuner profile smollm2 --mode kivi --sequences 4")
+def profile(model: ModelArg = "smollm2",
+            mode: Annotated[list[str], typer.Option(help="Modes to profile (repeatable).")] = ["kivi", "per_token"],
+            sequences: Annotated[int, typer.Option(help="Calibration windows.")] = 8,
+            seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 512,
+            output: Annotated[Path, typer.Option("--output", "-o", help="Table file to write.")] = Path(
+                "smollm2.kvtable.json")) -> None:
+    """Measure every layer's attention-output error for each (K, V) bit pair on calibration text."""
+    from ..data import default_texts
+    from ..models import load_model
+    from ..profiling import profile as run_profile
+
+    m, tok = load_model(model)
+    table = run_profile(m, tok, default_texts("calibration"), modes=mode, num_sequences=sequences, seq_len=seq_len,
+                        model_id=model)
+    typer.echo(f"wrote {table.save(output)}: {table.num_layers} layers, {len(table.pairs)} pairs, modes "
+               f"{', '.join(table.modes)}, {table.num_tokens} tokens")
+
+
+@app.command(epilog="Examples:\n\n  kvtuner search smollm2.kvtable.json --budget-bits 3.25 -o front.json\n\n"
+                    "  kvtuner search smollm2.kvtable.json --budget-bits 4 --storage postgresql://u:p@host/db")
+def search(table: Annotated[Path, typer.Argument(help="A sensitivity table from `kvtuner profile`.")],
+           budget_bits: Annotated[float, typer.Option(help="Maximum equivalent bits.")] = 4.0,
+           mode: ModeOpt = "kivi",
+           model: Annotated[str, typer.Option(help="Model for measured trials (as in `tune`).")] = "smollm2",
+           trials: Annotated[int, typer.Option(help="Completed NSGA-II trials; 0 = solver only.")] = 24,
+           storage: Annotated[str, typer.Option(help="Optuna storage: a .db/.journal path or an RDB URL.")] = "",
+           study: Annotated[str, typer.Option(help="Study name shared by workers.")] = "",
+           output: Annotated[Path, typer.Option("--output", "-o", help="Front file to write.")] = Path(
+               "front.json")) -> None:
+    """Search per-layer pairs: prune, cluster, solve, then NSGA-II on measured KL (resumable)."""
+    from ..profiling import SensitivityTable
+    from ..search import search as run_search
+
+    if not 2 <= budget_bits <= 16:
+        raise CLIError(f"--budget-bits={budget_bits} is invalid; allowed: 2..16")
+    tab = SensitivityTable.load(table)
+    quality = None
+    if trials > 0:
+        from ..data import default_texts
+        from ..models import load_model
+        from ..profiling import calibration_batches
+        from ..search.objectives import KLObjective
+
+        m, tok = load_model(model)
+        tab.check_config(m.config)
+        quality = KLObjective(m, calibration_batches(tok, default_texts("calibration"), 10, 640)[-2:])
+    front = run_search(tab, mode=mode, max_bits=budget_bits, quality=quality, n_trials=trials,
+                       storage=storage or None, study_name=study or None)
+    front.save(output)
+    plan = front.best(budget_bits)
+    typer.echo(f"wrote {output}: {len(front.points)} points ({front.metric}); best within {budget_bits} bits: "
+               f"{plan.equivalent_bits:.2f} bits, pairs {plan.pairs}")
+
+
 def main() -> None:
     from ..models import ModelNotFoundError
     from ..spec import PlanError
