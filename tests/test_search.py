@@ -13,7 +13,7 @@ import time
 import pytest
 
 from kvtuner.profiling import SensitivityTable
-from kvtuner.search import ParetoFront, build_space, prune_pairs, search, solve_frontier
+from kvtuner.search import ParetoFront, prune_pairs, search, solve_frontier
 from kvtuner.search.cluster import cluster_layers
 
 PAIRS = [(k, v) for k in (8, 4, 2) for v in (8, 4, 2)]

@@ -23,30 +23,41 @@ def make_cache(model: Any, plan: KVPlan | None):
 
 
 @torch.no_grad()
+def stream_logits(model: Any, input_ids: torch.Tensor, plan: KVPlan | None, *, prefill: int, chunk_size: int,
+                  on_step: Any = None) -> torch.Tensor:
+    """Logits ``[N, vocab]`` at every position of ``input_ids`` ``[1, N]``, fed through one cache.
+
+    The first ``prefill`` tokens go in one forward pass, the rest ``chunk_size`` tokens at a time
+    (teacher forcing), so quantized history, residual window and group flushes are all exercised.
+    ``on_step()`` is called after each forward pass.
+    """
+    cache = make_cache(model, plan)
+    ids = input_ids.to(model.device)
+    n = ids.shape[1]
+    bounds = [0, *range(min(n, prefill), n, chunk_size), n]
+    out = []
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        out.append(model(ids[:, start:stop], past_key_values=cache, use_cache=True).logits[0])
+        if on_step is not None:
+            on_step()
+    return torch.cat(out)
+
+
+@torch.no_grad()
 def perplexity(model: Any, input_ids: torch.Tensor, plan: KVPlan | None = None, *, prefill: int | None = None,
                chunk_size: int = 1) -> float:
     """Perplexity of ``input_ids`` ``[1, N]`` with the KV cache of ``plan`` (None: full precision).
 
-    The first ``prefill`` tokens go in one forward pass; the rest are fed ``chunk_size`` tokens at a
-    time through the same cache (teacher forcing), so quantized history, residual window and group
-    flushes are all exercised as in generation. Every token after the first is scored.
+    Tokens flow through the cache as in :func:`stream_logits` (``prefill`` defaults to
+    ``chunk_size``); every token after the first is scored.
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 2:
         raise ValueError(f"input_ids shape {tuple(input_ids.shape)} is invalid; allowed: [1, N] with N >= 2")
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} is invalid; allowed: >= 1")
-    n = input_ids.shape[1]
-    prefill = min(n, prefill or chunk_size)
-    bounds = [0, *range(prefill, n, chunk_size), n]
-    cache = make_cache(model, plan)
-    ids = input_ids.to(model.device)
-    nll, count = 0.0, 0
-    for start, stop in zip(bounds[:-1], bounds[1:]):
-        logits = model(ids[:, start:stop], past_key_values=cache, use_cache=True).logits[0].float()
-        targets = ids[0, start + 1: stop + 1]
-        nll += torch.nn.functional.cross_entropy(logits[: len(targets)], targets, reduction="sum").item()
-        count += len(targets)
-    return math.exp(nll / count)
+    logits = stream_logits(model, input_ids, plan, prefill=prefill or chunk_size, chunk_size=chunk_size)
+    targets = input_ids[0, 1:].to(logits.device)
+    return math.exp(torch.nn.functional.cross_entropy(logits[:-1].float(), targets).item())
 
 
 # ---------------------------------------------------------------------- full quality report
@@ -121,16 +132,10 @@ class Evaluator:
         model = self.model
         bar = self._bar(len(self.windows) * self.decode + len(self.prompts) + len(self.passkeys), desc)
         logprobs = []
-        for ids in self.windows:
-            ids = ids.to(model.device)
-            cache = make_cache(model, plan)
-            out = model(ids[:, : self.prefill], past_key_values=cache)
-            rows = [out.logits[0, -1]]
-            for t in range(self.prefill, ids.shape[1] - 1):
-                rows.append(model(ids[:, t: t + 1], past_key_values=cache).logits[0, -1])
-                bar.update(1)
-            bar.update(1)
-            logprobs.append(torch.log_softmax(torch.stack(rows).float(), -1))
+        for ids in self.windows:  # predictions for tokens prefill..end, one decode step each
+            logits = stream_logits(model, ids[:, :-1], plan, prefill=self.prefill, chunk_size=1,
+                                   on_step=lambda: bar.update(1))
+            logprobs.append(torch.log_softmax(logits[self.prefill - 1:].float(), -1))
         generations = []
         for prompt in self.prompts:
             out = model.generate(prompt.to(model.device), past_key_values=make_cache(model, plan),

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..evaluate import make_cache
+from ..evaluate import stream_logits
 from ..spec import KVPlan
 
 
@@ -21,15 +21,9 @@ class KLObjective:
         self.model, self.windows, self.prefill, self.chunk = model, windows, prefill, chunk
         self.reference = [self._logprobs(ids, None) for ids in windows]
 
-    @torch.no_grad()
     def _logprobs(self, ids: torch.Tensor, plan: KVPlan | None) -> torch.Tensor:
-        cache = make_cache(self.model, plan)
-        ids = ids.to(self.model.device)
-        out = [self.model(ids[:, : self.prefill], past_key_values=cache).logits[0, -1:]]
-        for s in range(self.prefill, ids.shape[1] - 1, self.chunk):
-            e = min(s + self.chunk, ids.shape[1] - 1)
-            out.append(self.model(ids[:, s:e], past_key_values=cache).logits[0])
-        return torch.log_softmax(torch.cat(out).float(), -1)
+        logits = stream_logits(self.model, ids[:, :-1], plan, prefill=self.prefill, chunk_size=self.chunk)
+        return torch.log_softmax(logits[self.prefill - 1:].float(), -1)
 
     def __call__(self, plan: KVPlan) -> float:
         total, n = 0.0, 0
