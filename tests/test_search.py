@@ -165,3 +165,18 @@ def test_two_workers_share_one_study(tmp_path):
         if "cached_from" in t.user_attrs:
             assert by_number[t.user_attrs["cached_from"]].params == t.params
     assert len(measured) >= 1
+
+
+def test_kl_objective_is_zero_at_16_bits_and_positive_below():
+    import torch
+
+    from kvtuner import KVPlan
+    from kvtuner.search.objectives import KLObjective
+    from kvtuner.testing import tiny_model
+
+    model = tiny_model("llama", layers=2)
+    windows = [torch.randint(3, 128, (1, 80), generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
+    objective = KLObjective(model, windows, prefill=48, chunk=8)
+    assert objective.reference[0].shape[0] == 80 - 48  # one prediction per token after the prefill
+    assert objective(KVPlan.uniform(2, 16, 16)) == 0.0
+    assert objective(KVPlan.uniform(2, 2, 2, "per_token")) > 0.0

@@ -22,6 +22,11 @@ def make_cache(model: Any, plan: KVPlan | None):
     return MixedPrecisionCache(plan, model.config)
 
 
+def kl_sum(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
+    """Sum over positions of KL(ref || other) for ``[positions, vocab]`` log-probabilities."""
+    return (ref_logprobs.exp() * (ref_logprobs - logprobs)).sum().item()
+
+
 @torch.no_grad()
 def stream_logits(model: Any, input_ids: torch.Tensor, plan: KVPlan | None, *, prefill: int, chunk_size: int,
                   on_step: Any = None) -> torch.Tensor:
@@ -164,7 +169,7 @@ class Evaluator:
         nll_q = sum(-lp.gather(1, t.unsqueeze(1)).sum().item() for lp, t in zip(logprobs, targets))
         nll_f = sum(-lp.gather(1, t.unsqueeze(1)).sum().item() for lp, t in zip(ref.logprobs, targets))
         n = sum(len(t) for t in targets)
-        kl = sum((f.exp() * (f - q)).sum().item() for f, q in zip(ref.logprobs, logprobs)) / n
+        kl = sum(kl_sum(f, q) for f, q in zip(ref.logprobs, logprobs)) / n
         top1 = sum((f.argmax(-1) == q.argmax(-1)).sum().item() for f, q in zip(ref.logprobs, logprobs)) / n
         same = [torch.equal(a, b) for a, b in zip(ref.generations, generations)]
         prefix = [_common_prefix(a, b) for a, b in zip(ref.generations, generations)]

@@ -279,7 +279,7 @@ def layer_kl(model: Any, batches: list[torch.Tensor], pairs: Sequence[tuple[int,
     """KL(full || quantized) of next-token distributions when only one layer uses a pair."""
     from tqdm.auto import tqdm
 
-    from .evaluate import make_cache
+    from .evaluate import kl_sum, make_cache
 
     L = ModelDims.from_config(model.config).num_layers
     full = [torch.log_softmax(model(ids.to(model.device)).logits.float(), -1) for ids in batches]
@@ -296,7 +296,7 @@ def layer_kl(model: Any, batches: list[torch.Tensor], pairs: Sequence[tuple[int,
                 for ids, ref in zip(batches, full):
                     logp = torch.log_softmax(
                         model(ids.to(model.device), past_key_values=make_cache(model, plan)).logits.float(), -1)
-                    kl += (ref.exp() * (ref - logp)).sum(-1).mean().item()
+                    kl += kl_sum(ref[0], logp[0]) / ref.shape[1]
                 values.append(max(0.0, kl / len(batches)))  # rounding can dip below 0
                 bar.update(1)
             out[m][LayerSpec.pair(kb, vb).name] = values

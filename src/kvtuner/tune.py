@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .evaluate import perplexity
-from .spec import KVPlan, PlanError
+from .spec import KVPlan, ModelDims, PlanError
 
 KEY_FIRST_PAIRS = ((8, 8), (8, 4), (4, 4), (4, 2), (2, 2))
 
@@ -47,8 +47,8 @@ def tune_uniform(model: Any, input_ids: Any, *, mode: str = "kivi", tolerance: f
                          ppl=ppl, ppl_increase=ppl / full - 1, plan=plan))
     ok = [r for r in rows if r["ppl_increase"] <= tolerance]
     best = min(ok, key=lambda r: (r["bytes_per_token"], r["ppl"])) if ok else min(rows, key=lambda r: r["ppl"])
-    chosen = best["plan"].for_model(model.config, model_id)
-    chosen = KVPlan(chosen.layers, model_id=chosen.model_id, model=chosen.model, provenance={
+    chosen = KVPlan(best["plan"].layers, model_id=model_id, model=ModelDims.from_config(model.config).fingerprint(),
+                    provenance={
         "source": "kvtuner.tune_uniform", "mode": mode, "tolerance": tolerance, "tokens": int(input_ids.shape[1]),
         "full_ppl": full, "ppl": best["ppl"], "met_tolerance": bool(ok)})
     for r in rows:

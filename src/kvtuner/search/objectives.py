@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..evaluate import stream_logits
+from ..evaluate import kl_sum, stream_logits
 from ..spec import KVPlan
 
 
@@ -29,6 +29,6 @@ class KLObjective:
         total, n = 0.0, 0
         for ids, ref in zip(self.windows, self.reference):
             q = self._logprobs(ids, plan)
-            total += (ref.exp() * (ref - q)).sum().item()
+            total += kl_sum(ref, q)
             n += ref.shape[0]
         return max(0.0, total / n)
