@@ -23,6 +23,8 @@ _LAZY = {
     "QualityReport": "evaluate",
     "profile": "profiling",
     "SensitivityTable": "profiling",
+    "set_backend": "kernels",
+    "get_backend": "kernels",
 }
 
 __all__ = [
@@ -39,14 +41,17 @@ __all__ = [
     "__version__",
     "default_texts",
     "evaluate",
+    "get_backend",
     "load_model",
     "perplexity",
     "profile",
+    "set_backend",
 ]
 
 if TYPE_CHECKING:
     from .cache import MixedPrecisionCache, QuantizedKVLayer
     from .data import default_texts
+    from .kernels import get_backend, set_backend
     from .evaluate import Evaluator, QualityReport, evaluate, perplexity
     from .profiling import SensitivityTable, profile
     from .models import load_model

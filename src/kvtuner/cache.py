@@ -27,24 +27,39 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import quant
+from . import kernels, quant
 from .spec import KVPlan, LayerSpec, PlanError, QuantSpec
 
 
 class _TensorStore:
-    """Packed history plus full-precision residual for the keys *or* the values of one layer."""
+    """Packed history plus full-precision residual for the keys *or* the values of one layer.
 
-    def __init__(self, spec: QuantSpec, role: str, head_dim: int):
+    Packed storage lives in buffers with spare capacity that grow geometrically (or are sized once
+    from ``capacity``), so a flush writes only the new block in place instead of copying the whole
+    history as ``torch.cat`` would. ``packed`` is a view of the filled part.
+    """
+
+    def __init__(self, spec: QuantSpec, role: str, head_dim: int, capacity: int | None = None):
         self.spec, self.role, self.head_dim = spec, role, head_dim
         self.granularity = spec.granularity(role)
         self.group = spec.group_size if self.granularity == "per_channel" else spec.channel_group(head_dim)
         self.unit = spec.flush_unit(role)
-        self.packed: quant.QuantizedTensor | None = None
+        self.capacity = capacity
+        self._buf: quant.QuantizedTensor | None = None
+        self._n = 0
         self.residual: torch.Tensor | None = None
 
     @property
+    def packed(self) -> quant.QuantizedTensor | None:
+        return None if self._buf is None or self._n == 0 else quant.slice_tokens(self._buf, 0, self._n)
+
+    @packed.setter
+    def packed(self, value: quant.QuantizedTensor | None) -> None:
+        self._buf, self._n = value, (0 if value is None else value.num_tokens)
+
+    @property
     def num_quantized(self) -> int:
-        return 0 if self.packed is None else self.packed.num_tokens
+        return self._n
 
     @property
     def num_residual(self) -> int:
@@ -53,15 +68,51 @@ class _TensorStore:
     def __len__(self) -> int:
         return self.num_quantized + self.num_residual
 
+    def _meta_rows(self, tokens: int) -> int:
+        return -(-tokens // self.group) if self.granularity == "per_channel" else tokens
+
+    def _write(self, block: quant.QuantizedTensor) -> None:
+        n, m = self._n, block.num_tokens
+        cap = 0 if self._buf is None else self._buf.num_tokens
+        if n + m > cap:
+            want = max(n + m, 2 * cap, 256, self.capacity or 0)
+            if self.granularity == "per_channel":
+                want = -(-want // self.group) * self.group
+            old = self.packed
+
+            def grow(t: torch.Tensor, rows: int) -> torch.Tensor:
+                return t.new_empty(*t.shape[:-2], rows, t.shape[-1])
+
+            rows = self._meta_rows(want)
+            self._buf = quant.QuantizedTensor(grow(block.codes, want), grow(block.scale, rows),
+                                              grow(block.zero, rows), block.bits, block.granularity,
+                                              block.group_size, block.head_dim)
+            if old is not None:
+                self._copy_in(old, 0)
+        self._copy_in(block, n)
+        self._n = n + m
+
+    def _copy_in(self, block: quant.QuantizedTensor, at: int) -> None:
+        m, r0 = block.num_tokens, self._meta_rows(at)
+        self._buf.codes[..., at:at + m, :].copy_(block.codes)
+        self._buf.scale[..., r0:r0 + block.scale.shape[-2], :].copy_(block.scale)
+        self._buf.zero[..., r0:r0 + block.zero.shape[-2], :].copy_(block.zero)
+
     def append(self, x: torch.Tensor) -> None:
         self.residual = x if self.residual is None else torch.cat([self.residual, x], dim=-2)
         if not self.spec.quantized:
             return
         n = max(0, (self.num_residual - self.spec.residual_length) // self.unit * self.unit)
         if n:
-            block = quant.quantize(self.residual[..., :n, :], self.spec.bits, self.granularity, self.group)
-            self.packed = block if self.packed is None else quant.cat([self.packed, block])
+            self._write(_quantize(self.residual[..., :n, :], self.spec.bits, self.granularity, self.group))
             self.residual = self.residual[..., n:, :]
+
+    def reserved_nbytes(self) -> int:
+        """Bytes allocated, spare capacity included (``nbytes`` counts only what is filled)."""
+        total = 0 if self._buf is None else self._buf.nbytes()
+        if self.residual is not None:
+            total += self.residual.numel() * self.residual.element_size()
+        return total
 
     def materialize(self, dtype: torch.dtype) -> torch.Tensor:
         if self.packed is None:
@@ -128,17 +179,18 @@ class QuantizedKVLayer(CacheLayerMixin):
     is_croppable = True
 
     def __init__(self, spec: LayerSpec, *, num_kv_heads: int, head_dim: int, layer_idx: int = 0,
-                 sliding_window: int | None = None):
+                 sliding_window: int | None = None, capacity: int | None = None):
         super().__init__()
         self.spec, self.num_kv_heads, self.head_dim, self.layer_idx = spec, num_kv_heads, head_dim, layer_idx
-        self.sliding_window = sliding_window
+        self.sliding_window, self.capacity = sliding_window, capacity
+        self.fused_attention = False  # set by MixedPrecisionCache when the "kvtuner" attention is active
         self.is_sliding = sliding_window is not None
         self.is_croppable = not self.is_sliding
         self._clear()
 
     def _clear(self) -> None:
-        self._k = _TensorStore(self.spec.k, "key", self.head_dim)
-        self._v = _TensorStore(self.spec.v, "value", self.head_dim)
+        self._k = _TensorStore(self.spec.k, "key", self.head_dim, self.capacity)
+        self._v = _TensorStore(self.spec.v, "value", self.head_dim, self.capacity)
         self.cumulative_length = 0  # tokens seen
         self.start = 0  # absolute position of the oldest stored token (> 0 only for sliding layers)
         self.is_initialized = False
@@ -174,10 +226,31 @@ class QuantizedKVLayer(CacheLayerMixin):
         self._k.append(key_states)
         self._v.append(value_states)
         self.cumulative_length += key_states.shape[-2]
+        if key_states.shape[-2] == 1 and self._fusable(key_states):
+            from .attention import PackedKV
+
+            return PackedKV.wrap(self, key_states), PackedKV.wrap(self, value_states)
         keys, values = self._k.materialize(self.dtype), self._v.materialize(self.dtype)
         if self.is_sliding:
             self._evict()
         return keys, values
+
+    def _fusable(self, key_states: torch.Tensor) -> bool:
+        """Decode can run the fused kernel: CUDA + Triton backend, the ``"kvtuner"`` attention function
+        selected, a full-attention layer, quantized keys and values flushed in step."""
+        k, v = self.spec.k, self.spec.v
+        return (self.fused_attention and not self.is_sliding and k.quantized and v.quantized
+                and self._k.num_quantized == self._v.num_quantized and kernels.use_triton(key_states.device))
+
+    def stored_tokens(self) -> int:
+        return len(self._k)
+
+    def fused_decode(self, query: torch.Tensor, scaling: float, kv_mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of one query token per sequence over this layer's packed storage (Triton)."""
+        from .kernels.triton_decode import decode_attention
+
+        return decode_attention(query, self._k.packed, self._k.residual, self._v.packed, self._v.residual, scaling,
+                                kv_mask)
 
     def _evict(self) -> None:
         # Mirrors DynamicSlidingWindowLayer (keep window - 1 tokens) but only drops whole key groups.
@@ -246,6 +319,10 @@ class QuantizedKVLayer(CacheLayerMixin):
         """Bytes really held: packed codes + scales/zeros + residual, keys and values."""
         return self._k.nbytes() + self._v.nbytes()
 
+    def reserved_nbytes(self) -> int:
+        """Bytes allocated, spare buffer capacity included."""
+        return self._k.reserved_nbytes() + self._v.reserved_nbytes()
+
     def token_counts(self) -> dict[str, tuple[int, int]]:
         """``{"key": (quantized, full_precision), "value": (...)}`` stored tokens."""
         return {"key": (self._k.num_quantized, self._k.num_residual),
@@ -255,20 +332,29 @@ class QuantizedKVLayer(CacheLayerMixin):
 class MixedPrecisionCache(Cache):
     """A ``transformers.Cache`` with a (key bits, value bits) pair per layer, from a :class:`KVPlan`.
 
+    On a CUDA device (backend ``"auto"`` or ``"triton"``, see :func:`kvtuner.set_backend`) the cache
+    quantizes with Triton kernels and, during decode, hands attention to the fused kernel that reads
+    the packed storage: at the first update it selects the registered ``"kvtuner"`` attention
+    function in ``config`` (SDPA for prefill, the fused kernel for one-token steps) when the model
+    uses ``"sdpa"`` or ``"eager"``. On CPU the reference path runs.
+
     Args:
         plan: a :class:`KVPlan` or the path of a plan file.
         config: the model's config (``model.config``); the plan is validated against it.
+        max_cache_len: tokens to reserve packed storage for up front (optional; otherwise buffers
+            grow geometrically).
     """
 
-    def __init__(self, plan: KVPlan | str | os.PathLike[str], config: Any):
+    def __init__(self, plan: KVPlan | str | os.PathLike[str], config: Any, max_cache_len: int | None = None):
         if not isinstance(plan, KVPlan):
             plan = KVPlan.load(plan)
         dims = plan.check_config(config)
         layers = [QuantizedKVLayer(spec, num_kv_heads=dims.num_kv_heads, head_dim=dims.head_dim, layer_idx=i,
-                                   sliding_window=dims.sliding_window if kind == "sliding_attention" else None)
+                                   sliding_window=dims.sliding_window if kind == "sliding_attention" else None,
+                                   capacity=max_cache_len)
                   for i, (spec, kind) in enumerate(zip(plan.layers, dims.layer_types))]
         super().__init__(layers=layers)
-        self.plan, self.dims = plan, dims
+        self.plan, self.dims, self.config = plan, dims, config
 
     @classmethod
     def from_plan(cls, config: Any, plan: KVPlan | str | os.PathLike[str]) -> MixedPrecisionCache:
@@ -279,7 +365,23 @@ class MixedPrecisionCache(Cache):
         if not 0 <= layer_idx < len(self.layers):
             raise PlanError(f"layer_idx={layer_idx} is outside this cache; allowed: 0..{len(self.layers) - 1} "
                             "(the cache was built for a model with another layer count)")
+        if layer_idx == 0 and not self.layers[0].is_initialized:
+            self._select_attention(key_states.device)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def _select_attention(self, device: torch.device) -> None:
+        from .attention import ATTN_NAME, register
+
+        impl = getattr(self.config, "_attn_implementation", None)
+        fused = kernels.use_triton(device) and impl in ("sdpa", "eager", ATTN_NAME)
+        if fused and impl != ATTN_NAME:
+            self.config._attn_implementation = register()
+        for layer in self.layers:
+            layer.fused_attention = fused
+
+    def reserved_nbytes(self) -> int:
+        """Bytes allocated by all layers, spare buffer capacity included."""
+        return sum(layer.reserved_nbytes() for layer in self.layers)
 
     def nbytes(self) -> int:
         """Bytes really held by all layers (codes + scales/zeros + residual)."""
@@ -288,6 +390,14 @@ class MixedPrecisionCache(Cache):
     def __repr__(self) -> str:
         return (f"MixedPrecisionCache({self.plan.num_layers} layers, {self.plan.equivalent_bits:.2f} equivalent "
                 f"bits, {self.get_seq_length()} tokens, {self.nbytes()} bytes)")
+
+
+def _quantize(x: torch.Tensor, bits: int, granularity: str, group: int) -> quant.QuantizedTensor:
+    if kernels.use_triton(x.device):
+        from .kernels import triton_quant
+
+        return triton_quant.quantize(x, bits, granularity, group)
+    return quant.quantize(x, bits, granularity, group)
 
 
 def simulate_cache(x: torch.Tensor, spec: QuantSpec, role: str) -> torch.Tensor:

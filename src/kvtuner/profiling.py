@@ -200,8 +200,8 @@ def calibration_batches(tokenizer: Any, texts: str | Sequence[str], num_sequence
 @torch.no_grad()
 def profile(model: Any, tokenizer: Any, texts: str | Sequence[str], *, pairs: Sequence[tuple[int, int]] = ALL_PAIRS,
             modes: Sequence[str] = MODES, num_sequences: int = 8, seq_len: int = 512,
-            kl_pairs: Sequence[tuple[int, int]] = (), model_id: str | None = None,
-            progress: bool = True) -> SensitivityTable:
+            kl_pairs: Sequence[tuple[int, int]] = (), kl_sequences: int | None = None,
+            model_id: str | None = None, progress: bool = True) -> SensitivityTable:
     """Measure every layer's sensitivity; see the module docstring.
 
     Args:
@@ -211,7 +211,10 @@ def profile(model: Any, tokenizer: Any, texts: str | Sequence[str], *, pairs: Se
         num_sequences, seq_len: calibration windows; ``seq_len`` must exceed one key group plus the
             residual window, or nothing would be quantized.
         kl_pairs: pairs for the optional end-to-end KL of quantizing one layer alone (one forward
-            per sequence, layer, pair and mode: off by default).
+            per sequence, layer, pair and mode: off by default). The search uses these KL values
+            as per-layer costs when they cover every pair (``build_space(metric="auto")``).
+        kl_sequences: how many of the calibration windows the KL runs use (default all); KL costs
+            one full forward per window, layer, pair and mode.
     """
     from tqdm.auto import tqdm
 
@@ -263,7 +266,7 @@ def profile(model: Any, tokenizer: Any, texts: str | Sequence[str], *, pairs: Se
         num_tokens=n * seq_len, seq_len=seq_len, modes=tuple(modes), pairs=pairs, bits=bits,
         **{name: {m: (block[m] / n).tolist() for m in modes} for name, block in sums.items()})
     if kl_pairs:
-        table.kl = layer_kl(model, batches, kl_pairs, modes, progress=progress)
+        table.kl = layer_kl(model, batches[: kl_sequences or len(batches)], kl_pairs, modes, progress=progress)
     return table
 
 

@@ -22,6 +22,7 @@ class SearchSpace:
     errors: list[dict[Pair, float]]  # per layer: pair -> profiled attention-output error
     model: dict | None = None
     model_id: str | None = None
+    metric: str = "attention"
 
     def group_candidates(self, g: int) -> list[Pair]:
         """A group's options, high precision first (as in the paper's templates)."""
@@ -57,16 +58,35 @@ class SearchSpace:
 
 
 def build_space(table, mode: str = "kivi", *, eps: float = 0.05, min_samples: int = 2,
-                pairs: list[Pair] | None = None, cluster: bool = True) -> SearchSpace:
+                pairs: list[Pair] | None = None, cluster: bool = True, metric: str = "auto") -> SearchSpace:
     """Prune each layer's pairs to its Pareto set, then cluster layers (``cluster=False``: one group
-    per layer)."""
+    per layer).
+
+    ``metric`` is the per-(layer, pair) cost: ``"attention"`` (relative attention-output error),
+    ``"kl"`` (measured one-layer end-to-end KL, ``profile(kl_pairs=...)``), or ``"auto"``: KL when the
+    table holds it for every pair, since it is what the search finally optimises.
+    """
     if mode not in table.modes:
         raise PlanError(f"mode={mode!r} is not in the table; allowed: {', '.join(table.modes)}")
     pairs = [tuple(p) for p in (pairs or table.pairs)]
     for p in pairs:
         if p not in table.pairs:
             raise PlanError(f"pair {list(p)} was not profiled; allowed: {[list(q) for q in table.pairs]}")
-    errors = [{p: table.error(mode, layer, p) for p in pairs} for layer in range(table.num_layers)]
+    kl = table.kl.get(mode, {})
+    have_kl = all(LayerSpec.pair(*p).name in kl for p in pairs if p != (16, 16))
+    if metric not in ("auto", "attention", "kl"):
+        raise PlanError(f"metric={metric!r} is invalid; allowed: 'auto', 'attention' or 'kl'")
+    if metric == "kl" and not have_kl:
+        raise PlanError("metric='kl' needs one-layer KL for every pair; allowed: a table profiled with "
+                        "kl_pairs covering the pairs (kvtuner profile --kl)")
+    use_kl = metric == "kl" or (metric == "auto" and have_kl)
+
+    def cost(layer: int, p: Pair) -> float:
+        if not use_kl:
+            return table.error(mode, layer, p)
+        return 0.0 if p == (16, 16) else kl[LayerSpec.pair(*p).name][layer]
+
+    errors = [{p: cost(layer, p) for p in pairs} for layer in range(table.num_layers)]
     candidates = [prune_pairs(pairs, [errors[layer][p] for p in pairs]) for layer in range(table.num_layers)]
     if cluster:
         vectors = [[errors[layer][p] for p in candidates[layer]] for layer in range(table.num_layers)]
@@ -74,4 +94,4 @@ def build_space(table, mode: str = "kivi", *, eps: float = 0.05, min_samples: in
     else:
         groups = [[layer] for layer in range(table.num_layers)]
     return SearchSpace(mode, table.num_layers, candidates, groups, errors, model=dict(table.model),
-                       model_id=table.model_id)
+                       model_id=table.model_id, metric="kl" if use_kl else "attention")

@@ -1,0 +1,105 @@
+"""Decode attention over a packed cache layer: the PyTorch reference and the transformers plug-in.
+
+:func:`decode_attention` is the specification of the fused GPU kernel
+(``kernels/triton_decode.py`` has the same signature): one new query token per sequence attends to
+the quantized history (packed codes + scales/zeros) followed by the full-precision residual window.
+
+The plug-in is a transformers attention function registered as ``"kvtuner"``. During decode on a
+CUDA device a :class:`~kvtuner.cache.QuantizedKVLayer` returns *handles* instead of dequantized
+tensors; the ``"kvtuner"`` function recognises them and runs the fused kernel. Everything else
+(prefill, CPU, layers the kernel does not cover) goes to SDPA unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import quant
+
+ATTN_NAME = "kvtuner"
+
+
+def decode_attention(q: torch.Tensor, k_packed: quant.QuantizedTensor | None, k_residual: torch.Tensor | None,
+                     v_packed: quant.QuantizedTensor | None, v_residual: torch.Tensor | None, scaling: float,
+                     kv_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of ``q`` ``[B, Hq, 1, D]`` over stored keys/values, computed in fp32.
+
+    Keys and values are the packed history (``None`` when empty) followed by the residual
+    (``[B, Hkv, R, D]``, ``None`` when empty); ``Hq`` is a multiple of ``Hkv`` (GQA/MQA).
+    ``kv_mask`` is ``[B, L]`` bool, True where a stored token may be attended.
+
+    Returns ``[B, 1, Hq, D]`` in ``q.dtype`` (the layout transformers attention functions return).
+    """
+    k = _materialize(k_packed, k_residual)
+    v = _materialize(v_packed, v_residual)
+    b, hq, _, d = q.shape
+    rep = hq // k.shape[1]
+    k = k.repeat_interleave(rep, dim=1)
+    v = v.repeat_interleave(rep, dim=1)
+    scores = (q.float() @ k.transpose(-1, -2)) * scaling  # [B, Hq, 1, L]
+    if kv_mask is not None:
+        scores = scores.masked_fill(~kv_mask[:, None, None, :], float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ v
+    return out.transpose(1, 2).to(q.dtype)
+
+
+def _materialize(packed: quant.QuantizedTensor | None, residual: torch.Tensor | None) -> torch.Tensor:
+    parts = []
+    if packed is not None and packed.num_tokens:
+        parts.append(quant.dequantize(packed, torch.float32))
+    if residual is not None and residual.shape[-2]:
+        parts.append(residual.float())
+    return torch.cat(parts, dim=-2)
+
+
+class PackedKV(torch.Tensor):
+    """A zero-size stand-in that the cache returns instead of dequantized keys/values.
+
+    It carries the layer so the ``"kvtuner"`` attention function can read the packed storage;
+    any other attention function would fail loudly on its shape, never silently.
+    """
+
+    layer: Any
+
+    @staticmethod
+    def wrap(layer: Any, like: torch.Tensor) -> PackedKV:
+        t = like.new_empty(0).as_subclass(PackedKV)
+        t.layer = layer
+        return t
+
+
+def kvtuner_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                      **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers attention function: fused decode over packed handles, SDPA otherwise."""
+    if isinstance(key, PackedKV):
+        layer = key.layer
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return layer.fused_decode(query, scale, _kv_mask(attention_mask, layer)), None
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                  **kwargs)
+
+
+def _kv_mask(attention_mask: torch.Tensor | None, layer: Any) -> torch.Tensor | None:
+    """The last query row of the model's mask as ``[B, L]`` bool (None when nothing is masked)."""
+    if attention_mask is None:
+        return None
+    row = attention_mask[:, 0, -1, :]
+    if row.dtype != torch.bool:
+        row = row == 0  # additive float mask: 0 where allowed
+    n = layer.stored_tokens()
+    return row[:, -n:].contiguous()  # no .all() check: it would sync the GPU every step
+
+
+def register() -> str:
+    """Register the ``"kvtuner"`` attention and mask functions with transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTN_NAME, kvtuner_attention)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    return ATTN_NAME

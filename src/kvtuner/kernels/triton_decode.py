@@ -1,0 +1,318 @@
+"""Fused decode attention over the packed cache (Triton); same signature as
+:func:`kvtuner.attention.decode_attention`, which is its specification.
+
+Design (see ``shared/PERF.md``):
+
+* grid ``(B * Hkv, splits)``: one program holds *all* query heads of one KV head as a
+  ``[BLOCK_H >= 16, D]`` tile, so every packed byte is read once (GQA/MQA);
+* split-K over the quantized tokens plus one extra split for the full-precision residual window,
+  partial ``(acc, max, sum)`` in fp32, merged by a second kernel with a log-sum-exp merge that
+  ignores empty splits;
+* codes are unpacked in registers, never written back: bit widths are ``tl.constexpr``, so a mixed
+  plan compiles one variant per (k_bits, v_bits) pair;
+* scales are folded instead of expanded where the layout allows it: a per-channel key group that
+  equals the tile folds its ``[D]`` scale into the query (``q*s . c + q . z``); a per-token value
+  scale over the whole head folds into the probabilities (``(p*s) . c + sum(p*z)``). Other group
+  shapes broadcast a small ``[rows, groups]`` tile (no per-element gathers);
+* dot products run in fp16 whatever the model dtype: codes (< 256) are exact in fp16, and fp16
+  keeps 3 more mantissa bits than bf16 for the folded operands;
+* base-2 online softmax with ``scaling * log2(e)`` folded into q;
+* offsets that scale with batch x heads x tokens are computed in int64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..quant import QuantizedTensor
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _unpack(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constexpr, BITS: tl.constexpr):
+    """Codes ``[len(t), BLOCK_D]`` as fp16 from bytes packed along D (little end first)."""
+    PER: tl.constexpr = 8 // BITS
+    d = tl.arange(0, BLOCK_D)
+    ptr = base + t.to(tl.int64)[:, None] * stride_t + (d // PER)[None, :]
+    byte = tl.load(ptr, mask=tmask[:, None] & (d < D)[None, :], other=0).to(tl.int32)
+    if PER > 1:
+        byte = (byte >> ((d % PER) * BITS)[None, :]) & ((1 << BITS) - 1)
+    return byte.to(tl.float16)
+
+
+@triton.jit
+def _decode_split_kernel(
+        Q, KC, KS, KZ, VC, VS, VZ, KR, VR, MASK, PO, PM, PL,
+        sq_b, sq_h,
+        skc_b, skc_h, skc_t, sks_b, sks_h, sks_t,
+        svc_b, svc_h, svc_t, svs_b, svs_h, svs_t,
+        skr_b, skr_h, skr_t, svr_b, svr_h, svr_t,
+        smask_b,
+        n_q, n_r, tokens_per_split, num_q_splits, qk_scale,
+        HKV: tl.constexpr, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+        KBITS: tl.constexpr, VBITS: tl.constexpr, K_PER_CHANNEL: tl.constexpr, GK: tl.constexpr,
+        GV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, HAS_MASK: tl.constexpr,
+        NUM_SPLITS: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (pid_bh // HKV).to(tl.int64)
+    h = (pid_bh % HKV).to(tl.int64)
+    hrow = tl.arange(0, BLOCK_H)
+    hmask = hrow < GROUP
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    q_ptr = Q + b * sq_b + (h * GROUP + hrow).to(tl.int64)[:, None] * sq_h + d[None, :]
+    q = tl.load(q_ptr, mask=hmask[:, None] & dmask[None, :], other=0.0).to(tl.float32) * qk_scale
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+
+    if split < num_q_splits:
+        start = split * tokens_per_split
+        end = tl.minimum(start + tokens_per_split, n_q)
+        kc = KC + b * skc_b + h * skc_h
+        ks = KS + b * sks_b + h * sks_h
+        kz = KZ + b * sks_b + h * sks_h
+        vc = VC + b * svc_b + h * svc_h
+        vs = VS + b * svs_b + h * svs_h
+        vz = VZ + b * svs_b + h * svs_h
+        for i in range(0, tokens_per_split, BLOCK_N):  # whole-split bound: tiles past ``end`` are masked
+            t0 = start + i
+            t = t0 + tl.arange(0, BLOCK_N)
+            tmask = t < end
+            # ---- scores = q . k^T, k = codes * scale + zero
+            kcode = _unpack(kc, t, tmask, skc_t, D, BLOCK_D, KBITS)  # [BLOCK_N, BLOCK_D] fp16
+            if K_PER_CHANNEL:
+                if BLOCK_N == GK:  # one key group per tile: fold its [D] scale/zero into q
+                    g = (t0 // GK).to(tl.int64)
+                    s_row = tl.load(ks + g * sks_t + d, mask=dmask, other=0.0).to(tl.float32)
+                    z_row = tl.load(kz + g * sks_t + d, mask=dmask, other=0.0).to(tl.float32)
+                    # dividing by the largest scale keeps the fp16 operand away from subnormals
+                    s_max = tl.maximum(tl.max(s_row, axis=0), 1e-30)
+                    qs = (q * (s_row / s_max)[None, :]).to(tl.float16)
+                    qz = tl.sum(q * z_row[None, :], axis=1)
+                    scores = tl.dot(qs, tl.trans(kcode)) * s_max + qz[:, None]
+                else:
+                    NG: tl.constexpr = BLOCK_N // GK
+                    g = (t0 // GK + tl.arange(0, NG)).to(tl.int64)
+                    gmask = (g * GK < end)[:, None] & dmask[None, :]
+                    s_t = tl.load(ks + g[:, None] * sks_t + d[None, :], mask=gmask, other=0.0)
+                    z_t = tl.load(kz + g[:, None] * sks_t + d[None, :], mask=gmask, other=0.0)
+                    s_full = tl.reshape(tl.broadcast_to(s_t[:, None, :], (NG, GK, BLOCK_D)), (BLOCK_N, BLOCK_D))
+                    z_full = tl.reshape(tl.broadcast_to(z_t[:, None, :], (NG, GK, BLOCK_D)), (BLOCK_N, BLOCK_D))
+                    k = (kcode.to(tl.float32) * s_full.to(tl.float32) + z_full.to(tl.float32)).to(tl.float16)
+                    scores = tl.dot(q.to(tl.float16), tl.trans(k))
+            else:
+                NGK: tl.constexpr = BLOCK_D // GK
+                if NGK == 1:  # one scale per token and head: apply after the dot
+                    s_col = tl.load(ks + t.to(tl.int64) * sks_t, mask=tmask, other=0.0).to(tl.float32)
+                    z_col = tl.load(kz + t.to(tl.int64) * sks_t, mask=tmask, other=0.0).to(tl.float32)
+                    qsum = tl.sum(q, axis=1)
+                    scores = tl.dot(q.to(tl.float16), tl.trans(kcode)) * s_col[None, :] \
+                        + qsum[:, None] * z_col[None, :]
+                else:
+                    j = tl.arange(0, NGK)
+                    smask = tmask[:, None] & (j * GK < D)[None, :]
+                    off = t.to(tl.int64)[:, None] * sks_t + j[None, :]
+                    s_t = tl.load(ks + off, mask=smask, other=0.0)
+                    z_t = tl.load(kz + off, mask=smask, other=0.0)
+                    s_full = tl.reshape(tl.broadcast_to(s_t[:, :, None], (BLOCK_N, NGK, GK)), (BLOCK_N, BLOCK_D))
+                    z_full = tl.reshape(tl.broadcast_to(z_t[:, :, None], (BLOCK_N, NGK, GK)), (BLOCK_N, BLOCK_D))
+                    k = (kcode.to(tl.float32) * s_full.to(tl.float32) + z_full.to(tl.float32)).to(tl.float16)
+                    scores = tl.dot(q.to(tl.float16), tl.trans(k))
+            valid = tmask
+            if HAS_MASK:
+                mk = tl.load(MASK + b * smask_b + t, mask=tmask, other=0)
+                valid = valid & (mk != 0)
+            scores = tl.where(valid[None, :], scores, float("-inf"))
+            # ---- online softmax (base 2)
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(scores - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None]
+            m_i = m_new
+            # ---- acc += p . v, v = codes * scale + zero (per token)
+            vcode = _unpack(vc, t, tmask, svc_t, D, BLOCK_D, VBITS)
+            NGV: tl.constexpr = BLOCK_D // GV
+            if NGV == 1:
+                s_v = tl.load(vs + t.to(tl.int64) * svs_t, mask=tmask, other=0.0).to(tl.float32)
+                z_v = tl.load(vz + t.to(tl.int64) * svs_t, mask=tmask, other=0.0).to(tl.float32)
+                sv_max = tl.maximum(tl.max(s_v, axis=0), 1e-30)
+                pv = tl.dot((p * (s_v / sv_max)[None, :]).to(tl.float16), vcode)
+                acc += pv * sv_max + tl.sum(p * z_v[None, :], axis=1)[:, None]
+            else:
+                j = tl.arange(0, NGV)
+                smask = tmask[:, None] & (j * GV < D)[None, :]
+                off = t.to(tl.int64)[:, None] * svs_t + j[None, :]
+                s_t = tl.load(vs + off, mask=smask, other=0.0)
+                z_t = tl.load(vz + off, mask=smask, other=0.0)
+                s_full = tl.reshape(tl.broadcast_to(s_t[:, :, None], (BLOCK_N, NGV, GV)), (BLOCK_N, BLOCK_D))
+                z_full = tl.reshape(tl.broadcast_to(z_t[:, :, None], (BLOCK_N, NGV, GV)), (BLOCK_N, BLOCK_D))
+                v = (vcode.to(tl.float32) * s_full.to(tl.float32) + z_full.to(tl.float32)).to(tl.float16)
+                acc += tl.dot(p.to(tl.float16), v)
+    else:
+        kr = KR + b * skr_b + h * skr_h
+        vr = VR + b * svr_b + h * svr_h
+        for r0 in range(0, n_r, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            rmask = r < n_r
+            lm = rmask[:, None] & dmask[None, :]
+            k = tl.load(kr + r.to(tl.int64)[:, None] * skr_t + d[None, :], mask=lm, other=0.0).to(tl.float32)
+            v = tl.load(vr + r.to(tl.int64)[:, None] * svr_t + d[None, :], mask=lm, other=0.0).to(tl.float32)
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")  # the residual is full precision
+            valid = rmask
+            if HAS_MASK:
+                mk = tl.load(MASK + b * smask_b + n_q + r, mask=rmask, other=0)
+                valid = valid & (mk != 0)
+            scores = tl.where(valid[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(scores - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            m_i = m_new
+
+    hq = (h * GROUP + hrow).to(tl.int64)
+    row = (b * (HKV * GROUP) + hq) * NUM_SPLITS + split
+    tl.store(PO + row[:, None] * BLOCK_D + d[None, :], acc, mask=hmask[:, None])
+    tl.store(PM + row, m_i, mask=hmask)
+    tl.store(PL + row, l_i, mask=hmask)
+
+
+@triton.jit
+def _merge_kernel(PO, PM, PL, O, so_b, so_h, HQ: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                  NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+    pid = tl.program_id(0)
+    b = (pid // HQ).to(tl.int64)
+    h = (pid % HQ).to(tl.int64)
+    s = tl.arange(0, BLOCK_S)
+    smask = s < NUM_SPLITS
+    d = tl.arange(0, BLOCK_D)
+    base = (b * HQ + h) * NUM_SPLITS
+    m = tl.load(PM + base + s, mask=smask, other=float("-inf"))
+    l_s = tl.load(PL + base + s, mask=smask, other=0.0)
+    m_max = tl.max(m, axis=0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_max))
+    acc = tl.load(PO + (base + s)[:, None] * BLOCK_D + d[None, :], mask=smask[:, None], other=0.0)
+    num = tl.sum(acc * w[:, None], axis=0)
+    den = tl.sum(l_s * w, axis=0)
+    out = num / tl.where(den > 0, den, 1.0)
+    tl.store(O + b * so_b + h * so_h + d, out.to(O.dtype.element_ty), mask=d < D)
+
+
+def _num_sm(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _splits(batch_heads: int, n_q: int, block_n: int, device: torch.device) -> tuple[int, int]:
+    """(quantized splits, tokens per split): about 4 programs per SM, whole tiles per split."""
+    tiles = -(-n_q // block_n)
+    if tiles == 0:
+        return 0, block_n
+    want = max(1, -(-4 * _num_sm(device) // batch_heads))
+    per = -(-tiles // min(want, tiles))
+    return -(-tiles // per), per * block_n
+
+
+def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residual: torch.Tensor | None,
+                     v_packed: QuantizedTensor | None, v_residual: torch.Tensor | None, scaling: float,
+                     kv_mask: torch.Tensor | None = None, *, block_n: int | None = None,
+                     num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+    """Fused kernel; see :func:`kvtuner.attention.decode_attention` for the contract.
+
+    Keys and values must be in step (same quantized token count), as in every plan whose key and
+    value specs share mode, group and residual window.
+    """
+    b, hq, one, d = q.shape
+    if one != 1:
+        raise ValueError(f"q.shape[2]={one} is invalid; allowed: 1 (one decode token per sequence)")
+    n_q = 0 if k_packed is None else k_packed.num_tokens
+    n_qv = 0 if v_packed is None else v_packed.num_tokens
+    if n_q != n_qv:
+        raise ValueError(f"quantized key/value token counts {n_q} and {n_qv} differ; allowed: equal (keys and "
+                         "values flushed in step)")
+    ref = k_residual if k_residual is not None else k_packed.scale
+    hkv = ref.shape[1]
+    n_r = 0 if k_residual is None else k_residual.shape[-2]
+    if hq % hkv:
+        raise ValueError(f"query heads {hq} are not a multiple of KV heads {hkv}; allowed: a multiple")
+    group = hq // hkv
+    block_d = triton.next_power_of_2(d)
+    dummy = torch.empty(1, device=q.device, dtype=torch.uint8)
+    dummy_f = torch.empty(1, device=q.device, dtype=q.dtype)
+    if n_q:
+        kc, ks, kz, vc, vs, vz = (k_packed.codes, k_packed.scale, k_packed.zero, v_packed.codes, v_packed.scale,
+                                  v_packed.zero)
+        kbits, vbits = k_packed.bits, v_packed.bits
+        k_per_channel = k_packed.granularity == "per_channel"
+        gk, gv = k_packed.group_size, v_packed.group_size
+        if v_packed.granularity != "per_token":
+            raise ValueError("values must be quantized per token")
+        if not k_per_channel and (d % gk or block_d != d) and gk != d:
+            raise ValueError(f"per-token key groups of {gk} channels need head_dim a power of two multiple")
+        if (gv != d and (d % gv or block_d != d)):
+            raise ValueError(f"value groups of {gv} channels need head_dim a power of two multiple")
+        gk_eff = block_d if (not k_per_channel and gk == d) else gk
+        gv_eff = block_d if gv == d else gv
+    else:
+        kc = ks = kz = vc = vs = vz = None
+        kbits = vbits = 8
+        k_per_channel, gk_eff, gv_eff = True, 32, block_d
+    if block_n is None:
+        block_n = gk_eff if k_per_channel and gk_eff >= 32 else 64
+    if k_per_channel and block_n % gk_eff:
+        raise ValueError(f"block_n={block_n} is invalid; allowed: a multiple of the key group {gk_eff}")
+    n_split_q, per_split = _splits(b * hkv, n_q, block_n, q.device)
+    num_splits = n_split_q + 1
+    f32 = torch.float32
+    po = torch.empty(b * hq * num_splits, block_d, device=q.device, dtype=f32)
+    pm = torch.empty(b * hq * num_splits, device=q.device, dtype=f32)
+    pl = torch.empty(b * hq * num_splits, device=q.device, dtype=f32)
+
+    def st(t, n=3):
+        return tuple(t.stride()[:n]) if t is not None else (0,) * n
+
+    kr = k_residual if n_r else None
+    vr = v_residual if n_r else None
+    mask = kv_mask.to(torch.uint8) if kv_mask is not None else None
+    if num_warps is None:
+        num_warps = 8 if max(kbits, vbits) == 8 and block_d >= 128 else 4
+    if num_stages is None:
+        num_stages = 2 if block_d * block_n >= 128 * 128 else 3
+    _decode_split_kernel[(b * hkv, num_splits)](
+        q, kc if kc is not None else dummy, ks if ks is not None else dummy_f, kz if kz is not None else dummy_f,
+        vc if vc is not None else dummy, vs if vs is not None else dummy_f, vz if vz is not None else dummy_f,
+        kr if kr is not None else dummy_f, vr if vr is not None else dummy_f, mask if mask is not None else dummy,
+        po, pm, pl,
+        q.stride(0), q.stride(1),
+        *st(kc), *st(ks), *st(vc), *st(vs), *st(kr), *st(vr),
+        mask.stride(0) if mask is not None else 0,
+        n_q, n_r, per_split, n_split_q, float(scaling) * LOG2E,
+        HKV=hkv, GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), D=d, BLOCK_D=block_d,
+        KBITS=kbits, VBITS=vbits, K_PER_CHANNEL=k_per_channel, GK=gk_eff, GV=gv_eff, BLOCK_N=block_n,
+        BLOCK_R=32, HAS_MASK=mask is not None, NUM_SPLITS=num_splits, num_warps=num_warps, num_stages=num_stages)
+    out = torch.empty(b, 1, hq, d, device=q.device, dtype=q.dtype)
+    _merge_kernel[(b * hq,)](po, pm, pl, out, out.stride(0), out.stride(2), HQ=hq, D=d, BLOCK_D=block_d,
+                             NUM_SPLITS=num_splits, BLOCK_S=max(2, triton.next_power_of_2(num_splits)))
+    return out
+
+
+def max_int32_offset(batch: int, heads: int, tokens: int, row_bytes: int) -> bool:
+    """Whether the largest byte offset of a ``[batch, heads, tokens, row_bytes]`` buffer passes int32
+    (the kernel then relies on its int64 offsets)."""
+    return batch * heads * tokens * row_bytes - 1 > 2**31 - 1
+
+
+__all__ = ["decode_attention", "max_int32_offset", "math"]
