@@ -174,10 +174,12 @@ def test_generate_fused_matches_reference_path(k, v):
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (CI has none; run through the device tool)")
 
 
+GPU_MATRIX = ([(128, 4, k, v) for k in (2, 4, 8) for v in (2, 4, 8)]  # every pair at the common shape
+              + [(d, g, k, v) for d in (64, 256) for g in (1, 8) for k, v in ((2, 2), (4, 2), (8, 4), (8, 8))])
+
+
 @gpu
-@pytest.mark.parametrize("d", [64, 128, 256])
-@pytest.mark.parametrize("group", [1, 4, 8])
-@pytest.mark.parametrize("kbits,vbits", [(k, v) for k in (2, 4, 8) for v in (2, 4, 8)])
+@pytest.mark.parametrize("d,group,kbits,vbits", GPU_MATRIX)
 def test_gpu_matrix(d, group, kbits, vbits):
     for n_q, n_r, dtype in ((32 * 7, 19, torch.float16), (32 * 3, 33, torch.bfloat16)):
         check(make_case(3, 2, group, d, n_q, n_r, kbits, vbits, dtype=dtype))

@@ -213,6 +213,14 @@ def cat(parts: list[QuantizedTensor]) -> QuantizedTensor:
                            first.group_size, first.head_dim)
 
 
+def cat_batch(parts: list[QuantizedTensor]) -> QuantizedTensor:
+    """Concatenate quantized tensors of equal token count along the batch dim 0."""
+    first = parts[0]
+    return QuantizedTensor(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
+                           torch.cat([p.zero for p in parts]), first.bits, first.granularity, first.group_size,
+                           first.head_dim)
+
+
 def slice_tokens(qt: QuantizedTensor, start: int, stop: int) -> QuantizedTensor:
     """Tokens ``[start, stop)``; for per_channel both ends must fall on group boundaries."""
     if qt.granularity == "per_channel":

@@ -23,7 +23,8 @@ def _to(v, OUT: tl.constexpr, BF16: tl.constexpr):
     """fp32 -> OUT with round-to-nearest-even (done by hand for bf16: not every Triton backend does)."""
     if BF16:
         u = v.to(tl.uint32, bitcast=True)
-        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        one = tl.full([1], 1, tl.uint32)
+        u = ((u + ((u >> 16) & one) + tl.full([1], 0x7FFF, tl.uint32)) >> 16) << 16
         v = u.to(tl.float32, bitcast=True)
     return v.to(OUT)
 
