@@ -80,8 +80,8 @@ def run_kernel(case, **kw) -> float:
 
 def tune(case, g: int) -> dict:
     best = (float("inf"), {})
-    for block_n in sorted({g, 128}):
-        for warps in ((4, 8) if block_n >= 128 else (4,)):  # 8 warps on a 32-token tile crashed (Triton 3.6)
+    for block_n in sorted({g, 64, 128}):
+        for warps in ((4, 8) if block_n >= 64 else (4,)):  # 8 warps on a 32-token tile crashed (Triton 3.6)
             for stages in (2, 3):
                 kw = dict(block_n=block_n, num_warps=warps, num_stages=stages)
                 try:

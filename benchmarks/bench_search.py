@@ -2,9 +2,10 @@
 
     python benchmarks/bench_search.py --out-dir benchmarks/results
 
-1. `kvtuner.profile` on calibration text (8 x 512 tokens, KIVI, 9 pairs).
-2. `kvtuner.search`: pruning, DBSCAN clustering, exact proxy solver, then NSGA-II (warm-started from
-   the solver) measuring KL against full precision through the real cache on 2 calibration windows
+1. `kvtuner.profile` on calibration text (8 x 512 tokens, KIVI, 9 pairs), plus the one-layer
+   end-to-end KL of every (layer, pair) on one 512-token window: the solver's per-layer costs.
+2. `kvtuner.search`: pruning, exact solver over the KL costs (no clustering: 30 groups), then
+   NSGA-II (warm-started from the solver's points and the uniform plans within budget) measuring KL against full precision through the real cache on 2 calibration windows
    (384-token prefill + 256 tokens in 16-token steps), for budgets 3.25 and 4.0 equivalent bits.
 3. The chosen plans are evaluated with `kvtuner.Evaluator` on held-out text (same protocol as
    `bench_quality.py`, without passkey) next to the uniform baselines.
@@ -24,7 +25,7 @@ import kvtuner
 from kvtuner import KVPlan, load_model, profile
 from kvtuner.data import default_texts
 from kvtuner.evaluate import Evaluator
-from kvtuner.profiling import calibration_batches
+from kvtuner.profiling import ALL_PAIRS, calibration_batches
 from kvtuner.search import search
 from kvtuner.search.objectives import KLObjective
 
@@ -42,15 +43,18 @@ def main() -> None:
     model, tok = load_model("smollm2")
     calib = default_texts("calibration")
     t0 = time.perf_counter()
-    table = profile(model, tok, calib, modes=["kivi"], num_sequences=8, seq_len=512, model_id="smollm2")
+    table = profile(model, tok, calib, modes=["kivi"], num_sequences=8, seq_len=512, model_id="smollm2",
+                    kl_pairs=ALL_PAIRS, kl_sequences=1)
     t_profile = time.perf_counter() - t0
     windows = calibration_batches(tok, calib, 10, 640)[-2:]  # windows past the profiling tokens
     objective = KLObjective(model, windows, prefill=384, chunk=16)
-    fronts, proxy = {}, search(table, mode="kivi", progress=False)
+    # one-layer KL costs: DBSCAN's eps is in the cost's units, so cluster=False (30 groups; the solver is exact)
+    fronts, proxy = {}, search(table, mode="kivi", progress=False, cluster=False)
     t1 = time.perf_counter()
     for budget in BUDGETS:
         fronts[budget] = search(table, mode="kivi", max_bits=budget, quality=objective, n_trials=args.trials,
-                                storage=args.storage, study_name=f"smollm2-kivi-{budget}", progress=True)
+                                storage=args.storage, study_name=f"smollm2-kivi-{budget}", progress=True,
+                                cluster=False)
         fronts[budget].save(out / f"smollm2.front-{budget}.json")
     t_search = time.perf_counter() - t1
     ev = Evaluator(model, tok, passkey_lengths=())
@@ -76,10 +80,10 @@ def main() -> None:
         f"Command: `python benchmarks/bench_search.py --out-dir {args.out_dir} --trials {args.trials}`. "
         f"kvtuner {kvtuner.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"{torch.get_num_threads()} CPU threads.", "",
-        f"* Profiling (KIVI, 9 pairs, 30 layers, 8 x 512 tokens): {t_profile:.0f} s. Search (2 budgets x "
+        f"* Profiling (KIVI, 9 pairs, 30 layers, 8 x 512 tokens, + one-layer KL 270 runs x 512 tokens): {t_profile:.0f} s. Search (2 budgets x "
         f"{args.trials} NSGA-II trials, KL on 2 x 256 calibration tokens): {t_search:.0f} s. "
         f"Profile + search: {t_profile + t_search:.0f} s.",
-        f"* Layer groups after pruning + DBSCAN (eps 0.05): {proxy.info['groups']} "
+        f"* Layer groups (no clustering with KL costs): {len(proxy.info['groups'])} "
         f"(search space {proxy.info['search_space_size']} plans instead of 9^30).",
         *[f"* Budget {b}: {info[b]['trials_complete']} completed trials ({info[b]['trials_cached']} repeats served "
           f"from the study); measured front {[(round(p.equivalent_bits, 2), round(p.quality, 4)) for p in fronts[b].points]}; "

@@ -100,7 +100,7 @@ def _decode_split_kernel(
             # ---- scores = q . k^T, k = codes * scale + zero
             kcode = _unpack(kc, t, tmask, skc_t, D, BLOCK_D, KBITS)  # [BLOCK_N, BLOCK_D] fp16
             if K_PER_CHANNEL:
-                if BLOCK_N == GK:  # one key group per tile: fold its [D] scale/zero into q
+                if GK % BLOCK_N == 0:  # the tile lies in one key group: fold its [D] scale/zero into q
                     g = (t0 // GK).to(tl.int64)
                     s_row = tl.load(ks + g * sks_t + d, mask=dmask, other=0.0).to(tl.float32)
                     z_row = tl.load(kz + g * sks_t + d, mask=dmask, other=0.0).to(tl.float32)
@@ -176,9 +176,10 @@ def _decode_split_kernel(
             r = r0 + tl.arange(0, BLOCK_R)
             rmask = r < n_r
             lm = rmask[:, None] & dmask[None, :]
-            k = tl.load(kr + r.to(tl.int64)[:, None] * skr_t + d[None, :], mask=lm, other=0.0).to(tl.float32)
-            v = tl.load(vr + r.to(tl.int64)[:, None] * svr_t + d[None, :], mask=lm, other=0.0).to(tl.float32)
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee")  # the residual is full precision
+            # fp16 operands, fp32 accumulation, like the quantized tiles (an fp32 dot costs registers)
+            k = tl.load(kr + r.to(tl.int64)[:, None] * skr_t + d[None, :], mask=lm, other=0.0).to(tl.float16)
+            v = tl.load(vr + r.to(tl.int64)[:, None] * svr_t + d[None, :], mask=lm, other=0.0).to(tl.float16)
+            scores = tl.dot(q.to(tl.float16), tl.trans(k))
             valid = rmask
             if HAS_MASK:
                 mk = tl.load(MASK + b * smask_b + n_q + r, mask=rmask, other=0)
@@ -189,7 +190,7 @@ def _decode_split_kernel(
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(scores - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
             m_i = m_new
 
     hq = (h * GROUP + hrow).to(tl.int64)
@@ -283,8 +284,8 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
         k_per_channel, gk_eff, gv_eff = True, 32, block_d
     if block_n is None:
         block_n = gk_eff if k_per_channel and gk_eff >= 32 else 64
-    if k_per_channel and block_n % gk_eff:
-        raise ValueError(f"block_n={block_n} is invalid; allowed: a multiple of the key group {gk_eff}")
+    if k_per_channel and block_n % gk_eff and gk_eff % block_n:
+        raise ValueError(f"block_n={block_n} is invalid; allowed: a multiple or divisor of the key group {gk_eff}")
     n_split_q, per_split = _splits(b * hkv, n_q, block_n, q.device)
     num_splits = n_split_q + 1
     f32 = torch.float32

@@ -26,7 +26,8 @@ def _to(v, OUT: tl.constexpr, BF16: tl.constexpr):
         one = tl.full([1], 1, tl.uint32)
         u = ((u + ((u >> 16) & one) + tl.full([1], 0x7FFF, tl.uint32)) >> 16) << 16
         v = u.to(tl.float32, bitcast=True)
-    return v.to(OUT)
+        return v.to(OUT)
+    return v.to(OUT, fp_downcast_rounding="rtne")
 
 
 @triton.jit

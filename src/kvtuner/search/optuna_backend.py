@@ -82,7 +82,13 @@ def run_study(space: SearchSpace, quality: Callable[[KVPlan], float], *, max_bit
     if not study.trials and warm_start:
         feasible = [c for bits, _, c in space.solver_frontier() if bits <= max_bits]
         step = max(1, len(feasible) // warm_start)
-        for choice in feasible[::-1][::step][:warm_start]:  # the best within budget first, then cheaper ones
+        seeds = feasible[::-1][::step][:warm_start]  # the best within budget first, then cheaper ones
+        # uniform plans within the budget too, so the measured front is never worse than them
+        for pair in sorted({p for c in space.candidates for p in c}, key=lambda p: -(p[0] + p[1])):
+            if (pair[0] + pair[1]) / 2 <= max_bits and all(pair in space.group_candidates(g)
+                                                           for g in range(len(space.groups))):
+                seeds.insert(1, [space.group_candidates(g).index(pair) for g in range(len(space.groups))])
+        for choice in seeds:
             study.enqueue_trial(dict(zip(names, choice)), skip_if_exists=True)
 
     def objective(trial):
