@@ -101,7 +101,7 @@ def main() -> None:
     t_start = time.time()
     props = torch.cuda.get_device_properties(0)
     free = torch.cuda.mem_get_info()[0]
-    shapes = [(64, 4096), (16, 32768), (1, 131072), (1, 4096)] if args.quick else [(b, n) for b in (1, 16, 64) for n in (4096, 32768, 131072)]
+    shapes = [(64, 4096), (16, 32768), (1, 131072), (1, 4096)] if args.quick else [(64, 4096)] + [(b, n) for b in (1, 16, 64) for n in (4096, 32768, 131072) if (b, n) != (64, 4096)]
     groups = [int(x) for x in args.groups.split(",")]
     rows, tuned = [], {}
     for b, n in shapes:
