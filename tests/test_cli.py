@@ -34,7 +34,7 @@ def test_errors_are_one_red_line(tmp_path):
     out = _run("show", str(bad))
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip() == "error: plan.layers[0].k.bits=3 is invalid; allowed: 2, 4, 8 or 16"
-    out = _run("tune", str(tmp_path / "missing.gguf"))
+    out = _run("tune", "--model", str(tmp_path / "missing.gguf"))
     assert out.returncode == 2 and "no such .gguf file" in out.stderr and "Traceback" not in out.stderr
 
 

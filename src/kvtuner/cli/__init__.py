@@ -27,33 +27,70 @@ ModelArg = Annotated[str, typer.Argument(help="'smollm2' (built in), a hub id, a
 ModeOpt = Annotated[str, typer.Option(help="Quantization mode: 'kivi' or 'per_token'.")]
 
 
-@app.command(epilog="Examples:\n\n  kvtuner tune\n\n  kvtuner tune smollm2 --mode per_token -o smollm2.kvplan.json")
-def tune(model: ModelArg = "smollm2",
-         mode: ModeOpt = "kivi",
-         tokens: Annotated[int, typer.Option(help="Held-out tokens to measure on.")] = 512,
-         tolerance: Annotated[float, typer.Option(help="Allowed relative perplexity increase.")] = 0.01,
-         output: Annotated[Path, typer.Option("--output", "-o", help="Plan file to write.")] = Path(
-             "smollm2.kvplan.json")) -> None:
-    """Measure candidate KV precisions on held-out text and write the cheapest plan within tolerance."""
-    from ..data import default_texts, token_ids
-    from ..models import load_model
-    from ..tune import tune_uniform
+TUNE_DEFAULTS = dict(model="smollm2", text="pydoc", budget_bits=[3.25, 4.0], mode="kivi", out="kvtuner-out",
+                     storage="", trials=8, seed=0, device="cpu", sequences=4, seq_len=512, eval_prefill=256,
+                     eval_decode=128)
 
-    typer.echo(f"loading {model} ...")
-    m, tok = load_model(model)
-    ids = token_ids(tok, default_texts("evaluation"), tokens)
-    typer.echo(f"measuring perplexity on {tokens} held-out tokens (prefill 128, then 16-token steps)")
-    result = tune_uniform(m, ids, mode=mode, tolerance=tolerance, model_id=model,
-                          progress=lambda name: typer.echo(f"  {mode} {name} ..."))
-    typer.echo(f"\n{'pair':<6} {'bits':>5} {'bytes/token':>12} {'ppl':>9} {'vs full':>9}")
-    typer.echo(f"{'full':<6} {16:>5} {'':>12} {result.full_ppl:>9.3f}")
-    for r in result.rows:
-        typer.echo(f"{r['pair']:<6} {r['equivalent_bits']:>5.1f} {r['bytes_per_token']:>12.0f} {r['ppl']:>9.3f} "
-                   f"{100 * r['ppl_increase']:>+8.2f}%")
-    path = result.plan.save(output)
-    verdict = "" if result.plan.provenance["met_tolerance"] else " (no pair met the tolerance: best quality kept)"
-    typer.echo(f"\nwrote {path}: {result.plan.layers[0].name} {mode}, {result.plan.equivalent_bits:.2f} equivalent "
-               f"bits{verdict}")
+
+@app.command(epilog="Examples:\n\n  kvtuner tune\n\n  kvtuner tune --model smollm2 --budget-bits 3.25 --budget-bits 4 "
+                    "--out runs/smollm2\n\n  kvtuner tune --config tune.toml --json")
+def tune(model: Annotated[str | None, typer.Option(help="'smollm2' (built in), a hub id, a directory or .gguf.")] = None,
+         text: Annotated[str | None, typer.Option(help="Calibration/evaluation text: a file, a directory, or 'pydoc'.")] = None,
+         budget_bits: Annotated[list[float] | None, typer.Option(help="Equivalent-bit budgets (repeatable).")] = None,
+         mode: Annotated[str | None, typer.Option(help="'kivi' or 'per_token'.")] = None,
+         out: Annotated[str | None, typer.Option("--out", "-o", help="Output directory (reused on reruns).")] = None,
+         storage: Annotated[str | None, typer.Option(help="Optuna storage URL/path (default: OUT/study.db).")] = None,
+         trials: Annotated[int | None, typer.Option(help="NSGA-II trials per budget (0 = solver only).")] = None,
+         seed: Annotated[int | None, typer.Option(help="Sampler seed.")] = None,
+         device: Annotated[str | None, typer.Option(help="'cpu' or 'cuda'.")] = None,
+         sequences: Annotated[int | None, typer.Option(help="Calibration windows to profile.")] = None,
+         seq_len: Annotated[int | None, typer.Option(help="Tokens per calibration window.")] = None,
+         eval_prefill: Annotated[int | None, typer.Option(help="Held-out prefill tokens per window.")] = None,
+         eval_decode: Annotated[int | None, typer.Option(help="Held-out teacher-forced decode steps.")] = None,
+         config: Annotated[Path | None, typer.Option(help="TOML/YAML file of these options; flags override it.")] = None,
+         json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary.")] = False,
+         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs.")] = False) -> None:
+    """Profile, search and evaluate a model; write table, front, plans and report.html into --out."""
+    import json
+
+    from ..pipeline import TuneSettings, load_config_file, read_text_source, run_tune
+
+    given = dict(model=model, text=text, budget_bits=budget_bits, mode=mode, out=out, storage=storage, trials=trials,
+                 seed=seed, device=device, sequences=sequences, seq_len=seq_len, eval_prefill=eval_prefill,
+                 eval_decode=eval_decode)
+    file_opts = load_config_file(config) if config else {}
+    unknown = set(file_opts) - set(TUNE_DEFAULTS)
+    if unknown:
+        raise CLIError(f"--config {config}: unknown option(s) {sorted(unknown)}; allowed: {sorted(TUNE_DEFAULTS)}")
+    o = {k: (v if v not in (None, []) else file_opts.get(k, TUNE_DEFAULTS[k])) for k, v in given.items()}
+    budgets = o["budget_bits"] if isinstance(o["budget_bits"], list) else [o["budget_bits"]]
+    settings = TuneSettings(mode=o["mode"], budgets=tuple(sorted({float(b) for b in budgets})),
+                            sequences=int(o["sequences"]), seq_len=int(o["seq_len"]), trials=int(o["trials"]),
+                            seed=int(o["seed"]), eval_prefill=int(o["eval_prefill"]),
+                            eval_decode=int(o["eval_decode"]), kl_seq_len=min(256, int(o["seq_len"])))
+    settings.check()  # before the model loads: a bad budget fails in a second
+    calibration = read_text_source(o["text"], "calibration")
+    evaluation = read_text_source(o["text"], "evaluation")
+    log = (lambda *a, **k: None) if quiet or json_out else (lambda msg: typer.echo(msg, err=True))
+    from ..models import load_model
+
+    log(f"loading {o['model']} ...")
+    m, tok = load_model(o["model"])
+    if o["device"] != "cpu":
+        m = m.to(o["device"])
+    result = run_tune(m, tok, calibration, evaluation, o["out"], settings=settings, model_id=o["model"],
+                      storage=o["storage"] or None, progress=not (quiet or json_out), log=log)
+    if json_out:
+        typer.echo(json.dumps(result.to_dict(), indent=1, default=float))
+        return
+    if not quiet:
+        typer.echo(f"\n{'plan':<20} {'bits':>5} {'PPL':>8} {'vs full':>8} {'KL':>8} {'top-1':>6}")
+        for r in result.quality:
+            typer.echo(f"{r['name']:<20} {r['equivalent_bits']:>5.2f} {r['ppl']:>8.3f} "
+                       f"{100 * (r['ppl'] / r['full_ppl'] - 1):>+7.2f}% {r['kl']:>8.4f} {r['top1']:>6.3f}")
+        reused = f" (reused: {', '.join(result.reused)})" if result.reused else ""
+        typer.echo(f"\nwrote {len(result.files)} files to {result.out}{reused}: plans "
+                   f"{', '.join(p.name for p in result.plans.values())}, report.html, report.md")
 
 
 @app.command(epilog="Examples:\n\n  kvtuner show smollm2.kvplan.json")
@@ -148,6 +185,12 @@ def main() -> None:
 
     try:
         app(standalone_mode=False)
+    except ImportError as e:
+        if _state["debug"]:
+            raise
+        typer.secho(f"error: {e} (a missing optional dependency: pip install 'kvtuner[search,eval]')",
+                    fg=typer.colors.RED, err=True)
+        sys.exit(2)
     except (PlanError, ModelNotFoundError, CLIError, ValueError, FileNotFoundError) as e:
         if _state["debug"]:
             raise

@@ -1,0 +1,212 @@
+"""``kvtuner tune``: profile -> prune -> solve/search -> evaluate -> plans + report, in one call.
+
+Every stage writes its artefact into ``out`` and is reused when the command runs again with the
+same ``out`` (the table if it belongs to the same model and settings, the Optuna study through its
+storage, the evaluation if the same plans were measured).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .spec import KVPlan, LayerSpec, ModelDims, PlanError, atomic_write_json
+
+UNIFORM = ((8, 8), (8, 4), (4, 4), (4, 2), (2, 2))
+
+
+class OutDirError(PlanError):
+    """The output directory holds artefacts of another model or settings."""
+
+
+@dataclass
+class TuneSettings:
+    mode: str = "kivi"
+    budgets: tuple[float, ...] = (3.25, 4.0)
+    sequences: int = 4
+    seq_len: int = 512
+    kl_seq_len: int = 256
+    trials: int = 8
+    eval_prefill: int = 256
+    eval_decode: int = 128
+    eval_windows: int = 1
+    seed: int = 0
+
+    def check(self) -> None:
+        for b in self.budgets:
+            if not 2 <= b <= 16:
+                raise PlanError(f"budget-bits={b} is invalid; allowed: 2 to 16 equivalent bits")
+        if self.mode not in ("kivi", "per_token"):
+            raise PlanError(f"mode={self.mode!r} is invalid; allowed: 'kivi' or 'per_token'")
+
+
+@dataclass
+class TuneOutput:
+    out: Path
+    plans: dict[float, Path]
+    quality: list[dict[str, Any]]
+    reused: list[str] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"out": str(self.out), "plans": {str(b): str(p) for b, p in self.plans.items()},
+                "quality": self.quality, "reused": self.reused, "files": [str(f) for f in self.files]}
+
+
+def _key(settings: TuneSettings, text_sha: str, dims: ModelDims) -> dict[str, Any]:
+    return {"model": dims.fingerprint(), "mode": settings.mode, "sequences": settings.sequences,
+            "seq_len": settings.seq_len, "kl_seq_len": settings.kl_seq_len, "text_sha256": text_sha}
+
+
+def run_tune(model: Any, tokenizer: Any, calibration: str, evaluation: str, out: str | os.PathLike[str], *,
+             settings: TuneSettings | None = None, model_id: str | None = None, storage: str | None = None,
+             progress: bool = True, log=print) -> TuneOutput:
+    """Run the whole pipeline on ``model``; see the module docstring."""
+    import hashlib
+
+    import torch
+
+    from .evaluate import Evaluator
+    from .profiling import ALL_PAIRS, SensitivityTable, calibration_batches, layer_kl, profile
+    from .search import search
+    from .search.objectives import KLObjective
+
+    s = settings or TuneSettings()
+    s.check()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dims = ModelDims.from_config(model.config)
+    key = _key(s, hashlib.sha256(calibration.encode()).hexdigest(), dims)
+    result = TuneOutput(out, {}, [])
+    manifest_path = out / "kvtuner-run.json"
+    if manifest_path.exists():
+        old = json.loads(manifest_path.read_text())
+        if old.get("model") != key["model"]:
+            raise OutDirError(f"--out {out} holds artefacts of another model ({old.get('model')}); allowed: an empty "
+                              "directory or one from the same model (use another --out)")
+        if old != key:
+            log(f"settings changed since the last run in {out}: profiling again")
+            for stale in ("table.json", "quality.json"):
+                (out / stale).unlink(missing_ok=True)
+    atomic_write_json(manifest_path, key)
+
+    # 1. profile (+ one-layer KL costs for the solver)
+    table_path = out / "table.json"
+    if table_path.exists():
+        table = SensitivityTable.load(table_path, config=model.config)
+        result.reused.append("table")
+        log(f"reusing {table_path}")
+    else:
+        table = profile(model, tokenizer, calibration, modes=[s.mode], num_sequences=s.sequences, seq_len=s.seq_len,
+                        model_id=model_id, progress=progress)
+        kl_batch = calibration_batches(tokenizer, calibration, 1, s.kl_seq_len)
+        table.kl = layer_kl(model, kl_batch, ALL_PAIRS, [s.mode], progress=progress)
+        table.save(table_path)
+    result.files.append(table_path)
+
+    # 2. search: solver front for all budgets, then NSGA-II per budget on measured KL (resumable)
+    proxy = search(table, mode=s.mode, progress=False, cluster=False)
+    proxy.save(out / "front.json")
+    result.files.append(out / "front.json")
+    windows = calibration_batches(tokenizer, calibration, s.sequences + 2, s.seq_len)[-1:]
+    objective = KLObjective(model, windows, prefill=min(384, s.seq_len // 2), chunk=16) if s.trials else None
+    storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    fronts = {}
+    for b in s.budgets:
+        fronts[b] = search(table, mode=s.mode, max_bits=b, quality=objective, n_trials=s.trials, storage=storage,
+                           study_name=f"{model_id or 'model'}-{s.mode}-{b:g}", seed=s.seed, progress=progress,
+                           cluster=False)
+        plan = fronts[b].best(b)
+        plan = KVPlan(plan.layers, model_id=model_id, model=dims.fingerprint(),
+                      provenance={"source": "kvtuner tune", "budget_bits": b, "mode": s.mode,
+                                  "front_metric": fronts[b].metric})
+        path = plan.save(out / f"plan-{b:g}.json")
+        result.plans[b] = path
+        result.files.append(path)
+
+    # 3. evaluate chosen plans and uniform baselines on held-out text
+    plans = {f"searched <= {b:g}": KVPlan.load(p) for b, p in result.plans.items()}
+    plans.update({f"uniform {LayerSpec.pair(k, v).name}": KVPlan.uniform(dims.num_layers, k, v, s.mode)
+                  for k, v in UNIFORM})
+    signature = {name: [list(p) for p in plan.pairs] for name, plan in plans.items()}
+    quality_path = out / "quality.json"
+    cached = json.loads(quality_path.read_text()) if quality_path.exists() else None
+    if cached and cached.get("signature") == signature:
+        result.quality = cached["rows"]
+        result.reused.append("evaluation")
+    else:
+        ev = Evaluator(model, tokenizer, evaluation, windows=s.eval_windows, prefill=s.eval_prefill,
+                       decode=s.eval_decode, prompts=2, new_tokens=32, passkey_lengths=(), progress=progress)
+        for name, plan in plans.items():
+            r = ev(plan).to_dict()
+            r["name"] = name
+            r["pairs"] = [list(p) for p in plan.pairs]
+            result.quality.append(r)
+        atomic_write_json(quality_path, {"signature": signature, "rows": result.quality})
+    result.files.append(quality_path)
+
+    # 4. report
+    from .report import write_report
+
+    result.files += write_report(out, table, s.mode, proxy, fronts, result.quality, model.config,
+                                 model_id=model_id, dtype_bytes=torch.finfo(model.dtype).bits // 8)
+    return result
+
+
+def read_text_source(text: str | None, split: str) -> str:
+    """``None``/"pydoc" -> the built-in text; a file -> its text; a directory -> its .txt/.md files.
+
+    Own text is split 80/20 by characters into calibration and evaluation parts.
+    """
+    from .data import default_texts
+
+    if text in (None, "", "pydoc"):
+        return default_texts(split)
+    p = Path(text)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".md", ".rst") and f.is_file())
+        if not files:
+            raise FileNotFoundError(f"--text {text}: no .txt/.md/.rst files in the directory; allowed: a text "
+                                    "file, a directory of them, or 'pydoc'")
+        body = "\n\n".join(f.read_text(errors="replace") for f in files)
+    elif p.is_file():
+        try:
+            body = p.read_text()
+        except (UnicodeDecodeError, OSError) as e:
+            raise FileNotFoundError(f"--text {text} is not readable UTF-8 text ({e.__class__.__name__}); allowed: "
+                                    "a text file, a directory of them, or 'pydoc'") from e
+    else:
+        raise FileNotFoundError(f"--text {text} does not exist; allowed: a text file, a directory of them, or "
+                                "'pydoc'")
+    cut = int(len(body) * 0.8)
+    return body[:cut] if split == "calibration" else body[cut:]
+
+
+def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Options from a TOML or YAML file (keys as the long option names, '-' or '_')."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--config {path} does not exist; allowed: a .toml or .yaml file")
+    if p.suffix == ".toml":
+        import tomllib
+
+        data = tomllib.loads(p.read_text())
+    elif p.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as e:
+            raise ImportError("YAML configs need PyYAML: pip install pyyaml (or use a .toml config)") from e
+        data = yaml.safe_load(p.read_text()) or {}
+    else:
+        raise PlanError(f"--config {path}: suffix {p.suffix!r} is invalid; allowed: .toml, .yaml, .yml")
+    if not isinstance(data, dict):
+        raise PlanError(f"--config {path} must hold a table of options")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def _budgets(values: Sequence[float]) -> tuple[float, ...]:
+    return tuple(sorted(set(float(v) for v in values)))

@@ -1,0 +1,109 @@
+"""`kvtuner tune` end to end on a tiny random model, and its user errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("optuna", reason="needs the search extra: pip install 'kvtuner[search]'")
+pytest.importorskip("matplotlib", reason="needs the eval extra: pip install 'kvtuner[eval]'")
+
+
+def _run(*args, timeout=300):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # no network here: fail fast instead of retrying
+    return subprocess.run([sys.executable, "-c", "from kvtuner.cli import main; main()", *args],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama plus a 120-token BPE tokenizer, saved like a hub checkpoint."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from kvtuner.data import default_texts
+    from kvtuner.testing import tiny_model
+
+    d = tmp_path_factory.mktemp("tiny")
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([default_texts("calibration")[:20000]],
+                            trainers.BpeTrainer(vocab_size=120, limit_alphabet=60, special_tokens=["<unk>", "<s>", "</s>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(d)
+    tiny_model("llama", layers=3, heads=4, kv_heads=2, head_dim=32, vocab=128).save_pretrained(d)
+    return d
+
+
+def test_tune_end_to_end_on_tiny_model(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ("tune", "--model", str(tiny_dir), "--out", str(out), "--budget-bits", "3.25", "--budget-bits", "4",
+            "--trials", "3", "--sequences", "2", "--seq-len", "160", "--eval-prefill", "96", "--eval-decode", "48",
+            "--quiet")
+    t0 = time.perf_counter()
+    r = _run(*args)
+    elapsed = time.perf_counter() - t0
+    assert r.returncode == 0, r.stderr
+    assert elapsed < 60, f"tune on a tiny model took {elapsed:.0f} s"
+    for name in ("table.json", "front.json", "plan-3.25.json", "plan-4.json", "report.html", "report.md",
+                 "sensitivity.png", "front.png", "allocation.png", "quality.json"):
+        assert (out / name).stat().st_size > 0, name
+    from kvtuner import KVPlan
+
+    for b in (3.25, 4.0):
+        plan = KVPlan.load(out / f"plan-{b:g}.json")
+        assert plan.num_layers == 3 and plan.equivalent_bits <= b
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and "uniform KV4" in page
+    rows = json.loads((out / "quality.json").read_text())["rows"]
+    assert {r["name"] for r in rows} >= {"searched <= 3.25", "uniform KV4", "uniform K4V2"}
+    # a rerun reuses the table and the evaluation, and prints JSON
+    r2 = _run(*args[:-1], "--json")
+    assert r2.returncode == 0, r2.stderr
+    summary = json.loads(r2.stdout)
+    assert set(summary["reused"]) == {"table", "evaluation"}
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--model", "no/such-model-xyz"), "no/such-model-xyz"),
+    (("--text", "/nonexistent/text.txt"), "--text"),
+    (("--budget-bits", "1.5"), "budget-bits=1.5"),
+    (("--budget-bits", "17"), "budget-bits=17"),
+])
+def test_tune_user_errors(tmp_path, args, needle):
+    r = _run("tune", "--out", str(tmp_path / "o"), *args, timeout=120)
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0] and needle in errors[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_tune_unreadable_text(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe\x00\x81" * 10)
+    r = _run("tune", "--text", str(bad), "--out", str(tmp_path / "o"))
+    assert r.returncode != 0 and "not readable" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_tune_out_dir_of_another_model(tiny_dir, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "kvtuner-run.json").write_text(json.dumps({"model": {"num_layers": 99, "num_kv_heads": 1, "head_dim": 8}}))
+    r = _run("tune", "--model", str(tiny_dir), "--out", str(out), "--trials", "0")
+    assert r.returncode != 0 and "another model" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_tune_config_file_and_override(tmp_path):
+    cfg = tmp_path / "t.toml"
+    cfg.write_text('budget-bits = [1.0]\nmode = "kivi"\n')
+    r = _run("tune", "--config", str(cfg), "--out", str(tmp_path / "o"))
+    assert r.returncode != 0 and "budget-bits=1.0" in r.stderr  # from the file
+    cfg.write_text('colour = "red"\n')
+    r = _run("tune", "--config", str(cfg))
+    assert r.returncode != 0 and "unknown option" in r.stderr
