@@ -107,3 +107,17 @@ def test_tune_config_file_and_override(tmp_path):
     cfg.write_text('colour = "red"\n')
     r = _run("tune", "--config", str(cfg))
     assert r.returncode != 0 and "unknown option" in r.stderr
+
+
+def test_generate_and_bench_verbs(tiny_dir, tmp_path):
+    from kvtuner import KVPlan
+
+    plan = KVPlan.uniform(3, 4, 2, "kivi").save(tmp_path / "p.json")
+    r = _run("generate", "--model", str(tiny_dir), "--plan", str(plan), "--prompt", "The with statement is",
+             "--max-new-tokens", "40")
+    assert r.returncode == 0, r.stderr
+    assert "cache:" in r.stderr and "bytes" in r.stderr and r.stdout.strip()
+    r = _run("bench", "--model", str(tiny_dir), "--plan", str(plan), "--tokens", "96", "--steps", "8")
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if "ms/token" in ln]
+    assert len(lines) == 2 and "plan 3.00 bits" in lines[1]

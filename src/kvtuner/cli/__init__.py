@@ -179,6 +179,69 @@ def search(table: Annotated[Path, typer.Argument(help="A sensitivity table from 
                f"{plan.equivalent_bits:.2f} bits, pairs {plan.pairs}")
 
 
+@app.command(epilog="Examples:\n\n  kvtuner generate --plan kvtuner-out/plan-3.25.json --prompt 'The with statement'")
+def generate(plan: Annotated[Path, typer.Option(help="Plan file for the cache.")],
+             prompt: Annotated[str, typer.Option(help="Prompt text.")] = "The with statement",
+             model: Annotated[str, typer.Option(help="'smollm2', a hub id, a directory or .gguf.")] = "smollm2",
+             max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate (greedy).")] = 64,
+             device: Annotated[str, typer.Option(help="'cpu' or 'cuda'.")] = "cpu") -> None:
+    """Generate from a prompt with a plan's cache; print the text and the cache's memory."""
+    import torch
+
+    from ..cache import MixedPrecisionCache
+    from ..models import load_model
+    from ..spec import KVPlan
+
+    m, tok = load_model(model)
+    m = m.to(device)
+    p = KVPlan.load(plan, config=m.config)
+    cache = MixedPrecisionCache(p, m.config)
+    ids = tok(prompt, return_tensors="pt").to(device)
+    with torch.no_grad():
+        out = m.generate(**ids, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False)
+    typer.echo(tok.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True))
+    full = KVPlan.uniform(p.num_layers, 16, 16).expected_nbytes(m.config, cache.get_seq_length(),
+                                                                dtype_bytes=torch.finfo(m.dtype).bits // 8)
+    typer.echo(f"\ncache: {cache.get_seq_length()} tokens, {cache.nbytes()} bytes ({p.equivalent_bits:.2f} equivalent "
+               f"bits; full precision would hold {full} bytes)", err=True)
+
+
+@app.command(epilog="Examples:\n\n  kvtuner bench --plan kvtuner-out/plan-3.25.json --tokens 256")
+def bench(plan: Annotated[Path, typer.Option(help="Plan file to measure.")],
+          model: Annotated[str, typer.Option(help="'smollm2', a hub id, a directory or .gguf.")] = "smollm2",
+          tokens: Annotated[int, typer.Option(help="Prompt tokens before decoding.")] = 256,
+          steps: Annotated[int, typer.Option(help="Decode steps to time.")] = 32,
+          device: Annotated[str, typer.Option(help="'cpu' or 'cuda'.")] = "cpu") -> None:
+    """Quick memory and decode-speed run of a plan against a full-precision cache on this device."""
+    import time
+
+    import torch
+    from transformers import DynamicCache
+
+    from ..cache import MixedPrecisionCache
+    from ..models import load_model
+    from ..spec import KVPlan
+
+    m, _ = load_model(model)
+    m = m.to(device)
+    p = KVPlan.load(plan, config=m.config)
+    ids = torch.randint(3, m.config.vocab_size, (1, tokens), device=device)
+    for name, make in (("full precision", lambda: DynamicCache(config=m.config)),
+                       (f"plan {p.equivalent_bits:.2f} bits", lambda: MixedPrecisionCache(p, m.config))):
+        cache = make()
+        with torch.no_grad():
+            logits = m(ids, past_key_values=cache).logits[:, -1:]
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                logits = m(logits.argmax(-1), past_key_values=cache).logits
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            dt = (time.perf_counter() - t0) / steps
+        nbytes = cache.nbytes() if hasattr(cache, "nbytes") else sum(
+            t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+        typer.echo(f"{name:<22} {1e3 * dt:8.2f} ms/token  cache {nbytes / 2**20:8.2f} MiB at {tokens + steps} tokens")
+
+
 def main() -> None:
     from ..models import ModelNotFoundError
     from ..spec import PlanError
