@@ -126,12 +126,17 @@ def write_report(out: Path, table, mode: str, proxy, fronts: dict[float, Any], q
                 f"{100 * (r['ppl'] / r['full_ppl'] - 1):+.2f} %", f"{r['kl']:.4f}", f"{r['top1']:.3f}",
                 f"{r['generation_agreement']:.2f}", f"{r['generation_prefix']:.1f}"] for r in quality]
     m_head = ["plan", "eq. bits", "bytes/token", *[f"KV at {n // 1024}k tokens" for n in CONTEXTS], "saving"]
-    m_rows = _memory_rows(plans, config, dtype_bytes)
+    dims = ModelDims.from_config(config)
+    uniform = {r["name"]: KVPlan.from_pairs([tuple(p) for p in r["pairs"]], mode) for r in quality
+               if r["name"].startswith("uniform") and "pairs" in r}
+    m_rows = _memory_rows({**plans, **uniform}, config, dtype_bytes) if dims else []
     title = f"kvtuner report: {model_id or 'model'} ({mode})"
     intro = (f"Profiled on {table.num_tokens} calibration tokens; one-layer KL costs drive the exact budget solver; "
              f"NSGA-II measured plans through the real cache; quality is measured on held-out text.")
+    mem_note = (f"Cache memory per sequence with a {8 * dtype_bytes}-bit model dtype (codes + scales/zeros + "
+                "residual window, as MixedPrecisionCache.nbytes() counts it); bytes/token is the steady-state cost.")
     md = [f"# {title}", "", intro, "", "## Quality against full precision", "", _md_table(q_head, q_rows), "",
-          "## Memory", "", _md_table(m_head, m_rows), "", "## Plots", "",
+          "## Memory", "", mem_note, "", _md_table(m_head, m_rows), "", "## Plots", "",
           "![sensitivity](sensitivity.png)", "", "![front](front.png)", "", "![allocation](allocation.png)", ""]
     (out / "report.md").write_text("\n".join(md))
     imgs = "".join(f'<figure><img alt="{n}" src="data:image/png;base64,{base64.b64encode(d).decode()}"></figure>'
@@ -143,7 +148,7 @@ table{{border-collapse:collapse;margin:1em 0;font-size:14px}}td,th{{border:1px s
 td:first-child,th:first-child{{text-align:left}}img{{max-width:100%}}figure{{margin:1em 0}}</style></head><body>
 <h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p>
 <h2>Quality against full precision</h2>{_html_table(q_head, q_rows)}
-<h2>Memory</h2>{_html_table(m_head, m_rows)}
+<h2>Memory</h2><p>{html.escape(mem_note)}</p>{_html_table(m_head, m_rows)}
 <h2>Plots</h2>{imgs}</body></html>"""
     (out / "report.html").write_text(page)
     return [out / "report.md", out / "report.html", *(out / n for n in images)]
