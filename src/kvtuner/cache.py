@@ -105,7 +105,8 @@ class _TensorStore:
         n = max(0, (self.num_residual - self.spec.residual_length) // self.unit * self.unit)
         if n:
             self._write(_quantize(self.residual[..., :n, :], self.spec.bits, self.granularity, self.group))
-            self.residual = self.residual[..., n:, :]
+            # a copy, not a view: a view would keep the whole prefill tensor alive behind nbytes()
+            self.residual = self.residual[..., n:, :].clone()
 
     def reserved_nbytes(self) -> int:
         """Bytes allocated, spare capacity included (``nbytes`` counts only what is filled)."""
