@@ -121,3 +121,16 @@ def test_generate_and_bench_verbs(tiny_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stdout.splitlines() if "ms/token" in ln]
     assert len(lines) == 2 and "plan 3.00 bits" in lines[1]
+
+
+def test_missing_optional_dependency_names_the_extra(tmp_path):
+    blocker = tmp_path / "block"
+    blocker.mkdir()
+    (blocker / "optuna.py").write_text("raise ImportError('No module named optuna')\n")
+    (blocker / "matplotlib.py").write_text("raise ImportError('No module named matplotlib')\n")
+    env = {**os.environ, "PYTHONPATH": f"{blocker}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", "from kvtuner.cli import main; main()", "tune", "--trials", "1",
+                        "--model", "/nonexistent-but-checked-later", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "pip install 'kvtuner[" in r.stderr, r.stderr

@@ -69,6 +69,15 @@ def tune(model: Annotated[str | None, typer.Option(help="'smollm2' (built in), a
                             seed=int(o["seed"]), eval_prefill=int(o["eval_prefill"]),
                             eval_decode=int(o["eval_decode"]), kl_seq_len=min(256, int(o["seq_len"])))
     settings.check()  # before the model loads: a bad budget fails in a second
+    import importlib
+
+    for module, extra in (("optuna", "search"), ("matplotlib", "eval")):
+        if module == "optuna" and not settings.trials:
+            continue
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise CLIError(f"kvtuner tune needs {module}, which is missing; fix: pip install 'kvtuner[{extra}]'") from e
     calibration = read_text_source(o["text"], "calibration")
     evaluation = read_text_source(o["text"], "evaluation")
     log = (lambda *a, **k: None) if quiet or json_out else (lambda msg: typer.echo(msg, err=True))
