@@ -47,7 +47,6 @@ def sdpa_us(b: int, n: int) -> tuple[float, str]:
             best = min(best, (t, name))
         except RuntimeError:
             continue
-    del q, k, v
     return best
 
 
@@ -60,7 +59,7 @@ def packed_case(b: int, n: int, kbits: int, vbits: int, g: int):
         kp_parts.append(triton_quant.quantize(k, kbits, "per_channel", g))
         vp_parts.append(triton_quant.quantize(v, vbits, "per_token", g if g < D else None))
         del k, v
-    kp, vp = quant.cat_batch(kp_parts), quant.cat_batch(vp_parts)
+    kp, vp = quant.cat(kp_parts, dim=0), quant.cat(vp_parts, dim=0)
     kr = torch.randn(b, HKV, RESIDUAL, D, device="cuda", dtype=torch.bfloat16)
     vr = torch.randn_like(kr)
     q = torch.randn(b, HQ, 1, D, device="cuda", dtype=torch.bfloat16)

@@ -32,8 +32,8 @@ def decode_attention(q: torch.Tensor, k_packed: quant.QuantizedTensor | None, k_
 
     Returns ``[B, 1, Hq, D]`` in ``q.dtype`` (the layout transformers attention functions return).
     """
-    k = _materialize(k_packed, k_residual)
-    v = _materialize(v_packed, v_residual)
+    k = quant.materialize(k_packed, k_residual, torch.float32)
+    v = quant.materialize(v_packed, v_residual, torch.float32)
     b, hq, _, d = q.shape
     rep = hq // k.shape[1]
     k = k.repeat_interleave(rep, dim=1)
@@ -43,15 +43,6 @@ def decode_attention(q: torch.Tensor, k_packed: quant.QuantizedTensor | None, k_
         scores = scores.masked_fill(~kv_mask[:, None, None, :], float("-inf"))
     out = torch.softmax(scores, dim=-1) @ v
     return out.transpose(1, 2).to(q.dtype)
-
-
-def _materialize(packed: quant.QuantizedTensor | None, residual: torch.Tensor | None) -> torch.Tensor:
-    parts = []
-    if packed is not None and packed.num_tokens:
-        parts.append(quant.dequantize(packed, torch.float32))
-    if residual is not None and residual.shape[-2]:
-        parts.append(residual.float())
-    return torch.cat(parts, dim=-2)
 
 
 class PackedKV(torch.Tensor):
@@ -85,7 +76,7 @@ def kvtuner_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value
 
 
 def _kv_mask(attention_mask: torch.Tensor | None, layer: Any) -> torch.Tensor | None:
-    """The last query row of the model's mask as ``[B, L]`` bool (None when nothing is masked)."""
+    """The last query row of the model's mask as ``[B, L]`` bool, True where attended (None without a mask)."""
     if attention_mask is None:
         return None
     row = attention_mask[:, 0, -1, :]

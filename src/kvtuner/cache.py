@@ -116,9 +116,7 @@ class _TensorStore:
         return total
 
     def materialize(self, dtype: torch.dtype) -> torch.Tensor:
-        if self.packed is None:
-            return self.residual
-        return torch.cat([quant.dequantize(self.packed, dtype), self.residual], dim=-2)
+        return quant.materialize(self.packed, self.residual, dtype)
 
     def drop_front(self, n: int) -> None:
         """Forget the ``n`` oldest tokens (per-channel stores: ``n`` is a multiple of the group)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,15 +154,14 @@ def run_tune(model: Any, tokenizer: Any, calibration: str, evaluation: str, out:
     return result
 
 
-def read_text_source(text: str | None, split: str) -> str:
-    """``None``/"pydoc" -> the built-in text; a file -> its text; a directory -> its .txt/.md files.
-
-    Own text is split 80/20 by characters into calibration and evaluation parts.
+def read_texts(text: str | None) -> tuple[str, str]:
+    """``(calibration, evaluation)`` text. ``None``/"pydoc" -> the built-in split; a file -> its text;
+    a directory -> its .txt/.md/.rst files. Own text is split 80/20 by characters.
     """
     from .data import default_texts
 
     if text in (None, "", "pydoc"):
-        return default_texts(split)
+        return default_texts("calibration"), default_texts("evaluation")
     p = Path(text)
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".md", ".rst") and f.is_file())
@@ -181,7 +179,7 @@ def read_text_source(text: str | None, split: str) -> str:
         raise FileNotFoundError(f"--text {text} does not exist; allowed: a text file, a directory of them, or "
                                 "'pydoc'")
     cut = int(len(body) * 0.8)
-    return body[:cut] if split == "calibration" else body[cut:]
+    return body[:cut], body[cut:]
 
 
 def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -190,7 +188,13 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not p.is_file():
         raise FileNotFoundError(f"--config {path} does not exist; allowed: a .toml or .yaml file")
     if p.suffix == ".toml":
-        import tomllib
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            try:
+                import tomli as tomllib
+            except ImportError as e:
+                raise ImportError("TOML configs on Python 3.10 need tomli: pip install tomli") from e
 
         data = tomllib.loads(p.read_text())
     elif p.suffix in (".yaml", ".yml"):
@@ -204,7 +208,3 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise PlanError(f"--config {path} must hold a table of options")
     return {k.replace("-", "_"): v for k, v in data.items()}
-
-
-def _budgets(values: Sequence[float]) -> tuple[float, ...]:
-    return tuple(sorted(set(float(v) for v in values)))

@@ -203,22 +203,26 @@ def fake_quantize(x: torch.Tensor, bits: int, granularity: str = "per_token", gr
     return dequantize(quantize(x, bits, granularity, group_size), x.dtype)
 
 
-def cat(parts: list[QuantizedTensor]) -> QuantizedTensor:
-    """Concatenate quantized blocks along tokens (per_channel blocks must hold whole groups)."""
+def cat(parts: list[QuantizedTensor], dim: int = -2) -> QuantizedTensor:
+    """Concatenate quantized blocks along tokens (``dim=-2``; per_channel blocks must hold whole
+    groups) or along the batch (``dim=0``)."""
     first = parts[0]
     if len(parts) == 1:
         return first
-    return QuantizedTensor(torch.cat([p.codes for p in parts], dim=-2), torch.cat([p.scale for p in parts], dim=-2),
-                           torch.cat([p.zero for p in parts], dim=-2), first.bits, first.granularity,
+    return QuantizedTensor(torch.cat([p.codes for p in parts], dim=dim), torch.cat([p.scale for p in parts], dim=dim),
+                           torch.cat([p.zero for p in parts], dim=dim), first.bits, first.granularity,
                            first.group_size, first.head_dim)
 
 
-def cat_batch(parts: list[QuantizedTensor]) -> QuantizedTensor:
-    """Concatenate quantized tensors of equal token count along the batch dim 0."""
-    first = parts[0]
-    return QuantizedTensor(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
-                           torch.cat([p.zero for p in parts]), first.bits, first.granularity, first.group_size,
-                           first.head_dim)
+def materialize(packed: QuantizedTensor | None, residual: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The dequantized history followed by the full-precision residual, in ``dtype`` (either part may
+    be ``None`` or empty, not both)."""
+    parts = []
+    if packed is not None and packed.num_tokens:
+        parts.append(dequantize(packed, dtype))
+    if residual is not None and residual.shape[-2]:
+        parts.append(residual.to(dtype))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
 
 
 def slice_tokens(qt: QuantizedTensor, start: int, stop: int) -> QuantizedTensor:

@@ -126,10 +126,9 @@ def write_report(out: Path, table, mode: str, proxy, fronts: dict[float, Any], q
                 f"{100 * (r['ppl'] / r['full_ppl'] - 1):+.2f} %", f"{r['kl']:.4f}", f"{r['top1']:.3f}",
                 f"{r['generation_agreement']:.2f}", f"{r['generation_prefix']:.1f}"] for r in quality]
     m_head = ["plan", "eq. bits", "bytes/token", *[f"KV at {n // 1024}k tokens" for n in CONTEXTS], "saving"]
-    dims = ModelDims.from_config(config)
     uniform = {r["name"]: KVPlan.from_pairs([tuple(p) for p in r["pairs"]], mode) for r in quality
                if r["name"].startswith("uniform") and "pairs" in r}
-    m_rows = _memory_rows({**plans, **uniform}, config, dtype_bytes) if dims else []
+    m_rows = _memory_rows({**plans, **uniform}, config, dtype_bytes)
     title = f"kvtuner report: {model_id or 'model'} ({mode})"
     intro = (f"Profiled on {table.num_tokens} calibration tokens; one-layer KL costs drive the exact budget solver; "
              f"NSGA-II measured plans through the real cache; quality is measured on held-out text.")

@@ -53,7 +53,7 @@ def tune(model: Annotated[str | None, typer.Option(help="'smollm2' (built in), a
     """Profile, search and evaluate a model; write table, front, plans and report.html into --out."""
     import json
 
-    from ..pipeline import TuneSettings, load_config_file, read_text_source, run_tune
+    from ..pipeline import TuneSettings, load_config_file, read_texts, run_tune
 
     given = dict(model=model, text=text, budget_bits=budget_bits, mode=mode, out=out, storage=storage, trials=trials,
                  seed=seed, device=device, sequences=sequences, seq_len=seq_len, eval_prefill=eval_prefill,
@@ -78,8 +78,7 @@ def tune(model: Annotated[str | None, typer.Option(help="'smollm2' (built in), a
             importlib.import_module(module)
         except ImportError as e:
             raise CLIError(f"kvtuner tune needs {module}, which is missing; fix: pip install 'kvtuner[{extra}]'") from e
-    calibration = read_text_source(o["text"], "calibration")
-    evaluation = read_text_source(o["text"], "evaluation")
+    calibration, evaluation = read_texts(o["text"])
     log = (lambda *a, **k: None) if quiet or json_out else (lambda msg: typer.echo(msg, err=True))
     from ..models import load_model
 

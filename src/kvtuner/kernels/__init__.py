@@ -2,8 +2,9 @@
 
 ``"auto"`` (default) uses Triton for tensors on a CUDA device when Triton imports, the reference
 otherwise; ``set_backend("torch")`` forces the reference everywhere, ``set_backend("triton")``
-forces the kernels on CUDA tensors (CPU tensors always take the reference). The environment
-variable ``KVTUNER_BACKEND`` sets the initial value.
+forces the kernels on CUDA tensors (CPU tensors take the reference, except under Triton's
+interpreter, see :func:`use_triton`). The environment variable ``KVTUNER_BACKEND`` sets the
+initial value.
 """
 
 from __future__ import annotations

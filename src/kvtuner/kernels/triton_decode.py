@@ -22,8 +22,6 @@ Design (see ``shared/PERF.md``):
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -55,6 +53,17 @@ def _unpack(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constexpr, BI
         c = tl.interleave(tl.interleave(byte & 3, (byte >> 4) & 3), tl.interleave((byte >> 2) & 3, byte >> 6))
     magic = tl.full([1, 1], 0x6400, tl.uint16)
     return (c | magic).to(tl.float16, bitcast=True) - 1024.0
+
+
+@triton.jit
+def _softmax_step(scores, m_i, l_i, acc):
+    """One base-2 online-softmax step: new running max and sum, the rescaled accumulator, and the
+    tile's probabilities (a row that is all -inf so far stays at zero instead of NaN)."""
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(scores - m_safe[:, None])
+    return m_new, l_i * alpha + tl.sum(p, axis=1), acc * alpha[:, None], p
 
 
 @triton.jit
@@ -143,13 +152,7 @@ def _decode_split_kernel(
                 valid = valid & (mk != 0)
             scores = tl.where(valid[None, :], scores, float("-inf"))
             # ---- online softmax (base 2)
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(scores - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None]
-            m_i = m_new
+            m_i, l_i, acc, p = _softmax_step(scores, m_i, l_i, acc)
             # ---- acc += p . v, v = codes * scale + zero (per token)
             vcode = _unpack(vc, t, tmask, svc_t, D, BLOCK_D, VBITS)
             NGV: tl.constexpr = BLOCK_D // GV
@@ -185,13 +188,8 @@ def _decode_split_kernel(
                 mk = tl.load(MASK + b * smask_b + n_q + r, mask=rmask, other=0)
                 valid = valid & (mk != 0)
             scores = tl.where(valid[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(scores - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
-            m_i = m_new
+            m_i, l_i, acc, p = _softmax_step(scores, m_i, l_i, acc)
+            acc += tl.dot(p.to(tl.float16), v)
 
     hq = (h * GROUP + hrow).to(tl.int64)
     row = (b * (HKV * GROUP) + hq) * NUM_SPLITS + split
@@ -328,4 +326,4 @@ def max_int32_offset(batch: int, heads: int, tokens: int, row_bytes: int) -> boo
     return batch * heads * tokens * row_bytes - 1 > 2**31 - 1
 
 
-__all__ = ["decode_attention", "max_int32_offset", "math"]
+__all__ = ["decode_attention", "max_int32_offset"]

@@ -52,6 +52,23 @@ def _rint(v):
 
 
 @triton.jit
+def _qparams(mn, mx, BITS: tl.constexpr, EPS: tl.constexpr, TINY: tl.constexpr, OUT: tl.constexpr,
+             BF16: tl.constexpr):
+    """Stored (scale, zero) from fp32 group min/max, rounded outward as ``quant._qparams_last``."""
+    zero = _round_out(mn, EPS, TINY, OUT, True, BF16)
+    scale = _round_out(tl.math.div_rn(mx - zero.to(tl.float32), (2.0**BITS - 1.0) + 0.0 * mx), EPS, TINY, OUT,
+                       False, BF16)
+    return scale, zero
+
+
+@triton.jit
+def _codes(x, s, z, BITS: tl.constexpr):
+    """int32 codes of fp32 ``x`` for the (same-shaped) fp32 scale ``s`` and zero ``z``."""
+    q = tl.where(s > 0, _rint(tl.math.div_rn(x - z, tl.where(s > 0, s, 1.0))), 0.0)
+    return tl.minimum(tl.maximum(q, 0.0), 2.0**BITS - 1.0).to(tl.int32)
+
+
+@triton.jit
 def _pack_store(out, codes, rows, row_mask, stride_row, D: tl.constexpr, BITS: tl.constexpr,
                 NROWS: tl.constexpr):
     PER: tl.constexpr = 8 // BITS
@@ -78,16 +95,10 @@ def _quant_per_token_kernel(X, C, S, Z, n_rows, D: tl.constexpr, G: tl.constexpr
     out_ty = x.dtype
     x = x.to(tl.float32)
     xg = tl.reshape(x, (ROWS, NG, G))
-    mn = tl.min(xg, axis=2)
-    mx = tl.max(xg, axis=2)
-    zero = _round_out(mn, EPS, TINY, out_ty, True, BF16)
-    zf = zero.to(tl.float32)
-    scale = _round_out(tl.math.div_rn(mx - zf, (2.0**BITS - 1.0) + 0.0 * mx), EPS, TINY, out_ty, False, BF16)
-    sf = scale.to(tl.float32)
-    sb = tl.broadcast_to(sf[:, :, None], (ROWS, NG, G))
-    zb = tl.broadcast_to(zf[:, :, None], (ROWS, NG, G))
-    q = tl.where(sb > 0, _rint(tl.math.div_rn(xg - zb, tl.where(sb > 0, sb, 1.0))), 0.0)
-    q = tl.minimum(tl.maximum(q, 0.0), 2.0**BITS - 1.0).to(tl.int32)
+    scale, zero = _qparams(tl.min(xg, axis=2), tl.max(xg, axis=2), BITS, EPS, TINY, out_ty, BF16)
+    sb = tl.broadcast_to(scale.to(tl.float32)[:, :, None], (ROWS, NG, G))
+    zb = tl.broadcast_to(zero.to(tl.float32)[:, :, None], (ROWS, NG, G))
+    q = _codes(xg, sb, zb, BITS)
     _pack_store(C, tl.reshape(q, (ROWS, D)), rows, rmask, D * BITS // 8, D, BITS, ROWS)
     j = tl.arange(0, NG)
     off = rows.to(tl.int64)[:, None] * NG + j[None, :]
@@ -106,14 +117,10 @@ def _quant_per_channel_kernel(X, C, S, Z, T, D: tl.constexpr, G: tl.constexpr, B
     x = tl.load(X + (n * T + t)[:, None] * D + d[None, :])
     out_ty = x.dtype
     x = x.to(tl.float32)
-    mn = tl.min(x, axis=0)
-    mx = tl.max(x, axis=0)
-    zero = _round_out(mn, EPS, TINY, out_ty, True, BF16)
-    zf = zero.to(tl.float32)
-    scale = _round_out(tl.math.div_rn(mx - zf, (2.0**BITS - 1.0) + 0.0 * mx), EPS, TINY, out_ty, False, BF16)
-    sf = scale.to(tl.float32)
-    q = tl.where(sf[None, :] > 0, _rint(tl.math.div_rn(x - zf[None, :], tl.where(sf > 0, sf, 1.0)[None, :])), 0.0)
-    q = tl.minimum(tl.maximum(q, 0.0), 2.0**BITS - 1.0).to(tl.int32)
+    scale, zero = _qparams(tl.min(x, axis=0), tl.max(x, axis=0), BITS, EPS, TINY, out_ty, BF16)
+    sb = tl.broadcast_to(scale.to(tl.float32)[None, :], (G, D))
+    zb = tl.broadcast_to(zero.to(tl.float32)[None, :], (G, D))
+    q = _codes(x, sb, zb, BITS)
     _pack_store(C, q, n * T + t, t < T, D * BITS // 8, D, BITS, G)
     tl.store(S + (n * n_groups + g) * D + d, scale)
     tl.store(Z + (n * n_groups + g) * D + d, zero)
