@@ -94,9 +94,9 @@ def test_quantize_matches_reference_exactly(bits, gran, group, dtype):
     b = triton_quant.quantize(x, bits, gran, group)
     assert (a.group_size, a.granularity) == (b.group_size, b.granularity)
     assert a.codes.shape == b.codes.shape and a.scale.shape == b.scale.shape
-    # Exact on the interpreter. On an H100 (Triton 3.6) 0.26-0.36 % of the groups got a scale or zero
-    # one rounding step away from torch's (cause not yet found; suspected fp32 contraction in the
-    # outward rounding), which moves some codes of those groups by up to 2: bound exactly that.
+    # Exact on the interpreter. On an H100 (Triton 3.6) this test FAILS: 0.5-6.9 % of the stored
+    # scales/zeros are one rounding step from torch's (cause not found yet); the bound below is the
+    # goal, not what the GPU reaches today (benchmarks/results/gpu_tests_h100.log).
     ca, cb = quant.unpack(a.codes, bits, 64).int(), quant.unpack(b.codes, bits, 64).int()
     assert (ca - cb).abs().max() <= 2 and (ca != cb).float().mean() <= 5e-3
     for pa, pb in ((a.scale, b.scale), (a.zero, b.zero)):
