@@ -5,7 +5,8 @@
 Hq=32, Hkv=8, head_dim=128, bf16; batch {1, 16, 64} x context {4k, 32k, 128k} where it fits.
 KIVI layout (keys per channel in groups of G tokens, values per token), G = 128 (one value
 scale per token and head) and G = 32 (the plan default), plus a 32-token bf16 residual window.
-Times are medians of ``triton.testing.do_bench`` (L2 flushed between runs); effective TB/s counts
+``--rotation`` adds each pair with a Hadamard-rotated layer (query rotated in, output rotated
+back, as ``QuantizedKVLayer.fused_decode`` does). 3- and 6-bit pairs are bit-plane codes. Times are medians of ``triton.testing.do_bench`` (L2 flushed between runs); effective TB/s counts
 every byte the step must read (codes + scales/zeros + residual + q/out).
 """
 
@@ -70,9 +71,12 @@ def bytes_read(q, kp, kr, vp, vr) -> int:
     return kp.nbytes() + vp.nbytes() + 2 * kr.numel() * 2 + 2 * q.numel() * 2
 
 
-def run_kernel(case, **kw) -> float:
+def run_kernel(case, rotation: bool = False, **kw) -> float:
     q, kp, kr, vp, vr = case
-    fn = lambda: triton_decode.decode_attention(q, kp, kr, vp, vr, D**-0.5, **kw)  # noqa: E731
+    if rotation:  # what a rotated layer adds: rotate the query in, the output back (QuantizedKVLayer.fused_decode)
+        fn = lambda: quant.rotate(triton_decode.decode_attention(quant.rotate(q), kp, kr, vp, vr, D**-0.5, **kw))  # noqa: E731
+    else:
+        fn = lambda: triton_decode.decode_attention(q, kp, kr, vp, vr, D**-0.5, **kw)  # noqa: E731
     fn()
     return triton.testing.do_bench(fn, warmup=10, rep=50) * 1e3
 
@@ -96,11 +100,17 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--groups", default="128,32")
     ap.add_argument("--quick", action="store_true", help="B=64, L=4096 only")
+    ap.add_argument("--pairs", default=",".join(f"{k}{v}" for k, v in PAIRS), help="k then v bits, e.g. 44,43,33")
+    ap.add_argument("--shapes", default=None, help="BxL list, e.g. 64x4096,1x131072 (overrides --quick)")
+    ap.add_argument("--rotation", action="store_true", help="also time each pair with Hadamard rotation")
     args = ap.parse_args()
+    pairs = [(int(x[0]), int(x[1])) for x in args.pairs.split(",")]
     t_start = time.time()
     props = torch.cuda.get_device_properties(0)
     free = torch.cuda.mem_get_info()[0]
     shapes = [(64, 4096), (16, 32768), (1, 131072), (1, 4096)] if args.quick else [(64, 4096)] + [(b, n) for b in (1, 16, 64) for n in (4096, 32768, 131072) if (b, n) != (64, 4096)]
+    if args.shapes:
+        shapes = [tuple(int(v) for v in x.split("x")) for x in args.shapes.split(",")]
     groups = [int(x) for x in args.groups.split(",")]
     rows, tuned = [], {}
     for b, n in shapes:
@@ -114,18 +124,20 @@ def main() -> None:
                          tbps=(fp_bytes + 4 * b * HQ * D) / t_sdpa / 1e6, speedup=1.0))
         print(rows[-1], flush=True)
         for g in groups:
-            for kb, vb in PAIRS:
+            for kb, vb in pairs:
                 case = packed_case(b, n, kb, vb, g)
                 key = (kb, vb, g)
                 if key not in tuned:
                     tuned[key] = tune(case, g)
-                t = run_kernel(case, **tuned[key])
-                ck = triton_decode.last_compiled
-                res = dict(regs=getattr(ck, "n_regs", None), spills=getattr(ck, "n_spills", None),
-                           smem=getattr(getattr(ck, "metadata", None), "shared", None))
-                rows.append(dict(batch=b, context=n, config=f"K{kb}V{vb} G{g}", us=t,
-                                 tbps=bytes_read(*case) / t / 1e6, speedup=t_sdpa / t, launch={**tuned[key], **res}))
-                print(rows[-1], flush=True)
+                for rot in ((False, True) if args.rotation else (False,)):
+                    t = run_kernel(case, rotation=rot, **tuned[key])
+                    ck = triton_decode.last_compiled
+                    res = dict(regs=getattr(ck, "n_regs", None), spills=getattr(ck, "n_spills", None),
+                               smem=getattr(getattr(ck, "metadata", None), "shared", None))
+                    rows.append(dict(batch=b, context=n, config=f"K{kb}V{vb} G{g}" + (" rotated" if rot else ""),
+                                     us=t, tbps=bytes_read(*case) / t / 1e6, speedup=t_sdpa / t,
+                                     launch={**tuned[key], **res}))
+                    print(rows[-1], flush=True)
                 del case
                 torch.cuda.empty_cache()
                 write(args, props, rows, t_start)
@@ -137,7 +149,9 @@ def write(args, props, rows, t_start) -> None:
             f"GPU: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, triton "
             f"{triton.__version__}, CUDA {torch.version.cuda}, python {platform.python_version()}.",
             f"Command: `python benchmarks/bench_attention.py --out {args.out}"
-            f"{' --quick' if args.quick else ''}` ({time.time() - t_start:.0f} s).",
+            f"{' --quick' if args.quick else ''} --pairs {args.pairs} --groups {args.groups}"
+            f"{' --shapes ' + args.shapes if args.shapes else ''}{' --rotation' if args.rotation else ''}` "
+            f"({time.time() - t_start:.0f} s).",
             "KIVI layout: keys per channel in groups of G tokens, values per token (G=128: one scale/zero per "
             "token and head; G=32: four), plus a 32-token bf16 residual window read by the same launch. "
             "µs = median of triton.testing.do_bench (L2 flushed); TB/s = bytes the step must read / time; "

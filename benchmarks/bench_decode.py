@@ -6,7 +6,8 @@ The model is built from a Llama-3.1-8B config with random weights (speed does no
 values). For each (batch, context) the cache is filled directly with random keys/values through
 the public ``Cache.update`` (a prefill of B x L tokens would only add time, not change the decode
 step), then ``steps`` one-token decode steps run through ``model(...)`` with the public path.
-No CUDA graphs: the cache's bookkeeping is Python, so this is an eager-mode step.
+No CUDA graphs: the cache's bookkeeping is Python, so this is an eager-mode step;
+the profiled rows show how much of the step the GPU is busy and how much is attention.
 
 Configurations: bf16 DynamicCache, KIVI KV8, KV4, K4V2 and KVTuner's published 3.25-bit
 Llama-3.1-8B KIVI plan (KVTuner-C3.25: K8V4 {13,17}; KV4 {1-3,7,29,31}; K4V2 {5,6,8-12,14-16,
@@ -16,6 +17,7 @@ Llama-3.1-8B KIVI plan (KVTuner-C3.25: K8V4 {13,17}; KV4 {1-3,7,29,31}; K4V2 {5,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 
@@ -45,9 +47,9 @@ def build(layers: int) -> LlamaForCausalLM:
     return model
 
 
-def fill(model, plan: KVPlan | None, batch: int, ctx: int):
+def fill(model, plan: KVPlan | None, batch: int, ctx: int, reserve: int):
     cfg = model.config
-    cache = DynamicCache(config=cfg) if plan is None else MixedPrecisionCache(plan, cfg, max_cache_len=ctx + 256)
+    cache = DynamicCache(config=cfg) if plan is None else MixedPrecisionCache(plan, cfg, max_cache_len=ctx + reserve)
     g = torch.Generator(device="cuda").manual_seed(0)
     for layer in range(cfg.num_hidden_layers):
         k = torch.randn(batch, 8, ctx, 128, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -57,17 +59,84 @@ def fill(model, plan: KVPlan | None, batch: int, ctx: int):
     return cache
 
 
+def sdpa_context(backend: str | None):
+    """The SDPA backend the bf16 baseline runs with (None: PyTorch's own choice)."""
+    if backend is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(getattr(SDPBackend, backend))
+
+
 @torch.no_grad()
-def decode(model, cache, batch: int, steps: int) -> float:
+def decode(model, cache, batch: int, steps: int, backend: str | None = None) -> float:
     tok = torch.randint(0, 1000, (batch, 1), device="cuda")
-    for _ in range(2):  # warm-up (compiles kernels)
-        tok = model(tok, past_key_values=cache).logits[:, -1:].argmax(-1)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        tok = model(tok, past_key_values=cache).logits[:, -1:].argmax(-1)
-    torch.cuda.synchronize()
+    with sdpa_context(backend):
+        for _ in range(2):  # warm-up (compiles kernels)
+            tok = model(tok, past_key_values=cache).logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            tok = model(tok, past_key_values=cache).logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
     return (time.perf_counter() - t0) / steps
+
+
+ATTENTION_KERNELS = ("_decode_split_kernel", "_merge_kernel", "flash", "fmha", "cudnn", "attention", "sdpa")
+
+
+@torch.no_grad()
+def where_time_goes(model, cache, batch: int, steps: int, backend: str | None) -> dict[str, float]:
+    """Per decode step: wall time, GPU busy time (sum of kernel durations) and the attention kernels' share."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tok = torch.randint(0, 1000, (batch, 1), device="cuda")
+    with sdpa_context(backend):
+        tok = model(tok, past_key_values=cache).logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                tok = model(tok, past_key_values=cache).logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - t0) / steps
+    busy = attn = 0.0
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = e.time_range.elapsed_us()
+        busy += us
+        if any(k.lower() in e.name.lower() for k in ATTENTION_KERNELS):
+            attn += us
+    return dict(wall_ms=wall * 1e3, gpu_busy_ms=busy / steps / 1e3, attention_ms=attn / steps / 1e3)
+
+
+@torch.no_grad()
+def greedy_agreement(model, plan: KVPlan, prompts: int, prompt_len: int, new_tokens: int) -> dict[str, float]:
+    """Greedy continuations with ``plan`` (fused kernel path) vs the bf16 DynamicCache, via ``generate``."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (prompts, prompt_len), device="cuda", generator=g)
+    kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True,
+              output_logits=True, pad_token_id=0, attention_mask=torch.ones_like(ids))
+    ref = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kw)
+    got = model.generate(ids, past_key_values=MixedPrecisionCache(plan, model.config), **kw)
+    a, b = ref.sequences[:, prompt_len:], got.sequences[:, prompt_len:]
+    same = (a == b).int()
+    prefix = same.cumprod(dim=1).sum(dim=1)  # tokens until the first difference
+    # logits closeness while both runs still read the same tokens (teacher-forced by agreement)
+    rel, kl, n = 0.0, 0.0, 0
+    for step, (la, lb) in enumerate(zip(ref.logits, got.logits)):
+        live = prefix > step
+        if not live.any():
+            break
+        la, lb = la[live].float(), lb[live].float()
+        rel = max(rel, float(((la - lb).norm(dim=-1) / la.norm(dim=-1)).max()))
+        kl += float((torch.log_softmax(la, -1).exp() * (torch.log_softmax(la, -1) - torch.log_softmax(lb, -1)))
+                    .sum(-1).sum())
+        n += int(live.sum())
+    return dict(prompts=prompts, prompt_len=prompt_len, new_tokens=new_tokens,
+                all_match=int((prefix == new_tokens).sum()), mean_prefix=float(prefix.float().mean()),
+                token_agreement=float(same.float().mean()), max_rel_logit_diff=rel, mean_kl=kl / max(n, 1))
 
 
 def main() -> None:
@@ -75,63 +144,178 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/decode_gpu.md")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--budget-gib", type=float, default=40.0, help="GPU memory for the KV cache")
-    ap.add_argument("--grid", default="1x4096,8x4096,32x4096,64x4096,8x16384,8x32768")
+    ap.add_argument("--budget-gib", type=float, default=30.0, help="GPU memory for the KV cache")
+    ap.add_argument("--batches", default="1,8,32,64,128")
+    ap.add_argument("--contexts", default="1024,4096,16384,32768")
+    ap.add_argument("--max-kv-gib", type=float, default=56.0, help="skip grid points whose cache needs more")
+    ap.add_argument("--plot", help="only draw the plot from this JSON result file (no GPU needed)")
     args = ap.parse_args()
+    if args.plot:
+        plot(json.loads(open(args.plot).read()), args.plot.replace(".json", ".png"))
+        return
     t_start = time.time()
     model = build(args.layers)
     weights = torch.cuda.memory_allocated()
-    rows = []
-    grid = [tuple(int(x) for x in item.split("x")) for item in args.grid.split(",")]
-    named = plans(args.layers)
     cfg = model.config
+    named = plans(args.layers)
+    reserve = args.steps + 8
+    result = dict(gpu=torch.cuda.get_device_properties(0).name, torch=torch.__version__, triton=triton.__version__,
+                  transformers=transformers.__version__, layers=args.layers, steps=args.steps,
+                  budget_gib=args.budget_gib, rows=[], sdpa=[], profile=[], agreement={})
+    rows = result["rows"]
 
-    def run(name, plan, batch, ctx, tag=""):
+    def kv_bytes(plan, batch, ctx):
+        return (plan or KVPlan.uniform(args.layers, 16, 16)).expected_nbytes(cfg, ctx + reserve, batch, dtype_bytes=2)
+
+    def run(name, plan, batch, ctx, tag="", backend=None, record=rows, profile_steps=0):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        cache = None
         try:
-            cache = fill(model, plan, batch, ctx)
+            cache = fill(model, plan, batch, ctx, reserve)
             kv = torch.cuda.memory_allocated() - weights
-            dt = decode(model, cache, batch, args.steps)
+            dt = decode(model, cache, batch, args.steps, backend)
+            prof = where_time_goes(model, cache, batch, profile_steps, backend) if profile_steps else None
         except torch.OutOfMemoryError:
-            rows.append(dict(config=name, batch=batch, context=ctx, note="out of memory", tag=tag))
+            record.append(dict(config=name, batch=batch, context=ctx, note="out of memory", tag=tag))
             return None
         finally:
             cache = None
             torch.cuda.empty_cache()
-        rows.append(dict(config=name, batch=batch, context=ctx, ms_per_step=1e3 * dt, tokens_per_s=batch / dt,
-                         kv_gib=kv / 2**30, peak_gib=torch.cuda.max_memory_allocated() / 2**30, tag=tag))
-        print(rows[-1], flush=True)
+        row = dict(config=name, batch=batch, context=ctx, ms_per_step=1e3 * dt, tokens_per_s=batch / dt,
+                   kv_gib=kv / 2**30, peak_gib=torch.cuda.max_memory_allocated() / 2**30, tag=tag,
+                   sdpa_backend=backend or "default")
+        if prof:
+            row.update(prof)
+        record.append(row)
+        print(row, flush=True)
         return batch / dt
 
-    for batch, ctx in grid:
-        for name, plan in named.items():
-            run(name, plan, batch, ctx)
-    # maximum throughput under a fixed KV budget at 4096 tokens (the paper's metric)
+    # 1. the bf16 baseline gets the fastest SDPA backend at the benchmark's central shape
+    best, best_tps = None, 0.0
+    for backend in (None, "CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
+        try:
+            tps = run("bf16", None, 64, 4096, backend=backend, record=result["sdpa"])
+        except RuntimeError as err:  # a backend that refuses this shape
+            result["sdpa"].append(dict(config="bf16", sdpa_backend=backend, note=str(err).splitlines()[0][:120]))
+            continue
+        if tps and tps > best_tps:
+            best, best_tps = backend, tps
+    result["bf16_backend"] = best or "default"
+
+    def backend_of(plan):
+        return best if plan is None else None
+
+    # 2. the grid
+    for ctx in [int(x) for x in args.contexts.split(",")]:
+        for batch in [int(x) for x in args.batches.split(",")]:
+            for name, plan in named.items():
+                if kv_bytes(plan, batch, ctx) > args.max_kv_gib * 2**30:
+                    rows.append(dict(config=name, batch=batch, context=ctx, note="skipped: cache > "
+                                     f"{args.max_kv_gib:g} GiB", tag=""))
+                    continue
+                run(name, plan, batch, ctx, backend=backend_of(plan))
+    # 3. maximum throughput under a fixed KV budget at 4096 tokens (the paper's metric), with a profile
     ctx = 4096
     for name, plan in named.items():
-        p = plan or KVPlan.uniform(args.layers, 16, 16)
-        per_seq = p.expected_nbytes(cfg, ctx + args.steps + 2, dtype_bytes=2)
-        batch = max(1, int(args.budget_gib * 2**30 // per_seq))
-        run(name, plan, batch, ctx, tag=f"max batch in {args.budget_gib:g} GiB")
-    props = torch.cuda.get_device_properties(0)
-    lines = [f"# End-to-end decode, Llama-3.1-8B shape ({args.layers} layers), random bf16 weights", "",
-             f"GPU: {props.name}; torch {torch.__version__}, triton {triton.__version__}, transformers "
-             f"{transformers.__version__}. Command: `python benchmarks/bench_decode.py` "
-             f"(--steps {args.steps}, --budget-gib {args.budget_gib:g}); {time.time() - t_start:.0f} s. Eager mode, "
-             "no CUDA graphs. KV caches filled through Cache.update, then timed one-token decode steps.", "",
-             "| config | batch | context | ms/step | tokens/s | KV GiB | peak GiB | note |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if "ms_per_step" in r:
-            lines.append(f"| {r['config']} | {r['batch']} | {r['context']} | {r['ms_per_step']:.1f} | "
-                         f"{r['tokens_per_s']:.0f} | {r['kv_gib']:.1f} | {r['peak_gib']:.1f} | {r['tag']} |")
-        else:
-            lines.append(f"| {r['config']} | {r['batch']} | {r['context']} | | | | | {r['note']} {r['tag']} |")
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        batch = max(1, int(args.budget_gib * 2**30 // kv_bytes(plan, 1, ctx)))
+        run(name, plan, batch, ctx, tag=f"max batch in {args.budget_gib:g} GiB", backend=backend_of(plan),
+            profile_steps=3)
+    # 4. where the time goes at B=64, L=4096
+    for name in ("bf16", "KV8", [n for n in named if n.startswith("C")][0]):
+        run(name, named[name], 64, 4096, tag="profiled", backend=backend_of(named[name]), record=result["profile"],
+            profile_steps=3)
+    # 5. greedy agreement, KV8 through the fused kernel vs bf16
+    result["agreement"] = greedy_agreement(model, named["KV8"], prompts=8, prompt_len=1024, new_tokens=32)
+    print(result["agreement"], flush=True)
+    result["seconds"] = time.time() - t_start
     with open(args.out.replace(".md", ".json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    print("\n".join(lines))
+        json.dump(result, f, indent=1)
+    text = report(result, args)
+    with open(args.out, "w") as f:
+        f.write(text)
+    print(text)
+
+
+def report(r: dict, args) -> str:
+    lines = [f"# End-to-end decode, Llama-3.1-8B shape ({r['layers']} layers), random bf16 weights", "",
+             f"GPU: {r['gpu']}; torch {r['torch']}, triton {r['triton']}, transformers {r['transformers']}. "
+             f"Command: `PYTHONPATH=src python benchmarks/bench_decode.py --out {args.out}` (--steps {r['steps']}, "
+             f"--budget-gib {r['budget_gib']:g}); {r['seconds']:.0f} s in all. Eager mode (no CUDA graphs: see "
+             "the benchmarks README). KV caches filled through Cache.update, then timed one-token decode steps "
+             f"through model(...). bf16 uses the fastest SDPA backend measured at B=64, L=4096: "
+             f"**{r['bf16_backend']}**.", "", "## SDPA backends for the bf16 baseline (B=64, L=4096)", "",
+             "| backend | ms/step | tokens/s | note |", "|---|---|---|---|"]
+    for x in r["sdpa"]:
+        lines.append(f"| {x.get('sdpa_backend') or 'default'} | {x.get('ms_per_step', float('nan')):.1f} | "
+                     f"{x.get('tokens_per_s', float('nan')):.0f} | {x.get('note', '')} |")
+
+    def table(rows, extra=False):
+        head = "| config | batch | context | ms/step | tokens/s | KV GiB | peak GiB | note |"
+        sep = "|---|---|---|---|---|---|---|---|"
+        if extra:
+            head, sep = head[:-7] + " GPU busy ms | attention ms | attention share | note |", sep + "---|---|---|"
+        out = [head, sep]
+        for x in rows:
+            if "ms_per_step" not in x:
+                out.append(f"| {x['config']} | {x['batch']} | {x['context']} | | | | |" + (" | | |" if extra else "")
+                           + f" {x.get('note', '')} {x.get('tag', '')} |")
+                continue
+            cells = (f"| {x['config']} | {x['batch']} | {x['context']} | {x['ms_per_step']:.1f} | "
+                     f"{x['tokens_per_s']:.0f} | {x['kv_gib']:.1f} | {x['peak_gib']:.1f} |")
+            if extra:
+                cells += (f" {x['gpu_busy_ms']:.1f} | {x['attention_ms']:.1f} | "
+                          f"{100 * x['attention_ms'] / x['ms_per_step']:.0f} % of step |")
+            out.append(cells + f" {x.get('tag', '')} |")
+        return out
+
+    maxrows = [x for x in r["rows"] if x.get("tag", "").startswith("max batch")]
+    tps = {x["config"]: x.get("tokens_per_s", 0.0) for x in maxrows}
+    mixed = [c for c in tps if c.startswith("C")][0]
+    lines += ["", f"## Maximum throughput in {r['budget_gib']:g} GiB of KV cache, 4096-token context", "",
+              *table(maxrows, extra=True), "",
+              f"{mixed}: {tps[mixed] / tps['KV8']:.2f}x uniform KV8, {tps[mixed] / tps['bf16']:.2f}x bf16.", "",
+              "## Where the time goes (B=64, L=4096; 3 profiled steps)", "", *table(r["profile"], extra=True),
+              "", "## Grid", "", *table([x for x in r["rows"] if not x.get("tag")])]
+    a = r["agreement"]
+    lines += ["", "## Greedy agreement: KV8 (fused kernel) vs bf16 DynamicCache, `model.generate`", "",
+              f"{a['prompts']} random-token prompts of {a['prompt_len']} tokens, {a['new_tokens']} greedy tokens: "
+              f"{a['all_match']}/{a['prompts']} prompts identical for all {a['new_tokens']} tokens; mean identical "
+              f"prefix {a['mean_prefix']:.1f} tokens; token agreement {a['token_agreement']:.3f}; while the "
+              f"sequences agree, max relative logit difference {a['max_rel_logit_diff']:.2e}, mean KL "
+              f"{a['mean_kl']:.2e} nats."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(r: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ctxs = sorted({x["context"] for x in r["rows"] if not x.get("tag")})
+    fig, axes = plt.subplots(1, len(ctxs), figsize=(4.2 * len(ctxs), 3.8), sharey=True)
+    for ax, ctx in zip(list(axes), ctxs):
+        for cfg in dict.fromkeys(x["config"] for x in r["rows"]):
+            pts = sorted((x["batch"], x["tokens_per_s"]) for x in r["rows"]
+                         if x["config"] == cfg and x["context"] == ctx and "tokens_per_s" in x)
+            if pts:
+                line, = ax.plot(*zip(*pts), marker="o", label=cfg)
+                if ctx == 4096:  # the budget point: largest batch that fits
+                    best = [x for x in r["rows"] if x["config"] == cfg and x.get("tag", "").startswith("max")
+                            and "tokens_per_s" in x]
+                    for x in best:
+                        ax.plot([x["batch"]], [x["tokens_per_s"]], marker="*", ms=14, color=line.get_color())
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"context {ctx}" + (f" (stars: max batch in {r['budget_gib']:g} GiB)" if ctx == 4096 else ""),
+                     fontsize=9)
+        ax.set_xlabel("batch")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("decode tokens/s")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"Llama-3.1-8B shape, random weights, {r['gpu']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
     python benchmarks/bench_search.py --out-dir benchmarks/results
 
-1. `kvtuner.profile` on calibration text (8 x 512 tokens, KIVI, 9 pairs), plus the one-layer
-   end-to-end KL of every (layer, pair) on one 512-token window: the solver's per-layer costs.
+1. `kvtuner.profile` on calibration text (4 x 512 tokens, KIVI, 9 pairs), plus the one-layer
+   end-to-end KL of every (layer, pair) on one 256-token window: the solver's per-layer costs
+   (the defaults of `kvtuner tune`; `--sequences`, `--kl-seq-len` change them).
 2. `kvtuner.search`: pruning, exact solver over the KL costs (no clustering: 30 groups), then
    NSGA-II (warm-started from the solver's points and the uniform plans within budget) measuring KL against full precision through the real cache on 2 calibration windows
    (384-token prefill + 256 tokens in 16-token steps), for budgets 3.25 and 4.0 equivalent bits.
@@ -25,7 +26,7 @@ import kvtuner
 from kvtuner import KVPlan, load_model, profile
 from kvtuner.data import default_texts
 from kvtuner.evaluate import Evaluator
-from kvtuner.profiling import ALL_PAIRS, calibration_batches
+from kvtuner.profiling import ALL_PAIRS, calibration_batches, layer_kl
 from kvtuner.search import search
 from kvtuner.search.objectives import KLObjective
 
@@ -38,13 +39,15 @@ def main() -> None:
     ap.add_argument("--out-dir", default="benchmarks/results")
     ap.add_argument("--trials", type=int, default=24)
     ap.add_argument("--storage", default="/tmp/kvtuner-bench-search.db")
+    ap.add_argument("--sequences", type=int, default=4, help="profiling windows (kvtuner tune's default)")
+    ap.add_argument("--kl-seq-len", type=int, default=256, help="tokens of the one-layer KL runs (tune's default)")
     args = ap.parse_args()
     out = Path(args.out_dir)
     model, tok = load_model("smollm2")
     calib = default_texts("calibration")
     t0 = time.perf_counter()
-    table = profile(model, tok, calib, modes=["kivi"], num_sequences=8, seq_len=512, model_id="smollm2",
-                    kl_pairs=ALL_PAIRS, kl_sequences=1)
+    table = profile(model, tok, calib, modes=["kivi"], num_sequences=args.sequences, seq_len=512, model_id="smollm2")
+    table.kl = layer_kl(model, calibration_batches(tok, calib, 1, args.kl_seq_len), ALL_PAIRS, ["kivi"])
     t_profile = time.perf_counter() - t0
     windows = calibration_batches(tok, calib, 10, 640)[-2:]  # windows past the profiling tokens
     objective = KLObjective(model, windows, prefill=384, chunk=16)
@@ -77,10 +80,12 @@ def main() -> None:
     info = {b: {k: v for k, v in fronts[b].info.items() if k != "candidates"} for b in BUDGETS}
     summary = [
         "# Search on SmolLM2 (KIVI)", "",
-        f"Command: `python benchmarks/bench_search.py --out-dir {args.out_dir} --trials {args.trials}`. "
+        f"Command: `python benchmarks/bench_search.py --out-dir {args.out_dir} --trials {args.trials} "
+        f"--sequences {args.sequences} --kl-seq-len {args.kl_seq_len}`. "
         f"kvtuner {kvtuner.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"{torch.get_num_threads()} CPU threads.", "",
-        f"* Profiling (KIVI, 9 pairs, 30 layers, 8 x 512 tokens, + one-layer KL 270 runs x 512 tokens): {t_profile:.0f} s. Search (2 budgets x "
+        f"* Profiling (KIVI, 9 pairs, 30 layers, {args.sequences} x 512 tokens, + one-layer KL 270 runs x "
+        f"{args.kl_seq_len} tokens): {t_profile:.0f} s. Search (2 budgets x "
         f"{args.trials} NSGA-II trials, KL on 2 x 256 calibration tokens): {t_search:.0f} s. "
         f"Profile + search: {t_profile + t_search:.0f} s.",
         f"* Layer groups (no clustering with KL costs): {len(proxy.info['groups'])} "

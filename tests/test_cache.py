@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig
 
-from kvtuner import KVPlan, MixedPrecisionCache, PlanError
+from kvtuner import KVPlan, MixedPrecisionCache, PlanError, quant
 from kvtuner.testing import tiny_model
 
 MODELS = [("llama", 2), ("qwen2", 2), ("gemma3", 2), ("llama", 1)]  # (arch, kv heads): GQA and MQA
@@ -95,6 +95,8 @@ STORAGE_PLANS = {
     "kivi-K4V2": KVPlan.uniform(2, 4, 2, "kivi"),
     "kivi-K8V4": KVPlan.uniform(2, 8, 4, "kivi"),
     "per_token-KV2": KVPlan.uniform(2, 2, 2, "per_token"),
+    "kivi-K4V3-rotated": KVPlan.uniform(2, 4, 3, "kivi", rotation=True),
+    "per_token-KV6-rotated": KVPlan.uniform(2, 6, 6, "per_token", rotation=True),
     "per_token-g32-K4V8-res16": KVPlan.uniform(2, 4, 8, "per_token", group_size=32, residual_length=16),
     "mixed": KVPlan((KVPlan.uniform(1, 8, 2, "kivi").layers[0], KVPlan.uniform(1, 16, 4, "per_token").layers[0])),
 }
@@ -238,3 +240,29 @@ def test_plan_file_path_is_accepted(tmp_path):
     cache = MixedPrecisionCache.from_plan(model.config, path)
     model(_ids(), past_key_values=cache)
     assert cache.get_seq_length() == 40 and "MixedPrecisionCache(4 layers" in repr(cache)
+
+
+@pytest.mark.parametrize("mode", ["kivi", "per_token"])
+def test_rotated_storage_returns_unrotated_tensors_with_less_error(mode):
+    k, v = _kv(96, dtype=torch.float32)
+    k[..., 5] *= 20  # one outlier channel
+    errs = {}
+    for rot in (False, True):
+        cache = MixedPrecisionCache(KVPlan.uniform(2, 3, 3, mode, rotation=rot), CFG)
+        keys, values = cache.update(k, v, 0)
+        store = cache.layers[0]._k
+        if rot and store.num_residual:  # what is stored is the rotated tensor, residual included
+            assert torch.allclose(store.residual, k[..., -store.num_residual:, :] @ quant.hadamard(64), atol=1e-4)
+        errs[rot] = ((keys - k).norm() / k.norm()).item(), ((values - v).norm() / v.norm()).item()
+    # per-token groups suffer from channel outliers and rotation spreads them; KIVI keys already have a
+    # scale per channel, so only their values (per token) gain
+    if mode == "per_token":
+        assert errs[True][0] < 0.8 * errs[False][0], errs
+    assert errs[True][1] < errs[False][1], errs
+
+
+def test_rotation_needs_power_of_two_head_dim():
+    cfg = LlamaConfig(hidden_size=96, num_attention_heads=2, num_key_value_heads=1, head_dim=48, num_hidden_layers=1)
+    with pytest.raises(PlanError, match="power-of-two head_dim"):
+        MixedPrecisionCache(KVPlan.uniform(1, 4, 4, rotation=True), cfg)
+    MixedPrecisionCache(KVPlan.uniform(1, 4, 4), cfg)  # without rotation any head_dim works

@@ -30,10 +30,10 @@ def test_show_prints_layers(tmp_path):
 
 def test_errors_are_one_red_line(tmp_path):
     bad = tmp_path / "bad.json"
-    bad.write_text('{"_type": "KVPlan", "_version": 1, "layers": [{"k": {"bits": 3}, "v": {"bits": 4}}]}')
+    bad.write_text('{"_type": "KVPlan", "_version": 1, "layers": [{"k": {"bits": 5}, "v": {"bits": 4}}]}')
     out = _run("show", str(bad))
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert out.stderr.strip() == "error: plan.layers[0].k.bits=3 is invalid; allowed: 2, 4, 8 or 16"
+    assert out.stderr.strip() == "error: plan.layers[0].k.bits=5 is invalid; allowed: 2, 3, 4, 6, 8 or 16"
     out = _run("tune", "--model", str(tmp_path / "missing.gguf"))
     assert out.returncode == 2 and "no such .gguf file" in out.stderr and "Traceback" not in out.stderr
 

@@ -119,6 +119,8 @@ SMALL = [
     dict(b=2, hkv=2, group=8, d=64, n_q=32, n_r=3, kbits=2, vbits=4, gv=32),
     dict(b=1, hkv=2, group=4, d=64, n_q=0, n_r=17, kbits=4, vbits=4),  # empty history: residual only
     dict(b=1, hkv=1, group=4, d=64, n_q=64, n_r=0, kbits=2, vbits=8, k_gran="per_token", gk=None),
+    dict(b=1, hkv=2, group=4, d=64, n_q=64, n_r=3, kbits=3, vbits=6),  # bit-plane codes
+    dict(b=1, hkv=1, group=2, d=64, n_q=32, n_r=1, kbits=6, vbits=3, gv=32),
 ]
 
 
@@ -150,11 +152,11 @@ def test_int64_offsets_bound():
 
 
 # ------------------------------------------------------------------ through generate()
-@pytest.mark.parametrize("k,v", [(4, 2), (8, 4)])
-def test_generate_fused_matches_reference_path(k, v):
+@pytest.mark.parametrize("k,v,rot", [(4, 2, False), (8, 4, False), (4, 3, True)])
+def test_generate_fused_matches_reference_path(k, v, rot):
     model = tiny_model("llama", layers=2, heads=4, kv_heads=2, head_dim=32 if not CUDA else 64).to(DEV)
     model.set_attn_implementation("sdpa")
-    plan = KVPlan.uniform(2, k, v, "kivi")
+    plan = KVPlan.uniform(2, k, v, "kivi", rotation=rot)
     ids = torch.randint(3, 128, (2, 70), generator=torch.Generator().manual_seed(0)).to(DEV)
     outs = {}
     try:
@@ -184,7 +186,8 @@ gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (CI has none; run th
 
 
 GPU_MATRIX = ([(128, 4, k, v) for k in (2, 4, 8) for v in (2, 4, 8)]  # every pair at the common shape
-              + [(d, g, k, v) for d in (64, 256) for g in (1, 8) for k, v in ((2, 2), (4, 2), (8, 4), (8, 8))])
+              + [(d, g, k, v) for d in (64, 256) for g in (1, 8) for k, v in ((2, 2), (4, 2), (8, 4), (8, 8))]
+              + [(d, 4, k, v) for d in (64, 128) for k, v in ((3, 3), (4, 3), (3, 2), (6, 4), (6, 6))])
 
 
 @gpu

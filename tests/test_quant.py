@@ -10,14 +10,46 @@ from kvtuner.testing import assert_close
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
 @pytest.mark.parametrize("dim", [1, 3, 60, 64, 80, 96, 129, 256])
 def test_pack_unpack_round_trip_is_bit_exact(bits, dim):
     codes = torch.randint(0, 2**bits, (2, 3, 17, dim), dtype=torch.uint8)
     packed = quant.pack(codes, bits)
     assert packed.dtype == torch.uint8
-    assert packed.shape[-1] == -(-dim * bits // 8)  # really packed: 4 codes/byte at 2 bits, 2 at 4 bits
+    assert packed.shape[-1] == quant.packed_width(dim, bits)
+    if dim % 8 == 0:  # really packed: exactly bits/8 bytes per code (3-bit codes take 3 bits)
+        assert packed.shape[-1] * 8 == dim * bits
     assert torch.equal(quant.unpack(packed, bits, dim), codes)
+
+
+def test_three_and_six_bit_planes_match_docstring():
+    codes = torch.tensor([[5, 2, 7, 0, 1, 6, 3, 4]], dtype=torch.uint8)  # 3-bit: low 2 bits, then the high bit
+    low = [c & 3 for c in codes[0].tolist()]
+    high = [c >> 2 for c in codes[0].tolist()]
+    want = [low[0] | low[1] << 2 | low[2] << 4 | low[3] << 6, low[4] | low[5] << 2 | low[6] << 4 | low[7] << 6,
+            sum(h << i for i, h in enumerate(high))]
+    assert quant.pack(codes, 3)[0].tolist() == want
+    six = torch.tensor([[45, 18]], dtype=torch.uint8)  # 6-bit: low 4 bits plane, then the high 2 bits
+    assert quant.pack(six, 6)[0].tolist() == [45 & 15 | (18 & 15) << 4, 45 >> 4 | (18 >> 4) << 2]
+
+
+@pytest.mark.parametrize("dim", [8, 64, 128])
+def test_hadamard_rotation_is_orthonormal_and_preserves_dot_products(dim):
+    h = quant.hadamard(dim)
+    assert torch.allclose(h @ h.T, torch.eye(dim), atol=1e-6) and torch.equal(h, h.T)
+    q, k = torch.randn(5, dim), torch.randn(7, dim)
+    assert torch.allclose(quant.rotate(q) @ quant.rotate(k).T, q @ k.T, atol=1e-4)
+    assert torch.allclose(quant.rotate(quant.rotate(k)), k, atol=1e-5)
+    with pytest.raises(ValueError, match="power of two"):
+        quant.hadamard(96)
+
+
+def test_rotation_spreads_channel_outliers():
+    x = torch.randn(4, 256, 64)
+    x[..., 3] *= 30  # one outlier channel, as keys have
+    direct = quant.fake_quantize(x, 4, "per_token")
+    rotated = quant.rotate(quant.fake_quantize(quant.rotate(x), 4, "per_token"))
+    assert (rotated - x).norm() < 0.5 * (direct - x).norm()
 
 
 def test_bit_layout_matches_docstring():
@@ -38,7 +70,7 @@ CASES = [("per_token", None), ("per_token", 32), ("per_token", 24), ("per_channe
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
 @pytest.mark.parametrize("granularity, group", CASES)
 @pytest.mark.parametrize("dim", [64, 80, 96, 256])
 def test_error_within_half_scale(dtype, bits, granularity, group, dim):
@@ -67,8 +99,8 @@ def test_constant_groups_are_exact(granularity):
 
 def test_bits_improve_error_monotonically():
     x = torch.randn(1, 4, 128, 64)
-    errs = [(quant.fake_quantize(x, b, "per_channel", 32) - x).norm().item() for b in (2, 4, 8)]
-    assert errs[0] > errs[1] > errs[2] > 0
+    errs = [(quant.fake_quantize(x, b, "per_channel", 32) - x).norm().item() for b in (2, 3, 4, 6, 8)]
+    assert all(a > b for a, b in zip(errs, errs[1:])) and errs[-1] > 0
     assert torch.equal(quant.fake_quantize(x, 16), x)
 
 
@@ -123,7 +155,7 @@ def test_no_group_straddles_two_channels():
 
 
 @pytest.mark.parametrize("bad, kwargs, err", [
-    ("bits", dict(bits=3), ValueError), ("granularity", dict(granularity="per_head"), ValueError),
+    ("bits", dict(bits=5), ValueError), ("granularity", dict(granularity="per_head"), ValueError),
     ("group_size", dict(group_size=0), ValueError),
 ])
 def test_quantize_rejects_bad_arguments(bad, kwargs, err):

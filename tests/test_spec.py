@@ -16,7 +16,7 @@ def test_quantspec_defaults_follow_mode():
 
 
 @pytest.mark.parametrize("kwargs, field", [
-    (dict(bits=3), "bits"), (dict(bits=True), "bits"), (dict(bits=4, mode="per_head"), "mode"),
+    (dict(bits=5), "bits"), (dict(bits=True), "bits"), (dict(bits=4, mode="per_head"), "mode"),
     (dict(bits=4, group_size=0), "group_size"), (dict(bits=4, residual_length=-1), "residual_length"),
 ])
 def test_quantspec_rejects_bad_values_in_one_line(kwargs, field):
@@ -57,7 +57,7 @@ def _good():
     (lambda d: d.update(_type="Other"), "_type"),
     (lambda d: d.update(_version=99), "newer kvtuner"),
     (lambda d: d.update(layers=[]), "plan.layers"),
-    (lambda d: d["layers"][2]["k"].update(bits=3), "plan.layers[2].k.bits=3"),
+    (lambda d: d["layers"][2]["k"].update(bits=5), "plan.layers[2].k.bits=5"),
     (lambda d: d["layers"][1]["v"].update(mode="fp8"), "plan.layers[1].v.mode"),
     (lambda d: d["layers"][0]["k"].update(group_size=-4), "plan.layers[0].k.group_size"),
     (lambda d: d["layers"][0]["k"].pop("bits"), "plan.layers[0].k.bits"),
@@ -125,3 +125,19 @@ def test_split_keeps_residual_window_and_whole_groups():
 def test_layerspec_requires_quantspecs():
     with pytest.raises(PlanError, match="LayerSpec.k"):
         LayerSpec(4, QuantSpec(4))
+
+
+def test_rotation_and_three_bit_round_trip_names_and_bytes(tmp_path):
+    plan = KVPlan((LayerSpec.pair(4, 3, rotation=True), LayerSpec(QuantSpec(4), QuantSpec(2, rotation=True)),
+                   LayerSpec.pair(16, 6, rotation=True), LayerSpec.pair(3, 3)))
+    assert [layer.name for layer in plan.layers] == ["K4rV3r", "K4V2r", "K16V6r", "KV3"]
+    assert not plan.layers[2].k.rotation  # 16-bit tensors are never rotated
+    again = KVPlan.load(plan.save(tmp_path / "p.json"))
+    assert again == plan and again.layers[1].v.rotation and not again.layers[1].k.rotation
+    assert "rotation" not in json.dumps(KVPlan.uniform(2, 4, 2).to_dict())  # old plans read and write as before
+    # 3-bit codes are 3 bits per element plus the same metadata as 2 or 4 bits
+    for role in ("key", "value"):
+        b2, b3, b4 = (QuantSpec(b).bytes_per_token(role, 128) for b in (2, 3, 4))
+        assert b3 - b2 == b4 - b3 == 128 / 8
+    with pytest.raises(PlanError, match="rotation"):
+        QuantSpec(4, rotation="yes")

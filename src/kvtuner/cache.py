@@ -99,6 +99,8 @@ class _TensorStore:
         self._buf.zero[..., r0:r0 + block.zero.shape[-2], :].copy_(block.zero)
 
     def append(self, x: torch.Tensor) -> None:
+        if self.spec.rotation:  # everything this store holds, residual included, lives in rotated space
+            x = quant.rotate(x)
         self.residual = x if self.residual is None else torch.cat([self.residual, x], dim=-2)
         if not self.spec.quantized:
             return
@@ -116,7 +118,8 @@ class _TensorStore:
         return total
 
     def materialize(self, dtype: torch.dtype) -> torch.Tensor:
-        return quant.materialize(self.packed, self.residual, dtype)
+        out = quant.materialize(self.packed, self.residual, dtype)
+        return quant.rotate(out, dtype) if self.spec.rotation else out
 
     def drop_front(self, n: int) -> None:
         """Forget the ``n`` oldest tokens (per-channel stores: ``n`` is a multiple of the group)."""
@@ -182,6 +185,9 @@ class QuantizedKVLayer(CacheLayerMixin):
         super().__init__()
         self.spec, self.num_kv_heads, self.head_dim, self.layer_idx = spec, num_kv_heads, head_dim, layer_idx
         self.sliding_window, self.capacity = sliding_window, capacity
+        if (spec.k.rotation or spec.v.rotation) and head_dim & (head_dim - 1):
+            raise PlanError(f"layer {layer_idx}: rotation needs a power-of-two head_dim; got {head_dim} "
+                            "(allowed: rotation=false for this model)")
         self.fused_attention = False  # set by MixedPrecisionCache when the "kvtuner" attention is active
         self.is_sliding = sliding_window is not None
         self.is_croppable = not self.is_sliding
@@ -248,8 +254,11 @@ class QuantizedKVLayer(CacheLayerMixin):
         """Attention of one query token per sequence over this layer's packed storage (Triton)."""
         from .kernels.triton_decode import decode_attention
 
-        return decode_attention(query, self._k.packed, self._k.residual, self._v.packed, self._v.residual, scaling,
-                                kv_mask)
+        if self.spec.k.rotation:  # (q H) . (k H) = q . k: the kernel works in rotated space
+            query = quant.rotate(query)
+        out = decode_attention(query, self._k.packed, self._k.residual, self._v.packed, self._v.residual, scaling,
+                               kv_mask)
+        return quant.rotate(out) if self.spec.v.rotation else out
 
     def _evict(self) -> None:
         # Mirrors DynamicSlidingWindowLayer (keep window - 1 tokens) but only drops whole key groups.

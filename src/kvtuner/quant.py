@@ -23,15 +23,28 @@ Granularity:
 
 The last group along an axis may be shorter (a tail); its statistics cover only real elements.
 
-Bit layout of the packed codes (``uint8``, packed along the last dim D; ``k = 8 // b`` codes per
-byte, code ``i`` of a byte in bits ``[b*i, b*i + b)``, little end first)::
+Bit layout of the packed codes (``uint8``, packed along the last dim D). A width ``w`` in
+{1, 2, 4, 8} packs ``k = 8 // w`` codes per byte, code ``i`` of a byte in bits ``[w*i, w*i + w)``,
+little end first::
 
-    b=2:  byte = c0 | c1 << 2 | c2 << 4 | c3 << 6        [c3 c3 c2 c2 c1 c1 c0 c0]  (MSB..LSB)
-    b=4:  byte = c0 | c1 << 4                            [c1 c1 c1 c1 c0 c0 c0 c0]
-    b=8:  byte = c0
+    w=1:  byte = c0 | c1 << 1 | ... | c7 << 7
+    w=2:  byte = c0 | c1 << 2 | c2 << 4 | c3 << 6        [c3 c3 c2 c2 c1 c1 c0 c0]  (MSB..LSB)
+    w=4:  byte = c0 | c1 << 4                            [c1 c1 c1 c1 c0 c0 c0 c0]
+    w=8:  byte = c0
 
-``D`` is padded with zero codes to a multiple of ``k``; packed codes have shape
-``[B, H, T, ceil(D / k)]`` whatever the granularity, so tokens can be appended along dim -2.
+Widths that are not a power of two are stored as *bit planes*, widest plane first (``PLANES``):
+3 bits = a 2-bit plane of the low bits followed by a 1-bit plane of the high bit; 6 bits = a 4-bit
+plane (low) followed by a 2-bit plane (high). Code ``c = low | high << w_low``. The planes are
+concatenated along the last dim, each padded to whole bytes, so a token of ``D`` channels takes
+``sum(ceil(D / (8 // w)) for w in PLANES[b])`` bytes: exactly ``b * D / 8`` when ``D`` is a
+multiple of 8 (3-bit codes really take 3 bits). Packed codes have shape ``[B, H, T, packed_width(D,
+b)]`` whatever the granularity, so tokens can be appended along dim -2.
+
+Rotation (optional, ``QuantSpec.rotation``): the cache stores ``x @ H`` instead of ``x``, where
+``H`` is the orthonormal Sylvester Hadamard matrix of size D (:func:`hadamard`, symmetric, so
+``H @ H = I``). Attention is unchanged when queries are rotated the same way (``q H . k H = q . k``)
+and outputs over rotated values are rotated back; outlier channels are spread over all channels,
+so low-bit codes lose less (QuaRot, SpinQuant).
 """
 
 from __future__ import annotations
@@ -47,7 +60,7 @@ GRANULARITIES = ("per_token", "per_channel")
 class QuantizedTensor:
     """Packed codes plus per-group scale and zero of one ``[..., T, D]`` tensor."""
 
-    codes: torch.Tensor  # uint8 [..., T, ceil(D / (8 // bits))]
+    codes: torch.Tensor  # uint8 [..., T, packed_width(D, bits)]
     scale: torch.Tensor  # input dtype, see module docstring for the shape
     zero: torch.Tensor
     bits: int
@@ -68,38 +81,86 @@ class QuantizedTensor:
                                self.group_size, self.head_dim)
 
 
+PLANES = {2: (2,), 3: (2, 1), 4: (4,), 6: (4, 2), 8: (8,)}  # bit planes per code width, low bits first
+
+
 def _check_bits(bits: int) -> None:
-    if bits not in (2, 4, 8):
-        raise ValueError(f"bits={bits!r} is invalid; allowed: 2, 4 or 8")
+    if bits not in PLANES:
+        raise ValueError(f"bits={bits!r} is invalid; allowed: 2, 3, 4, 6 or 8")
+
+
+def packed_width(dim: int, bits: int) -> int:
+    """Bytes per token for ``dim`` codes of ``bits`` bits (all planes)."""
+    _check_bits(bits)
+    return sum(-(-dim // (8 // w)) for w in PLANES[bits])
 
 
 # ---------------------------------------------------------------------- packing
-def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack ``uint8`` codes ``[..., D]`` (values < 2**bits) into ``[..., ceil(D / (8 // bits))]`` bytes."""
-    _check_bits(bits)
-    if codes.dtype != torch.uint8:
-        raise TypeError(f"codes.dtype={codes.dtype} is invalid; allowed: torch.uint8")
-    per_byte = 8 // bits
+def _pack_plane(codes: torch.Tensor, w: int) -> torch.Tensor:
+    per_byte = 8 // w
     if per_byte == 1:
         return codes.contiguous()
-    d = codes.shape[-1]
-    pad = (-d) % per_byte
+    pad = (-codes.shape[-1]) % per_byte
     if pad:
         codes = torch.nn.functional.pad(codes, (0, pad))
     codes = codes.reshape(*codes.shape[:-1], -1, per_byte).to(torch.int32)
-    shifts = torch.arange(0, 8, bits, device=codes.device, dtype=torch.int32)
+    shifts = torch.arange(0, 8, w, device=codes.device, dtype=torch.int32)
     return (codes << shifts).sum(-1).to(torch.uint8)
 
 
-def unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """Inverse of :func:`pack`: ``[..., ceil(dim / k)]`` bytes to ``[..., dim]`` ``uint8`` codes."""
-    _check_bits(bits)
-    per_byte = 8 // bits
-    if per_byte == 1:
+def _unpack_plane(packed: torch.Tensor, w: int, dim: int) -> torch.Tensor:
+    if w == 8:
         return packed[..., :dim]
-    shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.int32)
-    codes = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    shifts = torch.arange(0, 8, w, device=packed.device, dtype=torch.int32)
+    codes = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << w) - 1)
     return codes.reshape(*packed.shape[:-1], -1)[..., :dim].to(torch.uint8)
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack ``uint8`` codes ``[..., D]`` (values < 2**bits) into ``[..., packed_width(D, bits)]`` bytes."""
+    _check_bits(bits)
+    if codes.dtype != torch.uint8:
+        raise TypeError(f"codes.dtype={codes.dtype} is invalid; allowed: torch.uint8")
+    planes, shift = [], 0
+    for w in PLANES[bits]:
+        planes.append(_pack_plane((codes >> shift) & ((1 << w) - 1), w))
+        shift += w
+    return planes[0] if len(planes) == 1 else torch.cat(planes, dim=-1)
+
+
+def unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: ``[..., packed_width(dim, bits)]`` bytes to ``[..., dim]`` ``uint8`` codes."""
+    _check_bits(bits)
+    out, shift, col = None, 0, 0
+    for w in PLANES[bits]:
+        width = -(-dim // (8 // w))
+        part = _unpack_plane(packed[..., col:col + width], w, dim)
+        out = part if out is None else out | (part << shift)
+        shift, col = shift + w, col + width
+    return out
+
+
+# ---------------------------------------------------------------------- rotation
+_HADAMARD: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def hadamard(dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The orthonormal Sylvester Hadamard matrix ``[dim, dim]`` (fp32; ``dim`` a power of two)."""
+    if dim < 1 or dim & (dim - 1):
+        raise ValueError(f"head_dim={dim} is invalid for rotation; allowed: a power of two")
+    key = (dim, torch.device(device))
+    if key not in _HADAMARD:
+        h = torch.ones(1, 1)
+        while h.shape[0] < dim:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        _HADAMARD[key] = (h / dim ** 0.5).to(key[1])
+    return _HADAMARD[key]
+
+
+def rotate(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x @ H`` over the last dim, computed in fp32, returned in ``dtype`` (default ``x.dtype``).
+    ``H`` is its own inverse, so the same call rotates back."""
+    return (x.float() @ hadamard(x.shape[-1], x.device)).to(dtype or x.dtype)
 
 
 # ---------------------------------------------------------------------- grouping helpers
@@ -129,7 +190,10 @@ def _qparams_last(x32: torch.Tensor, bits: int, g: int, dtype: torch.dtype) -> t
     grouped = _groups(x32, g)
     mn, mx = grouped.amin(-1), grouped.amax(-1)
     zero = _round_outward(mn, dtype, down=True)
-    scale = _round_outward((mx - zero.float()) / (2**bits - 1), dtype, down=False)
+    # a tensor divisor: with a Python scalar, CUDA torch multiplies by its reciprocal (not IEEE division),
+    # and the stored scale would then depend on the device
+    levels = torch.full_like(mx, 2**bits - 1)
+    scale = _round_outward((mx - zero.float()) / levels, dtype, down=False)
     return scale, zero
 
 
@@ -144,7 +208,7 @@ def quantize(x: torch.Tensor, bits: int, granularity: str = "per_token", group_s
 
     Args:
         x: tensor with tokens on dim -2 and channels on dim -1.
-        bits: 2, 4 or 8.
+        bits: 2, 3, 4, 6 or 8.
         granularity: ``"per_token"`` (groups along D) or ``"per_channel"`` (groups along T).
         group_size: elements per group; ``None`` means the whole axis (D for per_token, T for
             per_channel).
@@ -169,7 +233,7 @@ def quantize(x: torch.Tensor, bits: int, granularity: str = "per_token", group_s
     g = max(n, 1) if group_size is None else group_size
     if t == 0:
         empty = x.new_zeros(*x.shape[:-2], 0, d)
-        codes = torch.zeros(*x.shape[:-2], 0, -(-d // (8 // bits)), dtype=torch.uint8, device=x.device)
+        codes = torch.zeros(*x.shape[:-2], 0, packed_width(d, bits), dtype=torch.uint8, device=x.device)
         return QuantizedTensor(codes, empty[..., :0], empty[..., :0], bits, granularity, g, d)
     scale, zero = _qparams_last(x32, bits, g, x.dtype)
     s, z = _expand(scale, g, n), _expand(zero, g, n)

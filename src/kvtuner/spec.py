@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-BITS = (2, 4, 8, 16)
-QUANTIZED_BITS = (2, 4, 8)
+BITS = (2, 3, 4, 6, 8, 16)
+QUANTIZED_BITS = (2, 4, 8)  # the paper's choices: profiling's default candidates
+PLANE_WIDTHS = {2: (2,), 3: (2, 1), 4: (4,), 6: (4, 2), 8: (8,)}  # as quant.PLANES (no torch import here)
 MODES = ("per_token", "kivi")
 KIVI_GROUP_SIZE = 32
 KIVI_RESIDUAL_LENGTH = 32
@@ -58,26 +59,31 @@ class QuantSpec:
     """How one tensor (the keys or the values of one layer) is stored.
 
     Args:
-        bits: 2, 4 or 8 for packed integer codes; 16 keeps full precision.
+        bits: 2, 3, 4, 6 or 8 for packed integer codes (3 and 6 as bit planes, see ``quant.py``);
+            16 keeps full precision.
         mode: ``"per_token"`` or ``"kivi"`` (see the module docstring).
         group_size: tokens per key group (kivi) or channels per group (per-token groups, kivi
             values). ``None`` for per_token means one group spanning the whole head_dim; for kivi it
             means the default 32.
         residual_length: newest tokens kept in full precision. ``None`` means the mode's default
             (kivi 32, per_token 0).
+        rotation: store ``x @ H`` (orthonormal Hadamard over head_dim) instead of ``x``; the
+            attention path rotates queries (keys) or rotates the output back (values). Needs a
+            power-of-two head_dim; ignored (never applied) at 16 bits.
     """
 
     bits: int = 16
     mode: str = "kivi"
     group_size: int | None = None
     residual_length: int | None = None
+    rotation: bool = False
 
     def __post_init__(self) -> None:
         self._validate("QuantSpec")
 
     def _validate(self, where: str) -> None:
         if not _is_int(self.bits) or self.bits not in BITS:
-            _fail(f"{where}.bits", self.bits, "2, 4, 8 or 16")
+            _fail(f"{where}.bits", self.bits, "2, 3, 4, 6, 8 or 16")
         if self.mode not in MODES:
             _fail(f"{where}.mode", self.mode, " or ".join(repr(m) for m in MODES))
         gs, res = self.group_size, self.residual_length
@@ -85,6 +91,10 @@ class QuantSpec:
             _fail(f"{where}.group_size", gs, "a positive integer or null")
         if res is not None and (not _is_int(res) or res < 0):
             _fail(f"{where}.residual_length", res, "a non-negative integer or null")
+        if not isinstance(self.rotation, bool):
+            _fail(f"{where}.rotation", self.rotation, "true or false")
+        if self.bits >= 16 and self.rotation:  # 16-bit tensors are never rotated
+            object.__setattr__(self, "rotation", False)
         if self.mode == "kivi":
             object.__setattr__(self, "group_size", KIVI_GROUP_SIZE if gs is None else gs)
             object.__setattr__(self, "residual_length", KIVI_RESIDUAL_LENGTH if res is None else res)
@@ -94,6 +104,10 @@ class QuantSpec:
     @property
     def quantized(self) -> bool:
         return self.bits < 16
+
+    def packed_width(self, head_dim: int) -> int:
+        """Bytes of codes per token of one head (all bit planes)."""
+        return sum(math.ceil(head_dim / (8 // w)) for w in PLANE_WIDTHS[self.bits])
 
     def granularity(self, role: str) -> str:
         """``"per_token"`` (groups along head_dim) or ``"per_channel"`` (groups along tokens)."""
@@ -131,8 +145,7 @@ class QuantSpec:
         """Exact bytes of packed codes + scales + zeros for ``num_tokens`` quantized tokens of one head."""
         if num_tokens == 0:
             return 0
-        per_byte = 8 // self.bits
-        codes = num_tokens * math.ceil(head_dim / per_byte)
+        codes = num_tokens * self.packed_width(head_dim)
         if self.granularity(role) == "per_channel":
             groups = math.ceil(num_tokens / self.group_size) * head_dim
         else:
@@ -143,8 +156,7 @@ class QuantSpec:
         """Steady-state bytes per token per head (codes + metadata), ignoring the fixed residual."""
         if not self.quantized:
             return float(head_dim * dtype_bytes)
-        per_byte = 8 // self.bits
-        codes = math.ceil(head_dim / per_byte)
+        codes = self.packed_width(head_dim)
         if self.granularity(role) == "per_channel":
             meta = 2 * head_dim * dtype_bytes / self.group_size
         else:
@@ -152,20 +164,24 @@ class QuantSpec:
         return codes + meta
 
     def to_dict(self) -> dict[str, Any]:
-        return {"bits": self.bits, "mode": self.mode, "group_size": self.group_size,
-                "residual_length": self.residual_length}
+        d = {"bits": self.bits, "mode": self.mode, "group_size": self.group_size,
+             "residual_length": self.residual_length}
+        if self.rotation:  # omitted when off, so plans without rotation read as before
+            d["rotation"] = True
+        return d
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "QuantSpec") -> QuantSpec:
         if not isinstance(data, Mapping):
             _fail(where, data, "an object with bits, mode, group_size, residual_length")
-        unknown = sorted(set(data) - {"bits", "mode", "group_size", "residual_length"})
+        unknown = sorted(set(data) - {"bits", "mode", "group_size", "residual_length", "rotation"})
         if unknown:
-            _fail(f"{where}.{unknown[0]}", data[unknown[0]], "only bits, mode, group_size, residual_length")
+            _fail(f"{where}.{unknown[0]}", data[unknown[0]], "only bits, mode, group_size, residual_length, rotation")
         if "bits" not in data:
-            _fail(f"{where}.bits", None, "2, 4, 8 or 16 (the field is required)")
+            _fail(f"{where}.bits", None, "2, 3, 4, 6, 8 or 16 (the field is required)")
         spec = cls.__new__(cls)
-        for name, default in (("bits", None), ("mode", "kivi"), ("group_size", None), ("residual_length", None)):
+        for name, default in (("bits", None), ("mode", "kivi"), ("group_size", None), ("residual_length", None),
+                              ("rotation", False)):
             object.__setattr__(spec, name, data.get(name, default))
         spec._validate(where)
         return spec
@@ -189,10 +205,12 @@ class LayerSpec:
 
     @property
     def name(self) -> str:
-        """Paper-style label: ``KV4`` when bits are equal, else ``K8V4``."""
-        if self.k.bits == self.v.bits:
-            return f"KV{self.k.bits}"
-        return f"K{self.k.bits}V{self.v.bits}"
+        """Paper-style label: ``KV4`` when bits are equal, else ``K8V4``; ``r`` marks a rotated
+        tensor (``KV4r``: both rotated, ``K4V2r``: only the values)."""
+        kr, vr = "r" * self.k.rotation, "r" * self.v.rotation
+        if self.k.bits == self.v.bits and kr == vr:
+            return f"KV{self.k.bits}{kr}"
+        return f"K{self.k.bits}{kr}V{self.v.bits}{vr}"
 
     def to_dict(self) -> dict[str, Any]:
         return {"k": self.k.to_dict(), "v": self.v.to_dict()}
@@ -205,9 +223,10 @@ class LayerSpec:
 
     @classmethod
     def pair(cls, k_bits: int, v_bits: int, mode: str = "kivi", group_size: int | None = None,
-             residual_length: int | None = None) -> LayerSpec:
-        return cls(QuantSpec(k_bits, mode, group_size, residual_length),
-                   QuantSpec(v_bits, mode, group_size, residual_length))
+             residual_length: int | None = None, rotation: bool = False) -> LayerSpec:
+        """``rotation`` rotates both tensors (16-bit ones never are)."""
+        return cls(QuantSpec(k_bits, mode, group_size, residual_length, rotation),
+                   QuantSpec(v_bits, mode, group_size, residual_length, rotation))
 
 
 @dataclass(frozen=True)
@@ -274,20 +293,20 @@ class KVPlan:
     @classmethod
     def uniform(cls, num_layers: int, k_bits: int, v_bits: int, mode: str = "kivi", *,
                 group_size: int | None = None, residual_length: int | None = None,
-                model_id: str | None = None) -> KVPlan:
+                model_id: str | None = None, rotation: bool = False) -> KVPlan:
         """The same (k_bits, v_bits) pair in every layer."""
         if not _is_int(num_layers) or num_layers < 1:
             _fail("KVPlan.uniform.num_layers", num_layers, "a positive integer")
-        layer = LayerSpec.pair(k_bits, v_bits, mode, group_size, residual_length)
+        layer = LayerSpec.pair(k_bits, v_bits, mode, group_size, residual_length, rotation)
         return cls((layer,) * num_layers, model_id=model_id,
                    provenance={"source": f"uniform {layer.name} {mode}"})
 
     @classmethod
     def from_pairs(cls, pairs: Sequence[tuple[int, int]], mode: str = "kivi", *, group_size: int | None = None,
                    residual_length: int | None = None, model_id: str | None = None,
-                   provenance: Mapping[str, Any] | None = None) -> KVPlan:
+                   provenance: Mapping[str, Any] | None = None, rotation: bool = False) -> KVPlan:
         """One (k_bits, v_bits) pair per layer, all in one mode."""
-        layers = tuple(LayerSpec.pair(k, v, mode, group_size, residual_length) for k, v in pairs)
+        layers = tuple(LayerSpec.pair(k, v, mode, group_size, residual_length, rotation) for k, v in pairs)
         return cls(layers, model_id=model_id, provenance=provenance or {})
 
     # ------------------------------------------------------------------ derived numbers

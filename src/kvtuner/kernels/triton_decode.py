@@ -33,24 +33,46 @@ last_compiled = None  # the split kernel's last launch (benchmarks read register
 
 
 @triton.jit
-def _unpack(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constexpr, BITS: tl.constexpr):
-    """Codes ``[len(t), BLOCK_D]`` as fp16 from bytes packed along D (little end first).
+def _unpack_plane(base, t, tmask, stride_t, col0, D: tl.constexpr, BLOCK_D: tl.constexpr, W: tl.constexpr):
+    """One bit plane of ``W`` bits (1, 2, 4 or 8), starting ``col0`` bytes into each token row, as
+    uint16 codes ``[len(t), BLOCK_D]`` in channel order.
 
     Each byte is loaded once (contiguous rows, vectorised loads); the codes of a byte are split with
-    shifts in 16-bit lanes and put back in channel order with ``tl.interleave``. The fp16 value
-    comes from the exponent trick: ``0x6400 | c`` read as fp16 is ``1024 + c``.
+    shifts in 16-bit lanes and put back in channel order with ``tl.interleave``.
     """
-    PER: tl.constexpr = 8 // BITS
-    W: tl.constexpr = BLOCK_D // PER
-    w = tl.arange(0, W)
-    ptr = base + t.to(tl.int64)[:, None] * stride_t + w[None, :]
-    byte = tl.load(ptr, mask=tmask[:, None] & (w < (D + PER - 1) // PER)[None, :], other=0).to(tl.uint16)
+    PER: tl.constexpr = 8 // W
+    NW: tl.constexpr = BLOCK_D // PER
+    w = tl.arange(0, NW)
+    ptr = base + t.to(tl.int64)[:, None] * stride_t + col0 + w[None, :]
+    b = tl.load(ptr, mask=tmask[:, None] & (w < (D + PER - 1) // PER)[None, :], other=0).to(tl.uint16)
     if PER == 1:
-        c = byte
+        c = b
     elif PER == 2:
-        c = tl.interleave(byte & 15, byte >> 4)
+        c = tl.interleave(b & 15, b >> 4)
+    elif PER == 4:
+        c = tl.interleave(tl.interleave(b & 3, (b >> 4) & 3), tl.interleave((b >> 2) & 3, b >> 6))
+    else:  # code k of a byte goes to channel 8j + k
+        even = tl.interleave(tl.interleave(b & 1, (b >> 4) & 1), tl.interleave((b >> 2) & 1, (b >> 6) & 1))
+        odd = tl.interleave(tl.interleave((b >> 1) & 1, (b >> 5) & 1), tl.interleave((b >> 3) & 1, b >> 7))
+        c = tl.interleave(even, odd)
+    return c
+
+
+@triton.jit
+def _unpack(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constexpr, BITS: tl.constexpr):
+    """Codes ``[len(t), BLOCK_D]`` as fp16 from one token row per ``t`` (layout: ``quant.py``).
+
+    3 and 6 bits are two planes (2+1, 4+2 bits, low bits first). The fp16 value comes from the
+    exponent trick: ``0x6400 | c`` read as fp16 is ``1024 + c``.
+    """
+    if BITS == 3:
+        c = _unpack_plane(base, t, tmask, stride_t, 0, D, BLOCK_D, 2) \
+            | (_unpack_plane(base, t, tmask, stride_t, (D + 3) // 4, D, BLOCK_D, 1) << 2)
+    elif BITS == 6:
+        c = _unpack_plane(base, t, tmask, stride_t, 0, D, BLOCK_D, 4) \
+            | (_unpack_plane(base, t, tmask, stride_t, (D + 1) // 2, D, BLOCK_D, 2) << 4)
     else:
-        c = tl.interleave(tl.interleave(byte & 3, (byte >> 4) & 3), tl.interleave((byte >> 2) & 3, byte >> 6))
+        c = _unpack_plane(base, t, tmask, stride_t, 0, D, BLOCK_D, BITS)
     magic = tl.full([1, 1], 0x6400, tl.uint16)
     return (c | magic).to(tl.float16, bitcast=True) - 1024.0
 

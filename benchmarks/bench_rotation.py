@@ -1,0 +1,68 @@
+"""Does Hadamard rotation (and 3-/6-bit codes) help? Uniform plans on SmolLM2, with and without rotation.
+
+    python benchmarks/bench_rotation.py --out benchmarks/results/rotation_smollm2.md
+
+Protocol: `kvtuner.Evaluator` on held-out pydoc text, 2 windows of 384-token prefill + 256
+teacher-forced one-token decode steps through the real cache (as `bench_quality.py` and
+`bench_search.py`), 4 greedy continuations of 64 tokens; no passkey. KIVI and per-token modes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import transformers
+
+import kvtuner
+from kvtuner import KVPlan, load_model
+from kvtuner.evaluate import Evaluator
+
+PAIRS = [(4, 4), (4, 3), (3, 3), (4, 2), (3, 2), (2, 2), (8, 4), (6, 4)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--pairs", default=",".join(f"{k}{v}" for k, v in PAIRS), help="e.g. 44,42,22 (k then v bits)")
+    ap.add_argument("--modes", default="kivi,per_token")
+    args = ap.parse_args()
+    pairs = [(int(p[0]), int(p[1])) for p in args.pairs.split(",")]
+    model, tok = load_model("smollm2")
+    n = model.config.num_hidden_layers
+    ev = Evaluator(model, tok, passkey_lengths=())
+    t0 = time.perf_counter()
+    rows = []
+    for mode in args.modes.split(","):
+        for k, v in pairs:
+            for rot in (False, True):
+                r = ev(KVPlan.uniform(n, k, v, mode, rotation=rot))
+                rows.append(dict(mode=mode, rotation=rot, **r.to_dict()))
+                print({x: rows[-1][x] for x in ("mode", "plan", "rotation", "ppl", "kl", "top1")}, flush=True)
+    seconds = time.perf_counter() - t0
+    by = {(r["mode"], r["equivalent_bits"], r["plan"].replace("r", ""), r["rotation"]): r for r in rows}
+    lines = ["| mode | pair | eq. bits | bytes/token | rotation | PPL | vs full | KL | KL rotated / plain | top-1 | "
+             "gen. prefix |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        plain = by[(r["mode"], r["equivalent_bits"], r["plan"].replace("r", ""), False)]
+        ratio = f"{r['kl'] / plain['kl']:.2f}" if r["rotation"] else ""
+        lines.append(f"| {r['mode']} | {r['plan']} | {r['equivalent_bits']:.1f} | {r['bytes_per_token']:.0f} | "
+                     f"{'yes' if r['rotation'] else 'no'} | {r['ppl']:.3f} | "
+                     f"{100 * (r['ppl'] / r['full_ppl'] - 1):+.2f} % | {r['kl']:.4f} | {ratio} | {r['top1']:.3f} | "
+                     f"{r['generation_prefix']:.1f} |")
+    meta = (f"SmolLM2-135M-Instruct (fp32 weights from the Q4_1 GGUF), held-out pydoc text; full precision PPL "
+            f"{rows[0]['full_ppl']:.3f}. {len(rows)} plans in {seconds:.0f} s. kvtuner {kvtuner.__version__}, torch "
+            f"{torch.__version__}, transformers {transformers.__version__}, CPU ({torch.get_num_threads()} threads).")
+    table = "\n".join(lines)
+    print(meta, table, sep="\n\n")
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(f"# Rotation and 3/6-bit codes on SmolLM2 (uniform plans)\n\n{meta}\n\nCommand: `python "
+                    f"benchmarks/bench_rotation.py --out {args.out}`\n\n{__doc__.split(chr(10), 3)[3]}\n{table}\n")
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
