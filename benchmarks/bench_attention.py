@@ -22,6 +22,7 @@ import triton
 import triton.testing
 
 from kvtuner import quant
+from kvtuner.attention import rotated_decode
 from kvtuner.kernels import triton_decode, triton_quant
 
 HQ, HKV, D = 32, 8, 128
@@ -71,13 +72,19 @@ def bytes_read(q, kp, kr, vp, vr) -> int:
     return kp.nbytes() + vp.nbytes() + 2 * kr.numel() * 2 + 2 * q.numel() * 2
 
 
-def run_kernel(case, rotation: bool = False, **kw) -> float:
+def run_kernel(case, rotation: bool = False, cudagraph: bool = False, **kw) -> float:
     q, kp, kr, vp, vr = case
-    if rotation:  # what a rotated layer adds: rotate the query in, the output back (QuantizedKVLayer.fused_decode)
-        fn = lambda: quant.rotate(triton_decode.decode_attention(quant.rotate(q), kp, kr, vp, vr, D**-0.5, **kw))  # noqa: E731
+
+    def kernel(*a, out_scale=1.0):
+        return triton_decode.decode_attention(*a, out_scale=out_scale, **kw)
+
+    if rotation:  # what a rotated layer adds (QuantizedKVLayer.fused_decode): a matmul on each side
+        fn = lambda: rotated_decode(kernel, q, kp, kr, vp, vr, D**-0.5, None, True, True)  # noqa: E731
     else:
-        fn = lambda: triton_decode.decode_attention(q, kp, kr, vp, vr, D**-0.5, **kw)  # noqa: E731
+        fn = lambda: kernel(q, kp, kr, vp, vr, D**-0.5, None)  # noqa: E731
     fn()
+    if cudagraph:  # GPU time only: no Python launch gaps
+        return triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3
     return triton.testing.do_bench(fn, warmup=10, rep=50) * 1e3
 
 
@@ -103,6 +110,7 @@ def main() -> None:
     ap.add_argument("--pairs", default=",".join(f"{k}{v}" for k, v in PAIRS), help="k then v bits, e.g. 44,43,33")
     ap.add_argument("--shapes", default=None, help="BxL list, e.g. 64x4096,1x131072 (overrides --quick)")
     ap.add_argument("--rotation", action="store_true", help="also time each pair with Hadamard rotation")
+    ap.add_argument("--cudagraph", action="store_true", help="also time each config inside a CUDA graph")
     args = ap.parse_args()
     pairs = [(int(x[0]), int(x[1])) for x in args.pairs.split(",")]
     t_start = time.time()
@@ -131,12 +139,13 @@ def main() -> None:
                     tuned[key] = tune(case, g)
                 for rot in ((False, True) if args.rotation else (False,)):
                     t = run_kernel(case, rotation=rot, **tuned[key])
+                    t_graph = run_kernel(case, rotation=rot, cudagraph=True, **tuned[key]) if args.cudagraph else None
                     ck = triton_decode.last_compiled
                     res = dict(regs=getattr(ck, "n_regs", None), spills=getattr(ck, "n_spills", None),
                                smem=getattr(getattr(ck, "metadata", None), "shared", None))
                     rows.append(dict(batch=b, context=n, config=f"K{kb}V{vb} G{g}" + (" rotated" if rot else ""),
                                      us=t, tbps=bytes_read(*case) / t / 1e6, speedup=t_sdpa / t,
-                                     launch={**tuned[key], **res}))
+                                     us_graph=t_graph, launch={**tuned[key], **res}))
                     print(rows[-1], flush=True)
                 del case
                 torch.cuda.empty_cache()
@@ -150,19 +159,24 @@ def write(args, props, rows, t_start) -> None:
             f"{triton.__version__}, CUDA {torch.version.cuda}, python {platform.python_version()}.",
             f"Command: `python benchmarks/bench_attention.py --out {args.out}"
             f"{' --quick' if args.quick else ''} --pairs {args.pairs} --groups {args.groups}"
-            f"{' --shapes ' + args.shapes if args.shapes else ''}{' --rotation' if args.rotation else ''}` "
+            f"{' --shapes ' + args.shapes if args.shapes else ''}{' --rotation' if args.rotation else ''}"
+            f"{' --cudagraph' if args.cudagraph else ''}` "
             f"({time.time() - t_start:.0f} s).",
             "KIVI layout: keys per channel in groups of G tokens, values per token (G=128: one scale/zero per "
             "token and head; G=32: four), plus a 32-token bf16 residual window read by the same launch. "
             "µs = median of triton.testing.do_bench (L2 flushed); TB/s = bytes the step must read / time; "
             "speed-up vs the fastest bf16 SDPA backend at that shape. Launch parameters tuned once per "
             "(pair, G) at the first shape.", "",
-            "| batch | context | config | µs | eff. TB/s | vs bf16 SDPA | launch |", "|---|---|---|---|---|---|---|"]
+            "µs in graph: the same call captured in a CUDA graph (do_bench_cudagraph), i.e. GPU time without "
+            "Python launch gaps (--cudagraph).", "",
+            "| batch | context | config | µs | µs in graph | eff. TB/s | vs bf16 SDPA | launch |",
+            "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "us" not in r:
-            head.append(f"| {r['batch']} | {r['context']} | {r['config']} | {r['note']} | | | |")
+            head.append(f"| {r['batch']} | {r['context']} | {r['config']} | {r['note']} | | | | |")
             continue
-        head.append(f"| {r['batch']} | {r['context']} | {r['config']} | {r['us']:.1f} | {r['tbps']:.2f} | "
+        graph = f"{r['us_graph']:.1f}" if r.get("us_graph") else ""
+        head.append(f"| {r['batch']} | {r['context']} | {r['config']} | {r['us']:.1f} | {graph} | {r['tbps']:.2f} | "
                     f"{r['speedup']:.2f}x | {r.get('launch', '')} |")
     text = "\n".join(head) + "\n"
     with open(args.out, "w") as f:

@@ -23,12 +23,13 @@ ATTN_NAME = "kvtuner"
 
 def decode_attention(q: torch.Tensor, k_packed: quant.QuantizedTensor | None, k_residual: torch.Tensor | None,
                      v_packed: quant.QuantizedTensor | None, v_residual: torch.Tensor | None, scaling: float,
-                     kv_mask: torch.Tensor | None = None) -> torch.Tensor:
+                     kv_mask: torch.Tensor | None = None, out_scale: float = 1.0) -> torch.Tensor:
     """Attention of ``q`` ``[B, Hq, 1, D]`` over stored keys/values, computed in fp32.
 
     Keys and values are the packed history (``None`` when empty) followed by the residual
     (``[B, Hkv, R, D]``, ``None`` when empty); ``Hq`` is a multiple of ``Hkv`` (GQA/MQA).
-    ``kv_mask`` is ``[B, L]`` bool, True where a stored token may be attended.
+    ``kv_mask`` is ``[B, L]`` bool, True where a stored token may be attended. The output is
+    multiplied by ``out_scale`` (rotated layers fold their 1/sqrt(D) there).
 
     Returns ``[B, 1, Hq, D]`` in ``q.dtype`` (the layout transformers attention functions return).
     """
@@ -41,8 +42,27 @@ def decode_attention(q: torch.Tensor, k_packed: quant.QuantizedTensor | None, k_
     scores = (q.float() @ k.transpose(-1, -2)) * scaling  # [B, Hq, 1, L]
     if kv_mask is not None:
         scores = scores.masked_fill(~kv_mask[:, None, None, :], float("-inf"))
-    out = torch.softmax(scores, dim=-1) @ v
+    out = (torch.softmax(scores, dim=-1) @ v) * out_scale
     return out.transpose(1, 2).to(q.dtype)
+
+
+def rotated_decode(decode: Any, q: torch.Tensor, k_packed: quant.QuantizedTensor | None,
+                   k_residual: torch.Tensor | None, v_packed: quant.QuantizedTensor | None,
+                   v_residual: torch.Tensor | None, scaling: float, kv_mask: torch.Tensor | None,
+                   k_rotation: bool, v_rotation: bool) -> torch.Tensor:
+    """``decode`` (this reference or the kernel) over stores that hold ``k H`` and/or ``v H``.
+
+    Attention runs in rotated space: ``(q H).(k H) = q.k`` and ``sum p (v H) = o H``. Each side
+    costs one matmul with the exact ``±1`` matrix ``S = sqrt(D) H``; the ``1/sqrt(D)`` factors go
+    into the softmax scale and ``out_scale``.
+    """
+    d = q.shape[-1]
+    if k_rotation:
+        q = q @ quant.hadamard(d, q.device, q.dtype, normalized=False)
+        scaling = scaling / d ** 0.5
+    out = decode(q, k_packed, k_residual, v_packed, v_residual, scaling, kv_mask,
+                 out_scale=d ** -0.5 if v_rotation else 1.0)
+    return out @ quant.hadamard(d, out.device, out.dtype, normalized=False) if v_rotation else out
 
 
 class PackedKV(torch.Tensor):

@@ -254,11 +254,10 @@ class QuantizedKVLayer(CacheLayerMixin):
         """Attention of one query token per sequence over this layer's packed storage (Triton)."""
         from .kernels.triton_decode import decode_attention
 
-        if self.spec.k.rotation:  # (q H) . (k H) = q . k: the kernel works in rotated space
-            query = quant.rotate(query)
-        out = decode_attention(query, self._k.packed, self._k.residual, self._v.packed, self._v.residual, scaling,
-                               kv_mask)
-        return quant.rotate(out) if self.spec.v.rotation else out
+        from .attention import rotated_decode
+
+        return rotated_decode(decode_attention, query, self._k.packed, self._k.residual, self._v.packed,
+                              self._v.residual, scaling, kv_mask, self.spec.k.rotation, self.spec.v.rotation)
 
     def _evict(self) -> None:
         # Mirrors DynamicSlidingWindowLayer (keep window - 1 tokens) but only drops whole key groups.

@@ -141,19 +141,21 @@ def unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- rotation
-_HADAMARD: dict[tuple[int, torch.device], torch.Tensor] = {}
+_HADAMARD: dict[tuple, torch.Tensor] = {}
 
 
-def hadamard(dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The orthonormal Sylvester Hadamard matrix ``[dim, dim]`` (fp32; ``dim`` a power of two)."""
+def hadamard(dim: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, *,
+             normalized: bool = True) -> torch.Tensor:
+    """The Sylvester Hadamard matrix ``[dim, dim]`` (``dim`` a power of two), orthonormal (entries
+    ``±1/sqrt(dim)``) or, with ``normalized=False``, of ``±1`` entries (exact in every float dtype)."""
     if dim < 1 or dim & (dim - 1):
         raise ValueError(f"head_dim={dim} is invalid for rotation; allowed: a power of two")
-    key = (dim, torch.device(device))
+    key = (dim, torch.device(device), dtype, normalized)
     if key not in _HADAMARD:
         h = torch.ones(1, 1)
         while h.shape[0] < dim:
             h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-        _HADAMARD[key] = (h / dim ** 0.5).to(key[1])
+        _HADAMARD[key] = (h / dim ** 0.5 if normalized else h).to(key[1], dtype)
     return _HADAMARD[key]
 
 

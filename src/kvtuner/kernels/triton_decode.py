@@ -221,7 +221,7 @@ def _decode_split_kernel(
 
 
 @triton.jit
-def _merge_kernel(PO, PM, PL, O, so_b, so_h, HQ, NUM_SPLITS, D: tl.constexpr, BLOCK_D: tl.constexpr,
+def _merge_kernel(PO, PM, PL, O, so_b, so_h, HQ, NUM_SPLITS, out_scale, D: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_S: tl.constexpr):
     pid = tl.program_id(0)
     b = (pid // HQ).to(tl.int64)
@@ -238,7 +238,7 @@ def _merge_kernel(PO, PM, PL, O, so_b, so_h, HQ, NUM_SPLITS, D: tl.constexpr, BL
     acc = tl.load(PO + (base + s)[:, None] * BLOCK_D + d[None, :], mask=smask[:, None], other=0.0)
     num = tl.sum(acc * w[:, None], axis=0)
     den = tl.sum(l_s * w, axis=0)
-    out = num / tl.where(den > 0, den, 1.0)
+    out = num * out_scale / tl.where(den > 0, den, 1.0)
     tl.store(O + b * so_b + h * so_h + d, out.to(O.dtype.element_ty), mask=d < D)
 
 
@@ -260,7 +260,7 @@ def _splits(batch_heads: int, n_q: int, block_n: int, device: torch.device) -> t
 
 def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residual: torch.Tensor | None,
                      v_packed: QuantizedTensor | None, v_residual: torch.Tensor | None, scaling: float,
-                     kv_mask: torch.Tensor | None = None, *, block_n: int | None = None,
+                     kv_mask: torch.Tensor | None = None, out_scale: float = 1.0, *, block_n: int | None = None,
                      num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """Fused kernel; see :func:`kvtuner.attention.decode_attention` for the contract.
 
@@ -337,7 +337,8 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
         KBITS=kbits, VBITS=vbits, K_PER_CHANNEL=k_per_channel, GK=gk_eff, GV=gv_eff, BLOCK_N=block_n,
         BLOCK_R=32, HAS_MASK=mask is not None, num_warps=num_warps, num_stages=num_stages)
     out = torch.empty(b, 1, hq, d, device=q.device, dtype=q.dtype)
-    _merge_kernel[(b * hq,)](po, pm, pl, out, out.stride(0), out.stride(2), hq, num_splits, D=d, BLOCK_D=block_d,
+    _merge_kernel[(b * hq,)](po, pm, pl, out, out.stride(0), out.stride(2), hq, num_splits, float(out_scale), D=d,
+                             BLOCK_D=block_d,
                              BLOCK_S=max(2, triton.next_power_of_2(num_splits)))
     return out
 
