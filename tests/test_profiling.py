@@ -85,8 +85,8 @@ def test_bad_profiling_input_is_clear():
         profile(model, CharTokenizer(), "short", seq_len=128, progress=False)
     with pytest.raises(ValueError, match="leaves nothing quantized"):
         profile(model, CharTokenizer(), TEXT, seq_len=40, progress=False)
-    with pytest.raises(PlanError, match="bits=3"):
-        profile(model, CharTokenizer(), TEXT, pairs=[(3, 4)], progress=False)
+    with pytest.raises(PlanError, match="bits=5"):
+        profile(model, CharTokenizer(), TEXT, pairs=[(5, 4)], progress=False)
 
 
 def test_layer_kl_is_recorded():
@@ -95,6 +95,25 @@ def test_layer_kl_is_recorded():
                   kl_pairs=[(2, 16), (16, 2)], progress=False)
     assert set(tab.kl["kivi"]) == {"K2V16", "K16V2"} and len(tab.kl["kivi"]["K2V16"]) == 2
     assert all(x >= 0 for x in tab.kl["kivi"]["K2V16"])
+
+
+def test_rotated_three_bit_profile_searches_to_rotated_plans(tmp_path):
+    from kvtuner.search import search
+
+    model = tiny_model("llama", layers=2)
+    pairs = [(4, 4), (4, 3), (3, 3), (3, 2), (2, 2)]
+    tab = profile(model, CharTokenizer(), TEXT, modes=["kivi"], pairs=pairs, num_sequences=1, seq_len=128,
+                  kl_pairs=pairs, rotation=True, progress=False)
+    assert tab.rotation and 3 in tab.bits and set(tab.kl["kivi"]) == {"KV4", "K4V3", "KV3", "K3V2", "KV2"}
+    again = SensitivityTable.load(tab.save(tmp_path / "t.json"))
+    assert again.rotation and again.pairs == tab.pairs
+    plain = profile(model, CharTokenizer(), TEXT, modes=["kivi"], pairs=pairs, num_sequences=1, seq_len=128,
+                    progress=False)
+    assert plain.output_error != tab.output_error  # rotation changes what is measured
+    front = search(again, mode="kivi", progress=False, cluster=False)
+    plan = front.best(3.5)
+    assert plan.equivalent_bits <= 3.5 and all(layer.k.rotation and layer.v.rotation for layer in plan.layers)
+    assert any(3 in pair for p in front.points for pair in p.plan.pairs)  # 3-bit steps are on the frontier
 
 
 def test_spearman():

@@ -34,11 +34,20 @@ class TuneSettings:
     eval_decode: int = 128
     eval_windows: int = 1
     seed: int = 0
+    bits: tuple[int, ...] = (8, 4, 2)  # candidate widths for K and V: every (k, v) pair of them
+    rotation: bool = False  # Hadamard-rotate every quantized tensor (profiled, searched and saved so)
+
+    @property
+    def pairs(self) -> tuple[tuple[int, int], ...]:
+        return tuple((k, v) for k in self.bits for v in self.bits)
 
     def check(self) -> None:
         for b in self.budgets:
             if not 2 <= b <= 16:
                 raise PlanError(f"budget-bits={b} is invalid; allowed: 2 to 16 equivalent bits")
+        for b in self.bits:
+            if b not in (2, 3, 4, 6, 8):
+                raise PlanError(f"bits={b} is invalid; allowed: 2, 3, 4, 6 or 8")
         if self.mode not in ("kivi", "per_token"):
             raise PlanError(f"mode={self.mode!r} is invalid; allowed: 'kivi' or 'per_token'")
 
@@ -58,7 +67,8 @@ class TuneOutput:
 
 def _key(settings: TuneSettings, text_sha: str, dims: ModelDims) -> dict[str, Any]:
     return {"model": dims.fingerprint(), "mode": settings.mode, "sequences": settings.sequences,
-            "seq_len": settings.seq_len, "kl_seq_len": settings.kl_seq_len, "text_sha256": text_sha}
+            "seq_len": settings.seq_len, "kl_seq_len": settings.kl_seq_len, "text_sha256": text_sha,
+            "bits": list(settings.bits), "rotation": settings.rotation}
 
 
 def run_tune(model: Any, tokenizer: Any, calibration: str, evaluation: str, out: str | os.PathLike[str], *,
@@ -68,7 +78,7 @@ def run_tune(model: Any, tokenizer: Any, calibration: str, evaluation: str, out:
     import hashlib
 
     from .evaluate import Evaluator
-    from .profiling import ALL_PAIRS, SensitivityTable, calibration_batches, layer_kl, profile
+    from .profiling import SensitivityTable, calibration_batches, layer_kl, profile
     from .search import search
     from .search.objectives import KLObjective
 
@@ -98,10 +108,10 @@ def run_tune(model: Any, tokenizer: Any, calibration: str, evaluation: str, out:
         result.reused.append("table")
         log(f"reusing {table_path}")
     else:
-        table = profile(model, tokenizer, calibration, modes=[s.mode], num_sequences=s.sequences, seq_len=s.seq_len,
-                        model_id=model_id, progress=progress)
+        table = profile(model, tokenizer, calibration, pairs=s.pairs, modes=[s.mode], num_sequences=s.sequences,
+                        seq_len=s.seq_len, model_id=model_id, rotation=s.rotation, progress=progress)
         kl_batch = calibration_batches(tokenizer, calibration, 1, s.kl_seq_len)
-        table.kl = layer_kl(model, kl_batch, ALL_PAIRS, [s.mode], progress=progress)
+        table.kl = layer_kl(model, kl_batch, s.pairs, [s.mode], rotation=s.rotation, progress=progress)
         table.save(table_path)
     result.files.append(table_path)
 
@@ -119,7 +129,7 @@ def run_tune(model: Any, tokenizer: Any, calibration: str, evaluation: str, out:
                            cluster=False)
         plan = fronts[b].best(b)
         plan = KVPlan(plan.layers, model_id=model_id, model=dims.fingerprint(),
-                      provenance={"source": "kvtuner tune", "budget_bits": b, "mode": s.mode,
+                      provenance={"source": "kvtuner tune", "budget_bits": b, "mode": s.mode, "rotation": s.rotation,
                                   "front_metric": fronts[b].metric})
         path = plan.save(out / f"plan-{b:g}.json")
         result.plans[b] = path

@@ -109,6 +109,7 @@ class SensitivityTable:
     key_error: dict[str, list[list[float]]]
     value_error: dict[str, list[list[float]]]
     kl: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    rotation: bool = False  # every quantized tensor was Hadamard-rotated (QuantSpec.rotation)
 
     @property
     def num_layers(self) -> int:
@@ -132,7 +133,7 @@ class SensitivityTable:
                 "num_tokens": self.num_tokens, "seq_len": self.seq_len, "modes": list(self.modes),
                 "pairs": [list(p) for p in self.pairs], "bits": list(self.bits),
                 "output_error": self.output_error, "key_error": self.key_error, "value_error": self.value_error,
-                "kl": self.kl}
+                "kl": self.kl, "rotation": self.rotation}
 
     @classmethod
     def from_dict(cls, data: Any, config: Any = None) -> SensitivityTable:
@@ -151,7 +152,7 @@ class SensitivityTable:
         pairs = tuple(tuple(p) for p in data["pairs"])
         for p in pairs:
             if len(p) != 2 or any(b not in BITS for b in p):
-                _fail("table.pairs", list(p), "[k_bits, v_bits] with bits in 2, 4, 8, 16")
+                _fail("table.pairs", list(p), f"[k_bits, v_bits] with bits in {', '.join(map(str, BITS))}")
         bits = tuple(data["bits"])
         for name, width in (("output_error", len(pairs)), ("key_error", len(bits)), ("value_error", len(bits))):
             block = data[name]
@@ -168,7 +169,7 @@ class SensitivityTable:
                         _fail(f"table.{name}.{m}[{i}]", row, f"{width} finite non-negative numbers")
         table = cls(data.get("model_id"), model, data["text_sha256"], int(data.get("num_tokens", 0)),
                     int(data.get("seq_len", 0)), modes, pairs, bits, data["output_error"], data["key_error"],
-                    data["value_error"], data.get("kl") or {})
+                    data["value_error"], data.get("kl") or {}, bool(data.get("rotation", False)))
         if config is not None:
             table.check_config(config)
         return table
@@ -201,7 +202,7 @@ def calibration_batches(tokenizer: Any, texts: str | Sequence[str], num_sequence
 def profile(model: Any, tokenizer: Any, texts: str | Sequence[str], *, pairs: Sequence[tuple[int, int]] = ALL_PAIRS,
             modes: Sequence[str] = MODES, num_sequences: int = 8, seq_len: int = 512,
             kl_pairs: Sequence[tuple[int, int]] = (), kl_sequences: int | None = None,
-            model_id: str | None = None, progress: bool = True) -> SensitivityTable:
+            model_id: str | None = None, rotation: bool = False, progress: bool = True) -> SensitivityTable:
     """Measure every layer's sensitivity; see the module docstring.
 
     Args:
@@ -215,6 +216,8 @@ def profile(model: Any, tokenizer: Any, texts: str | Sequence[str], *, pairs: Se
             as per-layer costs when they cover every pair (``build_space(metric="auto")``).
         kl_sequences: how many of the calibration windows the KL runs use (default all); KL costs
             one full forward per window, layer, pair and mode.
+        rotation: profile Hadamard-rotated storage (``QuantSpec.rotation``); plans searched from
+            this table are rotated too.
     """
     from tqdm.auto import tqdm
 
@@ -246,8 +249,8 @@ def profile(model: Any, tokenizer: Any, texts: str | Sequence[str], *, pairs: Se
             q, k, v, scale, win = rec["q"], rec["k"], rec["v"], rec["scaling"], rec["sliding_window"]
             ref = _attention(q, k, v, scale, first_query, win)
             for m in modes:
-                k_hat = {b: _simulate(k, b, m, "key") for b in bits}
-                v_hat = {b: _simulate(v, b, m, "value") for b in bits}
+                k_hat = {b: _simulate(k, b, m, "key", rotation) for b in bits}
+                v_hat = {b: _simulate(v, b, m, "value", rotation) for b in bits}
                 for j, b in enumerate(bits):
                     sums["key_error"][m][layer, j] += _rel(_attention(q, k_hat[b], v, scale, first_query, win), ref)
                     sums["value_error"][m][layer, j] += _rel(_attention(q, k, v_hat[b], scale, first_query, win),
@@ -264,22 +267,24 @@ def profile(model: Any, tokenizer: Any, texts: str | Sequence[str], *, pairs: Se
         model_id=model_id or getattr(model, "kvtuner_model_id", None), model=dims.fingerprint(),
         text_sha256=hashlib.sha256(torch.cat(batches, 1).numpy().tobytes()).hexdigest(),
         num_tokens=n * seq_len, seq_len=seq_len, modes=tuple(modes), pairs=pairs, bits=bits,
-        **{name: {m: (block[m] / n).tolist() for m in modes} for name, block in sums.items()})
+        **{name: {m: (block[m] / n).tolist() for m in modes} for name, block in sums.items()}, rotation=rotation)
     if kl_pairs:
-        table.kl = layer_kl(model, batches[: kl_sequences or len(batches)], kl_pairs, modes, progress=progress)
+        table.kl = layer_kl(model, batches[: kl_sequences or len(batches)], kl_pairs, modes, rotation=rotation,
+                            progress=progress)
     return table
 
 
-def _simulate(x: torch.Tensor, bits: int, mode: str, role: str) -> torch.Tensor:
+def _simulate(x: torch.Tensor, bits: int, mode: str, role: str, rotation: bool = False) -> torch.Tensor:
     from .cache import simulate_cache
 
-    return simulate_cache(x, QuantSpec(bits, mode), role)
+    return simulate_cache(x, QuantSpec(bits, mode, rotation=rotation), role)
 
 
 @torch.no_grad()
 def layer_kl(model: Any, batches: list[torch.Tensor], pairs: Sequence[tuple[int, int]], modes: Sequence[str], *,
-             progress: bool = True) -> dict[str, dict[str, list[float]]]:
-    """KL(full || quantized) of next-token distributions when only one layer uses a pair."""
+             rotation: bool = False, progress: bool = True) -> dict[str, dict[str, list[float]]]:
+    """KL(full || quantized) of next-token distributions when only one layer uses a pair (keyed by
+    the pair's unrotated name, ``K4V2``, whatever ``rotation``)."""
     from tqdm.auto import tqdm
 
     from .evaluate import kl_sum, make_cache
@@ -293,7 +298,7 @@ def layer_kl(model: Any, batches: list[torch.Tensor], pairs: Sequence[tuple[int,
             values = []
             for layer in range(L):
                 specs = [LayerSpec.pair(16, 16, m)] * L
-                specs[layer] = LayerSpec.pair(kb, vb, m)
+                specs[layer] = LayerSpec.pair(kb, vb, m, rotation=rotation)
                 plan = KVPlan(tuple(specs))
                 kl = 0.0
                 for ids, ref in zip(batches, full):

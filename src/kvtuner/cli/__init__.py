@@ -29,7 +29,15 @@ ModeOpt = Annotated[str, typer.Option(help="Quantization mode: 'kivi' or 'per_to
 
 TUNE_DEFAULTS = dict(model="smollm2", text="pydoc", budget_bits=[3.25, 4.0], mode="kivi", out="kvtuner-out",
                      storage="", trials=8, seed=0, device="cpu", sequences=4, seq_len=512, eval_prefill=256,
-                     eval_decode=128)
+                     eval_decode=128, bits="2,4,8", rotation=False)
+
+
+def _bits(value) -> tuple[int, ...]:
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    try:
+        return tuple(sorted({int(str(b).strip()) for b in items}, reverse=True))
+    except ValueError as e:
+        raise CLIError(f"--bits={value!r} is invalid; allowed: comma-separated widths from 2, 3, 4, 6, 8") from e
 
 
 @app.command(epilog="Examples:\n\n  kvtuner tune\n\n  kvtuner tune --model smollm2 --budget-bits 3.25 --budget-bits 4 "
@@ -47,6 +55,9 @@ def tune(model: Annotated[str | None, typer.Option(help="'smollm2' (built in), a
          seq_len: Annotated[int | None, typer.Option(help="Tokens per calibration window.")] = None,
          eval_prefill: Annotated[int | None, typer.Option(help="Held-out prefill tokens per window.")] = None,
          eval_decode: Annotated[int | None, typer.Option(help="Held-out teacher-forced decode steps.")] = None,
+         bits: Annotated[str | None, typer.Option(help="Candidate bit widths for K and V, e.g. '2,3,4,8'.")] = None,
+         rotation: Annotated[bool | None, typer.Option("--rotation/--no-rotation",
+                                                       help="Hadamard-rotate every quantized K/V.")] = None,
          config: Annotated[Path | None, typer.Option(help="TOML/YAML file of these options; flags override it.")] = None,
          json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary.")] = False,
          quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs.")] = False) -> None:
@@ -57,7 +68,7 @@ def tune(model: Annotated[str | None, typer.Option(help="'smollm2' (built in), a
 
     given = dict(model=model, text=text, budget_bits=budget_bits, mode=mode, out=out, storage=storage, trials=trials,
                  seed=seed, device=device, sequences=sequences, seq_len=seq_len, eval_prefill=eval_prefill,
-                 eval_decode=eval_decode)
+                 eval_decode=eval_decode, bits=bits, rotation=rotation)
     file_opts = load_config_file(config) if config else {}
     unknown = set(file_opts) - set(TUNE_DEFAULTS)
     if unknown:
@@ -67,7 +78,8 @@ def tune(model: Annotated[str | None, typer.Option(help="'smollm2' (built in), a
     settings = TuneSettings(mode=o["mode"], budgets=tuple(sorted({float(b) for b in budgets})),
                             sequences=int(o["sequences"]), seq_len=int(o["seq_len"]), trials=int(o["trials"]),
                             seed=int(o["seed"]), eval_prefill=int(o["eval_prefill"]),
-                            eval_decode=int(o["eval_decode"]), kl_seq_len=min(256, int(o["seq_len"])))
+                            eval_decode=int(o["eval_decode"]), kl_seq_len=min(256, int(o["seq_len"])),
+                            bits=_bits(o["bits"]), rotation=bool(o["rotation"]))
     settings.check()  # before the model loads: a bad budget fails in a second
     import importlib
 

@@ -23,6 +23,7 @@ class SearchSpace:
     model: dict | None = None
     model_id: str | None = None
     metric: str = "attention"
+    rotation: bool = False
 
     def group_candidates(self, g: int) -> list[Pair]:
         """A group's options, high precision first (as in the paper's templates)."""
@@ -42,7 +43,7 @@ class SearchSpace:
             pair = self.group_candidates(g)[choice[g]]
             for layer in layers:
                 pairs[layer] = pair
-        layers = tuple(LayerSpec.pair(k, v, self.mode) for k, v in pairs)
+        layers = tuple(LayerSpec.pair(k, v, self.mode, rotation=self.rotation) for k, v in pairs)
         return KVPlan(layers, model_id=self.model_id, model=self.model, provenance=provenance or {})
 
     def proxy_error(self, choice: list[int]) -> float:
@@ -94,4 +95,5 @@ def build_space(table, mode: str = "kivi", *, eps: float = 0.05, min_samples: in
     else:
         groups = [[layer] for layer in range(table.num_layers)]
     return SearchSpace(mode, table.num_layers, candidates, groups, errors, model=dict(table.model),
-                       model_id=table.model_id, metric="kl" if use_kl else "attention")
+                       model_id=table.model_id, metric="kl" if use_kl else "attention",
+                       rotation=getattr(table, "rotation", False))
