@@ -2,9 +2,10 @@
 
     python benchmarks/bench_rotation.py --out benchmarks/results/rotation_smollm2.md
 
-Protocol: `kvtuner.Evaluator` on held-out pydoc text, 2 windows of 384-token prefill + 256
-teacher-forced one-token decode steps through the real cache (as `bench_quality.py` and
-`bench_search.py`), 2 greedy continuations of 32 tokens; no passkey. KIVI and per-token modes.
+Protocol: `kvtuner.Evaluator` on held-out pydoc text, ``--windows`` (default 1) windows of
+384-token prefill + 256 teacher-forced one-token decode steps through the real cache (the first
+window of `bench_quality.py`'s protocol), 2 greedy continuations of 32 tokens; no passkey. KIVI
+and per-token modes.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--pairs", default=",".join(f"{k}{v}" for k, v in PAIRS), help="e.g. 44,42,22 (k then v bits)")
     ap.add_argument("--modes", default="kivi,per_token")
+    ap.add_argument("--windows", type=int, default=1, help="held-out windows (384 prefill + 256 decode each)")
     ap.add_argument("--per-token-pairs", default="44,42,22", help="pairs for per_token mode (fewer: it is slow)")
     args = ap.parse_args()
     pairs = [(int(p[0]), int(p[1])) for p in args.pairs.split(",")]
     model, tok = load_model("smollm2")
     n = model.config.num_hidden_layers
-    ev = Evaluator(model, tok, passkey_lengths=(), prompts=2, new_tokens=32)
+    ev = Evaluator(model, tok, windows=args.windows, passkey_lengths=(), prompts=2, new_tokens=32)
     t0 = time.perf_counter()
     rows = []
     pt_pairs = [(int(p[0]), int(p[1])) for p in args.per_token_pairs.split(",")]
@@ -62,7 +64,7 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             f.write(f"# Rotation and 3/6-bit codes on SmolLM2 (uniform plans)\n\n{meta}\n\nCommand: `python "
-                    f"benchmarks/bench_rotation.py --out {args.out}`\n\n{__doc__.split(chr(10), 3)[3]}\n{table}\n")
+                    f"benchmarks/bench_rotation.py --out {args.out} --windows {args.windows}`\n\n{__doc__.split(chr(10), 3)[3]}\n{table}\n")
     print(json.dumps(rows))
 
 
