@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .spec import KVPlan, LayerSpec, ModelDims, PlanError, atomic_write_json
+from .spec import PLANE_WIDTHS, KVPlan, LayerSpec, ModelDims, PlanError, atomic_write_json
 
 UNIFORM = ((8, 8), (8, 4), (4, 4), (4, 2), (2, 2))
 
@@ -46,7 +46,7 @@ class TuneSettings:
             if not 2 <= b <= 16:
                 raise PlanError(f"budget-bits={b} is invalid; allowed: 2 to 16 equivalent bits")
         for b in self.bits:
-            if b not in (2, 3, 4, 6, 8):
+            if b not in PLANE_WIDTHS:
                 raise PlanError(f"bits={b} is invalid; allowed: 2, 3, 4, 6 or 8")
         if self.mode not in ("kivi", "per_token"):
             raise PlanError(f"mode={self.mode!r} is invalid; allowed: 'kivi' or 'per_token'")

@@ -53,6 +53,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .spec import PLANE_WIDTHS as PLANES
+from .spec import packed_width as _packed_width
+
 GRANULARITIES = ("per_token", "per_channel")
 
 
@@ -81,9 +84,6 @@ class QuantizedTensor:
                                self.group_size, self.head_dim)
 
 
-PLANES = {2: (2,), 3: (2, 1), 4: (4,), 6: (4, 2), 8: (8,)}  # bit planes per code width, low bits first
-
-
 def _check_bits(bits: int) -> None:
     if bits not in PLANES:
         raise ValueError(f"bits={bits!r} is invalid; allowed: 2, 3, 4, 6 or 8")
@@ -92,7 +92,7 @@ def _check_bits(bits: int) -> None:
 def packed_width(dim: int, bits: int) -> int:
     """Bytes per token for ``dim`` codes of ``bits`` bits (all planes)."""
     _check_bits(bits)
-    return sum(-(-dim // (8 // w)) for w in PLANES[bits])
+    return _packed_width(dim, bits)
 
 
 # ---------------------------------------------------------------------- packing

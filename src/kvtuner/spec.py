@@ -35,7 +35,12 @@ from typing import Any
 
 BITS = (2, 3, 4, 6, 8, 16)
 QUANTIZED_BITS = (2, 4, 8)  # the paper's choices: profiling's default candidates
-PLANE_WIDTHS = {2: (2,), 3: (2, 1), 4: (4,), 6: (4, 2), 8: (8,)}  # as quant.PLANES (no torch import here)
+PLANE_WIDTHS = {2: (2,), 3: (2, 1), 4: (4,), 6: (4, 2), 8: (8,)}  # bit planes per code width, low bits first
+
+
+def packed_width(dim: int, bits: int) -> int:
+    """Bytes of codes per token for ``dim`` channels of ``bits``-bit codes (all bit planes, see ``quant.py``)."""
+    return sum(math.ceil(dim / (8 // w)) for w in PLANE_WIDTHS[bits])
 MODES = ("per_token", "kivi")
 KIVI_GROUP_SIZE = 32
 KIVI_RESIDUAL_LENGTH = 32
@@ -107,7 +112,7 @@ class QuantSpec:
 
     def packed_width(self, head_dim: int) -> int:
         """Bytes of codes per token of one head (all bit planes)."""
-        return sum(math.ceil(head_dim / (8 // w)) for w in PLANE_WIDTHS[self.bits])
+        return packed_width(head_dim, self.bits)
 
     def granularity(self, role: str) -> str:
         """``"per_token"`` (groups along head_dim) or ``"per_channel"`` (groups along tokens)."""
