@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..quant import QuantizedTensor
+from ..quant import PLANES, QuantizedTensor
 
 LOG2E = 1.4426950408889634
 last_compiled = None  # the split kernel's last launch (benchmarks read registers/spills from it)
@@ -59,22 +59,34 @@ def _unpack_plane(base, t, tmask, stride_t, col0, D: tl.constexpr, BLOCK_D: tl.c
 
 
 @triton.jit
-def _unpack(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constexpr, BITS: tl.constexpr):
+def _unpack(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constexpr, W0: tl.constexpr,
+            W1: tl.constexpr):
     """Codes ``[len(t), BLOCK_D]`` as fp16 from one token row per ``t`` (layout: ``quant.py``).
 
-    3 and 6 bits are two planes (2+1, 4+2 bits, low bits first). The fp16 value comes from the
-    exponent trick: ``0x6400 | c`` read as fp16 is ``1024 + c``.
+    ``W0``/``W1`` are the bit planes of the code width (``quant.PLANES``; ``W1 = 0``: one plane):
+    3 bits are 2 + 1, 6 bits 4 + 2, low bits first. The fp16 value comes from the exponent trick:
+    ``0x6400 | c`` read as fp16 is ``1024 + c``.
     """
-    if BITS == 3:
-        c = _unpack_plane(base, t, tmask, stride_t, 0, D, BLOCK_D, 2) \
-            | (_unpack_plane(base, t, tmask, stride_t, (D + 3) // 4, D, BLOCK_D, 1) << 2)
-    elif BITS == 6:
-        c = _unpack_plane(base, t, tmask, stride_t, 0, D, BLOCK_D, 4) \
-            | (_unpack_plane(base, t, tmask, stride_t, (D + 1) // 2, D, BLOCK_D, 2) << 4)
-    else:
-        c = _unpack_plane(base, t, tmask, stride_t, 0, D, BLOCK_D, BITS)
+    c = _unpack_plane(base, t, tmask, stride_t, 0, D, BLOCK_D, W0)
+    if W1 > 0:
+        c = c | (_unpack_plane(base, t, tmask, stride_t, (D + 8 // W0 - 1) // (8 // W0), D, BLOCK_D, W1) << W0)
     magic = tl.full([1, 1], 0x6400, tl.uint16)
     return (c | magic).to(tl.float16, bitcast=True) - 1024.0
+
+
+@triton.jit
+def _dequant_groups(code, s_base, z_base, t, tmask, stride_t, D: tl.constexpr, G: tl.constexpr,
+                    NG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``code * scale + zero`` as fp16 for per-token groups of ``G`` channels (``NG`` per row): the
+    ``[BLOCK_N, NG]`` scale/zero tile is loaded once and broadcast, never gathered per element."""
+    j = tl.arange(0, NG)
+    smask = tmask[:, None] & (j * G < D)[None, :]
+    off = t.to(tl.int64)[:, None] * stride_t + j[None, :]
+    s_t = tl.load(s_base + off, mask=smask, other=0.0)
+    z_t = tl.load(z_base + off, mask=smask, other=0.0)
+    s_full = tl.reshape(tl.broadcast_to(s_t[:, :, None], (BLOCK_N, NG, G)), (BLOCK_N, BLOCK_D))
+    z_full = tl.reshape(tl.broadcast_to(z_t[:, :, None], (BLOCK_N, NG, G)), (BLOCK_N, BLOCK_D))
+    return (code.to(tl.float32) * s_full.to(tl.float32) + z_full.to(tl.float32)).to(tl.float16)
 
 
 @triton.jit
@@ -98,7 +110,8 @@ def _decode_split_kernel(
         smask_b,
         n_q, n_r, tokens_per_split, num_q_splits, qk_scale, HKV, GROUP, NUM_SPLITS,
         BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-        KBITS: tl.constexpr, VBITS: tl.constexpr, K_PER_CHANNEL: tl.constexpr, GK: tl.constexpr,
+        KW0: tl.constexpr, KW1: tl.constexpr, VW0: tl.constexpr, VW1: tl.constexpr, K_PER_CHANNEL: tl.constexpr,
+        GK: tl.constexpr,
         GV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, HAS_MASK: tl.constexpr):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -129,7 +142,7 @@ def _decode_split_kernel(
             t = t0 + tl.arange(0, BLOCK_N)
             tmask = t < end
             # ---- scores = q . k^T, k = codes * scale + zero
-            kcode = _unpack(kc, t, tmask, skc_t, D, BLOCK_D, KBITS)  # [BLOCK_N, BLOCK_D] fp16
+            kcode = _unpack(kc, t, tmask, skc_t, D, BLOCK_D, KW0, KW1)  # [BLOCK_N, BLOCK_D] fp16
             if K_PER_CHANNEL:
                 if GK % BLOCK_N == 0:  # the tile lies in one key group: fold its [D] scale/zero into q
                     g = (t0 // GK).to(tl.int64)
@@ -159,14 +172,7 @@ def _decode_split_kernel(
                     scores = tl.dot(q.to(tl.float16), tl.trans(kcode)) * s_col[None, :] \
                         + qsum[:, None] * z_col[None, :]
                 else:
-                    j = tl.arange(0, NGK)
-                    smask = tmask[:, None] & (j * GK < D)[None, :]
-                    off = t.to(tl.int64)[:, None] * sks_t + j[None, :]
-                    s_t = tl.load(ks + off, mask=smask, other=0.0)
-                    z_t = tl.load(kz + off, mask=smask, other=0.0)
-                    s_full = tl.reshape(tl.broadcast_to(s_t[:, :, None], (BLOCK_N, NGK, GK)), (BLOCK_N, BLOCK_D))
-                    z_full = tl.reshape(tl.broadcast_to(z_t[:, :, None], (BLOCK_N, NGK, GK)), (BLOCK_N, BLOCK_D))
-                    k = (kcode.to(tl.float32) * s_full.to(tl.float32) + z_full.to(tl.float32)).to(tl.float16)
+                    k = _dequant_groups(kcode, ks, kz, t, tmask, sks_t, D, GK, NGK, BLOCK_N, BLOCK_D)
                     scores = tl.dot(q.to(tl.float16), tl.trans(k))
             valid = tmask
             if HAS_MASK:
@@ -176,7 +182,7 @@ def _decode_split_kernel(
             # ---- online softmax (base 2)
             m_i, l_i, acc, p = _softmax_step(scores, m_i, l_i, acc)
             # ---- acc += p . v, v = codes * scale + zero (per token)
-            vcode = _unpack(vc, t, tmask, svc_t, D, BLOCK_D, VBITS)
+            vcode = _unpack(vc, t, tmask, svc_t, D, BLOCK_D, VW0, VW1)
             NGV: tl.constexpr = BLOCK_D // GV
             if NGV == 1:
                 s_v = tl.load(vs + t.to(tl.int64) * svs_t, mask=tmask, other=0.0).to(tl.float32)
@@ -185,14 +191,7 @@ def _decode_split_kernel(
                 pv = tl.dot((p * (s_v / sv_max)[None, :]).to(tl.float16), vcode)
                 acc += pv * sv_max + tl.sum(p * z_v[None, :], axis=1)[:, None]
             else:
-                j = tl.arange(0, NGV)
-                smask = tmask[:, None] & (j * GV < D)[None, :]
-                off = t.to(tl.int64)[:, None] * svs_t + j[None, :]
-                s_t = tl.load(vs + off, mask=smask, other=0.0)
-                z_t = tl.load(vz + off, mask=smask, other=0.0)
-                s_full = tl.reshape(tl.broadcast_to(s_t[:, :, None], (BLOCK_N, NGV, GV)), (BLOCK_N, BLOCK_D))
-                z_full = tl.reshape(tl.broadcast_to(z_t[:, :, None], (BLOCK_N, NGV, GV)), (BLOCK_N, BLOCK_D))
-                v = (vcode.to(tl.float32) * s_full.to(tl.float32) + z_full.to(tl.float32)).to(tl.float16)
+                v = _dequant_groups(vcode, vs, vz, t, tmask, svs_t, D, GV, NGV, BLOCK_N, BLOCK_D)
                 acc += tl.dot(p.to(tl.float16), v)
     else:
         kr = KR + b * skr_b + h * skr_h
@@ -323,6 +322,7 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
         num_warps = 8 if max(kbits, vbits) == 8 and block_d >= 128 else 4
     if num_stages is None:
         num_stages = 2 if block_d * block_n >= 128 * 128 else 3
+    kw, vw = (*PLANES[kbits], 0)[:2], (*PLANES[vbits], 0)[:2]  # bit planes, compile-time constants
     global last_compiled
     last_compiled = _decode_split_kernel[(b * hkv, num_splits)](
         q, kc if kc is not None else dummy, ks if ks is not None else dummy_f, kz if kz is not None else dummy_f,
@@ -334,7 +334,7 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
         mask.stride(0) if mask is not None else 0,
         n_q, n_r, per_split, n_split_q, float(scaling) * LOG2E, hkv, group, num_splits,
         BLOCK_H=max(16, triton.next_power_of_2(group)), D=d, BLOCK_D=block_d,
-        KBITS=kbits, VBITS=vbits, K_PER_CHANNEL=k_per_channel, GK=gk_eff, GV=gv_eff, BLOCK_N=block_n,
+        KW0=kw[0], KW1=kw[1], VW0=vw[0], VW1=vw[1], K_PER_CHANNEL=k_per_channel, GK=gk_eff, GV=gv_eff, BLOCK_N=block_n,
         BLOCK_R=32, HAS_MASK=mask is not None, num_warps=num_warps, num_stages=num_stages)
     out = torch.empty(b, 1, hq, d, device=q.device, dtype=q.dtype)
     _merge_kernel[(b * hq,)](po, pm, pl, out, out.stride(0), out.stride(2), hq, num_splits, float(out_scale), D=d,
