@@ -68,16 +68,21 @@ def sdpa_context(backend: str | None):
     return sdpa_kernel(getattr(SDPBackend, backend))
 
 
+def greedy_steps(model, cache, tok: torch.Tensor, steps: int) -> torch.Tensor:
+    """``steps`` one-token greedy decode steps through ``model(...)``; returns the last token."""
+    for _ in range(steps):
+        tok = model(tok, past_key_values=cache).logits[:, -1:].argmax(-1)
+    return tok
+
+
 @torch.no_grad()
 def decode(model, cache, batch: int, steps: int, backend: str | None = None) -> float:
     tok = torch.randint(0, 1000, (batch, 1), device="cuda")
     with sdpa_context(backend):
-        for _ in range(2):  # warm-up (compiles kernels)
-            tok = model(tok, past_key_values=cache).logits[:, -1:].argmax(-1)
+        tok = greedy_steps(model, cache, tok, 2)  # warm-up (compiles kernels)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        for _ in range(steps):
-            tok = model(tok, past_key_values=cache).logits[:, -1:].argmax(-1)
+        greedy_steps(model, cache, tok, steps)
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / steps
 
@@ -92,12 +97,11 @@ def where_time_goes(model, cache, batch: int, steps: int, backend: str | None) -
 
     tok = torch.randint(0, 1000, (batch, 1), device="cuda")
     with sdpa_context(backend):
-        tok = model(tok, past_key_values=cache).logits[:, -1:].argmax(-1)
+        tok = greedy_steps(model, cache, tok, 1)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             t0 = time.perf_counter()
-            for _ in range(steps):
-                tok = model(tok, past_key_values=cache).logits[:, -1:].argmax(-1)
+            greedy_steps(model, cache, tok, steps)
             torch.cuda.synchronize()
             wall = (time.perf_counter() - t0) / steps
     busy = attn = 0.0
