@@ -66,12 +66,12 @@ def torch_same_precision(q, kp, kr, vp, vr, scaling, mask=None):
     return out.transpose(1, 2)
 
 
-def check(case, mask=None, slack=2.0):
+def check(case, mask=None, slack=2.0, **launch):
     q, kp, kr, vp, vr = case
     d = q.shape[-1]
     ref32 = reference(q.float(), kp, None if kr is None else kr.float(), vp, None if vr is None else vr.float(),
                       d**-0.5, mask)
-    out = triton_decode.decode_attention(q, kp, kr, vp, vr, d**-0.5, mask)
+    out = triton_decode.decode_attention(q, kp, kr, vp, vr, d**-0.5, mask, **launch)
     assert out.shape == ref32.shape and out.dtype == q.dtype
     assert torch.isfinite(out).all()
     base = rel(torch_same_precision(q, kp, kr, vp, vr, d**-0.5, mask), ref32)
@@ -127,6 +127,32 @@ SMALL = [
 @pytest.mark.parametrize("case", SMALL, ids=lambda c: f"K{c['kbits']}V{c['vbits']}-q{c['n_q']}-r{c['n_r']}")
 def test_decode_matches_reference(case):
     check(make_case(**case))
+
+
+ORIENTATIONS = [dict(swap_qk=False, swap_pv=False), dict(swap_qk=False, swap_pv=True), dict(swap_qk=True, swap_pv=False)]
+
+
+@pytest.mark.parametrize("launch", ORIENTATIONS, ids=lambda o: f"qk{int(o['swap_qk'])}-pv{int(o['swap_pv'])}")
+@pytest.mark.parametrize("case", [SMALL[0], SMALL[5]], ids=("K4V2", "K3V6"))
+def test_decode_orientations_agree(case, launch):
+    # every MMA orientation computes the same attention (the defaults pick one per bit pair)
+    check(make_case(**case), **launch)
+
+
+@pytest.mark.skipif(not CUDA, reason="inline PTX unpacking needs a CUDA GPU (not Triton's interpreter)")
+@pytest.mark.parametrize("asm", [False, True])
+@pytest.mark.parametrize("kbits,vbits", [(2, 2), (4, 4), (8, 8), (3, 6), (6, 3), (2, 8)])
+def test_gpu_ptx_unpack_matches(kbits, vbits, asm):
+    check(make_case(2, 2, 4, 128, 300, 9, kbits, vbits, gk=128), asm=asm)
+
+
+def test_decode_rejects_bad_launch():
+    q, kp, kr, vp, vr = make_case(1, 2, 4, 64, 64, 4, 4, 4)
+    with pytest.raises(ValueError, match="at most one"):
+        triton_decode.decode_attention(q, kp, kr, vp, vr, 0.1, swap_qk=True, swap_pv=True)
+    if not CUDA:
+        with pytest.raises(ValueError, match="inline PTX"):
+            triton_decode.decode_attention(q, kp, kr, vp, vr, 0.1, asm=True)
 
 
 def test_decode_ragged_batch_mask():

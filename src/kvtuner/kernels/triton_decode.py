@@ -22,6 +22,8 @@ Design (see ``shared/PERF.md``):
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -58,19 +60,110 @@ def _unpack_plane(base, t, tmask, stride_t, col0, D: tl.constexpr, BLOCK_D: tl.c
     return c
 
 
+# Packed bit-trick unpacking (PTX, 4 bytes per call; PERF.md section 7 item 4): bytes are spread
+# into the low halves of fp16x2 lanes with ``prmt``, masked and OR-ed with the exponent 0x6400 in
+# one ``lop3`` (fp16 value 1024 + code << shift), then scaled back to the code with one packed
+# ``sub``/``fma``. Outputs: one fp16 tensor per code position in the byte, lowest bits first.
+_ASM8 = tl.constexpr("""{
+.reg .b32 m;
+mov.b32 m, 0x64006400;
+prmt.b32 $0, $2, 0x64646464, 0x4140;
+prmt.b32 $1, $2, 0x64646464, 0x4342;
+sub.f16x2 $0, $0, m;
+sub.f16x2 $1, $1, m;
+}""")
+_ASM4 = tl.constexpr("""{
+.reg .b32 t0, t1, m, s, o;
+prmt.b32 t0, $4, 0, 0x4140;
+prmt.b32 t1, $4, 0, 0x4342;
+mov.b32 m, 0x64006400;
+mov.b32 s, 0x2c002c00;
+mov.b32 o, 0xd400d400;
+lop3.b32 $0, t0, 0x000f000f, m, 0xea;
+lop3.b32 $1, t1, 0x000f000f, m, 0xea;
+lop3.b32 $2, t0, 0x00f000f0, m, 0xea;
+lop3.b32 $3, t1, 0x00f000f0, m, 0xea;
+sub.f16x2 $0, $0, m;
+sub.f16x2 $1, $1, m;
+fma.rn.f16x2 $2, $2, s, o;
+fma.rn.f16x2 $3, $3, s, o;
+}""")
+_ASM2 = tl.constexpr("""{
+.reg .b32 t0, t1, m, s4, o4, s16, o16, s64, o64;
+prmt.b32 t0, $8, 0, 0x4140;
+prmt.b32 t1, $8, 0, 0x4342;
+mov.b32 m, 0x64006400;
+mov.b32 s4, 0x34003400;
+mov.b32 o4, 0xdc00dc00;
+mov.b32 s16, 0x2c002c00;
+mov.b32 o16, 0xd400d400;
+mov.b32 s64, 0x24002400;
+mov.b32 o64, 0xcc00cc00;
+lop3.b32 $0, t0, 0x00030003, m, 0xea;
+lop3.b32 $1, t1, 0x00030003, m, 0xea;
+lop3.b32 $2, t0, 0x000c000c, m, 0xea;
+lop3.b32 $3, t1, 0x000c000c, m, 0xea;
+lop3.b32 $4, t0, 0x00300030, m, 0xea;
+lop3.b32 $5, t1, 0x00300030, m, 0xea;
+lop3.b32 $6, t0, 0x00c000c0, m, 0xea;
+lop3.b32 $7, t1, 0x00c000c0, m, 0xea;
+sub.f16x2 $0, $0, m;
+sub.f16x2 $1, $1, m;
+fma.rn.f16x2 $2, $2, s4, o4;
+fma.rn.f16x2 $3, $3, s4, o4;
+fma.rn.f16x2 $4, $4, s16, o16;
+fma.rn.f16x2 $5, $5, s16, o16;
+fma.rn.f16x2 $6, $6, s64, o64;
+fma.rn.f16x2 $7, $7, s64, o64;
+}""")
+
+
+@triton.jit
+def _unpack_plane_asm(base, t, tmask, stride_t, col0, D: tl.constexpr, BLOCK_D: tl.constexpr, W: tl.constexpr):
+    """:func:`_unpack_plane` for ``W`` in (2, 4, 8), straight to fp16 with packed PTX (CUDA only)."""
+    PER: tl.constexpr = 8 // W
+    NW: tl.constexpr = BLOCK_D // PER
+    w = tl.arange(0, NW)
+    ptr = base + t.to(tl.int64)[:, None] * stride_t + col0 + w[None, :]
+    b = tl.load(ptr, mask=tmask[:, None] & (w < (D + PER - 1) // PER)[None, :], other=0)
+    if PER == 1:
+        c = tl.inline_asm_elementwise(_ASM8, "=r,=r,r", [b], dtype=tl.float16, is_pure=True, pack=4)
+    elif PER == 2:
+        lo, hi = tl.inline_asm_elementwise(_ASM4, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16),
+                                           is_pure=True, pack=4)
+        c = tl.interleave(lo, hi)
+    else:
+        c0, c1, c2, c3 = tl.inline_asm_elementwise(_ASM2, "=r,=r,=r,=r,=r,=r,=r,=r,r", [b],
+                                                   dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+                                                   is_pure=True, pack=4)
+        c = tl.interleave(tl.interleave(c0, c2), tl.interleave(c1, c3))
+    return c
+
+
 @triton.jit
 def _unpack(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constexpr, W0: tl.constexpr,
-            W1: tl.constexpr):
+            W1: tl.constexpr, ASM: tl.constexpr):
     """Codes ``[len(t), BLOCK_D]`` as fp16 from one token row per ``t`` (layout: ``quant.py``).
 
     ``W0``/``W1`` are the bit planes of the code width (``quant.PLANES``; ``W1 = 0``: one plane):
     3 bits are 2 + 1, 6 bits 4 + 2, low bits first. The fp16 value comes from the exponent trick:
     ``0x6400 | c`` read as fp16 is ``1024 + c``.
     """
+    magic = tl.full([1, 1], 0x6400, tl.uint16)
+    if ASM:
+        c = _unpack_plane_asm(base, t, tmask, stride_t, 0, D, BLOCK_D, W0)
+        if W1 > 0:  # second plane: exact in fp16 (codes < 256)
+            col1: tl.constexpr = (D + 8 // W0 - 1) // (8 // W0)
+            if W1 == 1:
+                c1 = (_unpack_plane(base, t, tmask, stride_t, col1, D, BLOCK_D, W1) | magic).to(
+                    tl.float16, bitcast=True) - 1024.0
+            else:
+                c1 = _unpack_plane_asm(base, t, tmask, stride_t, col1, D, BLOCK_D, W1)
+            c = c + c1 * (1 << W0)
+        return c
     c = _unpack_plane(base, t, tmask, stride_t, 0, D, BLOCK_D, W0)
     if W1 > 0:
         c = c | (_unpack_plane(base, t, tmask, stride_t, (D + 8 // W0 - 1) // (8 // W0), D, BLOCK_D, W1) << W0)
-    magic = tl.full([1, 1], 0x6400, tl.uint16)
     return (c | magic).to(tl.float16, bitcast=True) - 1024.0
 
 
@@ -90,14 +183,62 @@ def _dequant_groups(code, s_base, z_base, t, tmask, stride_t, D: tl.constexpr, G
 
 
 @triton.jit
-def _softmax_step(scores, m_i, l_i, acc):
-    """One base-2 online-softmax step: new running max and sum, the rescaled accumulator, and the
-    tile's probabilities (a row that is all -inf so far stays at zero instead of NaN)."""
-    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+def _tok(v, SWAP: tl.constexpr):
+    """A per-token vector broadcast against a scores tile (``[H, N]``, or ``[N, H]`` when ``SWAP``)."""
+    if SWAP:
+        return v[:, None]
+    else:
+        return v[None, :]
+
+
+@triton.jit
+def _head(v, SWAP: tl.constexpr):
+    """A per-query-head vector broadcast against a scores tile."""
+    if SWAP:
+        return v[None, :]
+    else:
+        return v[:, None]
+
+
+@triton.jit
+def _qk(q16, k16, SWAP: tl.constexpr):
+    """Scores of the ``[H, D]`` queries against a ``[N, D]`` key tile. ``SWAP`` computes
+    ``S^T = K q^T``: the 128-token tile is then the wide MMA operand and the (padded) query heads
+    the narrow one, as TurboMind's decode kernels do (PERF.md section 4.1)."""
+    if SWAP:
+        return tl.dot(k16, tl.trans(q16))
+    else:
+        return tl.dot(q16, tl.trans(k16))
+
+
+@triton.jit
+def _pv(p, v16, SWAP_QK: tl.constexpr, SWAP_PV: tl.constexpr):
+    """``p . v`` in the accumulator's orientation (``[D, H]`` when ``SWAP_PV``, else ``[H, D]``) from
+    probabilities in the scores' orientation."""
+    if SWAP_PV:
+        if SWAP_QK:
+            return tl.dot(tl.trans(v16), p.to(tl.float16))
+        else:
+            return tl.dot(tl.trans(v16), tl.trans(p.to(tl.float16)))
+    else:
+        if SWAP_QK:
+            return tl.dot(tl.trans(p.to(tl.float16)), v16)
+        else:
+            return tl.dot(p.to(tl.float16), v16)
+
+
+@triton.jit
+def _softmax_step(scores, valid, m_i, l_i, acc, SWAP_QK: tl.constexpr, SWAP_PV: tl.constexpr):
+    """One base-2 online-softmax step over a tile of masked scores: new running max and sum, the
+    rescaled accumulator, and the tile's probabilities (a row that is all -inf so far stays at zero
+    instead of NaN)."""
+    TOK: tl.constexpr = 0 if SWAP_QK else 1
+    scores = tl.where(_tok(valid, SWAP_QK), scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=TOK))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(scores - m_safe[:, None])
-    return m_new, l_i * alpha + tl.sum(p, axis=1), acc * alpha[:, None], p
+    p = tl.exp2(scores - _head(m_safe, SWAP_QK))
+    return m_new, l_i * alpha + tl.sum(p, axis=TOK), acc * _head(alpha, SWAP_PV), p
 
 
 @triton.jit
@@ -112,7 +253,8 @@ def _decode_split_kernel(
         BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
         KW0: tl.constexpr, KW1: tl.constexpr, VW0: tl.constexpr, VW1: tl.constexpr, K_PER_CHANNEL: tl.constexpr,
         GK: tl.constexpr,
-        GV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, HAS_MASK: tl.constexpr):
+        GV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, HAS_MASK: tl.constexpr,
+        SWAP_QK: tl.constexpr, SWAP_PV: tl.constexpr, ASM: tl.constexpr):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid_bh // HKV).to(tl.int64)
@@ -121,12 +263,16 @@ def _decode_split_kernel(
     hmask = hrow < GROUP
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
+    TOK: tl.constexpr = 0 if SWAP_QK else 1
     q_ptr = Q + b * sq_b + (h * GROUP + hrow).to(tl.int64)[:, None] * sq_h + d[None, :]
     q = tl.load(q_ptr, mask=hmask[:, None] & dmask[None, :], other=0.0).to(tl.float32) * qk_scale
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    if SWAP_PV:
+        acc = tl.zeros([BLOCK_D, BLOCK_H], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
 
     if split < num_q_splits:
         start = split * tokens_per_split
@@ -142,7 +288,7 @@ def _decode_split_kernel(
             t = t0 + tl.arange(0, BLOCK_N)
             tmask = t < end
             # ---- scores = q . k^T, k = codes * scale + zero
-            kcode = _unpack(kc, t, tmask, skc_t, D, BLOCK_D, KW0, KW1)  # [BLOCK_N, BLOCK_D] fp16
+            kcode = _unpack(kc, t, tmask, skc_t, D, BLOCK_D, KW0, KW1, ASM)  # [BLOCK_N, BLOCK_D] fp16
             if K_PER_CHANNEL:
                 if GK % BLOCK_N == 0:  # the tile lies in one key group: fold its [D] scale/zero into q
                     g = (t0 // GK).to(tl.int64)
@@ -152,7 +298,7 @@ def _decode_split_kernel(
                     s_max = tl.maximum(tl.max(s_row, axis=0), 1e-30)
                     qs = (q * (s_row / s_max)[None, :]).to(tl.float16)
                     qz = tl.sum(q * z_row[None, :], axis=1)
-                    scores = tl.dot(qs, tl.trans(kcode)) * s_max + qz[:, None]
+                    scores = _qk(qs, kcode, SWAP_QK) * s_max + _head(qz, SWAP_QK)
                 else:
                     NG: tl.constexpr = BLOCK_N // GK
                     g = (t0 // GK + tl.arange(0, NG)).to(tl.int64)
@@ -162,37 +308,36 @@ def _decode_split_kernel(
                     s_full = tl.reshape(tl.broadcast_to(s_t[:, None, :], (NG, GK, BLOCK_D)), (BLOCK_N, BLOCK_D))
                     z_full = tl.reshape(tl.broadcast_to(z_t[:, None, :], (NG, GK, BLOCK_D)), (BLOCK_N, BLOCK_D))
                     k = (kcode.to(tl.float32) * s_full.to(tl.float32) + z_full.to(tl.float32)).to(tl.float16)
-                    scores = tl.dot(q.to(tl.float16), tl.trans(k))
+                    scores = _qk(q.to(tl.float16), k, SWAP_QK)
             else:
                 NGK: tl.constexpr = BLOCK_D // GK
                 if NGK == 1:  # one scale per token and head: apply after the dot
                     s_col = tl.load(ks + t.to(tl.int64) * sks_t, mask=tmask, other=0.0).to(tl.float32)
                     z_col = tl.load(kz + t.to(tl.int64) * sks_t, mask=tmask, other=0.0).to(tl.float32)
                     qsum = tl.sum(q, axis=1)
-                    scores = tl.dot(q.to(tl.float16), tl.trans(kcode)) * s_col[None, :] \
-                        + qsum[:, None] * z_col[None, :]
+                    scores = _qk(q.to(tl.float16), kcode, SWAP_QK) * _tok(s_col, SWAP_QK) \
+                        + _head(qsum, SWAP_QK) * _tok(z_col, SWAP_QK)
                 else:
                     k = _dequant_groups(kcode, ks, kz, t, tmask, sks_t, D, GK, NGK, BLOCK_N, BLOCK_D)
-                    scores = tl.dot(q.to(tl.float16), tl.trans(k))
+                    scores = _qk(q.to(tl.float16), k, SWAP_QK)
             valid = tmask
             if HAS_MASK:
                 mk = tl.load(MASK + b * smask_b + t, mask=tmask, other=0)
                 valid = valid & (mk != 0)
-            scores = tl.where(valid[None, :], scores, float("-inf"))
-            # ---- online softmax (base 2)
-            m_i, l_i, acc, p = _softmax_step(scores, m_i, l_i, acc)
+            m_i, l_i, acc, p = _softmax_step(scores, valid, m_i, l_i, acc, SWAP_QK, SWAP_PV)
             # ---- acc += p . v, v = codes * scale + zero (per token)
-            vcode = _unpack(vc, t, tmask, svc_t, D, BLOCK_D, VW0, VW1)
+            vcode = _unpack(vc, t, tmask, svc_t, D, BLOCK_D, VW0, VW1, ASM)
             NGV: tl.constexpr = BLOCK_D // GV
             if NGV == 1:
                 s_v = tl.load(vs + t.to(tl.int64) * svs_t, mask=tmask, other=0.0).to(tl.float32)
                 z_v = tl.load(vz + t.to(tl.int64) * svs_t, mask=tmask, other=0.0).to(tl.float32)
                 sv_max = tl.maximum(tl.max(s_v, axis=0), 1e-30)
-                pv = tl.dot((p * (s_v / sv_max)[None, :]).to(tl.float16), vcode)
-                acc += pv * sv_max + tl.sum(p * z_v[None, :], axis=1)[:, None]
+                pv = _pv(p * _tok(s_v / sv_max, SWAP_QK), vcode, SWAP_QK, SWAP_PV)
+                pz = tl.sum(p * _tok(z_v, SWAP_QK), axis=TOK)
+                acc += pv * sv_max + _head(pz, SWAP_PV)
             else:
                 v = _dequant_groups(vcode, vs, vz, t, tmask, svs_t, D, GV, NGV, BLOCK_N, BLOCK_D)
-                acc += tl.dot(p.to(tl.float16), v)
+                acc += _pv(p, v, SWAP_QK, SWAP_PV)
     else:
         kr = KR + b * skr_b + h * skr_h
         vr = VR + b * svr_b + h * svr_h
@@ -203,18 +348,20 @@ def _decode_split_kernel(
             # fp16 operands, fp32 accumulation, like the quantized tiles (an fp32 dot costs registers)
             k = tl.load(kr + r.to(tl.int64)[:, None] * skr_t + d[None, :], mask=lm, other=0.0).to(tl.float16)
             v = tl.load(vr + r.to(tl.int64)[:, None] * svr_t + d[None, :], mask=lm, other=0.0).to(tl.float16)
-            scores = tl.dot(q.to(tl.float16), tl.trans(k))
+            scores = _qk(q.to(tl.float16), k, SWAP_QK)
             valid = rmask
             if HAS_MASK:
                 mk = tl.load(MASK + b * smask_b + n_q + r, mask=rmask, other=0)
                 valid = valid & (mk != 0)
-            scores = tl.where(valid[None, :], scores, float("-inf"))
-            m_i, l_i, acc, p = _softmax_step(scores, m_i, l_i, acc)
-            acc += tl.dot(p.to(tl.float16), v)
+            m_i, l_i, acc, p = _softmax_step(scores, valid, m_i, l_i, acc, SWAP_QK, SWAP_PV)
+            acc += _pv(p, v, SWAP_QK, SWAP_PV)
 
     hq = (h * GROUP + hrow).to(tl.int64)
     row = (b * (HKV * GROUP) + hq) * NUM_SPLITS + split
-    tl.store(PO + row[:, None] * BLOCK_D + d[None, :], acc, mask=hmask[:, None])
+    if SWAP_PV:
+        tl.store(PO + row[None, :] * BLOCK_D + d[:, None], acc, mask=hmask[None, :])
+    else:
+        tl.store(PO + row[:, None] * BLOCK_D + d[None, :], acc, mask=hmask[:, None])
     tl.store(PM + row, m_i, mask=hmask)
     tl.store(PL + row, l_i, mask=hmask)
 
@@ -257,14 +404,33 @@ def _splits(batch_heads: int, n_q: int, block_n: int, device: torch.device) -> t
     return -(-tiles // per), per * block_n
 
 
+def _ptx_ok(device: torch.device) -> bool:
+    return device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def launch_defaults(kbits: int, vbits: int, block_d: int, block_n: int, device: torch.device) -> dict:
+    """Launch choices per bit pair, from the H100 sweep (benchmarks/results/decode_kernel_sweep_h100.md):
+
+    * ``acc^T = V^T P^T`` (swap_pv) was 7-16 % faster for every value width but 8, where it spills;
+    * packed PTX unpacking (asm) 2-12 % faster; 4 warps and 3 stages best for every pair;
+    * ``S^T = K q^T`` (swap_qk) is never chosen: together with swap_pv Triton 3.6 produced wrong
+      results (K3V3) or illegal memory accesses (K2V2, K8V8), and alone it was slower.
+    """
+    return dict(num_warps=4, num_stages=3 if block_d * block_n <= 128 * 128 else 2,
+                swap_qk=False, swap_pv=vbits < 8, asm=_ptx_ok(device))
+
+
 def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residual: torch.Tensor | None,
                      v_packed: QuantizedTensor | None, v_residual: torch.Tensor | None, scaling: float,
                      kv_mask: torch.Tensor | None = None, out_scale: float = 1.0, *, block_n: int | None = None,
-                     num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+                     num_warps: int | None = None, num_stages: int | None = None, swap_qk: bool | None = None,
+                     swap_pv: bool | None = None, asm: bool | None = None) -> torch.Tensor:
     """Fused kernel; see :func:`kvtuner.attention.decode_attention` for the contract.
 
     Keys and values must be in step (same quantized token count), as in every plan whose key and
-    value specs share mode, group and residual window.
+    value specs share mode, group and residual window. The keyword-only arguments override the
+    launch choices (tile, warps, stages, MMA orientation, PTX unpacking) for benchmarks; ``None``
+    takes the measured default (:func:`launch_defaults`).
     """
     b, hq, one, d = q.shape
     if one != 1:
@@ -318,10 +484,17 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
     kr = k_residual if n_r else None
     vr = v_residual if n_r else None
     mask = kv_mask.to(torch.uint8) if kv_mask is not None else None
-    if num_warps is None:
-        num_warps = 8 if max(kbits, vbits) == 8 and block_d >= 128 else 4
-    if num_stages is None:
-        num_stages = 2 if block_d * block_n >= 128 * 128 else 3
+    dflt = launch_defaults(kbits, vbits, block_d, block_n, q.device)
+    num_warps = dflt["num_warps"] if num_warps is None else num_warps
+    num_stages = dflt["num_stages"] if num_stages is None else num_stages
+    swap_qk = dflt["swap_qk"] if swap_qk is None else swap_qk
+    swap_pv = dflt["swap_pv"] if swap_pv is None else swap_pv
+    asm = dflt["asm"] if asm is None else asm
+    if swap_qk and swap_pv:
+        raise ValueError("swap_qk=True with swap_pv=True is invalid; allowed: at most one (Triton 3.6 miscompiles "
+                         "the pair: wrong results or illegal memory accesses on an H100)")
+    if asm and not _ptx_ok(q.device):
+        raise ValueError("asm=True needs a CUDA device outside Triton's interpreter (inline PTX)")
     kw, vw = (*PLANES[kbits], 0)[:2], (*PLANES[vbits], 0)[:2]  # bit planes, compile-time constants
     global last_compiled
     last_compiled = _decode_split_kernel[(b * hkv, num_splits)](
@@ -335,7 +508,8 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
         n_q, n_r, per_split, n_split_q, float(scaling) * LOG2E, hkv, group, num_splits,
         BLOCK_H=max(16, triton.next_power_of_2(group)), D=d, BLOCK_D=block_d,
         KW0=kw[0], KW1=kw[1], VW0=vw[0], VW1=vw[1], K_PER_CHANNEL=k_per_channel, GK=gk_eff, GV=gv_eff, BLOCK_N=block_n,
-        BLOCK_R=32, HAS_MASK=mask is not None, num_warps=num_warps, num_stages=num_stages)
+        BLOCK_R=32, HAS_MASK=mask is not None, SWAP_QK=bool(swap_qk), SWAP_PV=bool(swap_pv), ASM=bool(asm),
+        num_warps=num_warps, num_stages=num_stages)
     out = torch.empty(b, 1, hq, d, device=q.device, dtype=q.dtype)
     _merge_kernel[(b * hq,)](po, pm, pl, out, out.stride(0), out.stride(2), hq, num_splits, float(out_scale), D=d,
                              BLOCK_D=block_d,

@@ -1,0 +1,187 @@
+"""Sweep the fused decode kernel's launch choices per bit pair: MMA orientation, PTX unpacking,
+warps, stages and tile, at Llama-3.1-8B shape (Hq=32, Hkv=8, D=128, bf16, KIVI G=128).
+
+    python benchmarks/sweep_decode_kernel.py --out benchmarks/results/decode_kernel_sweep_h100.md
+
+Stage A times the 8 (swap_qk, swap_pv, asm) variants at 4 and 8 warps; stage B sweeps stages and
+tile for the best of them. Every variant is checked against the fp32 reference before it is timed
+(relative error must stay below 2e-3). Each pair runs in its own process: an illegal memory access
+kills the CUDA context, so the driver restarts the pair without the variant that crashed and
+records the crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+SHAPE_MAIN = (64, 4096)
+SHAPE_LONG = (1, 131072)
+PAIRS = "88,84,44,43,42,33,22"
+
+
+def variant_key(v: dict) -> str:
+    return ",".join(f"{k}={int(x) if isinstance(x, bool) else x}" for k, x in sorted(v.items()))
+
+
+def child(pair: str, skip: set[str]) -> None:
+    import torch
+    import triton.testing
+
+    sys.path.insert(0, "benchmarks")
+    from bench_attention import D, packed_case
+
+    from kvtuner.attention import decode_attention as reference
+    from kvtuner.kernels import triton_decode
+
+    kb, vb = int(pair[0]), int(pair[1])
+
+    def emit(**row):
+        print("ROW " + json.dumps(row), flush=True)
+
+    def measure(case, ref, v, shape):
+        key = variant_key(v)
+        if key in skip:
+            return None
+        print("TRY " + json.dumps(dict(pair=pair, shape=shape, variant=v)), flush=True)
+        q, kp, kr, vp, vr = case
+        try:
+            fn = lambda: triton_decode.decode_attention(q, kp, kr, vp, vr, D**-0.5, None, **v)  # noqa: E731
+            out = fn()
+            torch.cuda.synchronize()
+        except Exception as e:  # compile error or out of resources: a fact about the variant, not fatal
+            if "illegal" in str(e) or "CUDA error" in str(e):  # the context is dead: the driver restarts us
+                print(f"DEAD {type(e).__name__}: {str(e)[:160]}", flush=True)
+                os._exit(3)
+            emit(pair=pair, shape=shape, variant=v, error=f"{type(e).__name__}: {str(e)[:120]}")
+            return None
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+        ck = triton_decode.last_compiled
+        us = triton.testing.do_bench(fn, warmup=10, rep=60) * 1e3 if err < 2e-3 else None
+        row = dict(pair=pair, shape=shape, variant=v, us=us, rel_err=err, regs=getattr(ck, "n_regs", None),
+                   spills=getattr(ck, "n_spills", None), smem=getattr(getattr(ck, "metadata", None), "shared", None))
+        emit(**row)
+        return row
+
+    def ref_of(case):
+        q, kp, kr, vp, vr = case
+        return reference(q.float(), kp, kr.float(), vp, vr.float(), D**-0.5, None).float()
+
+    b, n = SHAPE_MAIN
+    case = packed_case(b, n, kb, vb, 128)
+    ref = ref_of(case)
+    rows = []
+    for sq, sp, asm in itertools.product((False, True), repeat=3):
+        r = measure(case, ref, dict(swap_qk=sq, swap_pv=sp, asm=asm, num_warps=4, num_stages=3, block_n=128),
+                    "64x4096")
+        if r and r["us"]:
+            rows.append(r)
+    if not rows:
+        return
+    best = min(rows, key=lambda r: r["us"])["variant"]
+    # 8 warps were 40-90 % slower in every case of the first sweep: tried once, not crossed
+    for stages, block_n, warps in ((2, 128, 4), (4, 128, 4), (3, 64, 4), (3, 128, 8)):
+        v = {**best, "num_stages": stages, "block_n": block_n, "num_warps": warps}
+        r = measure(case, ref, v, "64x4096")
+        if r and r["us"]:
+            rows.append(r)
+    best = min(rows, key=lambda r: r["us"])["variant"]
+    base = dict(swap_qk=False, swap_pv=False, asm=False)
+    default_launch = {k: x for k, x in rows[0]["variant"].items() if k not in base}
+    del case, ref
+    torch.cuda.empty_cache()
+    b, n = SHAPE_LONG
+    case = packed_case(b, n, kb, vb, 128)
+    ref = ref_of(case)
+    for v in (best, {**base, **default_launch}, {**best, "num_stages": 2}):
+        measure(case, ref, v, "1x131072")
+
+
+def driver(args) -> None:
+    t0 = time.time()
+    rows, crashes = [], []
+    for pair in args.pairs.split(","):
+        skip: set[str] = set()
+        for _attempt in range(6):
+            proc = subprocess.run([sys.executable, __file__, "--child", pair, "--skip", json.dumps(sorted(skip))],
+                                  capture_output=True, text=True, timeout=args.pair_timeout)
+            last_try = None
+            for line in proc.stdout.splitlines():
+                if line.startswith("ROW "):
+                    rows.append(json.loads(line[4:]))
+                    print(line[4:], flush=True)
+                elif line.startswith("TRY "):
+                    last_try = json.loads(line[4:])
+            if proc.returncode == 0:
+                break
+            if last_try is None:
+                print(proc.stderr[-3000:], flush=True)
+                break
+            crashes.append(dict(**last_try, stderr=proc.stderr.strip().splitlines()[-1][:200] if proc.stderr else ""))
+            print("CRASH", crashes[-1], flush=True)
+            skip.add(variant_key(last_try["variant"]))
+            rows = [r for r in rows if not (r["pair"] == pair)]  # the restarted pair re-emits its rows
+        write(args, rows, crashes, t0)  # after every pair: a command that runs out of time keeps what it has
+
+
+def write(args, rows, crashes, t0) -> None:
+    import torch
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    lines = ["# Decode kernel launch sweep (Hq=32, Hkv=8, D=128, bf16, KIVI G=128, 32-token bf16 residual)", "",
+             f"GPU: {props.name}, torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}, "
+             f"python {platform.python_version()}. Command: `python benchmarks/sweep_decode_kernel.py --out {args.out} "
+             f"--pairs {args.pairs}` ({time.time() - t0:.0f} s).", "",
+             "swap_qk: S^T = K q^T (the key tile is the wide MMA operand); swap_pv: acc^T = V^T P^T; asm: packed "
+             "PTX unpacking (prmt/lop3 + f16x2 math). µs = median of triton.testing.do_bench (L2 flushed). Variants "
+             "with relative error >= 2e-3 against the fp32 reference are not timed.", "",
+             "| pair | shape | swap_qk | swap_pv | asm | warps | stages | block_n | µs | rel. err | regs | spills |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        v = r["variant"]
+        cells = [f"K{r['pair'][0]}V{r['pair'][1]}", r["shape"], *(int(v[k]) for k in ("swap_qk", "swap_pv", "asm")),
+                 v["num_warps"], v["num_stages"], v["block_n"]]
+        if "error" in r:
+            cells += [r["error"], "", "", ""]
+        else:
+            cells += ["" if r["us"] is None else f"{r['us']:.1f}", f"{r['rel_err']:.1e}", r["regs"], r["spills"]]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    if crashes:
+        lines += ["", "Crashed (CUDA error; the pair was restarted without the variant):", ""]
+        lines += [f"- K{c['pair'][0]}V{c['pair'][1]} {c['shape']} {c['variant']}: {c['stderr']}" for c in crashes]
+    best = {}
+    for r in rows:
+        if r.get("us") and r["shape"] == "64x4096":
+            if r["pair"] not in best or r["us"] < best[r["pair"]]["us"]:
+                best[r["pair"]] = r
+    lines += ["", "Best per pair at B=64, L=4096:", ""]
+    lines += [f"- K{p[0]}V{p[1]}: {r['us']:.1f} µs with {r['variant']}" for p, r in best.items()]
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(args.out.rsplit(".", 1)[0] + ".json", "w") as f:
+        json.dump(dict(rows=rows, crashes=crashes), f, indent=1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results/decode_kernel_sweep.md")
+    ap.add_argument("--pairs", default=PAIRS)
+    ap.add_argument("--pair-timeout", type=float, default=240)
+    ap.add_argument("--child", default=None)
+    ap.add_argument("--skip", default="[]")
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, set(json.loads(args.skip)))
+    else:
+        driver(args)
+
+
+if __name__ == "__main__":
+    main()
