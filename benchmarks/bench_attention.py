@@ -111,6 +111,10 @@ def main() -> None:
     ap.add_argument("--shapes", default=None, help="BxL list, e.g. 64x4096,1x131072 (overrides --quick)")
     ap.add_argument("--rotation", action="store_true", help="also time each pair with Hadamard rotation")
     ap.add_argument("--cudagraph", action="store_true", help="also time each config inside a CUDA graph")
+    ap.add_argument("--tune", action="store_true", help="sweep tile/warps/stages per pair at the first shape "
+                    "(default: the kernel's launch defaults, from sweep_decode_kernel.py)")
+    ap.add_argument("--mixed", action="store_true", help="also time KVTuner-C3.25's 32 layers back to back at "
+                    "B=64, L=4096 against the sum of its layers' single-layer times")
     args = ap.parse_args()
     pairs = [(int(x[0]), int(x[1])) for x in args.pairs.split(",")]
     t_start = time.time()
@@ -136,7 +140,7 @@ def main() -> None:
                 case = packed_case(b, n, kb, vb, g)
                 key = (kb, vb, g)
                 if key not in tuned:
-                    tuned[key] = tune(case, g)
+                    tuned[key] = tune(case, g) if args.tune else {}
                 for rot in ((False, True) if args.rotation else (False,)):
                     t = run_kernel(case, rotation=rot, **tuned[key])
                     t_graph = run_kernel(case, rotation=rot, cudagraph=True, **tuned[key]) if args.cudagraph else None
@@ -150,7 +154,39 @@ def main() -> None:
                 del case
                 torch.cuda.empty_cache()
                 write(args, props, rows, t_start)
+    if args.mixed:
+        rows.append(mixed_plan_row())
+        print(rows[-1], flush=True)
     write(args, props, rows, t_start)
+
+
+def mixed_plan_row(b: int = 64, n: int = 4096) -> dict:
+    """KVTuner-C3.25 (the paper's Llama-3.1-8B plan) as 32 layers, each with its own packed cache:
+    the layers called back to back vs the sum of each pair's single-layer time x its layer count."""
+    from bench_decode import C325
+
+    pairs = [C325.get(i, (4, 2)) for i in range(32)]
+    single = {}
+    for pair in sorted(set(pairs)):
+        case = packed_case(b, n, *pair, 128)
+        single[pair] = run_kernel(case)
+        del case
+        torch.cuda.empty_cache()
+    cases = [packed_case(b, n, *pair, 128) for pair in pairs]
+
+    def step():
+        for q, kp, kr, vp, vr in cases:
+            triton_decode.decode_attention(q, kp, kr, vp, vr, D**-0.5, None)
+
+    step()
+    t_step = triton.testing.do_bench(step, warmup=3, rep=200) * 1e3
+    t_graph = triton.testing.do_bench_cudagraph(step, rep=200) * 1e3
+    predicted = sum(single[p] for p in pairs)
+    return dict(batch=b, context=n, config="C3.25 mixed, 32 layers", us=t_step, us_graph=t_graph,
+                tbps=sum(bytes_read(*c) for c in cases) / t_step / 1e6, speedup=float("nan"),
+                launch={"sum of single-layer times (us)": round(predicted, 1),
+                        "step / sum": round(t_step / predicted, 3),
+                        "per pair (us)": {f"K{k}V{v}": round(t, 1) for (k, v), t in single.items()}})
 
 
 def write(args, props, rows, t_start) -> None:
@@ -160,13 +196,14 @@ def write(args, props, rows, t_start) -> None:
             f"Command: `python benchmarks/bench_attention.py --out {args.out}"
             f"{' --quick' if args.quick else ''} --pairs {args.pairs} --groups {args.groups}"
             f"{' --shapes ' + args.shapes if args.shapes else ''}{' --rotation' if args.rotation else ''}"
-            f"{' --cudagraph' if args.cudagraph else ''}` "
+            f"{' --cudagraph' if args.cudagraph else ''}{' --tune' if args.tune else ''}"
+            f"{' --mixed' if args.mixed else ''}` "
             f"({time.time() - t_start:.0f} s).",
             "KIVI layout: keys per channel in groups of G tokens, values per token (G=128: one scale/zero per "
             "token and head; G=32: four), plus a 32-token bf16 residual window read by the same launch. "
             "µs = median of triton.testing.do_bench (L2 flushed); TB/s = bytes the step must read / time; "
-            "speed-up vs the fastest bf16 SDPA backend at that shape. Launch parameters tuned once per "
-            "(pair, G) at the first shape.", "",
+            "speed-up vs the fastest bf16 SDPA backend at that shape. Launch: the kernel's defaults per pair "
+            "(triton_decode.launch_defaults), or with --tune a sweep per (pair, G) at the first shape.", "",
             "µs in graph: the same call captured in a CUDA graph (do_bench_cudagraph), i.e. GPU time without "
             "Python launch gaps (--cudagraph).", "",
             "| batch | context | config | µs | µs in graph | eff. TB/s | vs bf16 SDPA | launch |",
@@ -177,7 +214,7 @@ def write(args, props, rows, t_start) -> None:
             continue
         graph = f"{r['us_graph']:.1f}" if r.get("us_graph") else ""
         head.append(f"| {r['batch']} | {r['context']} | {r['config']} | {r['us']:.1f} | {graph} | {r['tbps']:.2f} | "
-                    f"{r['speedup']:.2f}x | {r.get('launch', '')} |")
+                    f"{'' if r['speedup'] != r['speedup'] else format(r['speedup'], '.2f') + 'x'} | {r.get('launch', '')} |")
     text = "\n".join(head) + "\n"
     with open(args.out, "w") as f:
         f.write(text)

@@ -26,7 +26,7 @@ import kvtuner
 from kvtuner import KVPlan, load_model, profile
 from kvtuner.data import default_texts
 from kvtuner.evaluate import Evaluator
-from kvtuner.profiling import ALL_PAIRS, calibration_batches, layer_kl
+from kvtuner.profiling import calibration_batches, layer_kl
 from kvtuner.search import search
 from kvtuner.search.objectives import KLObjective
 
@@ -41,13 +41,23 @@ def main() -> None:
     ap.add_argument("--storage", default="/tmp/kvtuner-bench-search.db")
     ap.add_argument("--sequences", type=int, default=4, help="profiling windows (kvtuner tune's default)")
     ap.add_argument("--kl-seq-len", type=int, default=256, help="tokens of the one-layer KL runs (tune's default)")
+    ap.add_argument("--bits", default="8,4,2", help="candidate widths for K and V, e.g. 8,4,3,2 (every pair)")
+    ap.add_argument("--rotation", action="store_true", help="Hadamard-rotated quantization (profiled and searched)")
+    ap.add_argument("--baselines", default=",".join(f"{k}{v}" for k, v in BASELINES),
+                    help="uniform plans evaluated next to the searched ones (k then v bits); with --rotation each "
+                         "also rotated")
+    ap.add_argument("--tag", default="", help="suffix of the result files (search_smollm2<tag>.md, ...)")
     args = ap.parse_args()
     out = Path(args.out_dir)
     model, tok = load_model("smollm2")
     calib = default_texts("calibration")
     t0 = time.perf_counter()
-    table = profile(model, tok, calib, modes=["kivi"], num_sequences=args.sequences, seq_len=512, model_id="smollm2")
-    table.kl = layer_kl(model, calibration_batches(tok, calib, 1, args.kl_seq_len), ALL_PAIRS, ["kivi"])
+    bits = [int(b) for b in args.bits.split(",")]
+    pairs = [(k, v) for k in bits for v in bits]
+    table = profile(model, tok, calib, pairs=pairs, modes=["kivi"], num_sequences=args.sequences, seq_len=512,
+                    model_id="smollm2", rotation=args.rotation)
+    table.kl = layer_kl(model, calibration_batches(tok, calib, 1, args.kl_seq_len), pairs, ["kivi"],
+                        rotation=args.rotation)
     t_profile = time.perf_counter() - t0
     windows = calibration_batches(tok, calib, 10, 640)[-2:]  # windows past the profiling tokens
     objective = KLObjective(model, windows, prefill=384, chunk=16)
@@ -56,21 +66,23 @@ def main() -> None:
     t1 = time.perf_counter()
     for budget in BUDGETS:
         fronts[budget] = search(table, mode="kivi", max_bits=budget, quality=objective, n_trials=args.trials,
-                                storage=args.storage, study_name=f"smollm2-kivi-{budget}", progress=True,
+                                storage=args.storage, study_name=f"smollm2-kivi-{budget}{args.tag}", progress=True,
                                 cluster=False)
-        fronts[budget].save(out / f"smollm2.front-{budget}.json")
+        fronts[budget].save(out / f"smollm2{args.tag}.front-{budget}.json")
     t_search = time.perf_counter() - t1
     ev = Evaluator(model, tok, passkey_lengths=())
     rows = []
     plans = [(f"searched <= {b}", fronts[b].best(b)) for b in BUDGETS]
-    plans += [(f"uniform {KVPlan.uniform(30, k, v).layers[0].name}", KVPlan.uniform(30, k, v, "kivi"))
-              for k, v in BASELINES]
+    for k, v in ((int(x[0]), int(x[1])) for x in args.baselines.split(",")):
+        for rot in (False, True) if args.rotation else (False,):
+            plan = KVPlan.uniform(30, k, v, "kivi", rotation=rot)
+            plans.append((f"uniform {plan.layers[0].name}", plan))
     for name, plan in plans:
         r = ev(plan)
         rows.append(dict(name=name, **r.to_dict()))
         print(rows[-1], flush=True)
         if name.startswith("searched"):
-            plan.save(out / f"smollm2.plan-{name.split()[-1]}.json")
+            plan.save(out / f"smollm2{args.tag}.plan-{name.split()[-1]}.json")
     lines = ["| plan | mode | eq. bits | bytes/token | PPL | vs full | KL | top-1 | gen. identical | gen. prefix |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['name']} | kivi | {r['equivalent_bits']:.2f} | {r['bytes_per_token']:.0f} | {r['ppl']:.3f} | "
@@ -81,10 +93,13 @@ def main() -> None:
     summary = [
         "# Search on SmolLM2 (KIVI)", "",
         f"Command: `python benchmarks/bench_search.py --out-dir {args.out_dir} --trials {args.trials} "
-        f"--sequences {args.sequences} --kl-seq-len {args.kl_seq_len}`. "
+        f"--sequences {args.sequences} --kl-seq-len {args.kl_seq_len} --bits {args.bits}"
+        f"{' --rotation' if args.rotation else ''} --baselines {args.baselines}"
+        f"{' --tag ' + args.tag if args.tag else ''}`. "
         f"kvtuner {kvtuner.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"{torch.get_num_threads()} CPU threads.", "",
-        f"* Profiling (KIVI, 9 pairs, 30 layers, {args.sequences} x 512 tokens, + one-layer KL 270 runs x "
+        f"* Profiling (KIVI, {len(pairs)} pairs{', rotated' if args.rotation else ''}, 30 layers, "
+        f"{args.sequences} x 512 tokens, + one-layer KL {30 * len(pairs)} runs x "
         f"{args.kl_seq_len} tokens): {t_profile:.0f} s. Search (2 budgets x "
         f"{args.trials} NSGA-II trials, KL on 2 x 256 calibration tokens): {t_search:.0f} s. "
         f"Profile + search: {t_profile + t_search:.0f} s.",
@@ -96,7 +111,7 @@ def main() -> None:
           f"{fronts[b].best(b).pairs}." for b in BUDGETS],
         "", "Held-out evaluation (Evaluator: 2 windows of 384-token prefill + 256 teacher-forced decode steps; "
         "4 greedy continuations of 64 tokens):", "", *lines]
-    (out / "search_smollm2.md").write_text("\n".join(summary) + "\n")
+    (out / f"search_smollm2{args.tag}.md").write_text("\n".join(summary) + "\n")
     print("\n".join(summary))
     print(json.dumps(rows))
 
