@@ -95,7 +95,7 @@ def main() -> None:
         f"Command: `python benchmarks/bench_search.py --out-dir {args.out_dir} --trials {args.trials} "
         f"--sequences {args.sequences} --kl-seq-len {args.kl_seq_len} --bits {args.bits}"
         f"{' --rotation' if args.rotation else ''} --baselines {args.baselines}"
-        f"{' --tag ' + args.tag if args.tag else ''}`. "
+        f"{' --tag=' + args.tag if args.tag else ''}`. "
         f"kvtuner {kvtuner.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"{torch.get_num_threads()} CPU threads.", "",
         f"* Profiling (KIVI, {len(pairs)} pairs{', rotated' if args.rotation else ''}, 30 layers, "

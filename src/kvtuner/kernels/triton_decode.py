@@ -118,15 +118,41 @@ fma.rn.f16x2 $7, $7, s64, o64;
 }""")
 
 
+def _asm1_times4() -> str:
+    """PTX for a 1-bit plane, each bit already multiplied by 4 (the 1-bit plane of a 3-bit code sits
+    above a 2-bit plane): bit k becomes fp16 1024 + 2^k, then ``* 2^(2-k) - 1024 * 2^(2-k)``."""
+    lines = ["{", ".reg .b32 t0, t1, m, s, o;", "prmt.b32 t0, $16, 0, 0x4140;", "prmt.b32 t1, $16, 0, 0x4342;",
+             "mov.b32 m, 0x64006400;"]
+    for k in range(8):
+        scale, off = 2.0 ** (2 - k), -1024 * 2.0 ** (2 - k)
+        h = [int(torch.tensor(x, dtype=torch.float16).view(torch.int16).item()) & 0xFFFF for x in (scale, off)]
+        lines += [f"mov.b32 s, 0x{h[0]:04x}{h[0]:04x};", f"mov.b32 o, 0x{h[1]:04x}{h[1]:04x};"]
+        for j, t in enumerate(("t0", "t1")):
+            r = f"${2 * k + j}"
+            lines += [f"lop3.b32 {r}, {t}, 0x{1 << k:04x}{1 << k:04x}, m, 0xea;", f"fma.rn.f16x2 {r}, {r}, s, o;"]
+    return "\n".join(lines + ["}"])
+
+
+_ASM1X4 = tl.constexpr(_asm1_times4())
+_ASM1_CONSTRAINTS = tl.constexpr("=r," * 16 + "r")
+
+
 @triton.jit
 def _unpack_plane_asm(base, t, tmask, stride_t, col0, D: tl.constexpr, BLOCK_D: tl.constexpr, W: tl.constexpr):
-    """:func:`_unpack_plane` for ``W`` in (2, 4, 8), straight to fp16 with packed PTX (CUDA only)."""
+    """:func:`_unpack_plane` straight to fp16 with packed PTX (CUDA only); ``W = 1`` returns bit * 4."""
     PER: tl.constexpr = 8 // W
     NW: tl.constexpr = BLOCK_D // PER
     w = tl.arange(0, NW)
     ptr = base + t.to(tl.int64)[:, None] * stride_t + col0 + w[None, :]
     b = tl.load(ptr, mask=tmask[:, None] & (w < (D + PER - 1) // PER)[None, :], other=0)
-    if PER == 1:
+    if PER == 8:  # only as the upper plane of a 3-bit code (2-bit plane below): values are bit * 4
+        c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
+            _ASM1X4, _ASM1_CONSTRAINTS, [b], dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
+                                                    tl.float16, tl.float16, tl.float16), is_pure=True, pack=4)
+        even = tl.interleave(tl.interleave(c0, c4), tl.interleave(c2, c6))
+        odd = tl.interleave(tl.interleave(c1, c5), tl.interleave(c3, c7))
+        c = tl.interleave(even, odd)
+    elif PER == 1:
         c = tl.inline_asm_elementwise(_ASM8, "=r,=r,r", [b], dtype=tl.float16, is_pure=True, pack=4)
     elif PER == 2:
         lo, hi = tl.inline_asm_elementwise(_ASM4, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16),
@@ -155,11 +181,10 @@ def _unpack(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constexpr, W0
         if W1 > 0:  # second plane: exact in fp16 (codes < 256)
             col1: tl.constexpr = (D + 8 // W0 - 1) // (8 // W0)
             if W1 == 1:
-                c1 = (_unpack_plane(base, t, tmask, stride_t, col1, D, BLOCK_D, W1) | magic).to(
-                    tl.float16, bitcast=True) - 1024.0
+                tl.static_assert(W0 == 2, "a 1-bit plane only sits above a 2-bit plane (3-bit codes)")
+                c = c + _unpack_plane_asm(base, t, tmask, stride_t, col1, D, BLOCK_D, W1)  # already bit * 4
             else:
-                c1 = _unpack_plane_asm(base, t, tmask, stride_t, col1, D, BLOCK_D, W1)
-            c = c + c1 * (1 << W0)
+                c = c + _unpack_plane_asm(base, t, tmask, stride_t, col1, D, BLOCK_D, W1) * (1 << W0)
         return c
     c = _unpack_plane(base, t, tmask, stride_t, 0, D, BLOCK_D, W0)
     if W1 > 0:
