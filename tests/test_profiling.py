@@ -147,3 +147,17 @@ def test_tune_uniform_picks_cheapest_within_tolerance():
         or not strict.plan.provenance["met_tolerance"]
     with pytest.raises(PlanError, match="tolerance=-1"):
         tune_uniform(model, ids, tolerance=-1)
+
+
+def test_head_errors_shape_and_order():
+    from kvtuner.profiling import head_errors
+    from kvtuner.testing import tiny_model
+
+    model = tiny_model("llama", layers=2, heads=4, kv_heads=2, head_dim=32)
+    batches = [torch.randint(3, 100, (1, 64), generator=torch.Generator().manual_seed(0))]
+    err = head_errors(model, batches, [(8, 8), (2, 2)], "kivi")
+    assert err.shape == (2, 2, 2)
+    assert (err > 0).all()
+    assert (err[..., 1] > err[..., 0]).all()  # 2 bits lose more than 8 bits in every head
+    with pytest.raises(PlanError, match="mode"):
+        head_errors(model, batches, [(4, 4)], "nope")

@@ -328,3 +328,40 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 
     ra, rb = ranks(a), ranks(b)
     return float(np.corrcoef(ra, rb)[0, 1])
+
+
+@torch.no_grad()
+def head_errors(model: Any, batches: list[torch.Tensor], pairs: Sequence[tuple[int, int]], mode: str = "kivi", *,
+                rotation: bool = False) -> torch.Tensor:
+    """Relative attention-output error of every KV head, ``[layers, kv_heads, len(pairs)]``.
+
+    The error of a KV head is measured over the query heads that read it (its GQA group), the
+    second half of each batch's queries, averaged over ``batches``: how much the heads of one layer
+    differ tells whether per-head bits could pay off.
+    """
+    if mode not in MODES:
+        _fail("mode", mode, ", ".join(MODES))
+    for kb, vb in pairs:
+        QuantSpec(kb), QuantSpec(vb)  # validates bits
+    out = None
+    for ids in batches:
+        first_query = ids.shape[-1] // 2
+        with capture_attention(model) as records:
+            model(ids.to(model.device), use_cache=False)
+        layers = sorted(records)
+        if out is None:
+            out = torch.zeros(len(layers), records[layers[0]]["k"].shape[1], len(pairs))
+        for li in layers:
+            rec = records[li]
+            q, k, v, scale, win = rec["q"], rec["k"], rec["v"], rec["scaling"], rec["sliding_window"]
+            ref = _attention(q, k, v, scale, first_query, win)
+            hkv, group = k.shape[1], q.shape[1] // k.shape[1]
+            for i, (kb, vb) in enumerate(pairs):
+                kk = k if kb == 16 else _simulate(k, kb, mode, "key", rotation)
+                vv = v if vb == 16 else _simulate(v, vb, mode, "value", rotation)
+                got = _attention(q, kk, vv, scale, first_query, win)
+                for h in range(hkv):
+                    sl = slice(h * group, (h + 1) * group)
+                    out[li, h, i] += _rel(got[:, sl], ref[:, sl])
+        records.clear()
+    return out / len(batches)
