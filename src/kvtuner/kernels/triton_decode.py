@@ -436,13 +436,14 @@ def _ptx_ok(device: torch.device) -> bool:
 def launch_defaults(kbits: int, vbits: int, block_d: int, block_n: int, device: torch.device) -> dict:
     """Launch choices per bit pair, from the H100 sweep (benchmarks/results/decode_kernel_sweep_h100.md):
 
-    * ``acc^T = V^T P^T`` (swap_pv) was 7-16 % faster for every value width but 8, where it spills;
+    * ``acc^T = V^T P^T`` (swap_pv) was 7-16 % faster for 2- and 4-bit values; with 8-bit values it
+      spills, and with bit-plane values (3-bit) it was 2-8 % slower (decode_kernel_sweep_3bit_h100.md);
     * packed PTX unpacking (asm) 2-12 % faster; 4 warps and 3 stages best for every pair;
     * ``S^T = K q^T`` (swap_qk) is never chosen: together with swap_pv Triton 3.6 produced wrong
       results (K3V3) or illegal memory accesses (K2V2, K8V8), and alone it was slower.
     """
     return dict(num_warps=4, num_stages=3 if block_d * block_n <= 128 * 128 else 2,
-                swap_qk=False, swap_pv=vbits < 8, asm=_ptx_ok(device))
+                swap_qk=False, swap_pv=vbits in (2, 4), asm=_ptx_ok(device))
 
 
 def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residual: torch.Tensor | None,
