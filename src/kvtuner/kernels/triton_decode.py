@@ -35,28 +35,41 @@ last_compiled = None  # the split kernel's last launch (benchmarks read register
 
 
 @triton.jit
-def _unpack_plane(base, t, tmask, stride_t, col0, D: tl.constexpr, BLOCK_D: tl.constexpr, W: tl.constexpr):
-    """One bit plane of ``W`` bits (1, 2, 4 or 8), starting ``col0`` bytes into each token row, as
-    uint16 codes ``[len(t), BLOCK_D]`` in channel order.
-
-    Each byte is loaded once (contiguous rows, vectorised loads); the codes of a byte are split with
-    shifts in 16-bit lanes and put back in channel order with ``tl.interleave``.
-    """
+def _plane_bytes(base, t, tmask, stride_t, col0, D: tl.constexpr, BLOCK_D: tl.constexpr, W: tl.constexpr):
+    """The bytes of one bit plane of ``W`` bits (1, 2, 4 or 8), starting ``col0`` bytes into each
+    token row: ``[len(t), BLOCK_D * W / 8]`` uint8, each byte loaded once (contiguous rows)."""
     PER: tl.constexpr = 8 // W
-    NW: tl.constexpr = BLOCK_D // PER
-    w = tl.arange(0, NW)
+    w = tl.arange(0, BLOCK_D // PER)
     ptr = base + t.to(tl.int64)[:, None] * stride_t + col0 + w[None, :]
-    b = tl.load(ptr, mask=tmask[:, None] & (w < (D + PER - 1) // PER)[None, :], other=0).to(tl.uint16)
-    if PER == 1:
+    return tl.load(ptr, mask=tmask[:, None] & (w < (D + PER - 1) // PER)[None, :], other=0)
+
+
+@triton.jit
+def _channels4(c0, c1, c2, c3):
+    """Codes 0..3 of each byte (lowest bits first) back in channel order: code k -> channel 4j + k."""
+    return tl.interleave(tl.interleave(c0, c2), tl.interleave(c1, c3))
+
+
+@triton.jit
+def _channels8(c0, c1, c2, c3, c4, c5, c6, c7):
+    """Codes 0..7 of each byte (lowest bit first) back in channel order: code k -> channel 8j + k."""
+    return tl.interleave(_channels4(c0, c2, c4, c6), _channels4(c1, c3, c5, c7))
+
+
+@triton.jit
+def _unpack_plane(base, t, tmask, stride_t, col0, D: tl.constexpr, BLOCK_D: tl.constexpr, W: tl.constexpr):
+    """One bit plane as uint16 codes ``[len(t), BLOCK_D]`` in channel order: the codes of a byte
+    are split with shifts in 16-bit lanes and put back in order with ``tl.interleave``."""
+    b = _plane_bytes(base, t, tmask, stride_t, col0, D, BLOCK_D, W).to(tl.uint16)
+    if W == 8:
         c = b
-    elif PER == 2:
+    elif W == 4:
         c = tl.interleave(b & 15, b >> 4)
-    elif PER == 4:
-        c = tl.interleave(tl.interleave(b & 3, (b >> 4) & 3), tl.interleave((b >> 2) & 3, b >> 6))
-    else:  # code k of a byte goes to channel 8j + k
-        even = tl.interleave(tl.interleave(b & 1, (b >> 4) & 1), tl.interleave((b >> 2) & 1, (b >> 6) & 1))
-        odd = tl.interleave(tl.interleave((b >> 1) & 1, (b >> 5) & 1), tl.interleave((b >> 3) & 1, b >> 7))
-        c = tl.interleave(even, odd)
+    elif W == 2:
+        c = _channels4(b & 3, (b >> 2) & 3, (b >> 4) & 3, b >> 6)
+    else:
+        c = _channels8(b & 1, (b >> 1) & 1, (b >> 2) & 1, (b >> 3) & 1, (b >> 4) & 1, (b >> 5) & 1, (b >> 6) & 1,
+                       b >> 7)
     return c
 
 
@@ -140,21 +153,15 @@ _ASM1_CONSTRAINTS = tl.constexpr("=r," * 16 + "r")
 @triton.jit
 def _unpack_plane_asm(base, t, tmask, stride_t, col0, D: tl.constexpr, BLOCK_D: tl.constexpr, W: tl.constexpr):
     """:func:`_unpack_plane` straight to fp16 with packed PTX (CUDA only); ``W = 1`` returns bit * 4."""
-    PER: tl.constexpr = 8 // W
-    NW: tl.constexpr = BLOCK_D // PER
-    w = tl.arange(0, NW)
-    ptr = base + t.to(tl.int64)[:, None] * stride_t + col0 + w[None, :]
-    b = tl.load(ptr, mask=tmask[:, None] & (w < (D + PER - 1) // PER)[None, :], other=0)
-    if PER == 8:  # only as the upper plane of a 3-bit code (2-bit plane below): values are bit * 4
+    b = _plane_bytes(base, t, tmask, stride_t, col0, D, BLOCK_D, W)
+    if W == 1:  # only as the upper plane of a 3-bit code (2-bit plane below): values are bit * 4
         c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
             _ASM1X4, _ASM1_CONSTRAINTS, [b], dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
                                                     tl.float16, tl.float16, tl.float16), is_pure=True, pack=4)
-        even = tl.interleave(tl.interleave(c0, c4), tl.interleave(c2, c6))
-        odd = tl.interleave(tl.interleave(c1, c5), tl.interleave(c3, c7))
-        c = tl.interleave(even, odd)
-    elif PER == 1:
+        c = _channels8(c0, c1, c2, c3, c4, c5, c6, c7)
+    elif W == 8:
         c = tl.inline_asm_elementwise(_ASM8, "=r,=r,r", [b], dtype=tl.float16, is_pure=True, pack=4)
-    elif PER == 2:
+    elif W == 4:
         lo, hi = tl.inline_asm_elementwise(_ASM4, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16),
                                            is_pure=True, pack=4)
         c = tl.interleave(lo, hi)
@@ -162,7 +169,7 @@ def _unpack_plane_asm(base, t, tmask, stride_t, col0, D: tl.constexpr, BLOCK_D: 
         c0, c1, c2, c3 = tl.inline_asm_elementwise(_ASM2, "=r,=r,=r,=r,=r,=r,=r,=r,r", [b],
                                                    dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
                                                    is_pure=True, pack=4)
-        c = tl.interleave(tl.interleave(c0, c2), tl.interleave(c1, c3))
+        c = _channels4(c0, c1, c2, c3)
     return c
 
 
@@ -175,20 +182,19 @@ def _unpack(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constexpr, W0
     3 bits are 2 + 1, 6 bits 4 + 2, low bits first. The fp16 value comes from the exponent trick:
     ``0x6400 | c`` read as fp16 is ``1024 + c``.
     """
-    magic = tl.full([1, 1], 0x6400, tl.uint16)
+    col1: tl.constexpr = (D + 8 // W0 - 1) // (8 // W0)  # bytes of the first plane per token
     if ASM:
         c = _unpack_plane_asm(base, t, tmask, stride_t, 0, D, BLOCK_D, W0)
-        if W1 > 0:  # second plane: exact in fp16 (codes < 256)
-            col1: tl.constexpr = (D + 8 // W0 - 1) // (8 // W0)
-            if W1 == 1:
-                tl.static_assert(W0 == 2, "a 1-bit plane only sits above a 2-bit plane (3-bit codes)")
-                c = c + _unpack_plane_asm(base, t, tmask, stride_t, col1, D, BLOCK_D, W1)  # already bit * 4
-            else:
-                c = c + _unpack_plane_asm(base, t, tmask, stride_t, col1, D, BLOCK_D, W1) * (1 << W0)
+        if W1 == 1:  # exact in fp16 (codes < 256)
+            tl.static_assert(W0 == 2, "a 1-bit plane only sits above a 2-bit plane (3-bit codes)")
+            c = c + _unpack_plane_asm(base, t, tmask, stride_t, col1, D, BLOCK_D, W1)  # already bit * 4
+        elif W1 > 1:
+            c = c + _unpack_plane_asm(base, t, tmask, stride_t, col1, D, BLOCK_D, W1) * (1 << W0)
         return c
     c = _unpack_plane(base, t, tmask, stride_t, 0, D, BLOCK_D, W0)
     if W1 > 0:
-        c = c | (_unpack_plane(base, t, tmask, stride_t, (D + 8 // W0 - 1) // (8 // W0), D, BLOCK_D, W1) << W0)
+        c = c | (_unpack_plane(base, t, tmask, stride_t, col1, D, BLOCK_D, W1) << W0)
+    magic = tl.full([1, 1], 0x6400, tl.uint16)
     return (c | magic).to(tl.float16, bitcast=True) - 1024.0
 
 
@@ -510,12 +516,10 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
     kr = k_residual if n_r else None
     vr = v_residual if n_r else None
     mask = kv_mask.to(torch.uint8) if kv_mask is not None else None
-    dflt = launch_defaults(kbits, vbits, block_d, block_n, q.device)
-    num_warps = dflt["num_warps"] if num_warps is None else num_warps
-    num_stages = dflt["num_stages"] if num_stages is None else num_stages
-    swap_qk = dflt["swap_qk"] if swap_qk is None else swap_qk
-    swap_pv = dflt["swap_pv"] if swap_pv is None else swap_pv
-    asm = dflt["asm"] if asm is None else asm
+    given = dict(num_warps=num_warps, num_stages=num_stages, swap_qk=swap_qk, swap_pv=swap_pv, asm=asm)
+    launch = launch_defaults(kbits, vbits, block_d, block_n, q.device)
+    launch.update({k: v for k, v in given.items() if v is not None})
+    num_warps, num_stages, swap_qk, swap_pv, asm = (launch[k] for k in given)
     if swap_qk and swap_pv:
         raise ValueError("swap_qk=True with swap_pv=True is invalid; allowed: at most one (Triton 3.6 miscompiles "
                          "the pair: wrong results or illegal memory accesses on an H100)")
