@@ -118,15 +118,24 @@ def where_time_goes(model, cache, batch: int, steps: int, backend: str | None) -
 @torch.no_grad()
 def greedy_agreement(model, plan: KVPlan | None, prompts: int, prompt_len: int, new_tokens: int,
                      backend: str | None = None) -> dict[str, float]:
-    """Greedy continuations with ``plan`` (fused kernel path) vs the bf16 DynamicCache, via ``generate``.
-
-    ``plan=None`` measures the floor instead: bf16 DynamicCache again, under another SDPA ``backend``
-    (with random weights the logits are nearly flat, so even kernel rounding flips some argmaxes).
-    """
+    """:func:`agreement` on random-token prompts (random weights: no text to draw prompts from)."""
     g = torch.Generator(device="cuda").manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (prompts, prompt_len), device="cuda", generator=g)
+    return agreement(model, plan, ids, new_tokens, backend)
+
+
+@torch.no_grad()
+def agreement(model, plan: KVPlan | None, ids: torch.Tensor, new_tokens: int, backend: str | None = None,
+              pad_token_id: int = 0) -> dict[str, float]:
+    """Greedy continuations of the prompts ``ids`` ``[P, T]`` with ``plan`` (the cache's automatic
+    path: the fused kernel on CUDA) vs the model's own 16-bit DynamicCache, via ``generate``.
+
+    ``plan=None`` measures the floor instead: DynamicCache again, under another SDPA ``backend``
+    (rounding alone flips argmaxes whose top-2 margin is tiny, as with random weights).
+    """
+    prompts, prompt_len = ids.shape
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True,
-              output_logits=True, pad_token_id=0, attention_mask=torch.ones_like(ids))
+              output_logits=True, pad_token_id=pad_token_id, attention_mask=torch.ones_like(ids))
     ref = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kw)
     with sdpa_context(backend):
         cache = DynamicCache(config=model.config) if plan is None else MixedPrecisionCache(plan, model.config)
@@ -145,7 +154,7 @@ def greedy_agreement(model, plan: KVPlan | None, prompts: int, prompt_len: int, 
         kl += float((torch.log_softmax(la, -1).exp() * (torch.log_softmax(la, -1) - torch.log_softmax(lb, -1)))
                     .sum(-1).sum())
         n += int(live.sum())
-    top2 = torch.stack(ref.logits).float().topk(2, dim=-1).values  # margin of the bf16 argmax
+    top2 = torch.stack(ref.logits).float().topk(2, dim=-1).values  # margin of the 16-bit argmax
     return dict(prompts=prompts, prompt_len=prompt_len, new_tokens=new_tokens,
                 all_match=int((prefix == new_tokens).sum()), mean_prefix=float(prefix.float().mean()),
                 token_agreement=float(same.float().mean()), max_rel_logit_diff=rel, mean_kl=kl / max(n, 1),

@@ -30,7 +30,7 @@ def variant_key(v: dict) -> str:
     return ",".join(f"{k}={int(x) if isinstance(x, bool) else x}" for k, x in sorted(v.items()))
 
 
-def child(pair: str, skip: set[str]) -> None:
+def child(pair: str, skip: set[str], stage: str = "launch") -> None:
     import torch
     import triton.testing
 
@@ -77,6 +77,11 @@ def child(pair: str, skip: set[str]) -> None:
     case = packed_case(b, n, kb, vb, 128)
     ref = ref_of(case)
     rows = []
+    if stage == "fold":
+        fold_stage(case, ref, measure, kb, vb)
+        del case, ref
+        torch.cuda.empty_cache()
+        return
     for sq, sp, asm in itertools.product((False, True), repeat=3):
         r = measure(case, ref, dict(swap_qk=sq, swap_pv=sp, asm=asm, num_warps=4, num_stages=3, block_n=128),
                     "64x4096")
@@ -103,13 +108,38 @@ def child(pair: str, skip: set[str]) -> None:
         measure(case, ref, v, "1x131072")
 
 
+def fold_stage(case, ref, measure, kb: int, vb: int) -> None:
+    """Stage C (``--stage fold``), from the launch defaults: how scales reach the dots (dequantized
+    in registers, folded with or without a max-normalisation), then a register cap and the split
+    count for the best of them."""
+    from kvtuner.kernels import triton_decode
+
+    base = {k: x for k, x in triton_decode.launch_defaults(kb, vb, 128, 128, case[0].device).items()
+            if x is not None}
+    base["block_n"] = 128
+    rows = []
+    for fk, fv in itertools.product(("norm", "plain", "reg"), repeat=2):
+        r = measure(case, ref, {**base, "fold_k": fk, "fold_v": fv}, "64x4096")
+        if r and r["us"]:
+            rows.append(r)
+    if not rows:
+        return
+    best = min(rows, key=lambda r: r["us"])["variant"]
+    for extra in (dict(maxnreg=168), dict(maxnreg=128), dict(maxnreg=128, num_stages=2), dict(splits_per_sm=2),
+                  dict(splits_per_sm=8), dict(splits_per_sm=16)):
+        r = measure(case, ref, {**best, **extra}, "64x4096")
+        if r and r["us"]:
+            rows.append(r)
+
+
 def driver(args) -> None:
     t0 = time.time()
     rows, crashes = [], []
     for pair in args.pairs.split(","):
         skip: set[str] = set()
         for _attempt in range(6):
-            proc = subprocess.run([sys.executable, __file__, "--child", pair, "--skip", json.dumps(sorted(skip))],
+            proc = subprocess.run([sys.executable, __file__, "--child", pair, "--skip", json.dumps(sorted(skip)),
+                                   "--stage", args.stage],
                                   capture_output=True, text=True, timeout=args.pair_timeout)
             last_try = None
             for line in proc.stdout.splitlines():
@@ -138,16 +168,20 @@ def write(args, rows, crashes, t0) -> None:
     lines = ["# Decode kernel launch sweep (Hq=32, Hkv=8, D=128, bf16, KIVI G=128, 32-token bf16 residual)", "",
              f"GPU: {props.name}, torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}, "
              f"python {platform.python_version()}. Command: `python benchmarks/sweep_decode_kernel.py --out {args.out} "
-             f"--pairs {args.pairs}` ({time.time() - t0:.0f} s).", "",
+             f"--pairs {args.pairs} --stage {args.stage}` ({time.time() - t0:.0f} s).", "",
              "swap_qk: S^T = K q^T (the key tile is the wide MMA operand); swap_pv: acc^T = V^T P^T; asm: packed "
-             "PTX unpacking (prmt/lop3 + f16x2 math). µs = median of triton.testing.do_bench (L2 flushed). Variants "
+             "PTX unpacking (prmt/lop3 + f16x2 math); fold: scales dequantized in registers (reg), folded into "
+             "q / p after a max-normalisation (norm) or without it (plain); maxnreg: register cap per thread; "
+             "splits/SM: target programs per SM of the split-K grid. µs = median of triton.testing.do_bench (L2 flushed). Variants "
              "with relative error >= 2e-3 against the fp32 reference are not timed.", "",
-             "| pair | shape | swap_qk | swap_pv | asm | warps | stages | block_n | µs | rel. err | regs | spills |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| pair | shape | swap_qk | swap_pv | asm | warps | stages | block_n | fold k/v | maxnreg | splits/SM "
+             "| µs | rel. err | regs | spills |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         v = r["variant"]
         cells = [f"K{r['pair'][0]}V{r['pair'][1]}", r["shape"], *(int(v[k]) for k in ("swap_qk", "swap_pv", "asm")),
-                 v["num_warps"], v["num_stages"], v["block_n"]]
+                 v["num_warps"], v["num_stages"], v["block_n"], f"{v.get('fold_k', 'norm')}/{v.get('fold_v', 'norm')}",
+                 v.get("maxnreg") or "-", v.get("splits_per_sm", 4)]
         if "error" in r:
             cells += [r["error"], "", "", ""]
         else:
@@ -176,9 +210,11 @@ def main() -> None:
     ap.add_argument("--pair-timeout", type=float, default=240)
     ap.add_argument("--child", default=None)
     ap.add_argument("--skip", default="[]")
+    ap.add_argument("--stage", default="launch", choices=("launch", "fold"),
+                    help="launch: orientation/unpack/warps/stages/tile; fold: scale folding, register cap, splits")
     args = ap.parse_args()
     if args.child:
-        child(args.child, set(json.loads(args.skip)))
+        child(args.child, set(json.loads(args.skip)), args.stage)
     else:
         driver(args)
 

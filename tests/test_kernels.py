@@ -139,6 +139,16 @@ def test_decode_orientations_agree(case, launch):
     check(make_case(**case), **launch)
 
 
+FOLDS = [dict(fold_k=k, fold_v=v) for k, v in (("reg", "reg"), ("plain", "plain"), ("norm", "reg"))]
+
+
+@pytest.mark.parametrize("launch", FOLDS, ids=lambda f: f"k-{f['fold_k']}-v-{f['fold_v']}")
+@pytest.mark.parametrize("case", [SMALL[0], SMALL[5]], ids=("K4V2", "K3V6"))
+def test_decode_scale_folds_agree(case, launch):
+    # scales dequantized in registers, folded into q / p with or without max-normalisation: same attention
+    check(make_case(**case), **launch)
+
+
 @pytest.mark.skipif(not CUDA, reason="inline PTX unpacking needs a CUDA GPU (not Triton's interpreter)")
 @pytest.mark.parametrize("asm", [False, True])
 @pytest.mark.parametrize("kbits,vbits", [(2, 2), (4, 4), (8, 8), (3, 6), (6, 3), (2, 8)])
@@ -150,6 +160,8 @@ def test_decode_rejects_bad_launch():
     q, kp, kr, vp, vr = make_case(1, 2, 4, 64, 64, 4, 4, 4)
     with pytest.raises(ValueError, match="at most one"):
         triton_decode.decode_attention(q, kp, kr, vp, vr, 0.1, swap_qk=True, swap_pv=True)
+    with pytest.raises(ValueError, match="fold_k='fast' is invalid"):
+        triton_decode.decode_attention(q, kp, kr, vp, vr, 0.1, fold_k="fast")
     if not CUDA:
         with pytest.raises(ValueError, match="inline PTX"):
             triton_decode.decode_attention(q, kp, kr, vp, vr, 0.1, asm=True)

@@ -2,6 +2,7 @@
 artefact and its validation, and the evaluation report."""
 
 import json
+import math
 import types
 
 import pytest
@@ -130,6 +131,15 @@ def test_evaluator_report():
     assert full.generation_prefix == 8 and full.tokens_scored == 24 and set(full.passkey) == {200}
     low = ev(KVPlan.uniform(2, 2, 2, "kivi", group_size=8, residual_length=8))
     assert low.kl > 0 and low.ppl != low.full_ppl and low.equivalent_bits == 2
+    assert full.window_nll_delta == [0.0] and len(low.window_nll_delta) == 1
+    assert math.exp(low.window_nll_delta[0]) == pytest.approx(low.ppl / low.full_ppl, rel=1e-6)
+    with pytest.raises(ValueError, match="at least 2"):
+        low.ppl_delta_interval()
+    two = Evaluator(model, CharTokenizer(), TEXT, windows=2, prefill=32, decode=16, prompts=1, new_tokens=4,
+                    passkey_lengths=(), progress=False)(KVPlan.uniform(2, 2, 2, "kivi", group_size=8, residual_length=8))
+    lo, hi = two.ppl_delta_interval()
+    mean = math.expm1(sum(two.window_nll_delta) / 2)
+    assert lo <= mean <= hi and lo < hi
     with pytest.raises(ValueError, match="evaluation text has"):
         Evaluator(model, CharTokenizer(), "tiny", progress=False)
 

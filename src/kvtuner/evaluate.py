@@ -85,6 +85,17 @@ class QualityReport:
     generation_prefix: float  # mean number of leading generated tokens identical to full precision
     passkey: dict[int, float] = field(default_factory=dict)  # context length -> exact-match accuracy
     full_passkey: dict[int, float] = field(default_factory=dict)
+    # per text window: mean NLL (nats/token) with the plan minus with full precision; their spread
+    # is the noise floor of the PPL comparison (one window's PPL moves by percents on its own)
+    window_nll_delta: list[float] = field(default_factory=list)
+
+    def ppl_delta_interval(self, z: float = 2.0) -> tuple[float, float]:
+        """PPL ratio - 1 at mean(window deltas) -/+ ``z`` standard errors (windows as samples)."""
+        d = torch.tensor(self.window_nll_delta, dtype=torch.float64)
+        if len(d) < 2:
+            raise ValueError(f"{len(d)} windows is invalid for an interval; allowed: at least 2")
+        half = z * d.std().item() / math.sqrt(len(d))
+        return math.expm1(d.mean().item() - half), math.expm1(d.mean().item() + half)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -166,8 +177,9 @@ class Evaluator:
         ref = self.reference()
         logprobs, generations, passkey = self._run(plan, f"{plan.equivalent_bits:.2f}-bit plan")
         targets = [ids[0, self.prefill:] for ids in self.windows]
-        nll_q = sum(-lp.gather(1, t.unsqueeze(1)).sum().item() for lp, t in zip(logprobs, targets))
-        nll_f = sum(-lp.gather(1, t.unsqueeze(1)).sum().item() for lp, t in zip(ref.logprobs, targets))
+        win_q = [-lp.gather(1, t.unsqueeze(1)).sum().item() for lp, t in zip(logprobs, targets)]
+        win_f = [-lp.gather(1, t.unsqueeze(1)).sum().item() for lp, t in zip(ref.logprobs, targets)]
+        nll_q, nll_f = sum(win_q), sum(win_f)
         n = sum(len(t) for t in targets)
         kl = sum(kl_sum(f, q) for f, q in zip(ref.logprobs, logprobs)) / n
         top1 = sum((f.argmax(-1) == q.argmax(-1)).sum().item() for f, q in zip(ref.logprobs, logprobs)) / n
@@ -179,7 +191,8 @@ class Evaluator:
             equivalent_bits=plan.equivalent_bits, bytes_per_token=plan.bytes_per_token(self.model.config),
             ppl=math.exp(nll_q / n), full_ppl=math.exp(nll_f / n), kl=max(0.0, kl), top1=top1, tokens_scored=n,
             generation_agreement=sum(same) / len(same), generation_prefix=sum(prefix) / len(prefix),
-            passkey=passkey, full_passkey=ref.passkey)
+            passkey=passkey, full_passkey=ref.passkey,
+            window_nll_delta=[(q - f) / len(t) for q, f, t in zip(win_q, win_f, targets)])
 
 
 def evaluate(model: Any, tokenizer: Any, plan: KVPlan, texts: str | None = None, **kwargs: Any) -> QualityReport:

@@ -285,7 +285,8 @@ def _decode_split_kernel(
         KW0: tl.constexpr, KW1: tl.constexpr, VW0: tl.constexpr, VW1: tl.constexpr, K_PER_CHANNEL: tl.constexpr,
         GK: tl.constexpr,
         GV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, HAS_MASK: tl.constexpr,
-        SWAP_QK: tl.constexpr, SWAP_PV: tl.constexpr, ASM: tl.constexpr):
+        SWAP_QK: tl.constexpr, SWAP_PV: tl.constexpr, ASM: tl.constexpr, FOLD_K: tl.constexpr,
+        FOLD_V: tl.constexpr):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid_bh // HKV).to(tl.int64)
@@ -325,11 +326,19 @@ def _decode_split_kernel(
                     g = (t0 // GK).to(tl.int64)
                     s_row = tl.load(ks + g * sks_t + d, mask=dmask, other=0.0).to(tl.float32)
                     z_row = tl.load(kz + g * sks_t + d, mask=dmask, other=0.0).to(tl.float32)
-                    # dividing by the largest scale keeps the fp16 operand away from subnormals
-                    s_max = tl.maximum(tl.max(s_row, axis=0), 1e-30)
-                    qs = (q * (s_row / s_max)[None, :]).to(tl.float16)
-                    qz = tl.sum(q * z_row[None, :], axis=1)
-                    scores = _qk(qs, kcode, SWAP_QK) * s_max + _head(qz, SWAP_QK)
+                    if FOLD_K == 0:  # dequantize the tile in fp16 registers (one packed FMA per 2 elements)
+                        k = kcode * s_row.to(tl.float16)[None, :] + z_row.to(tl.float16)[None, :]
+                        scores = _qk(q.to(tl.float16), k, SWAP_QK)
+                    elif FOLD_K == 1:
+                        # dividing by the largest scale keeps the fp16 operand away from subnormals
+                        s_max = tl.maximum(tl.max(s_row, axis=0), 1e-30)
+                        qs = (q * (s_row / s_max)[None, :]).to(tl.float16)
+                        qz = tl.sum(q * z_row[None, :], axis=1)
+                        scores = _qk(qs, kcode, SWAP_QK) * s_max + _head(qz, SWAP_QK)
+                    else:  # folded without the cross-warp max (tiny scales lose fp16 precision)
+                        qs = (q * s_row[None, :]).to(tl.float16)
+                        qz = tl.sum(q * z_row[None, :], axis=1)
+                        scores = _qk(qs, kcode, SWAP_QK) + _head(qz, SWAP_QK)
                 else:
                     NG: tl.constexpr = BLOCK_N // GK
                     g = (t0 // GK + tl.arange(0, NG)).to(tl.int64)
@@ -362,10 +371,18 @@ def _decode_split_kernel(
             if NGV == 1:
                 s_v = tl.load(vs + t.to(tl.int64) * svs_t, mask=tmask, other=0.0).to(tl.float32)
                 z_v = tl.load(vz + t.to(tl.int64) * svs_t, mask=tmask, other=0.0).to(tl.float32)
-                sv_max = tl.maximum(tl.max(s_v, axis=0), 1e-30)
-                pv = _pv(p * _tok(s_v / sv_max, SWAP_QK), vcode, SWAP_QK, SWAP_PV)
-                pz = tl.sum(p * _tok(z_v, SWAP_QK), axis=TOK)
-                acc += pv * sv_max + _head(pz, SWAP_PV)
+                if FOLD_V == 0:  # dequantize the tile in fp16 registers
+                    v = vcode * s_v.to(tl.float16)[:, None] + z_v.to(tl.float16)[:, None]
+                    acc += _pv(p, v, SWAP_QK, SWAP_PV)
+                elif FOLD_V == 1:
+                    sv_max = tl.maximum(tl.max(s_v, axis=0), 1e-30)
+                    pv = _pv(p * _tok(s_v / sv_max, SWAP_QK), vcode, SWAP_QK, SWAP_PV)
+                    pz = tl.sum(p * _tok(z_v, SWAP_QK), axis=TOK)
+                    acc += pv * sv_max + _head(pz, SWAP_PV)
+                else:
+                    pv = _pv(p * _tok(s_v, SWAP_QK), vcode, SWAP_QK, SWAP_PV)
+                    pz = tl.sum(p * _tok(z_v, SWAP_QK), axis=TOK)
+                    acc += pv + _head(pz, SWAP_PV)
             else:
                 v = _dequant_groups(vcode, vs, vz, t, tmask, svs_t, D, GV, NGV, BLOCK_N, BLOCK_D)
                 acc += _pv(p, v, SWAP_QK, SWAP_PV)
@@ -425,12 +442,12 @@ def _num_sm(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _splits(batch_heads: int, n_q: int, block_n: int, device: torch.device) -> tuple[int, int]:
-    """(quantized splits, tokens per split): about 4 programs per SM, whole tiles per split."""
+def _splits(batch_heads: int, n_q: int, block_n: int, device: torch.device, per_sm: int = 4) -> tuple[int, int]:
+    """(quantized splits, tokens per split): about ``per_sm`` programs per SM, whole tiles per split."""
     tiles = -(-n_q // block_n)
     if tiles == 0:
         return 0, block_n
-    want = max(1, -(-4 * _num_sm(device) // batch_heads))
+    want = max(1, -(-per_sm * _num_sm(device) // batch_heads))
     per = -(-tiles // min(want, tiles))
     return -(-tiles // per), per * block_n
 
@@ -449,20 +466,27 @@ def launch_defaults(kbits: int, vbits: int, block_d: int, block_n: int, device: 
       results (K3V3) or illegal memory accesses (K2V2, K8V8), and alone it was slower.
     """
     return dict(num_warps=4, num_stages=3 if block_d * block_n <= 128 * 128 else 2,
-                swap_qk=False, swap_pv=vbits in (2, 4), asm=_ptx_ok(device))
+                swap_qk=False, swap_pv=vbits in (2, 4), asm=_ptx_ok(device), fold_k="norm", fold_v="norm",
+                maxnreg=None, splits_per_sm=4)
+
+
+FOLDS = {"reg": 0, "norm": 1, "plain": 2}  # how a scale/zero reaches the dot (kernel constexpr FOLD_K/FOLD_V)
 
 
 def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residual: torch.Tensor | None,
                      v_packed: QuantizedTensor | None, v_residual: torch.Tensor | None, scaling: float,
                      kv_mask: torch.Tensor | None = None, out_scale: float = 1.0, *, block_n: int | None = None,
                      num_warps: int | None = None, num_stages: int | None = None, swap_qk: bool | None = None,
-                     swap_pv: bool | None = None, asm: bool | None = None) -> torch.Tensor:
+                     swap_pv: bool | None = None, asm: bool | None = None, fold_k: str | None = None,
+                     fold_v: str | None = None, maxnreg: int | None = None,
+                     splits_per_sm: int | None = None) -> torch.Tensor:
     """Fused kernel; see :func:`kvtuner.attention.decode_attention` for the contract.
 
     Keys and values must be in step (same quantized token count), as in every plan whose key and
     value specs share mode, group and residual window. The keyword-only arguments override the
-    launch choices (tile, warps, stages, MMA orientation, PTX unpacking) for benchmarks; ``None``
-    takes the measured default (:func:`launch_defaults`).
+    launch choices (tile, warps, stages, MMA orientation, PTX unpacking, how scales reach the dots,
+    register cap, split count) for benchmarks; ``None`` takes the measured default
+    (:func:`launch_defaults`).
     """
     b, hq, one, d = q.shape
     if one != 1:
@@ -503,7 +527,15 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
         block_n = gk_eff if k_per_channel and gk_eff >= 32 else 64
     if k_per_channel and block_n % gk_eff and gk_eff % block_n:
         raise ValueError(f"block_n={block_n} is invalid; allowed: a multiple or divisor of the key group {gk_eff}")
-    n_split_q, per_split = _splits(b * hkv, n_q, block_n, q.device)
+    given = dict(num_warps=num_warps, num_stages=num_stages, swap_qk=swap_qk, swap_pv=swap_pv, asm=asm,
+                 fold_k=fold_k, fold_v=fold_v, maxnreg=maxnreg, splits_per_sm=splits_per_sm)
+    launch = launch_defaults(kbits, vbits, block_d, block_n, q.device)
+    launch.update({k: v for k, v in given.items() if v is not None})
+    num_warps, num_stages, swap_qk, swap_pv, asm, fold_k, fold_v, maxnreg, splits_per_sm = (launch[k] for k in given)
+    for name, fold in (("fold_k", fold_k), ("fold_v", fold_v)):
+        if fold not in FOLDS:
+            raise ValueError(f"{name}={fold!r} is invalid; allowed: {sorted(FOLDS)}")
+    n_split_q, per_split = _splits(b * hkv, n_q, block_n, q.device, splits_per_sm)
     num_splits = n_split_q + 1
     f32 = torch.float32
     po = torch.empty(b * hq * num_splits, block_d, device=q.device, dtype=f32)
@@ -516,10 +548,6 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
     kr = k_residual if n_r else None
     vr = v_residual if n_r else None
     mask = kv_mask.to(torch.uint8) if kv_mask is not None else None
-    given = dict(num_warps=num_warps, num_stages=num_stages, swap_qk=swap_qk, swap_pv=swap_pv, asm=asm)
-    launch = launch_defaults(kbits, vbits, block_d, block_n, q.device)
-    launch.update({k: v for k, v in given.items() if v is not None})
-    num_warps, num_stages, swap_qk, swap_pv, asm = (launch[k] for k in given)
     if swap_qk and swap_pv:
         raise ValueError("swap_qk=True with swap_pv=True is invalid; allowed: at most one (Triton 3.6 miscompiles "
                          "the pair: wrong results or illegal memory accesses on an H100)")
@@ -539,7 +567,8 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
         BLOCK_H=max(16, triton.next_power_of_2(group)), D=d, BLOCK_D=block_d,
         KW0=kw[0], KW1=kw[1], VW0=vw[0], VW1=vw[1], K_PER_CHANNEL=k_per_channel, GK=gk_eff, GV=gv_eff, BLOCK_N=block_n,
         BLOCK_R=32, HAS_MASK=mask is not None, SWAP_QK=bool(swap_qk), SWAP_PV=bool(swap_pv), ASM=bool(asm),
-        num_warps=num_warps, num_stages=num_stages)
+        FOLD_K=FOLDS[fold_k], FOLD_V=FOLDS[fold_v], num_warps=num_warps, num_stages=num_stages,
+        **({"maxnreg": maxnreg} if maxnreg else {}))
     out = torch.empty(b, 1, hq, d, device=q.device, dtype=q.dtype)
     _merge_kernel[(b * hq,)](po, pm, pl, out, out.stride(0), out.stride(2), hq, num_splits, float(out_scale), D=d,
                              BLOCK_D=block_d,
