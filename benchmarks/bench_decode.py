@@ -161,6 +161,31 @@ def agreement(model, plan: KVPlan | None, ids: torch.Tensor, new_tokens: int, ba
                 median_top2_margin=float((top2[..., 0] - top2[..., 1]).median()))
 
 
+@torch.no_grad()
+def python_profile(args) -> None:
+    """Where the host time of a decode step goes: cProfile over ``--steps`` steps, top functions."""
+    import cProfile
+    import pstats
+
+    name, batch, ctx = args.cprofile.split(":")
+    batch, ctx = int(batch), int(ctx)
+    model = build(args.layers)
+    plan = plans(args.layers)[name]
+    cache = fill(model, plan, batch, ctx, args.steps + 8)
+    tok = greedy_steps(model, cache, torch.randint(0, 1000, (batch, 1), device="cuda"), 2)
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    greedy_steps(model, cache, tok, args.steps)
+    torch.cuda.synchronize()
+    prof.disable()
+    print(f"{name} B={batch} L={ctx}: {1e3 * (time.perf_counter() - t0) / args.steps:.1f} ms/step under cProfile")
+    stats = pstats.Stats(prof)
+    stats.sort_stats("tottime").print_stats(35)
+    stats.sort_stats("cumulative").print_stats(45)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results/decode_gpu.md")
@@ -173,9 +198,14 @@ def main() -> None:
     ap.add_argument("--bf16-backends", default="FLASH_ATTENTION,EFFICIENT_ATTENTION",
                     help="SDPA backends tried for the bf16 baseline (the fastest at B=64, L=4096 is used)")
     ap.add_argument("--plot", help="only draw the plot from this JSON result file (no GPU needed)")
+    ap.add_argument("--cprofile", metavar="CONFIG:BATCH:CONTEXT",
+                    help="only profile the Python side of decode steps (cProfile), e.g. C3.25:64:4096")
     args = ap.parse_args()
     if args.plot:
         plot(json.loads(open(args.plot).read()), args.plot.replace(".json", ".png"))
+        return
+    if args.cprofile:
+        python_profile(args)
         return
     t_start = time.time()
     model = build(args.layers)

@@ -77,8 +77,8 @@ def child(pair: str, skip: set[str], stage: str = "launch") -> None:
     case = packed_case(b, n, kb, vb, 128)
     ref = ref_of(case)
     rows = []
-    if stage == "fold":
-        fold_stage(case, ref, measure, kb, vb)
+    if stage in ("fold", "combine"):
+        (fold_stage if stage == "fold" else combine_stage)(case, ref, measure, kb, vb)
         del case, ref
         torch.cuda.empty_cache()
         return
@@ -108,28 +108,69 @@ def child(pair: str, skip: set[str], stage: str = "launch") -> None:
         measure(case, ref, v, "1x131072")
 
 
+FOLD_GRID = (("plain", "reg"), ("plain", "plain"), ("reg", "reg"), ("reg", "norm"), ("reg", "plain"))
+FOLD_EXTRAS = (dict(maxnreg=168), dict(maxnreg=128), dict(maxnreg=128, num_stages=2), dict(splits_per_sm=2),
+               dict(splits_per_sm=8))
+
+
 def fold_stage(case, ref, measure, kb: int, vb: int) -> None:
-    """Stage C (``--stage fold``), from the launch defaults: how scales reach the dots (dequantized
-    in registers, folded with or without a max-normalisation), then a register cap and the split
-    count for the best of them."""
+    """Stage C (``--stage fold``), from the rule-based launch defaults (not the table): how scales
+    reach the dots (dequantized in registers, folded into q / p with or without a max-normalisation),
+    then register caps, fewer stages and the split count for the best of them. The max-normalised
+    folds of both (the old default) are the first row."""
     from kvtuner.kernels import triton_decode
 
-    base = {k: x for k, x in triton_decode.launch_defaults(kb, vb, 128, 128, case[0].device).items()
+    base = {k: x for k, x in triton_decode.launch_defaults(kb, vb, 128, 128, case[0].device, table=False).items()
             if x is not None}
     base["block_n"] = 128
     rows = []
-    for fk, fv in itertools.product(("norm", "plain", "reg"), repeat=2):
+    for fk, fv in (("norm", "norm"), *FOLD_GRID):
         r = measure(case, ref, {**base, "fold_k": fk, "fold_v": fv}, "64x4096")
-        if r and r["us"]:
+        if r and r["us"] and (fk, fv) != ("norm", "norm"):
             rows.append(r)
     if not rows:
         return
     best = min(rows, key=lambda r: r["us"])["variant"]
-    for extra in (dict(maxnreg=168), dict(maxnreg=128), dict(maxnreg=128, num_stages=2), dict(splits_per_sm=2),
-                  dict(splits_per_sm=8), dict(splits_per_sm=16)):
-        r = measure(case, ref, {**best, **extra}, "64x4096")
-        if r and r["us"]:
-            rows.append(r)
+    for extra in FOLD_EXTRAS:
+        measure(case, ref, {**best, **extra}, "64x4096")
+
+
+def combine_stage(case, ref, measure, kb: int, vb: int) -> None:
+    """Stage D (``--stage combine``), from the launch table's entry: stages x register cap x split
+    target together (stage C varies one at a time), and both value orientations for 3-bit values."""
+    from kvtuner.kernels import triton_decode
+
+    base = dict(triton_decode.launch_defaults(kb, vb, 128, 128, case[0].device), block_n=128)
+    swaps = (False, True) if vb == 3 else (base["swap_pv"],)
+    for swap_pv, stages, maxnreg, per_sm in itertools.product(swaps, (2, 3), (None, 128, 168), (4, 8)):
+        measure(case, ref, {**base, "swap_pv": swap_pv, "num_stages": stages, "maxnreg": maxnreg,
+                            "splits_per_sm": per_sm}, "64x4096")
+
+
+def write_table(path: str, rows: list[dict], command: str) -> None:
+    """The fastest fold-stage variant per pair (B=64, L=4096) as the kernel's launch table."""
+    import torch
+    import triton
+
+    table = json.load(open(path)) if os.path.exists(path) else {"pairs": {}}
+    best: dict[str, dict] = {}
+    for r in rows:
+        if r.get("us") and r["shape"] == "64x4096" and "fold_k" in r["variant"]:
+            if r["pair"] not in best or r["us"] < best[r["pair"]]["us"]:
+                best[r["pair"]] = r
+    for pair, r in best.items():
+        old = table["pairs"].get(f"{pair[0]},{pair[1]}")
+        if old and old.get("us_64x4096", float("inf")) <= r["us"]:
+            continue  # an earlier sweep measured a faster choice
+        entry = {k: x for k, x in r["variant"].items() if k != "block_n"}
+        entry.setdefault("maxnreg", None)
+        table["pairs"][f"{pair[0]},{pair[1]}"] = {**entry, "us_64x4096": round(r["us"], 1)}
+    table.update(gpu=torch.cuda.get_device_name(0), triton=triton.__version__, command=command,
+                 note="written by benchmarks/sweep_decode_kernel.py; shape Hq=32 Hkv=8 D=128 bf16, KIVI G=128")
+    table["pairs"] = dict(sorted(table["pairs"].items()))
+    with open(path, "w") as f:
+        json.dump(table, f, indent=1)
+        f.write("\n")
 
 
 def driver(args) -> None:
@@ -158,6 +199,9 @@ def driver(args) -> None:
             skip.add(variant_key(last_try["variant"]))
             rows = [r for r in rows if not (r["pair"] == pair)]  # the restarted pair re-emits its rows
         write(args, rows, crashes, t0)  # after every pair: a command that runs out of time keeps what it has
+        if args.table:
+            write_table(args.table, rows, f"python benchmarks/sweep_decode_kernel.py --pairs {args.pairs} --stage "
+                                          f"{args.stage} --table {args.table}")
 
 
 def write(args, rows, crashes, t0) -> None:
@@ -210,8 +254,11 @@ def main() -> None:
     ap.add_argument("--pair-timeout", type=float, default=240)
     ap.add_argument("--child", default=None)
     ap.add_argument("--skip", default="[]")
-    ap.add_argument("--stage", default="launch", choices=("launch", "fold"),
-                    help="launch: orientation/unpack/warps/stages/tile; fold: scale folding, register cap, splits")
+    ap.add_argument("--table", default=None, help="with --stage fold/combine: write the best variant per pair into this "
+                    "launch table (the kernel reads src/kvtuner/kernels/launch_table.json)")
+    ap.add_argument("--stage", default="launch", choices=("launch", "fold", "combine"),
+                    help="launch: orientation/unpack/warps/stages/tile; fold: scale folding, then register cap, stages, "
+                    "splits one at a time; combine: stages x register cap x splits from the launch table")
     args = ap.parse_args()
     if args.child:
         child(args.child, set(json.loads(args.skip)), args.stage)

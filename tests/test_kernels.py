@@ -265,3 +265,18 @@ def test_gpu_past_int32_offsets():
     last = slice(b - 1, b)
     ref = reference(q[last].float(), kp.map(lambda x: x[last]), None, vp.map(lambda x: x[last]), None, d**-0.5)
     assert rel(out[last], ref) < 5e-3
+
+
+def test_launch_table_applies_per_tile_shape():
+    table = triton_decode.launch_table()
+    assert table, "the committed launch table (src/kvtuner/kernels/launch_table.json) is missing or empty"
+    (kb, vb), entry = next(iter(table.items()))
+    cpu = torch.device("cpu")
+    tuned = triton_decode.launch_defaults(kb, vb, 128, 128, cpu)
+    rules = triton_decode.launch_defaults(kb, vb, 128, 128, cpu, table=False)
+    assert set(tuned) == set(rules)  # bookkeeping fields of the table never reach the launch
+    assert all(tuned[k] == entry[k] for k in ("fold_k", "fold_v", "num_stages", "splits_per_sm", "swap_pv"))
+    assert tuned["asm"] is False and tuned["maxnreg"] is None  # GPU-only choices stay off on the CPU
+    other = triton_decode.launch_defaults(kb, vb, 64, 64, cpu)  # another tile: only the scale folds carry over
+    assert (other["fold_k"], other["fold_v"]) == (entry["fold_k"], entry["fold_v"])
+    assert other["num_stages"] == rules["num_stages"] and other["splits_per_sm"] == rules["splits_per_sm"]

@@ -22,7 +22,10 @@ Design (see ``shared/PERF.md``):
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+from pathlib import Path
 
 import torch
 import triton
@@ -324,8 +327,10 @@ def _decode_split_kernel(
             if K_PER_CHANNEL:
                 if GK % BLOCK_N == 0:  # the tile lies in one key group: fold its [D] scale/zero into q
                     g = (t0 // GK).to(tl.int64)
-                    s_row = tl.load(ks + g * sks_t + d, mask=dmask, other=0.0).to(tl.float32)
-                    z_row = tl.load(kz + g * sks_t + d, mask=dmask, other=0.0).to(tl.float32)
+                    # a split's last tiles can lie past ``end``: their group row may not exist
+                    rmask = dmask & (t0 < end)
+                    s_row = tl.load(ks + g * sks_t + d, mask=rmask, other=0.0).to(tl.float32)
+                    z_row = tl.load(kz + g * sks_t + d, mask=rmask, other=0.0).to(tl.float32)
                     if FOLD_K == 0:  # dequantize the tile in fp16 registers (one packed FMA per 2 elements)
                         k = kcode * s_row.to(tl.float16)[None, :] + z_row.to(tl.float16)[None, :]
                         scores = _qk(q.to(tl.float16), k, SWAP_QK)
@@ -456,18 +461,47 @@ def _ptx_ok(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
 
 
-def launch_defaults(kbits: int, vbits: int, block_d: int, block_n: int, device: torch.device) -> dict:
-    """Launch choices per bit pair, from the H100 sweep (benchmarks/results/decode_kernel_sweep_h100.md):
+LAUNCH_TABLE = Path(__file__).with_name("launch_table.json")
 
-    * ``acc^T = V^T P^T`` (swap_pv) was 7-16 % faster for 2- and 4-bit values; with 8-bit values it
-      spills, and with bit-plane values (3-bit) it was 2-8 % slower (decode_kernel_sweep_3bit_h100.md);
-    * packed PTX unpacking (asm) 2-12 % faster; 4 warps and 3 stages best for every pair;
-    * ``S^T = K q^T`` (swap_qk) is never chosen: together with swap_pv Triton 3.6 produced wrong
-      results (K3V3) or illegal memory accesses (K2V2, K8V8), and alone it was slower.
+
+@functools.cache
+def launch_table() -> dict[tuple[int, int], dict]:
+    """Measured launch choices per (k_bits, v_bits) at D = 128, 128-token tiles (``launch_table.json``,
+    written by ``benchmarks/sweep_decode_kernel.py --stage fold --table``); empty if absent."""
+    if not LAUNCH_TABLE.is_file():
+        return {}
+    pairs = json.loads(LAUNCH_TABLE.read_text())["pairs"]
+    return {(int(k.split(",")[0]), int(k.split(",")[1])): v for k, v in pairs.items()}
+
+
+def launch_defaults(kbits: int, vbits: int, block_d: int, block_n: int, device: torch.device, *,
+                    table: bool = True) -> dict:
+    """Launch choices per bit pair: rules from the H100 sweeps, then the measured table's entry.
+
+    Rules (benchmarks/results/decode_kernel_sweep_h100.md, sweep_fold_h100.md):
+
+    * ``acc^T = V^T P^T`` (swap_pv) for 2- and 4-bit values (with 8-bit values it spills, with
+      bit-plane 3-bit values it was slower); ``S^T = K q^T`` (swap_qk) never: together with swap_pv
+      Triton 3.6 produced wrong results or illegal memory accesses, and alone it was slower;
+    * packed PTX unpacking (asm) where available; 4 warps, 3 stages;
+    * key scales folded into q without a max-normalisation (``plain``) below 8 bits, dequantized in
+      registers (``reg``) at 8 bits; value scales dequantized in registers below 8 bits. The
+      max-normalised folds cost two cross-warp reductions per tile: 20-25 % of the time.
+
+    The table (measured at D = 128, 128-token tiles) overrides every choice for that tile shape and
+    the fold choices for any shape; PTX unpacking stays off where it cannot run.
     """
-    return dict(num_warps=4, num_stages=3 if block_d * block_n <= 128 * 128 else 2,
-                swap_qk=False, swap_pv=vbits in (2, 4), asm=_ptx_ok(device), fold_k="norm", fold_v="norm",
-                maxnreg=None, splits_per_sm=4)
+    out = dict(num_warps=4, num_stages=3 if block_d * block_n <= 128 * 128 else 2,
+               swap_qk=False, swap_pv=vbits in (2, 4), asm=_ptx_ok(device),
+               fold_k="reg" if kbits == 8 else "plain", fold_v="norm" if vbits == 8 else "reg",
+               maxnreg=None, splits_per_sm=4)
+    entry = launch_table().get((kbits, vbits)) if table else None
+    if entry:
+        same_tile = block_d == 128 and block_n == 128
+        out.update({k: v for k, v in entry.items() if k in out and (same_tile or k in ("fold_k", "fold_v"))})
+        if not _ptx_ok(device):  # PTX unpacking and register caps only exist on the GPU
+            out.update(asm=False, maxnreg=None)
+    return out
 
 
 FOLDS = {"reg": 0, "norm": 1, "plain": 2}  # how a scale/zero reaches the dot (kernel constexpr FOLD_K/FOLD_V)
