@@ -280,3 +280,26 @@ def test_launch_table_applies_per_tile_shape():
     other = triton_decode.launch_defaults(kb, vb, 64, 64, cpu)  # another tile: only the scale folds carry over
     assert (other["fold_k"], other["fold_v"]) == (entry["fold_k"], entry["fold_v"])
     assert other["num_stages"] == rules["num_stages"] and other["splits_per_sm"] == rules["splits_per_sm"]
+
+
+def _compiled_variants(kernel) -> int:
+    entry = kernel.device_caches[torch.cuda.current_device()]
+    return len(next(c for c in entry if isinstance(c, dict)))
+
+
+@gpu
+def test_gpu_growing_residual_compiles_once():
+    # lengths and strides that change every decode step are not specialised: a new variant would
+    # cost about a second of compilation mid-generation whenever one turned divisible by 16
+    g = torch.Generator(device="cpu").manual_seed(5)
+    k = torch.randn(2, 2, 256 + 48, 128, generator=g).to(DEV, torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(2, 8, 1, 128, generator=g).to(DEV, torch.bfloat16)
+    kp, vp = quant.quantize(k[..., :256, :], 4, "per_channel", 128), quant.quantize(v[..., :256, :], 2, "per_token")
+    counts = []
+    for n_r in range(15, 49):  # crosses 16, 32 and 48; the mask's row stride changes with it
+        kr, vr = k[..., 256:256 + n_r, :].contiguous(), v[..., 256:256 + n_r, :].contiguous()
+        mask = torch.ones(2, 256 + n_r, dtype=torch.bool, device=DEV)
+        check((q, kp, kr, vp, vr), mask=mask)
+        counts.append(_compiled_variants(triton_decode._decode_split_kernel))
+    assert counts[-1] == counts[0], f"compiled variants grew from {counts[0]} to {counts[-1]}"

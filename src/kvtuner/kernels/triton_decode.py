@@ -275,7 +275,15 @@ def _softmax_step(scores, valid, m_i, l_i, acc, SWAP_QK: tl.constexpr, SWAP_PV: 
     return m_new, l_i * alpha + tl.sum(p, axis=TOK), acc * _head(alpha, SWAP_PV), p
 
 
-@triton.jit
+# Integers that change while decoding (lengths, split counts, the mask's row stride) are not
+# specialised: Triton would otherwise compile a new variant (~1 s, mid-generation) whenever one of
+# them turns divisible by 16, e.g. each time the residual window reaches 144 tokens. Strides stay
+# specialised: their divisibility is what lets the compiler vectorise the packed loads (without it
+# the H100 decode step took twice as long), and it does not change while decoding.
+_VARYING = ["smask_b", "n_q", "n_r", "num_q_splits", "NUM_SPLITS"]
+
+
+@triton.jit(do_not_specialize=_VARYING)
 def _decode_split_kernel(
         Q, KC, KS, KZ, VC, VS, VZ, KR, VR, MASK, PO, PM, PL,
         sq_b, sq_h,
@@ -419,7 +427,7 @@ def _decode_split_kernel(
     tl.store(PL + row, l_i, mask=hmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NUM_SPLITS"])
 def _merge_kernel(PO, PM, PL, O, so_b, so_h, HQ, NUM_SPLITS, out_scale, D: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_S: tl.constexpr):
     pid = tl.program_id(0)
