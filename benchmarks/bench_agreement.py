@@ -1,4 +1,4 @@
-"""Greedy agreement of quantized-cache plans with the model's own 16-bit cache, on a real model.
+"""Greedy agreement of quantized-cache plans with the model's unquantized cache, on a real model.
 
     python benchmarks/bench_agreement.py --model path/to/SmolLM2-135M-Instruct.Q4_1.gguf --device cuda \
         --out benchmarks/results/agreement_smollm2_h100.md

@@ -10,10 +10,12 @@ Design (see ``shared/PERF.md``):
   ignores empty splits;
 * codes are unpacked in registers, never written back: bit widths are ``tl.constexpr``, so a mixed
   plan compiles one variant per (k_bits, v_bits) pair;
-* scales are folded instead of expanded where the layout allows it: a per-channel key group that
-  equals the tile folds its ``[D]`` scale into the query (``q*s . c + q . z``); a per-token value
-  scale over the whole head folds into the probabilities (``(p*s) . c + sum(p*z)``). Other group
-  shapes broadcast a small ``[rows, groups]`` tile (no per-element gathers);
+* scales never become per-element gathers. Per bit pair (``launch_defaults``) a key group's ``[D]``
+  scale/zero row is folded into the query (``(q*s) . c + q . z``) or applied to the fp16 tile in
+  registers; per-token value scales are applied in registers or folded into the probabilities.
+  Folds that first divide by the tile's largest scale (kept as ``fold="norm"``) cost two cross-warp
+  reductions per tile, 20-25 % of the time on an H100. Other group shapes broadcast a small
+  ``[rows, groups]`` tile;
 * dot products run in fp16 whatever the model dtype: codes (< 256) are exact in fp16, and fp16
   keeps 3 more mantissa bits than bf16 for the folded operands;
 * base-2 online softmax with ``scaling * log2(e)`` folded into q;
