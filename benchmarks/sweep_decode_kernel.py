@@ -77,8 +77,8 @@ def child(pair: str, skip: set[str], stage: str = "launch") -> None:
     case = packed_case(b, n, kb, vb, 128)
     ref = ref_of(case)
     rows = []
-    if stage in ("fold", "combine"):
-        (fold_stage if stage == "fold" else combine_stage)(case, ref, measure, kb, vb)
+    if stage in ("fold", "combine", "warps"):
+        dict(fold=fold_stage, combine=combine_stage, warps=warps_stage)[stage](case, ref, measure, kb, vb)
         del case, ref
         torch.cuda.empty_cache()
         return
@@ -145,6 +145,17 @@ def combine_stage(case, ref, measure, kb: int, vb: int) -> None:
     for swap_pv, stages, maxnreg, per_sm in itertools.product(swaps, (2, 3), (None, 128, 168), (4, 8)):
         measure(case, ref, {**base, "swap_pv": swap_pv, "num_stages": stages, "maxnreg": maxnreg,
                             "splits_per_sm": per_sm}, "64x4096")
+
+
+def warps_stage(case, ref, measure, kb: int, vb: int) -> None:
+    """Stage E (``--stage warps``), from the launch table's entry: 8 warps per program with register
+    caps (more warps per SM to hide latency, where 4 warps leave two programs of 4 per SM)."""
+    from kvtuner.kernels import triton_decode
+
+    base = dict(triton_decode.launch_defaults(kb, vb, 128, 128, case[0].device), block_n=128)
+    measure(case, ref, base, "64x4096")  # the table's choice, re-measured in this run
+    for maxnreg, stages in itertools.product((None, 128, 96), (2, 3)):
+        measure(case, ref, {**base, "num_warps": 8, "maxnreg": maxnreg, "num_stages": stages}, "64x4096")
 
 
 def write_table(path: str, rows: list[dict], command: str) -> None:
@@ -254,11 +265,12 @@ def main() -> None:
     ap.add_argument("--pair-timeout", type=float, default=240)
     ap.add_argument("--child", default=None)
     ap.add_argument("--skip", default="[]")
-    ap.add_argument("--table", default=None, help="with --stage fold/combine: write the best variant per pair into this "
+    ap.add_argument("--table", default=None, help="with --stage fold/combine/warps: write the best variant per pair into this "
                     "launch table (the kernel reads src/kvtuner/kernels/launch_table.json)")
-    ap.add_argument("--stage", default="launch", choices=("launch", "fold", "combine"),
+    ap.add_argument("--stage", default="launch", choices=("launch", "fold", "combine", "warps"),
                     help="launch: orientation/unpack/warps/stages/tile; fold: scale folding, then register cap, stages, "
-                    "splits one at a time; combine: stages x register cap x splits from the launch table")
+                    "splits one at a time; combine: stages x register cap x splits from the launch table; warps: 8 warps "
+                    "with register caps")
     args = ap.parse_args()
     if args.child:
         child(args.child, set(json.loads(args.skip)), args.stage)
