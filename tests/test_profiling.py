@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from kvtuner import KVPlan, PlanError
+from kvtuner import KVPlan, LayerSpec, PlanError
 from kvtuner.evaluate import Evaluator
 from kvtuner.profiling import SensitivityTable, capture_attention, profile, spearman
 from kvtuner.testing import tiny_model
@@ -171,3 +171,32 @@ def test_head_errors_shape_and_order():
     assert (err[..., 1] > err[..., 0]).all()  # 2 bits lose more than 8 bits in every head
     with pytest.raises(PlanError, match="mode"):
         head_errors(model, batches, [(4, 4)], "nope")
+
+
+def test_search_chooses_rotation_per_layer():
+    from kvtuner.search import build_space, search
+
+    model = tiny_model("llama", layers=2)
+    pairs = [(4, 4), (4, 2), (2, 4), (2, 2)]
+    kw = dict(modes=["kivi"], pairs=pairs, num_sequences=1, seq_len=128, kl_pairs=pairs, progress=False)
+    plain = profile(model, CharTokenizer(), TEXT, **kw)
+    rot = profile(model, CharTokenizer(), TEXT, rotation=True, **kw)
+    space = build_space(plain, "kivi", cluster=False, rotated=rot)
+    for layer in range(2):
+        kept = space.candidates[layer]
+        for p in pairs:  # at each pair, the kept option is the better of plain and rotated
+            e_plain, e_rot = space.errors[layer][p], space.errors[layer][(*p, 1)]
+            assert e_rot == rot.kl["kivi"][LayerSpec.pair(*p).name][layer]
+            if p in kept:
+                assert e_plain <= e_rot
+            if (*p, 1) in kept:
+                assert e_rot <= e_plain
+    assert any(len(p) == 3 for c in space.candidates for p in c)  # rotation wins somewhere
+    front = search(plain, mode="kivi", progress=False, cluster=False, rotated=rot)
+    for point in front.points:  # plans carry each layer's own choice
+        for layer, (spec, pair) in enumerate(zip(point.plan.layers, point.plan.pairs)):
+            assert spec.k.rotation == spec.v.rotation
+            opt = (*pair, 1) if spec.k.rotation else pair
+            assert opt in space.candidates[layer]
+    with pytest.raises(PlanError, match="rotation=True"):
+        build_space(rot, "kivi", rotated=plain)

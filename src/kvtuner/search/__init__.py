@@ -19,14 +19,16 @@ __all__ = ["FrontPoint", "ParetoFront", "SearchSpace", "build_space", "non_domin
 def search(table, *, mode: str = "kivi", max_bits: float = 16.0, quality: Callable[[KVPlan], float] | None = None,
            n_trials: int = 40, storage: str | os.PathLike[str] | None = None, study_name: str | None = None,
            eps: float = 0.05, cluster: bool = True, seed: int = 0, progress: bool = True,
-           metric: str = "kl") -> ParetoFront:
+           metric: str = "kl", rotated=None) -> ParetoFront:
     """Search plans for ``table``'s model.
 
     Without ``quality`` this returns the solver's exact proxy frontier (additive profiled errors).
     With it (e.g. :class:`kvtuner.search.objectives.KLObjective`), NSGA-II measures plans under the
     ``max_bits`` constraint, warm-started from the solver, and the front holds measured points.
+    ``rotated`` (a table of the same model profiled with ``rotation=True``) lets every layer choose
+    between plain and rotated storage (:func:`build_space`).
     """
-    space = build_space(table, mode, eps=eps, cluster=cluster)
+    space = build_space(table, mode, eps=eps, cluster=cluster, rotated=rotated)
     solver = [FrontPoint(space.plan(c, {"source": "solver", "proxy_error": e}), bits, e) for bits, e, c in
               space.solver_frontier()]
     info: dict[str, Any] = {"groups": space.groups, "search_space_size": space.size,

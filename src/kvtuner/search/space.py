@@ -8,7 +8,7 @@ from ..spec import KVPlan, LayerSpec, PlanError
 from .cluster import cluster_layers
 from .pareto import pair_cost, prune_pairs, solve_frontier
 
-Pair = tuple[int, int]
+Pair = tuple[int, ...]  # (k_bits, v_bits), or (k_bits, v_bits, 1) for a Hadamard-rotated option
 
 
 @dataclass
@@ -43,7 +43,7 @@ class SearchSpace:
             pair = self.group_candidates(g)[choice[g]]
             for layer in layers:
                 pairs[layer] = pair
-        layers = tuple(LayerSpec.pair(k, v, self.mode, rotation=self.rotation) for k, v in pairs)
+        layers = tuple(LayerSpec.pair(p[0], p[1], self.mode, rotation=self.rotation or len(p) > 2) for p in pairs)
         return KVPlan(layers, model_id=self.model_id, model=self.model, provenance=provenance or {})
 
     def proxy_error(self, choice: list[int]) -> float:
@@ -59,9 +59,14 @@ class SearchSpace:
 
 
 def build_space(table, mode: str = "kivi", *, eps: float = 0.05, min_samples: int = 2,
-                pairs: list[Pair] | None = None, cluster: bool = True, metric: str = "auto") -> SearchSpace:
+                pairs: list[Pair] | None = None, cluster: bool = True, metric: str = "auto",
+                rotated=None) -> SearchSpace:
     """Prune each layer's pairs to its Pareto set, then cluster layers (``cluster=False``: one group
     per layer).
+
+    ``rotated``: a second table of the same model profiled with ``rotation=True``. Each layer then
+    chooses between plain and rotated storage per pair: the rotated options join the candidates as
+    ``(k_bits, v_bits, 1)`` and the Pareto pruning keeps, at each cost, whichever is better there.
 
     ``metric`` is the per-(layer, pair) cost: ``"attention"`` (relative attention-output error),
     ``"kl"`` (measured one-layer end-to-end KL, ``profile(kl_pairs=...)``), or ``"auto"``: KL when the
@@ -88,7 +93,15 @@ def build_space(table, mode: str = "kivi", *, eps: float = 0.05, min_samples: in
         return 0.0 if p == (16, 16) else kl[LayerSpec.pair(*p).name][layer]
 
     errors = [{p: cost(layer, p) for p in pairs} for layer in range(table.num_layers)]
-    candidates = [prune_pairs(pairs, [errors[layer][p] for p in pairs]) for layer in range(table.num_layers)]
+    options = list(pairs)
+    if rotated is not None:
+        _check_rotated(table, rotated, mode)
+        other = build_space(rotated, mode, pairs=[p for p in pairs if p != (16, 16)], cluster=False,
+                            metric="kl" if use_kl else "attention")
+        for layer in range(table.num_layers):
+            errors[layer].update({(*p, 1): e for p, e in other.errors[layer].items()})
+        options += [(*p, 1) for p in pairs if p != (16, 16)]
+    candidates = [prune_pairs(options, [errors[layer][p] for p in options]) for layer in range(table.num_layers)]
     if cluster:
         vectors = [[errors[layer][p] for p in candidates[layer]] for layer in range(table.num_layers)]
         groups = cluster_layers(candidates, vectors, eps=eps, min_samples=min_samples)
@@ -96,4 +109,13 @@ def build_space(table, mode: str = "kivi", *, eps: float = 0.05, min_samples: in
         groups = [[layer] for layer in range(table.num_layers)]
     return SearchSpace(mode, table.num_layers, candidates, groups, errors, model=dict(table.model),
                        model_id=table.model_id, metric="kl" if use_kl else "attention",
-                       rotation=getattr(table, "rotation", False))
+                       rotation=getattr(table, "rotation", False) and rotated is None)
+
+
+def _check_rotated(table, rotated, mode: str) -> None:
+    if getattr(table, "rotation", False) or not getattr(rotated, "rotation", False):
+        raise PlanError("rotated= needs a plain table and a table profiled with rotation=True; allowed: "
+                        "profile(..., rotation=False) and profile(..., rotation=True) of the same model")
+    if rotated.num_layers != table.num_layers or mode not in rotated.modes:
+        raise PlanError(f"the rotated table ({rotated.num_layers} layers, modes {rotated.modes}) does not match "
+                        f"the plain one ({table.num_layers} layers, mode {mode!r}); allowed: the same model and mode")
