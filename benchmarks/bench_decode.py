@@ -6,8 +6,9 @@ The model is built from a Llama-3.1-8B config with random weights (speed does no
 values). For each (batch, context) the cache is filled directly with random keys/values through
 the public ``Cache.update`` (a prefill of B x L tokens would only add time, not change the decode
 step), then ``steps`` one-token decode steps run through ``model(...)`` with the public path.
-No CUDA graphs: the cache's bookkeeping is Python, so this is an eager-mode step;
-the profiled rows show how much of the step the GPU is busy and how much is attention.
+With ``--mode graph`` (default) the step is also captured in a CUDA graph and replayed
+(``kvtuner.generation.StaticDecoder``); the profiled rows (eager) show how much of the step the GPU
+is busy and how much is attention.
 
 Configurations: bf16 DynamicCache, KIVI KV8, KV4, K4V2 and KVTuner's published 3.25-bit
 Llama-3.1-8B KIVI plan (KVTuner-C3.25: K8V4 {13,17}; KV4 {1-3,7,29,31}; K4V2 {5,6,8-12,14-16,
@@ -24,9 +25,10 @@ import time
 import torch
 import transformers
 import triton
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
 from kvtuner import KVPlan, MixedPrecisionCache
+from kvtuner.generation import StaticDecoder
 
 C325 = {13: (8, 4), 17: (8, 4), **{i: (4, 4) for i in (1, 2, 3, 7, 29, 31)}, **{i: (2, 2) for i in (0, 4, 25, 27)}}
 
@@ -47,16 +49,39 @@ def build(layers: int) -> LlamaForCausalLM:
     return model
 
 
-def fill(model, plan: KVPlan | None, batch: int, ctx: int, reserve: int):
+def fill(model, plan: KVPlan | None, batch: int, ctx: int, reserve: int, static: bool = False):
+    """A cache holding ``ctx`` random tokens; bf16: DynamicCache, or StaticCache when ``static``."""
     cfg = model.config
-    cache = DynamicCache(config=cfg) if plan is None else MixedPrecisionCache(plan, cfg, max_cache_len=ctx + reserve)
+    if plan is not None:
+        cache = MixedPrecisionCache(plan, cfg, max_cache_len=ctx + reserve)
+    elif static:
+        cache = StaticCache(config=cfg, max_cache_len=ctx + reserve)
+    else:
+        cache = DynamicCache(config=cfg)
     g = torch.Generator(device="cuda").manual_seed(0)
+    pos = torch.arange(ctx, device="cuda")
     for layer in range(cfg.num_hidden_layers):
         k = torch.randn(batch, 8, ctx, 128, device="cuda", dtype=torch.bfloat16, generator=g)
         v = torch.randn(batch, 8, ctx, 128, device="cuda", dtype=torch.bfloat16, generator=g)
-        cache.update(k, v, layer)
+        cache.update(k, v, layer, {"cache_position": pos})
         del k, v
     return cache
+
+
+@torch.no_grad()
+def decode_graph(model, cache, batch: int, steps: int) -> float:
+    """Seconds per decode step with the step captured in a CUDA graph (kvtuner.generation.StaticDecoder)."""
+    ctx = cache.get_seq_length()
+    tok = torch.randint(0, 1000, (batch, 1), device="cuda")
+    pos = torch.full((batch, 1), ctx, device="cuda")
+    decoder = StaticDecoder(model, cache, tok, pos, ctx, ctx + steps + 4)
+    decoder.step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        decoder.step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
 
 
 def sdpa_context(backend: str | None):
@@ -197,6 +222,10 @@ def main() -> None:
     ap.add_argument("--max-kv-gib", type=float, default=56.0, help="skip grid points whose cache needs more")
     ap.add_argument("--bf16-backends", default="FLASH_ATTENTION,EFFICIENT_ATTENTION",
                     help="SDPA backends tried for the bf16 baseline (the fastest at B=64, L=4096 is used)")
+    ap.add_argument("--mode", choices=("graph", "eager"), default="graph",
+                    help="graph: decode steps replayed from a CUDA graph (kvtuner.generation.StaticDecoder; bf16 "
+                         "on a StaticCache), the faster of graph and eager counts where both run; eager: model(...)"
+                         " steps only")
     ap.add_argument("--plot", help="only draw the plot from this JSON result file (no GPU needed)")
     ap.add_argument("--cprofile", metavar="CONFIG:BATCH:CONTEXT",
                     help="only profile the Python side of decode steps (cProfile), e.g. C3.25:64:4096")
@@ -212,33 +241,49 @@ def main() -> None:
     weights = torch.cuda.memory_allocated()
     cfg = model.config
     named = plans(args.layers)
-    reserve = args.steps + 8
+    reserve = 2 * args.steps + 16  # eager steps, then graph steps on the same cache
     result = dict(gpu=torch.cuda.get_device_properties(0).name, torch=torch.__version__, triton=triton.__version__,
                   transformers=transformers.__version__, layers=args.layers, steps=args.steps,
-                  budget_gib=args.budget_gib, rows=[], sdpa=[], profile=[], agreement={})
+                  budget_gib=args.budget_gib, mode=args.mode, rows=[], sdpa=[], profile=[], agreement={})
     rows = result["rows"]
 
     def kv_bytes(plan, batch, ctx):
         return (plan or KVPlan.uniform(args.layers, 16, 16)).expected_nbytes(cfg, ctx + reserve, batch, dtype_bytes=2)
 
-    def run(name, plan, batch, ctx, tag="", backend=None, record=rows, profile_steps=0):
+    def run(name, plan, batch, ctx, tag="", backend=None, record=rows, profile_steps=0, eager=None, graph=None):
+        """Graph-mode step (``--mode graph``) and/or the eager step; tokens/s from the faster mode
+        that was run (the eager one alone with ``--mode eager``)."""
+        eager = (args.mode == "eager" or bool(profile_steps)) if eager is None else eager
+        graph = args.mode == "graph" if graph is None else graph
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         cache = None
+        dt_e = dt_g = prof = None
         try:
-            cache = fill(model, plan, batch, ctx, reserve)
-            kv = torch.cuda.memory_allocated() - weights
-            dt = decode(model, cache, batch, args.steps, backend)
-            prof = where_time_goes(model, cache, batch, profile_steps, backend) if profile_steps else None
+            if eager:
+                cache = fill(model, plan, batch, ctx, reserve)
+                kv = torch.cuda.memory_allocated() - weights
+                dt_e = decode(model, cache, batch, args.steps, backend)
+                prof = where_time_goes(model, cache, batch, profile_steps, backend) if profile_steps else None
+                if plan is None and graph:  # bf16 graphs need a StaticCache
+                    cache = None
+                    torch.cuda.empty_cache()
+            if graph:
+                if cache is None:
+                    cache = fill(model, plan, batch, ctx, reserve, static=True)
+                    kv = torch.cuda.memory_allocated() - weights
+                dt_g = decode_graph(model, cache, batch, args.steps)
         except torch.OutOfMemoryError:
             record.append(dict(config=name, batch=batch, context=ctx, note="out of memory", tag=tag))
             return None
         finally:
             cache = None
             torch.cuda.empty_cache()
+        dt = min(x for x in (dt_e, dt_g) if x is not None)
         row = dict(config=name, batch=batch, context=ctx, ms_per_step=1e3 * dt, tokens_per_s=batch / dt,
                    kv_gib=kv / 2**30, peak_gib=torch.cuda.max_memory_allocated() / 2**30, tag=tag,
-                   sdpa_backend=backend or "default")
+                   sdpa_backend=backend or "default", mode="graph" if dt == dt_g else "eager",
+                   eager_ms=None if dt_e is None else 1e3 * dt_e, graph_ms=None if dt_g is None else 1e3 * dt_g)
         if prof:
             row.update(prof)
         record.append(row)
@@ -251,7 +296,7 @@ def main() -> None:
     for backend in args.bf16_backends.split(","):
         backend = None if backend == "default" else backend
         try:
-            tps = run("bf16", None, 64, 4096, backend=backend, record=result["sdpa"])
+            tps = run("bf16", None, 64, 4096, backend=backend, record=result["sdpa"], eager=True, graph=False)
         except RuntimeError as err:  # a backend that refuses this shape
             result["sdpa"].append(dict(config="bf16", sdpa_backend=backend, note=str(err).splitlines()[0][:120]))
             continue
@@ -268,6 +313,13 @@ def main() -> None:
         batch = max(1, int(args.budget_gib * 2**30 // kv_bytes(plan, 1, ctx)))
         run(name, plan, batch, ctx, tag=f"max batch in {args.budget_gib:g} GiB", backend=backend_of(plan),
             profile_steps=3)
+    # 3b. the same metric at longer contexts, bf16 vs the mixed plan
+    mixed_name = [n for n in named if n.startswith("C")][0]
+    for ctx in [int(x) for x in args.contexts.split(",") if int(x) > 4096]:
+        for name in ("bf16", mixed_name):
+            batch = max(1, int(args.budget_gib * 2**30 // kv_bytes(named[name], 1, ctx)))
+            run(name, named[name], batch, ctx, tag=f"max batch in {args.budget_gib:g} GiB at {ctx}",
+                backend=backend_of(named[name]), eager=name == "bf16")
     # 4. where the time goes at B=64, L=4096
     for name in ("bf16", "KV8", [n for n in named if n.startswith("C")][0]):
         run(name, named[name], 64, 4096, tag="profiled", backend=backend_of(named[name]), record=result["profile"],
@@ -303,44 +355,53 @@ def report(r: dict, args) -> str:
     lines = [f"# End-to-end decode, Llama-3.1-8B shape ({r['layers']} layers), random bf16 weights", "",
              f"GPU: {r['gpu']}; torch {r['torch']}, triton {r['triton']}, transformers {r['transformers']}. "
              f"Command: `PYTHONPATH=src python benchmarks/bench_decode.py --out {args.out}` (--steps {r['steps']}, "
-             f"--budget-gib {r['budget_gib']:g}); {r['seconds']:.0f} s in all. Eager mode (no CUDA graphs: see "
-             "the benchmarks README). KV caches filled through Cache.update, then timed one-token decode steps "
-             f"through model(...). bf16 uses the fastest SDPA backend measured at B=64, L=4096: "
-             f"**{r['bf16_backend']}**.", "", "## SDPA backends for the bf16 baseline (B=64, L=4096)", "",
+             f"--budget-gib {r['budget_gib']:g}, --mode {r.get('mode', 'eager')}); {r['seconds']:.0f} s in all. KV "
+             "caches filled through Cache.update, then timed one-token greedy decode steps: eager = model(...) per "
+             "step (bf16 on a DynamicCache with the fastest SDPA backend measured at B=64, L=4096: "
+             f"**{r['bf16_backend']}**); graph = the step captured once in a CUDA graph and replayed "
+             "(kvtuner.generation.StaticDecoder; bf16 on a transformers StaticCache, default SDPA backend, "
+             "quantized plans on MixedPrecisionCache.make_static buffers, flushes between replays). "
+             "ms/step = the faster of the two where both ran.", "", "## SDPA backends for the bf16 baseline (B=64, L=4096)", "",
              "| backend | ms/step | tokens/s | note |", "|---|---|---|---|"]
     for x in r["sdpa"]:
         lines.append(f"| {x.get('sdpa_backend') or 'default'} | {x.get('ms_per_step', float('nan')):.1f} | "
                      f"{x.get('tokens_per_s', float('nan')):.0f} | {x.get('note', '')} |")
 
     def table(rows, extra=False):
-        head = "| config | batch | context | ms/step | tokens/s | KV GiB | peak GiB | note |"
-        sep = "|---|---|---|---|---|---|---|---|"
+        head = "| config | batch | context | ms/step | tokens/s | eager ms | graph ms | KV GiB | peak GiB | note |"
+        sep = "|---|---|---|---|---|---|---|---|---|---|"
         if extra:
             head = head[:-7] + " GPU busy ms | tokens/s at GPU-busy time | attention ms | attention share | note |"
             sep += "---|---|---|---|"
         out = [head, sep]
         for x in rows:
             if "ms_per_step" not in x:
-                out.append(f"| {x['config']} | {x['batch']} | {x['context']} | | | | |" + (" | | | |" if extra else "")
+                out.append(f"| {x['config']} | {x['batch']} | {x['context']} | | | | | | |" + (" | | | |" if extra else "")
                            + f" {x.get('note', '')} {x.get('tag', '')} |")
                 continue
+            ms = ["" if x.get(k) is None else f"{x[k]:.1f}" for k in ("eager_ms", "graph_ms")]
+            if "mode" not in x:  # results from before graph mode: eager only
+                ms = [f"{x['ms_per_step']:.1f}", ""]
             cells = (f"| {x['config']} | {x['batch']} | {x['context']} | {x['ms_per_step']:.1f} | "
-                     f"{x['tokens_per_s']:.0f} | {x['kv_gib']:.1f} | {x['peak_gib']:.1f} |")
+                     f"{x['tokens_per_s']:.0f} | {ms[0]} | {ms[1]} | {x['kv_gib']:.1f} | {x['peak_gib']:.1f} |")
             if extra:
                 cells += (f" {x['gpu_busy_ms']:.1f} | {1e3 * x['batch'] / x['gpu_busy_ms']:.0f} | {x['attention_ms']:.1f} | "
                           f"{100 * x['attention_ms'] / x['ms_per_step']:.0f} % of step |")
             out.append(cells + f" {x.get('tag', '')} |")
         return out
 
-    maxrows = [x for x in r["rows"] if x.get("tag", "").startswith("max batch")]
+    maxrows = [x for x in r["rows"] if x.get("tag", "") == f"max batch in {r['budget_gib']:g} GiB"]
+    longer = [x for x in r["rows"] if x.get("tag", "").startswith(f"max batch in {r['budget_gib']:g} GiB at")]
     tps = {x["config"]: x.get("tokens_per_s", 0.0) for x in maxrows}
     busy = {x["config"]: 1e3 * x["batch"] / x["gpu_busy_ms"] for x in maxrows if x.get("gpu_busy_ms")}
     mixed = next(c for c in tps if c.startswith("C"))
     lines += ["", f"## Maximum throughput in {r['budget_gib']:g} GiB of KV cache, 4096-token context", "",
               *table(maxrows, extra=True), "",
               f"{mixed}: {ratio(tps, mixed, 'KV8')} uniform KV8, {ratio(tps, mixed, 'bf16')} bf16 (measured wall "
-              f"time, eager). On GPU-busy time (what a CUDA-graph step would approach; Python launch overhead "
-              f"removed): {ratio(busy, mixed, 'KV8')} KV8, {ratio(busy, mixed, 'bf16')} bf16.", "",
+              f"time; ms/step is the faster of the eager and graph steps, both in the table). On the eager steps' "
+              f"GPU-busy time: {ratio(busy, mixed, 'KV8')} KV8, {ratio(busy, mixed, 'bf16')} bf16.", "",
+              f"## Maximum throughput in {r['budget_gib']:g} GiB of KV cache at longer contexts", "",
+              *table(longer), "",
               "## Where the time goes (B=64, L=4096; 3 profiled steps)", "", *table(r["profile"], extra=True),
               "", "## Grid", "", *table([x for x in r["rows"] if not x.get("tag")])]
     a, f = r["agreement"], r.get("agreement_floor")

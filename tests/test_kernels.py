@@ -175,6 +175,45 @@ def test_decode_ragged_batch_mask():
     check(case, mask)
 
 
+def _in_capacity(qt, tokens):
+    """``qt`` copied into a buffer with room for ``tokens`` tokens (garbage after the filled part)."""
+    rows = -(-tokens // qt.group_size) if qt.granularity == "per_channel" else tokens
+
+    def grow(t, n):
+        out = torch.full((*t.shape[:-2], n, t.shape[-1]), 7, dtype=t.dtype, device=t.device)
+        out[..., : t.shape[-2], :] = t
+        return out
+
+    return quant.QuantizedTensor(grow(qt.codes, tokens), grow(qt.scale, rows), grow(qt.zero, rows), qt.bits,
+                                 qt.granularity, qt.group_size, qt.head_dim)
+
+
+@pytest.mark.parametrize("k_gran,n_q,n_r", [("per_channel", 64, 5), ("per_token", 37, 3), ("per_channel", 0, 9)])
+def test_decode_device_lengths_match_sliced(k_gran, n_q, n_r):
+    """Static buffers + lengths on the device (CUDA-graph replay) = the same call on the filled parts."""
+    q, kp, kr, vp, vr = make_case(2, 2, 4, 64, max(n_q, 32), n_r, 4, 2, k_gran=k_gran)
+    if n_q == 0:  # empty history: buffers exist but count nothing
+        kr, vr = (torch.cat([t, r], -2)[..., 32:, :] for t, r in
+                  ((quant.dequantize(kp, q.dtype), kr), (quant.dequantize(vp, q.dtype), vr)))
+    cap_q, cap_r = 160, 16
+    kb, vb = _in_capacity(kp, cap_q), _in_capacity(vp, cap_q)
+    kres = torch.full((*kr.shape[:2], cap_r, kr.shape[-1]), 9.0, dtype=kr.dtype, device=DEV)
+    vres = kres.clone()
+    kres[..., :n_r, :], vres[..., :n_r, :] = kr, vr
+    unit = triton_decode.length_unit(kb)
+    lengths = torch.tensor([n_q // unit, n_r], dtype=torch.int32, device=DEV)
+    mask = torch.ones(2, cap_q + cap_r, dtype=torch.bool, device=DEV)
+    mask[1, :3] = False
+    want = triton_decode.decode_attention(q, kp if n_q else None, kr, vp if n_q else None, vr, 0.125,
+                                          mask[:, : n_q + n_r])
+    got = triton_decode.decode_attention(q, kb, kres, vb, vres, 0.125, mask, lengths=lengths)
+    ref = reference(q, kb, kres, vb, vres, 0.125, mask, lengths=lengths)
+    assert rel(got, want) < 1e-3, rel(got, want)
+    assert rel(ref, want) < 1e-2
+    with pytest.raises(ValueError, match="lengths"):
+        triton_decode.decode_attention(q, kb, kres, vb, vres, 0.125, lengths=lengths.float())
+
+
 def test_decode_rejects_bad_input():
     q, kp, kr, vp, vr = make_case(1, 2, 4, 64, 64, 4, 4, 4)
     with pytest.raises(ValueError, match="one decode token"):

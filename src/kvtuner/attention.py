@@ -23,7 +23,8 @@ ATTN_NAME = "kvtuner"
 
 def decode_attention(q: torch.Tensor, k_packed: quant.QuantizedTensor | None, k_residual: torch.Tensor | None,
                      v_packed: quant.QuantizedTensor | None, v_residual: torch.Tensor | None, scaling: float,
-                     kv_mask: torch.Tensor | None = None, out_scale: float = 1.0) -> torch.Tensor:
+                     kv_mask: torch.Tensor | None = None, out_scale: float = 1.0, *,
+                     lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of ``q`` ``[B, Hq, 1, D]`` over stored keys/values, computed in fp32.
 
     Keys and values are the packed history (``None`` when empty) followed by the residual
@@ -31,8 +32,16 @@ def decode_attention(q: torch.Tensor, k_packed: quant.QuantizedTensor | None, k_
     ``kv_mask`` is ``[B, L]`` bool, True where a stored token may be attended. The output is
     multiplied by ``out_scale`` (rotated layers fold their 1/sqrt(D) there).
 
+    ``lengths`` (static buffers, as in CUDA-graph replay): int32 ``[quantized tokens / unit,
+    residual tokens]`` with ``unit`` the key group for per-channel keys (else 1); the packed and
+    residual tensors are then whole buffers of which only that many tokens count, and ``kv_mask``
+    is indexed by absolute position (it may be longer than the stored tokens).
+
     Returns ``[B, 1, Hq, D]`` in ``q.dtype`` (the layout transformers attention functions return).
     """
+    if lengths is not None:
+        k_packed, k_residual, v_packed, v_residual, kv_mask = counted(lengths, k_packed, k_residual, v_packed,
+                                                                      v_residual, kv_mask)
     k = quant.materialize(k_packed, k_residual, torch.float32)
     v = quant.materialize(v_packed, v_residual, torch.float32)
     b, hq, _, d = q.shape
@@ -46,10 +55,24 @@ def decode_attention(q: torch.Tensor, k_packed: quant.QuantizedTensor | None, k_
     return out.transpose(1, 2).to(q.dtype)
 
 
+def counted(lengths: torch.Tensor, k_packed: quant.QuantizedTensor, k_residual: torch.Tensor,
+            v_packed: quant.QuantizedTensor, v_residual: torch.Tensor, kv_mask: torch.Tensor | None) -> tuple:
+    """The filled parts of static buffers, from ``lengths`` (see :func:`decode_attention`)."""
+    unit = k_packed.group_size if k_packed.granularity == "per_channel" else 1
+    n_units, n_r = (int(x) for x in lengths.tolist())
+    n_q = n_units * unit
+
+    def part(p: quant.QuantizedTensor) -> quant.QuantizedTensor | None:
+        return quant.slice_tokens(p, 0, n_q) if n_q else None
+
+    mask = None if kv_mask is None else kv_mask[:, : n_q + n_r].bool()
+    return part(k_packed), k_residual[..., :n_r, :], part(v_packed), v_residual[..., :n_r, :], mask
+
+
 def rotated_decode(decode: Any, q: torch.Tensor, k_packed: quant.QuantizedTensor | None,
                    k_residual: torch.Tensor | None, v_packed: quant.QuantizedTensor | None,
                    v_residual: torch.Tensor | None, scaling: float, kv_mask: torch.Tensor | None,
-                   k_rotation: bool, v_rotation: bool) -> torch.Tensor:
+                   k_rotation: bool, v_rotation: bool, **kwargs: Any) -> torch.Tensor:
     """``decode`` (this reference or the kernel) over stores that hold ``k H`` and/or ``v H``.
 
     Attention runs in rotated space: ``(q H).(k H) = q.k`` and ``sum p (v H) = o H``. Each side
@@ -61,7 +84,7 @@ def rotated_decode(decode: Any, q: torch.Tensor, k_packed: quant.QuantizedTensor
         q = q @ quant.hadamard(d, q.device, q.dtype, normalized=False)
         scaling = scaling / d ** 0.5
     out = decode(q, k_packed, k_residual, v_packed, v_residual, scaling, kv_mask,
-                 out_scale=d ** -0.5 if v_rotation else 1.0)
+                 out_scale=d ** -0.5 if v_rotation else 1.0, **kwargs)
     return out @ quant.hadamard(d, out.device, out.dtype, normalized=False) if v_rotation else out
 
 

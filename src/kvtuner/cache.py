@@ -75,22 +75,76 @@ class _TensorStore:
         n, m = self._n, block.num_tokens
         cap = 0 if self._buf is None else self._buf.num_tokens
         if n + m > cap:
-            want = max(n + m, 2 * cap, 256, self.capacity or 0)
-            if self.granularity == "per_channel":
-                want = -(-want // self.group) * self.group
-            old = self.packed
-
-            def grow(t: torch.Tensor, rows: int) -> torch.Tensor:
-                return t.new_empty(*t.shape[:-2], rows, t.shape[-1])
-
-            rows = self._meta_rows(want)
-            self._buf = quant.QuantizedTensor(grow(block.codes, want), grow(block.scale, rows),
-                                              grow(block.zero, rows), block.bits, block.granularity,
-                                              block.group_size, block.head_dim)
-            if old is not None:
-                self._copy_in(old, 0)
+            if self.static is not None:  # a captured graph holds the buffer's address
+                raise RuntimeError(f"static cache full: {n + m} quantized tokens > capacity {cap}; allowed: at most "
+                                   "the max_len given to make_static")
+            self._reserve(max(n + m, 2 * cap, 256, self.capacity or 0), block)
         self._copy_in(block, n)
         self._n = n + m
+
+    def _reserve(self, want: int, like: quant.QuantizedTensor) -> None:
+        """Reallocate packed storage for ``want`` tokens (shapes/dtypes from ``like``), keeping what is filled."""
+        if self.granularity == "per_channel":
+            want = -(-want // self.group) * self.group
+        old = self.packed
+
+        def grow(t: torch.Tensor, rows: int) -> torch.Tensor:
+            return t.new_empty(*t.shape[:-2], rows, t.shape[-1])
+
+        rows = self._meta_rows(want)
+        self._buf = quant.QuantizedTensor(grow(like.codes, want), grow(like.scale, rows), grow(like.zero, rows),
+                                          like.bits, like.granularity, like.group_size, like.head_dim)
+        if old is not None:
+            self._copy_in(old, 0)
+
+    # ---------------------------------------------- static buffers (CUDA-graph decode)
+    # A captured graph replays fixed addresses and launch arguments, so in static mode the packed
+    # buffer is sized once, the residual lives in ``residual_length + flush_unit`` fixed slots, and
+    # the counts the kernel needs sit in a device tensor the caller keeps. Decode steps write into
+    # the slot that tensor names; flushes run between steps, eagerly (once per flush unit).
+    static = None  # the fixed residual buffer [B, H, residual_length + unit, D] once static
+
+    def make_static(self, tokens: int, like: torch.Tensor) -> None:
+        """Room for ``tokens`` stored tokens in fixed buffers; ``like`` gives batch, heads, dtype."""
+        b, h, _, d = like.shape
+        cap = -(-tokens // self.unit) * self.unit
+        if self._buf is None or self._buf.num_tokens < cap:
+            template = _quantize(like.new_zeros(b, h, self.unit, d), self.spec.bits, self.granularity, self.group)
+            self._reserve(cap, template)
+        slots = self.spec.residual_length + self.unit
+        if self.num_residual > slots:
+            raise RuntimeError(f"{self.num_residual} residual tokens exceed the {slots} static slots")
+        buf = like.new_zeros(b, h, slots, d)
+        if self.num_residual:
+            buf[..., : self.num_residual, :].copy_(self.residual)
+        self.static = buf
+        self.residual = buf[..., : self.num_residual, :]
+
+    def static_write(self, x: torch.Tensor, slot: torch.Tensor) -> None:
+        """Put one decode token per sequence into residual slot ``slot`` (a device index: capturable)."""
+        if self.spec.rotation:
+            x = quant.rotate(x)
+        self.static.index_copy_(2, slot, x.to(self.static.dtype))
+
+    def static_flush_due(self) -> bool:
+        """Before a step: whether the oldest unit must be quantized for the cache to match ``append``.
+
+        ``append`` flushes once ``residual_length + unit`` tokens wait, the new one included; with a
+        residual window of at least one token the flushed unit holds only older tokens, so flushing
+        it before the step gives the same storage. Without a window the unit waits one step longer.
+        """
+        n = self.num_residual
+        return n >= self.unit and n + 1 >= self.spec.residual_length + self.unit
+
+    def static_flush(self) -> None:
+        n, u = self.num_residual, self.unit
+        self._write(_quantize(self.static[..., :u, :], self.spec.bits, self.granularity, self.group))
+        self.static[..., : n - u, :].copy_(self.static[..., u:n, :].clone())
+        self.residual = self.static[..., : n - u, :]
+
+    def static_count(self, added: int) -> None:
+        """Host bookkeeping for ``added`` decode tokens the device already wrote."""
+        self.residual = self.static[..., : self.num_residual + added, :]
 
     def _copy_in(self, block: quant.QuantizedTensor, at: int) -> None:
         m, r0 = block.num_tokens, self._meta_rows(at)
@@ -113,8 +167,9 @@ class _TensorStore:
     def reserved_nbytes(self) -> int:
         """Bytes allocated, spare capacity included (``nbytes`` counts only what is filled)."""
         total = 0 if self._buf is None else self._buf.nbytes()
-        if self.residual is not None:
-            total += self.residual.numel() * self.residual.element_size()
+        res = self.static if self.static is not None else self.residual
+        if res is not None:
+            total += res.numel() * res.element_size()
         return total
 
     def materialize(self, dtype: torch.dtype) -> torch.Tensor:
@@ -228,6 +283,15 @@ class QuantizedKVLayer(CacheLayerMixin):
         self._check(key_states, value_states)
         if not self.is_initialized or not len(self._k):
             self.lazy_initialization(key_states, value_states)
+        if self._k.static is not None:
+            if key_states.shape[-2] != 1:
+                raise RuntimeError(f"layer {self.layer_idx}: a static cache takes one token per step; got "
+                                   f"{key_states.shape[-2]} (prefill before make_static)")
+            from .attention import PackedKV
+
+            self._k.static_write(key_states, self._slot)
+            self._v.static_write(value_states, self._slot)
+            return PackedKV.wrap(self, key_states), PackedKV.wrap(self, value_states)
         self._k.append(key_states)
         self._v.append(value_states)
         self.cumulative_length += key_states.shape[-2]
@@ -252,12 +316,57 @@ class QuantizedKVLayer(CacheLayerMixin):
 
     def fused_decode(self, query: torch.Tensor, scaling: float, kv_mask: torch.Tensor | None) -> torch.Tensor:
         """Attention of one query token per sequence over this layer's packed storage (Triton)."""
-        from .kernels.triton_decode import decode_attention
-
         from .attention import rotated_decode
+
+        if self._k.static is not None:
+            return self._static_decode(query, scaling)
+        from .kernels.triton_decode import decode_attention
 
         return rotated_decode(decode_attention, query, self._k.packed, self._k.residual, self._v.packed,
                               self._v.residual, scaling, kv_mask, self.spec.k.rotation, self.spec.v.rotation)
+
+    # ------------------------------------------------------------------ static mode (CUDA graphs)
+    def make_static(self, max_tokens: int, state: torch.Tensor, mask: torch.Tensor | None,
+                    bump: torch.Tensor | None) -> None:
+        """Fixed buffers for ``max_tokens`` stored tokens; ``state`` is this layer's device row
+        ``[quantized units, residual tokens after the write, write slot]`` (see
+        :meth:`MixedPrecisionCache.make_static`); ``bump`` (last layer only) is advanced after attention."""
+        k, v = self.spec.k, self.spec.v
+        if not (k.quantized and v.quantized) or self.is_sliding:
+            raise PlanError(f"layer {self.layer_idx} ({self.spec.name}, sliding={self.is_sliding}) cannot be static; "
+                            "allowed: full-attention layers with quantized keys and values")
+        if self._k.unit != self._v.unit or k.residual_length != v.residual_length:
+            raise PlanError(f"layer {self.layer_idx}: keys and values flush in different rhythms; allowed: equal "
+                            "flush unit and residual_length")
+        if not self.is_initialized:
+            raise RuntimeError("make_static needs a prefilled cache (run the prompt through the model first)")
+        like = torch.empty(self.batch_size, self.num_kv_heads, 0, self.head_dim, dtype=self.dtype, device=self.device)
+        self._k.make_static(max_tokens, like)
+        self._v.make_static(max_tokens, like)
+        self._lens, self._slot, self._mask, self._bump = state[0:2], state[2:3], mask, bump
+        self.fused_attention = True
+        qunit = self._k.group if self._k.granularity == "per_channel" else 1
+        self._qunit = qunit
+        self._flush_delta = torch.tensor([self._k.unit // qunit, -self._k.unit, -self._k.unit], device=state.device)
+
+    def static_row(self) -> list[int]:
+        """The host's view of this layer's device state row before the next step."""
+        n_r = self._k.num_residual
+        return [self._k.num_quantized // self._qunit, n_r + 1, n_r]
+
+    def _static_decode(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        from .attention import decode_attention as reference
+        from .attention import rotated_decode
+
+        if kernels.use_triton(query.device):
+            from .kernels.triton_decode import decode_attention
+        else:
+            decode_attention = reference
+        out = rotated_decode(decode_attention, query, self._k._buf, self._k.static, self._v._buf, self._v.static,
+                             scaling, self._mask, self.spec.k.rotation, self.spec.v.rotation, lengths=self._lens)
+        if self._bump is not None:  # every layer has attended: the written slot now counts
+            self._bump.add_(1)
+        return out
 
     def _evict(self) -> None:
         # Mirrors DynamicSlidingWindowLayer (keep window - 1 tokens) but only drops whole key groups.
@@ -385,6 +494,71 @@ class MixedPrecisionCache(Cache):
             self.config._attn_implementation = register()
         for layer in self.layers:
             layer.fused_attention = fused
+
+    # ------------------------------------------------------------------ static mode (CUDA graphs)
+    def make_static(self, max_len: int, attention_mask: torch.Tensor | None = None) -> None:
+        """Move a prefilled cache into fixed buffers for ``max_len`` tokens in all (prompt included),
+        so that a decode step can be captured in a CUDA graph and replayed
+        (:func:`kvtuner.generation.greedy_generate` does this).
+
+        Each step then writes its token into a fixed residual slot and the kernel reads the counts
+        from a device tensor; the caller runs :meth:`before_step` (the flushes that are due, eagerly)
+        and :meth:`after_step` (host bookkeeping) around every step. ``attention_mask`` is the
+        prompt's ``[B, P]`` padding mask. Every layer must be a full-attention layer with quantized
+        keys and values; ``generate()``, cropping and beam reordering are not available afterwards.
+        """
+        first = self.layers[0]
+        if not first.is_initialized:
+            raise RuntimeError("make_static needs a prefilled cache (run the prompt through the model first)")
+        if max_len < self.get_seq_length() + 1:
+            raise ValueError(f"max_len={max_len} is invalid; allowed: more than the {self.get_seq_length()} "
+                             "tokens already cached")
+        from .attention import ATTN_NAME, register
+
+        impl = getattr(self.config, "_attn_implementation", None)
+        if impl not in ("sdpa", "eager", ATTN_NAME):
+            raise ValueError(f"attention implementation {impl!r} cannot read a static cache; allowed: 'sdpa', "
+                             f"'eager' or {ATTN_NAME!r}")
+        self.config._attn_implementation = register()
+        dev = first.device
+        self._state = torch.zeros(len(self.layers), 3, dtype=torch.int64, device=dev)
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            b, p = attention_mask.shape
+            mask = torch.ones(b, max_len, dtype=torch.uint8 if dev.type == "cuda" else torch.bool, device=dev)
+            mask[:, :p] = attention_mask.to(dev) != 0
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            layer.make_static(max_len, self._state[i], mask, self._state[:, 1:] if i == last else None)
+        self._state.copy_(torch.tensor([layer.static_row() for layer in self.layers]))
+        self.static_max_len = max_len
+
+    static_max_len: int | None = None
+
+    @property
+    def is_static(self) -> bool:
+        return self.static_max_len is not None
+
+    def reset(self) -> None:
+        super().reset()
+        self.static_max_len = None
+
+    def before_step(self) -> None:
+        """Static mode, before each decode step: run the flushes that are due (eager kernels)."""
+        for i, layer in enumerate(self.layers):
+            if layer.cumulative_length + 1 > self.static_max_len:
+                raise RuntimeError(f"static cache full: {self.static_max_len} tokens (make_static's max_len)")
+            if layer._k.static_flush_due():
+                layer._k.static_flush()
+                layer._v.static_flush()
+                self._state[i].add_(layer._flush_delta)
+
+    def after_step(self) -> None:
+        """Static mode, after each decode step: count the token the device wrote in every layer."""
+        for layer in self.layers:
+            layer._k.static_count(1)
+            layer._v.static_count(1)
+            layer.cumulative_length += 1
 
     def reserved_nbytes(self) -> int:
         """Bytes allocated by all layers, spare buffer capacity included."""

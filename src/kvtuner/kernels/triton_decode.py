@@ -289,7 +289,7 @@ _VARYING = ["smask_b", "n_r", "num_q_splits", "NUM_SPLITS"]
 
 @triton.jit(do_not_specialize=_VARYING)
 def _decode_split_kernel(
-        Q, KC, KS, KZ, VC, VS, VZ, KR, VR, MASK, PO, PM, PL,
+        Q, KC, KS, KZ, VC, VS, VZ, KR, VR, MASK, LENS, PO, PM, PL,
         sq_b, sq_h,
         skc_b, skc_h, skc_t, sks_b, sks_h, sks_t,
         svc_b, svc_h, svc_t, svs_b, svs_h, svs_t,
@@ -301,7 +301,12 @@ def _decode_split_kernel(
         GK: tl.constexpr,
         GV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, HAS_MASK: tl.constexpr,
         SWAP_QK: tl.constexpr, SWAP_PV: tl.constexpr, ASM: tl.constexpr, FOLD_K: tl.constexpr,
-        FOLD_V: tl.constexpr):
+        FOLD_V: tl.constexpr, DEV_LEN: tl.constexpr, QUNIT: tl.constexpr):
+    if DEV_LEN:  # lengths live on the device (CUDA-graph replay): n_q/n_r passed in are capacities
+        # the quantized length is stored in units of QUNIT (the key group in KIVI mode), so the
+        # compiler still knows its divisibility, as it does for a specialised n_q
+        n_q = tl.load(LENS).to(tl.int32) * QUNIT
+        n_r = tl.load(LENS + 1).to(tl.int32)
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid_bh // HKV).to(tl.int64)
@@ -330,7 +335,10 @@ def _decode_split_kernel(
         vc = VC + b * svc_b + h * svc_h
         vs = VS + b * svs_b + h * svs_h
         vz = VZ + b * svs_b + h * svs_h
-        for i in range(0, tokens_per_split, BLOCK_N):  # whole-split bound: tiles past ``end`` are masked
+        span = tokens_per_split
+        if DEV_LEN:  # splits sized for the capacity: stop at the filled length
+            span = tl.maximum(tl.minimum(end - start, tokens_per_split), 0)
+        for i in range(0, span, BLOCK_N):  # whole-split bound: tiles past ``end`` are masked
             t0 = start + i
             t = t0 + tl.arange(0, BLOCK_N)
             tmask = t < end
@@ -525,7 +533,7 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
                      num_warps: int | None = None, num_stages: int | None = None, swap_qk: bool | None = None,
                      swap_pv: bool | None = None, asm: bool | None = None, fold_k: str | None = None,
                      fold_v: str | None = None, maxnreg: int | None = None,
-                     splits_per_sm: int | None = None) -> torch.Tensor:
+                     splits_per_sm: int | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Fused kernel; see :func:`kvtuner.attention.decode_attention` for the contract.
 
     Keys and values must be in step (same quantized token count), as in every plan whose key and
@@ -533,8 +541,21 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
     launch choices (tile, warps, stages, MMA orientation, PTX unpacking, how scales reach the dots,
     register cap, split count) for benchmarks; ``None`` takes the measured default
     (:func:`launch_defaults`).
+
+    ``lengths`` (CUDA-graph replay): an int32/int64 device tensor ``[quantized tokens / unit, residual
+    tokens]`` read by the kernel, with ``unit = length_unit(k_packed)``. The packed tensors and the
+    residuals are then whole buffers (capacity), of which only the counted tokens are read, and
+    ``kv_mask`` (if any) is indexed by absolute position (quantized tokens, then the residual), so
+    it needs ``quantized capacity + residual capacity`` columns. Launch
+    arguments then depend only on capacities, so one captured launch serves every step.
     """
     b, hq, one, d = q.shape
+    if lengths is not None and (k_packed is None or v_packed is None or k_residual is None or v_residual is None):
+        raise ValueError("lengths= needs packed and residual buffers for keys and values (capacity views)")
+    if lengths is not None and (lengths.dtype not in (torch.int32, torch.int64) or lengths.numel() != 2
+                                or lengths.device != q.device):
+        raise ValueError(f"lengths must be 2 int32/int64 values on {q.device}; got {lengths.dtype} x "
+                         f"{lengths.numel()} on {lengths.device}")
     if one != 1:
         raise ValueError(f"q.shape[2]={one} is invalid; allowed: 1 (one decode token per sequence)")
     n_q = 0 if k_packed is None else k_packed.num_tokens
@@ -605,7 +626,7 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
         q, kc if kc is not None else dummy, ks if ks is not None else dummy_f, kz if kz is not None else dummy_f,
         vc if vc is not None else dummy, vs if vs is not None else dummy_f, vz if vz is not None else dummy_f,
         kr if kr is not None else dummy_f, vr if vr is not None else dummy_f, mask if mask is not None else dummy,
-        po, pm, pl,
+        lengths if lengths is not None else dummy, po, pm, pl,
         q.stride(0), q.stride(1),
         *st(kc), *st(ks), *st(vc), *st(vs), *st(kr), *st(vr),
         mask.stride(0) if mask is not None else 0,
@@ -613,7 +634,8 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
         BLOCK_H=max(16, triton.next_power_of_2(group)), D=d, BLOCK_D=block_d,
         KW0=kw[0], KW1=kw[1], VW0=vw[0], VW1=vw[1], K_PER_CHANNEL=k_per_channel, GK=gk_eff, GV=gv_eff, BLOCK_N=block_n,
         BLOCK_R=32, HAS_MASK=mask is not None, SWAP_QK=bool(swap_qk), SWAP_PV=bool(swap_pv), ASM=bool(asm),
-        FOLD_K=FOLDS[fold_k], FOLD_V=FOLDS[fold_v], num_warps=num_warps, num_stages=num_stages,
+        FOLD_K=FOLDS[fold_k], FOLD_V=FOLDS[fold_v], DEV_LEN=lengths is not None,
+        QUNIT=length_unit(k_packed) if lengths is not None else 1, num_warps=num_warps, num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}))
     out = torch.empty(b, 1, hq, d, device=q.device, dtype=q.dtype)
     _merge_kernel[(b * hq,)](po, pm, pl, out, out.stride(0), out.stride(2), hq, num_splits, float(out_scale), D=d,
@@ -622,10 +644,15 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
     return out
 
 
+def length_unit(k_packed: QuantizedTensor) -> int:
+    """Tokens per count of ``lengths[0]``: the key group for per-channel (KIVI) keys, else 1."""
+    return k_packed.group_size if k_packed.granularity == "per_channel" else 1
+
+
 def max_int32_offset(batch: int, heads: int, tokens: int, row_bytes: int) -> bool:
     """Whether the largest byte offset of a ``[batch, heads, tokens, row_bytes]`` buffer passes int32
     (the kernel then relies on its int64 offsets)."""
     return batch * heads * tokens * row_bytes - 1 > 2**31 - 1
 
 
-__all__ = ["decode_attention", "max_int32_offset"]
+__all__ = ["decode_attention", "length_unit", "max_int32_offset"]
