@@ -196,7 +196,7 @@ def test_decode_device_lengths_match_sliced(k_gran, n_q, n_r):
         kr, vr = (torch.cat([t, r], -2)[..., 32:, :] for t, r in
                   ((quant.dequantize(kp, q.dtype), kr), (quant.dequantize(vp, q.dtype), vr)))
     cap_q, cap_r = 160, 16
-    kb, vb = _in_capacity(kp, cap_q), _in_capacity(vp, cap_q)
+    kb, vb = _in_capacity(kp, cap_q), _in_capacity(vp, cap_q - 5)  # capacities may differ (key groups round up)
     kres = torch.full((*kr.shape[:2], cap_r, kr.shape[-1]), 9.0, dtype=kr.dtype, device=DEV)
     vres = kres.clone()
     kres[..., :n_r, :], vres[..., :n_r, :] = kr, vr

@@ -560,6 +560,8 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
         raise ValueError(f"q.shape[2]={one} is invalid; allowed: 1 (one decode token per sequence)")
     n_q = 0 if k_packed is None else k_packed.num_tokens
     n_qv = 0 if v_packed is None else v_packed.num_tokens
+    if lengths is not None:  # capacities: key buffers round up to whole groups, value buffers need not
+        n_q = n_qv = min(n_q, n_qv)
     if n_q != n_qv:
         raise ValueError(f"quantized key/value token counts {n_q} and {n_qv} differ; allowed: equal (keys and "
                          "values flushed in step)")
