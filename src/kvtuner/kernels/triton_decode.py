@@ -461,10 +461,26 @@ def _merge_kernel(PO, PM, PL, O, so_b, so_h, HQ, NUM_SPLITS, out_scale, D: tl.co
     tl.store(O + b * so_b + h * so_h + d, out.to(O.dtype.element_ty), mask=d < D)
 
 
+_DUMMIES: dict = {}
+
+
+def _dummy(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A one-element stand-in for pointer arguments the launch does not read (kept, not reallocated)."""
+    key = (device, dtype)
+    if key not in _DUMMIES:
+        _DUMMIES[key] = torch.empty(1, device=device, dtype=dtype)
+    return _DUMMIES[key]
+
+
+@functools.cache
+def _num_sm_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _num_sm(device: torch.device) -> int:
     if device.type != "cuda":
         return 8
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _num_sm_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _splits(batch_heads: int, n_q: int, block_n: int, device: torch.device, per_sm: int = 4) -> tuple[int, int]:
@@ -511,15 +527,20 @@ def launch_defaults(kbits: int, vbits: int, block_d: int, block_n: int, device: 
     The table (measured at D = 128, 128-token tiles) overrides every choice for that tile shape and
     the fold choices for any shape; PTX unpacking stays off where it cannot run.
     """
+    return dict(_launch_defaults(kbits, vbits, block_d, block_n, _ptx_ok(device), table))
+
+
+@functools.lru_cache(maxsize=512)  # on the decode path once per layer and step: build each dict once
+def _launch_defaults(kbits: int, vbits: int, block_d: int, block_n: int, ptx: bool, table: bool) -> dict:
     out = dict(num_warps=4, num_stages=3 if block_d * block_n <= 128 * 128 else 2,
-               swap_qk=False, swap_pv=vbits in (2, 4), asm=_ptx_ok(device),
+               swap_qk=False, swap_pv=vbits in (2, 4), asm=ptx,
                fold_k="reg" if kbits == 8 else "plain", fold_v="norm" if vbits == 8 else "reg",
                maxnreg=None, splits_per_sm=4)
     entry = launch_table().get((kbits, vbits)) if table else None
     if entry:
         same_tile = block_d == 128 and block_n == 128
         out.update({k: v for k, v in entry.items() if k in out and (same_tile or k in ("fold_k", "fold_v"))})
-        if not _ptx_ok(device):  # PTX unpacking and register caps only exist on the GPU
+        if not ptx:  # PTX unpacking and register caps only exist on the GPU
             out.update(asm=False, maxnreg=None)
     return out
 
@@ -572,8 +593,7 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
         raise ValueError(f"query heads {hq} are not a multiple of KV heads {hkv}; allowed: a multiple")
     group = hq // hkv
     block_d = triton.next_power_of_2(d)
-    dummy = torch.empty(1, device=q.device, dtype=torch.uint8)
-    dummy_f = torch.empty(1, device=q.device, dtype=q.dtype)
+    dummy, dummy_f = _dummy(q.device, torch.uint8), _dummy(q.device, q.dtype)
     if n_q:
         kc, ks, kz, vc, vs, vz = (k_packed.codes, k_packed.scale, k_packed.zero, v_packed.codes, v_packed.scale,
                                   v_packed.zero)
@@ -606,10 +626,9 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
             raise ValueError(f"{name}={fold!r} is invalid; allowed: {sorted(FOLDS)}")
     n_split_q, per_split = _splits(b * hkv, n_q, block_n, q.device, splits_per_sm)
     num_splits = n_split_q + 1
-    f32 = torch.float32
-    po = torch.empty(b * hq * num_splits, block_d, device=q.device, dtype=f32)
-    pm = torch.empty(b * hq * num_splits, device=q.device, dtype=f32)
-    pl = torch.empty(b * hq * num_splits, device=q.device, dtype=f32)
+    rows = b * hq * num_splits
+    partial = torch.empty(rows * (block_d + 2), device=q.device, dtype=torch.float32)  # one allocation
+    po, pm, pl = partial[: rows * block_d].view(rows, block_d), partial[rows * block_d:][:rows], partial[-rows:]
 
     def st(t, n=3):
         return tuple(t.stride()[:n]) if t is not None else (0,) * n
