@@ -27,8 +27,7 @@ def test_three_and_six_bit_planes_match_docstring():
     low = [c & 3 for c in codes[0].tolist()]
     high = [c >> 2 for c in codes[0].tolist()]
     want = [low[0] | low[1] << 2 | low[2] << 4 | low[3] << 6, low[4] | low[5] << 2 | low[6] << 4 | low[7] << 6,
-            # paired 1-bit order: even bits serve channels 0-3 (the first 2-bit byte), odd bits 4-7
-            sum(high[c] << m for m, c in enumerate([0, 4, 1, 5, 2, 6, 3, 7]))]
+            sum(h << i for i, h in enumerate(high))]
     assert quant.pack(codes, 3)[0].tolist() == want
     six = torch.tensor([[45, 18]], dtype=torch.uint8)  # 6-bit: low 4 bits plane, then the high 2 bits
     assert quant.pack(six, 6)[0].tolist() == [45 & 15 | (18 & 15) << 4, 45 >> 4 | (18 >> 4) << 2]

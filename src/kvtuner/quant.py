@@ -27,16 +27,13 @@ Bit layout of the packed codes (``uint8``, packed along the last dim D). A width
 {1, 2, 4, 8} packs ``k = 8 // w`` codes per byte, code ``i`` of a byte in bits ``[w*i, w*i + w)``,
 little end first::
 
-    w=1:  byte = c0 | c4 << 1 | c1 << 2 | c5 << 3 | c2 << 4 | c6 << 5 | c3 << 6 | c7 << 7   (paired)
+    w=1:  byte = c0 | c1 << 1 | ... | c7 << 7
     w=2:  byte = c0 | c1 << 2 | c2 << 4 | c3 << 6        [c3 c3 c2 c2 c1 c1 c0 c0]  (MSB..LSB)
     w=4:  byte = c0 | c1 << 4                            [c1 c1 c1 c1 c0 c0 c0 c0]
     w=8:  byte = c0
 
 Widths that are not a power of two are stored as *bit planes*, widest plane first (``PLANES``):
-3 bits = a 2-bit plane of the low bits followed by a 1-bit plane of the high bit (1-bit planes
-use the *paired* order above: a byte's even bits serve the first 2-bit byte of its 8 channels, its
-odd bits the second, so a GPU kernel shifts each high bit right above its two low bits with one
-shift per 2-bit byte, see ``kernels/triton_decode.py``); 6 bits = a 4-bit
+3 bits = a 2-bit plane of the low bits followed by a 1-bit plane of the high bit; 6 bits = a 4-bit
 plane (low) followed by a 2-bit plane (high). Code ``c = low | high << w_low``. The planes are
 concatenated along the last dim, each padded to whole bytes, so a token of ``D`` channels takes
 ``sum(ceil(D / (8 // w)) for w in PLANES[b])`` bytes: exactly ``b * D / 8`` when ``D`` is a
@@ -99,9 +96,6 @@ def packed_width(dim: int, bits: int) -> int:
 
 
 # ---------------------------------------------------------------------- packing
-_PAIRED = [0, 4, 1, 5, 2, 6, 3, 7]  # 1-bit plane: bit m of a byte holds channel 8j + _PAIRED[m]
-
-
 def _pack_plane(codes: torch.Tensor, w: int) -> torch.Tensor:
     per_byte = 8 // w
     if per_byte == 1:
@@ -110,8 +104,6 @@ def _pack_plane(codes: torch.Tensor, w: int) -> torch.Tensor:
     if pad:
         codes = torch.nn.functional.pad(codes, (0, pad))
     codes = codes.reshape(*codes.shape[:-1], -1, per_byte).to(torch.int32)
-    if w == 1:
-        codes = codes[..., _PAIRED]
     shifts = torch.arange(0, 8, w, device=codes.device, dtype=torch.int32)
     return (codes << shifts).sum(-1).to(torch.uint8)
 
@@ -121,8 +113,6 @@ def _unpack_plane(packed: torch.Tensor, w: int, dim: int) -> torch.Tensor:
         return packed[..., :dim]
     shifts = torch.arange(0, 8, w, device=packed.device, dtype=torch.int32)
     codes = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << w) - 1)
-    if w == 1:  # back from the paired order
-        codes = codes[..., [_PAIRED.index(i) for i in range(8)]]
     return codes.reshape(*packed.shape[:-1], -1)[..., :dim].to(torch.uint8)
 
 

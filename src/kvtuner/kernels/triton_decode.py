@@ -72,8 +72,8 @@ def _unpack_plane(base, t, tmask, stride_t, col0, D: tl.constexpr, BLOCK_D: tl.c
         c = tl.interleave(b & 15, b >> 4)
     elif W == 2:
         c = _channels4(b & 3, (b >> 2) & 3, (b >> 4) & 3, b >> 6)
-    else:  # the paired 1-bit order of 3-bit codes (quant.py): bit m -> channel 8j + 4 * (m % 2) + m // 2
-        c = _channels8(b & 1, (b >> 2) & 1, (b >> 4) & 1, (b >> 6) & 1, (b >> 1) & 1, (b >> 3) & 1, (b >> 5) & 1,
+    else:
+        c = _channels8(b & 1, (b >> 1) & 1, (b >> 2) & 1, (b >> 3) & 1, (b >> 4) & 1, (b >> 5) & 1, (b >> 6) & 1,
                        b >> 7)
     return c
 
@@ -136,64 +136,35 @@ fma.rn.f16x2 $7, $7, s64, o64;
 }""")
 
 
-# 3-bit codes (2-bit plane + paired 1-bit plane, quant.py): one call takes 4 bytes of the 2-bit
-# plane (bytes j..j+3, j even) and the 1-bit bytes that hold their high bits, each repeated for
-# the two 2-bit bytes it serves (B, B, B', B'). Byte B holds the high bit of code k of the even
-# 2-bit byte in bit 2k and of the odd one in bit 2k + 1, so shifting the even lane by 2 and the odd
-# lane by 1 puts every high bit at 2k + 2, right above its code's two low bits: one more ``lop3``
-# per output register merges it, and the usual packed ``sub``/``fma`` scales the 3-bit value back.
-_ASM3 = tl.constexpr("""{
-.reg .b32 t0, t1, u0, u1, a, b, m, s4, o4, s16, o16, s64, o64;
-prmt.b32 t0, $8, 0, 0x4140;
-prmt.b32 t1, $8, 0, 0x4342;
-prmt.b32 u0, $9, 0, 0x4140;
-prmt.b32 u1, $9, 0, 0x4342;
-shl.b32 a, u0, 2;
-shl.b32 b, u0, 1;
-lop3.b32 u0, a, b, 0xffff0000, 0xd8;
-shl.b32 a, u1, 2;
-shl.b32 b, u1, 1;
-lop3.b32 u1, a, b, 0xffff0000, 0xd8;
-mov.b32 m, 0x64006400;
-mov.b32 s4, 0x34003400;
-mov.b32 o4, 0xdc00dc00;
-mov.b32 s16, 0x2c002c00;
-mov.b32 o16, 0xd400d400;
-mov.b32 s64, 0x24002400;
-mov.b32 o64, 0xcc00cc00;
-lop3.b32 $0, t0, 0x00030003, m, 0xea;
-lop3.b32 $1, t1, 0x00030003, m, 0xea;
-lop3.b32 $2, t0, 0x000c000c, m, 0xea;
-lop3.b32 $3, t1, 0x000c000c, m, 0xea;
-lop3.b32 $4, t0, 0x00300030, m, 0xea;
-lop3.b32 $5, t1, 0x00300030, m, 0xea;
-lop3.b32 $6, t0, 0x00c000c0, m, 0xea;
-lop3.b32 $7, t1, 0x00c000c0, m, 0xea;
-lop3.b32 $0, $0, u0, 0x00040004, 0xf8;
-lop3.b32 $1, $1, u1, 0x00040004, 0xf8;
-lop3.b32 $2, $2, u0, 0x00100010, 0xf8;
-lop3.b32 $3, $3, u1, 0x00100010, 0xf8;
-lop3.b32 $4, $4, u0, 0x00400040, 0xf8;
-lop3.b32 $5, $5, u1, 0x00400040, 0xf8;
-lop3.b32 $6, $6, u0, 0x01000100, 0xf8;
-lop3.b32 $7, $7, u1, 0x01000100, 0xf8;
-sub.f16x2 $0, $0, m;
-sub.f16x2 $1, $1, m;
-fma.rn.f16x2 $2, $2, s4, o4;
-fma.rn.f16x2 $3, $3, s4, o4;
-fma.rn.f16x2 $4, $4, s16, o16;
-fma.rn.f16x2 $5, $5, s16, o16;
-fma.rn.f16x2 $6, $6, s64, o64;
-fma.rn.f16x2 $7, $7, s64, o64;
-}""")
+def _asm1_times4() -> str:
+    """PTX for a 1-bit plane, each bit already multiplied by 4 (the 1-bit plane of a 3-bit code sits
+    above a 2-bit plane): bit k becomes fp16 1024 + 2^k, then ``* 2^(2-k) - 1024 * 2^(2-k)``."""
+    lines = ["{", ".reg .b32 t0, t1, m, s, o;", "prmt.b32 t0, $16, 0, 0x4140;", "prmt.b32 t1, $16, 0, 0x4342;",
+             "mov.b32 m, 0x64006400;"]
+    for k in range(8):
+        scale, off = 2.0 ** (2 - k), -1024 * 2.0 ** (2 - k)
+        h = [int(torch.tensor(x, dtype=torch.float16).view(torch.int16).item()) & 0xFFFF for x in (scale, off)]
+        lines += [f"mov.b32 s, 0x{h[0]:04x}{h[0]:04x};", f"mov.b32 o, 0x{h[1]:04x}{h[1]:04x};"]
+        for j, t in enumerate(("t0", "t1")):
+            r = f"${2 * k + j}"
+            lines += [f"lop3.b32 {r}, {t}, 0x{1 << k:04x}{1 << k:04x}, m, 0xea;", f"fma.rn.f16x2 {r}, {r}, s, o;"]
+    return "\n".join(lines + ["}"])
+
+
+_ASM1X4 = tl.constexpr(_asm1_times4())
+_ASM1_CONSTRAINTS = tl.constexpr("=r," * 16 + "r")
 
 
 @triton.jit
 def _unpack_plane_asm(base, t, tmask, stride_t, col0, D: tl.constexpr, BLOCK_D: tl.constexpr, W: tl.constexpr):
-    """:func:`_unpack_plane` straight to fp16 with packed PTX (CUDA only), planes of 2, 4 or 8 bits."""
+    """:func:`_unpack_plane` straight to fp16 with packed PTX (CUDA only); ``W = 1`` returns bit * 4."""
     b = _plane_bytes(base, t, tmask, stride_t, col0, D, BLOCK_D, W)
-    tl.static_assert(W > 1, "a 1-bit plane is unpacked together with its 2-bit plane (_unpack3_asm)")
-    if W == 8:
+    if W == 1:  # only as the upper plane of a 3-bit code (2-bit plane below): values are bit * 4
+        c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
+            _ASM1X4, _ASM1_CONSTRAINTS, [b], dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
+                                                    tl.float16, tl.float16, tl.float16), is_pure=True, pack=4)
+        c = _channels8(c0, c1, c2, c3, c4, c5, c6, c7)
+    elif W == 8:
         c = tl.inline_asm_elementwise(_ASM8, "=r,=r,r", [b], dtype=tl.float16, is_pure=True, pack=4)
     elif W == 4:
         lo, hi = tl.inline_asm_elementwise(_ASM4, "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16),
@@ -208,21 +179,6 @@ def _unpack_plane_asm(base, t, tmask, stride_t, col0, D: tl.constexpr, BLOCK_D: 
 
 
 @triton.jit
-def _unpack3_asm(base, t, tmask, stride_t, col1, D: tl.constexpr, BLOCK_D: tl.constexpr):
-    """3-bit codes as fp16 ``[len(t), BLOCK_D]`` with one PTX call per 4 bytes of the 2-bit plane
-    (``_ASM3``): the 1-bit plane is read once per 2-bit byte (each of its bytes serves two), so
-    both inputs are elementwise aligned; channel order is restored once, as for 2-bit codes."""
-    b2 = _plane_bytes(base, t, tmask, stride_t, 0, D, BLOCK_D, 2)
-    w = tl.arange(0, BLOCK_D // 4) // 2
-    ptr = base + t.to(tl.int64)[:, None] * stride_t + col1 + w[None, :]
-    b1 = tl.load(ptr, mask=tmask[:, None] & (w < (D + 7) // 8)[None, :], other=0)
-    c0, c1, c2, c3 = tl.inline_asm_elementwise(_ASM3, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [b2, b1],
-                                               dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
-                                               is_pure=True, pack=4)
-    return _channels4(c0, c1, c2, c3)
-
-
-@triton.jit
 def _unpack(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constexpr, W0: tl.constexpr,
             W1: tl.constexpr, ASM: tl.constexpr):
     """Codes ``[len(t), BLOCK_D]`` as fp16 from one token row per ``t`` (layout: ``quant.py``).
@@ -233,11 +189,11 @@ def _unpack(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constexpr, W0
     """
     col1: tl.constexpr = (D + 8 // W0 - 1) // (8 // W0)  # bytes of the first plane per token
     if ASM:
-        if W1 == 1:  # 3 bits: add the high bit per code position, then restore channel order once
-            tl.static_assert(W0 == 2, "a 1-bit plane only sits above a 2-bit plane (3-bit codes)")
-            return _unpack3_asm(base, t, tmask, stride_t, col1, D, BLOCK_D)
         c = _unpack_plane_asm(base, t, tmask, stride_t, 0, D, BLOCK_D, W0)
-        if W1 > 1:
+        if W1 == 1:  # exact in fp16 (codes < 256)
+            tl.static_assert(W0 == 2, "a 1-bit plane only sits above a 2-bit plane (3-bit codes)")
+            c = c + _unpack_plane_asm(base, t, tmask, stride_t, col1, D, BLOCK_D, W1)  # already bit * 4
+        elif W1 > 1:
             c = c + _unpack_plane_asm(base, t, tmask, stride_t, col1, D, BLOCK_D, W1) * (1 << W0)
         return c
     c = _unpack_plane(base, t, tmask, stride_t, 0, D, BLOCK_D, W0)
