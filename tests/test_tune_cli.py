@@ -65,7 +65,26 @@ def test_tune_end_to_end_on_tiny_model(tiny_dir, tmp_path):
     assert set(summary["reused"]) == {"table", "evaluation"}
 
 
+def test_tune_rotation_per_layer(tiny_dir, tmp_path):
+    """--rotation per-layer: a plain and a rotated table; the search's candidates hold both kinds."""
+    out = tmp_path / "rot"
+    r = _run("tune", "--model", str(tiny_dir), "--out", str(out), "--budget-bits", "3.25", "--trials", "2",
+             "--sequences", "1", "--seq-len", "96", "--eval-prefill", "48", "--eval-decode", "16",
+             "--rotation", "per-layer", "--quiet")
+    assert r.returncode == 0, r.stderr
+    from kvtuner import KVPlan
+    from kvtuner.profiling import SensitivityTable
+
+    assert not SensitivityTable.load(out / "table.json").rotation
+    assert SensitivityTable.load(out / "table-rotated.json").rotation
+    cands = json.loads((out / "front.json").read_text())["info"]["candidates"]
+    assert any(len(p) == 3 for c in cands for p in c) and any(len(p) == 2 and p != [16, 16] for c in cands for p in c)
+    plan = KVPlan.load(out / "plan-3.25.json")
+    assert plan.equivalent_bits <= 3.25 and plan.provenance["rotation"] == "per_layer"
+
+
 @pytest.mark.parametrize("args,needle", [
+    (("--rotation", "sometimes"), "rotation='sometimes'"),
     (("--model", "no/such-model-xyz"), "no/such-model-xyz"),
     (("--text", "/nonexistent/text.txt"), "--text"),
     (("--budget-bits", "1.5"), "budget-bits=1.5"),

@@ -35,13 +35,16 @@ class TuneSettings:
     eval_windows: int = 1
     seed: int = 0
     bits: tuple[int, ...] = (8, 4, 2)  # candidate widths for K and V: every (k, v) pair of them
-    rotation: bool = False  # Hadamard-rotate every quantized tensor (profiled, searched and saved so)
+    # Hadamard rotation of quantized K/V: "off", "all" (every quantized tensor, profiled, searched
+    # and saved so) or "per_layer" (plain and rotated tables; each layer picks per pair)
+    rotation: str = "off"
 
     @property
     def pairs(self) -> tuple[tuple[int, int], ...]:
         return tuple((k, v) for k in self.bits for v in self.bits)
 
     def check(self) -> None:
+        self.rotation = _rotation_setting(self.rotation)
         for b in self.budgets:
             if not 2 <= b <= 16:
                 raise PlanError(f"budget-bits={b} is invalid; allowed: 2 to 16 equivalent bits")
@@ -50,6 +53,20 @@ class TuneSettings:
                 raise PlanError(f"bits={b} is invalid; allowed: 2, 3, 4, 6 or 8")
         if self.mode not in ("kivi", "per_token"):
             raise PlanError(f"mode={self.mode!r} is invalid; allowed: 'kivi' or 'per_token'")
+
+
+ROTATIONS = ("off", "all", "per_layer")
+
+
+def _rotation_setting(value: Any) -> str:
+    """``off``/``all``/``per_layer``; booleans (older configs) mean off/all, ``-`` may replace ``_``."""
+    if isinstance(value, bool):
+        return "all" if value else "off"
+    v = str(value).strip().lower().replace("-", "_")
+    v = {"true": "all", "on": "all", "false": "off", "none": "off"}.get(v, v)
+    if v not in ROTATIONS:
+        raise PlanError(f"rotation={value!r} is invalid; allowed: off, all, per-layer")
+    return v
 
 
 @dataclass
@@ -78,7 +95,7 @@ def run_tune(model: Any, tokenizer: Any, calibration: str, evaluation: str, out:
     import hashlib
 
     from .evaluate import Evaluator
-    from .profiling import SensitivityTable, calibration_batches, layer_kl, profile
+    from .profiling import SensitivityTable, calibration_batches
     from .search import search
     from .search.objectives import KLObjective
 
@@ -97,7 +114,7 @@ def run_tune(model: Any, tokenizer: Any, calibration: str, evaluation: str, out:
                               "directory or one from the same model (use another --out)")
         if old != key:
             log(f"settings changed since the last run in {out}: profiling again")
-            for stale in ("table.json", "quality.json"):
+            for stale in ("table.json", "table-rotated.json", "quality.json"):
                 (out / stale).unlink(missing_ok=True)
     atomic_write_json(manifest_path, key)
 
@@ -108,15 +125,22 @@ def run_tune(model: Any, tokenizer: Any, calibration: str, evaluation: str, out:
         result.reused.append("table")
         log(f"reusing {table_path}")
     else:
-        table = profile(model, tokenizer, calibration, pairs=s.pairs, modes=[s.mode], num_sequences=s.sequences,
-                        seq_len=s.seq_len, model_id=model_id, rotation=s.rotation, progress=progress)
-        kl_batch = calibration_batches(tokenizer, calibration, 1, s.kl_seq_len)
-        table.kl = layer_kl(model, kl_batch, s.pairs, [s.mode], rotation=s.rotation, progress=progress)
+        table = _profile(model, tokenizer, calibration, s, s.rotation == "all", model_id, progress)
         table.save(table_path)
     result.files.append(table_path)
+    rotated = None
+    if s.rotation == "per_layer":  # a second table, every quantized tensor rotated
+        rotated_path = out / "table-rotated.json"
+        if rotated_path.exists():
+            rotated = SensitivityTable.load(rotated_path, config=model.config)
+            log(f"reusing {rotated_path}")
+        else:
+            rotated = _profile(model, tokenizer, calibration, s, True, model_id, progress)
+            rotated.save(rotated_path)
+        result.files.append(rotated_path)
 
     # 2. search: solver front for all budgets, then NSGA-II per budget on measured KL (resumable)
-    proxy = search(table, mode=s.mode, progress=False, cluster=False)
+    proxy = search(table, mode=s.mode, progress=False, cluster=False, rotated=rotated)
     proxy.save(out / "front.json")
     result.files.append(out / "front.json")
     windows = calibration_batches(tokenizer, calibration, s.sequences + 2, s.seq_len)[-1:]
@@ -125,8 +149,8 @@ def run_tune(model: Any, tokenizer: Any, calibration: str, evaluation: str, out:
     fronts = {}
     for b in s.budgets:
         fronts[b] = search(table, mode=s.mode, max_bits=b, quality=objective, n_trials=s.trials, storage=storage,
-                           study_name=f"{model_id or 'model'}-{s.mode}-{b:g}", seed=s.seed, progress=progress,
-                           cluster=False)
+                           study_name=f"{model_id or 'model'}-{s.mode}-{b:g}{_ROT_TAG[s.rotation]}", seed=s.seed,
+                           progress=progress, cluster=False, rotated=rotated)
         plan = fronts[b].best(b)
         plan = KVPlan(plan.layers, model_id=model_id, model=dims.fingerprint(),
                       provenance={"source": "kvtuner tune", "budget_bits": b, "mode": s.mode, "rotation": s.rotation,
@@ -162,6 +186,21 @@ def run_tune(model: Any, tokenizer: Any, calibration: str, evaluation: str, out:
     result.files += write_report(out, table, s.mode, proxy, fronts, result.quality, model.config,
                                  model_id=model_id, dtype_bytes=2)  # caches are deployed in fp16/bf16
     return result
+
+
+_ROT_TAG = {"off": "", "all": "-rot", "per_layer": "-rotchoice"}  # one Optuna study per search space
+
+
+def _profile(model: Any, tokenizer: Any, calibration: str, s: TuneSettings, rotation: bool, model_id: str | None,
+             progress: bool):
+    """Sensitivity table plus one-layer KL costs, with every quantized tensor rotated or none."""
+    from .profiling import calibration_batches, layer_kl, profile
+
+    table = profile(model, tokenizer, calibration, pairs=s.pairs, modes=[s.mode], num_sequences=s.sequences,
+                    seq_len=s.seq_len, model_id=model_id, rotation=rotation, progress=progress)
+    kl_batch = calibration_batches(tokenizer, calibration, 1, s.kl_seq_len)
+    table.kl = layer_kl(model, kl_batch, s.pairs, [s.mode], rotation=rotation, progress=progress)
+    return table
 
 
 def read_texts(text: str | None) -> tuple[str, str]:

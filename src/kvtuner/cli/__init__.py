@@ -29,7 +29,7 @@ ModeOpt = Annotated[str, typer.Option(help="Quantization mode: 'kivi' or 'per_to
 
 TUNE_DEFAULTS = dict(model="smollm2", text="pydoc", budget_bits=[3.25, 4.0], mode="kivi", out="kvtuner-out",
                      storage="", trials=8, seed=0, device="cpu", sequences=4, seq_len=512, eval_prefill=256,
-                     eval_decode=128, bits="2,4,8", rotation=False)
+                     eval_decode=128, bits="2,4,8", rotation="off")
 
 
 def _bits(value) -> tuple[int, ...]:
@@ -56,8 +56,9 @@ def tune(model: Annotated[str | None, typer.Option(help="'smollm2' (built in), a
          eval_prefill: Annotated[int | None, typer.Option(help="Held-out prefill tokens per window.")] = None,
          eval_decode: Annotated[int | None, typer.Option(help="Held-out teacher-forced decode steps.")] = None,
          bits: Annotated[str | None, typer.Option(help="Candidate bit widths for K and V, e.g. '2,3,4,8'.")] = None,
-         rotation: Annotated[bool | None, typer.Option("--rotation/--no-rotation",
-                                                       help="Hadamard-rotate every quantized K/V.")] = None,
+         rotation: Annotated[str | None, typer.Option(
+             help="Hadamard rotation of quantized K/V: 'off', 'all' (every quantized tensor) or 'per-layer' "
+                  "(profile both; each layer keeps plain or rotated storage, whichever measured better).")] = None,
          config: Annotated[Path | None, typer.Option(help="TOML/YAML file of these options; flags override it.")] = None,
          json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary.")] = False,
          quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs.")] = False) -> None:
@@ -79,7 +80,7 @@ def tune(model: Annotated[str | None, typer.Option(help="'smollm2' (built in), a
                             sequences=int(o["sequences"]), seq_len=int(o["seq_len"]), trials=int(o["trials"]),
                             seed=int(o["seed"]), eval_prefill=int(o["eval_prefill"]),
                             eval_decode=int(o["eval_decode"]), kl_seq_len=min(256, int(o["seq_len"])),
-                            bits=_bits(o["bits"]), rotation=bool(o["rotation"]))
+                            bits=_bits(o["bits"]), rotation=o["rotation"])
     settings.check()  # before the model loads: a bad budget fails in a second
     import importlib
 
