@@ -525,7 +525,9 @@ def launch_defaults(kbits: int, vbits: int, block_d: int, block_n: int, device: 
       max-normalised folds cost two cross-warp reductions per tile: 20-25 % of the time.
 
     The table (measured at D = 128, 128-token tiles) overrides every choice for that tile shape and
-    the fold choices for any shape; PTX unpacking stays off where it cannot run.
+    the fold choices for any shape; PTX unpacking stays off where it cannot run. Its
+    ``splits_per_sm_small`` (measured at B = 1, L = 128k) replaces ``splits_per_sm`` when there are
+    fewer (batch x KV head) rows than SMs.
     """
     return dict(_launch_defaults(kbits, vbits, block_d, block_n, _ptx_ok(device), table))
 
@@ -535,7 +537,7 @@ def _launch_defaults(kbits: int, vbits: int, block_d: int, block_n: int, ptx: bo
     out = dict(num_warps=4, num_stages=3 if block_d * block_n <= 128 * 128 else 2,
                swap_qk=False, swap_pv=vbits in (2, 4), asm=ptx,
                fold_k="reg" if kbits == 8 else "plain", fold_v="norm" if vbits == 8 else "reg",
-               maxnreg=None, splits_per_sm=4)
+               maxnreg=None, splits_per_sm=4, splits_per_sm_small=None)
     entry = launch_table().get((kbits, vbits)) if table else None
     if entry:
         same_tile = block_d == 128 and block_n == 128
@@ -619,6 +621,8 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
     given = dict(num_warps=num_warps, num_stages=num_stages, swap_qk=swap_qk, swap_pv=swap_pv, asm=asm,
                  fold_k=fold_k, fold_v=fold_v, maxnreg=maxnreg, splits_per_sm=splits_per_sm)
     launch = launch_defaults(kbits, vbits, block_d, block_n, q.device)
+    if launch["splits_per_sm_small"] and b * hkv < _num_sm(q.device):  # few long rows: its own measured split
+        launch["splits_per_sm"] = launch["splits_per_sm_small"]
     launch.update({k: v for k, v in given.items() if v is not None})
     num_warps, num_stages, swap_qk, swap_pv, asm, fold_k, fold_v, maxnreg, splits_per_sm = (launch[k] for k in given)
     for name, fold in (("fold_k", fold_k), ("fold_v", fold_v)):
