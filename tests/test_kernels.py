@@ -167,28 +167,6 @@ def test_decode_rejects_bad_launch():
             triton_decode.decode_attention(q, kp, kr, vp, vr, 0.1, asm=True)
 
 
-@pytest.mark.parametrize("case_args,kw", [
-    ((4, 2, 4, 64, 64, 7, 4, 2), {}),  # KIVI, the residual read by the same program
-    ((4, 2, 4, 64, 37, 3, 4, 4), {"k_gran": "per_token"}),
-    ((4, 2, 1, 32, 32, 0, 8, 4), {}),  # no residual
-])
-def test_decode_single_split_writes_output_directly(case_args, kw):
-    """One quantized split per row: that program also reads the residual and writes the output (no
-    merge kernel); the same as the two-kernel path and the reference."""
-    if CUDA:  # as many rows as SMs, so that one split per row is what the launch picks
-        case_args = (66, *case_args[1:])
-    case = make_case(*case_args, **kw)
-    b, hkv, n_q = case_args[0], case_args[1], case_args[4]
-    assert triton_decode._splits(b * hkv, n_q, 32, torch.device(DEV), 1)[0] == 1  # one split per row
-    mask = torch.ones(case_args[0], case_args[4] + case_args[5], dtype=torch.bool, device=DEV)
-    mask[0, :3] = False
-    for m in (None, mask):
-        direct = triton_decode.decode_attention(*case, 0.125, m, splits_per_sm=1, block_n=32)
-        split = triton_decode.decode_attention(*case, 0.125, m, splits_per_sm=1, block_n=32, direct=False)
-        assert rel(direct, split) < 1e-3
-        check(case, m, splits_per_sm=1, block_n=32)
-
-
 def test_decode_ragged_batch_mask():
     case = make_case(3, 2, 4, 64, 64, 7, 4, 4)
     mask = torch.ones(3, 71, dtype=torch.bool, device=DEV)

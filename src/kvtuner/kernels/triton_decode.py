@@ -289,7 +289,7 @@ _VARYING = ["smask_b", "n_r", "num_q_splits", "NUM_SPLITS"]
 
 @triton.jit(do_not_specialize=_VARYING)
 def _decode_split_kernel(
-        Q, KC, KS, KZ, VC, VS, VZ, KR, VR, MASK, LENS, PO, PM, PL, O, so_b, so_h, out_scale,
+        Q, KC, KS, KZ, VC, VS, VZ, KR, VR, MASK, LENS, PO, PM, PL,
         sq_b, sq_h,
         skc_b, skc_h, skc_t, sks_b, sks_h, sks_t,
         svc_b, svc_h, svc_t, svs_b, svs_h, svs_t,
@@ -301,8 +301,7 @@ def _decode_split_kernel(
         GK: tl.constexpr,
         GV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, HAS_MASK: tl.constexpr,
         SWAP_QK: tl.constexpr, SWAP_PV: tl.constexpr, ASM: tl.constexpr, FOLD_K: tl.constexpr,
-        FOLD_V: tl.constexpr, DEV_LEN: tl.constexpr, QUNIT: tl.constexpr, RES_IN_LAST: tl.constexpr,
-        DIRECT: tl.constexpr):
+        FOLD_V: tl.constexpr, DEV_LEN: tl.constexpr, QUNIT: tl.constexpr):
     if DEV_LEN:  # lengths live on the device (CUDA-graph replay): n_q/n_r passed in are capacities
         # the quantized length is stored in units of QUNIT (the key group in KIVI mode), so the
         # compiler still knows its divisibility, as it does for a specialised n_q
@@ -412,58 +411,32 @@ def _decode_split_kernel(
             else:
                 v = _dequant_groups(vcode, vs, vz, t, tmask, svs_t, D, GV, NGV, BLOCK_N, BLOCK_D)
                 acc += _pv(p, v, SWAP_QK, SWAP_PV)
-        if RES_IN_LAST:  # one quantized split per row: it also takes the residual window
-            if split == num_q_splits - 1:
-                m_i, l_i, acc = _residual_tiles(q, KR, VR, MASK, b, h, skr_b, skr_h, skr_t, svr_b, svr_h, svr_t,
-                                                smask_b, n_q, n_r, m_i, l_i, acc, d, dmask, BLOCK_R, HAS_MASK,
-                                                SWAP_QK, SWAP_PV)
     else:
-        m_i, l_i, acc = _residual_tiles(q, KR, VR, MASK, b, h, skr_b, skr_h, skr_t, svr_b, svr_h, svr_t, smask_b,
-                                        n_q, n_r, m_i, l_i, acc, d, dmask, BLOCK_R, HAS_MASK, SWAP_QK, SWAP_PV)
+        kr = KR + b * skr_b + h * skr_h
+        vr = VR + b * svr_b + h * svr_h
+        for r0 in range(0, n_r, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            rmask = r < n_r
+            lm = rmask[:, None] & dmask[None, :]
+            # fp16 operands, fp32 accumulation, like the quantized tiles (an fp32 dot costs registers)
+            k = tl.load(kr + r.to(tl.int64)[:, None] * skr_t + d[None, :], mask=lm, other=0.0).to(tl.float16)
+            v = tl.load(vr + r.to(tl.int64)[:, None] * svr_t + d[None, :], mask=lm, other=0.0).to(tl.float16)
+            scores = _qk(q.to(tl.float16), k, SWAP_QK)
+            valid = rmask
+            if HAS_MASK:
+                mk = tl.load(MASK + b * smask_b + n_q + r, mask=rmask, other=0)
+                valid = valid & (mk != 0)
+            m_i, l_i, acc, p = _softmax_step(scores, valid, m_i, l_i, acc, SWAP_QK, SWAP_PV)
+            acc += _pv(p, v, SWAP_QK, SWAP_PV)
 
     hq = (h * GROUP + hrow).to(tl.int64)
-    if DIRECT:  # the row's only split: normalise and write the output here, no merge launch
-        l_safe = tl.where(l_i > 0, l_i, 1.0)
-        if SWAP_PV:
-            o = acc / l_safe[None, :] * out_scale
-            tl.store(O + b * so_b + hq[None, :] * so_h + d[:, None], o.to(O.dtype.element_ty),
-                     mask=hmask[None, :] & dmask[:, None])
-        else:
-            o = acc / l_safe[:, None] * out_scale
-            tl.store(O + b * so_b + hq[:, None] * so_h + d[None, :], o.to(O.dtype.element_ty),
-                     mask=hmask[:, None] & dmask[None, :])
+    row = (b * (HKV * GROUP) + hq) * NUM_SPLITS + split
+    if SWAP_PV:
+        tl.store(PO + row[None, :] * BLOCK_D + d[:, None], acc, mask=hmask[None, :])
     else:
-        row = (b * (HKV * GROUP) + hq) * NUM_SPLITS + split
-        if SWAP_PV:
-            tl.store(PO + row[None, :] * BLOCK_D + d[:, None], acc, mask=hmask[None, :])
-        else:
-            tl.store(PO + row[:, None] * BLOCK_D + d[None, :], acc, mask=hmask[:, None])
-        tl.store(PM + row, m_i, mask=hmask)
-        tl.store(PL + row, l_i, mask=hmask)
-
-
-@triton.jit
-def _residual_tiles(q, KR, VR, MASK, b, h, skr_b, skr_h, skr_t, svr_b, svr_h, svr_t, smask_b, n_q, n_r, m_i, l_i,
-                    acc, d, dmask, BLOCK_R: tl.constexpr, HAS_MASK: tl.constexpr, SWAP_QK: tl.constexpr,
-                    SWAP_PV: tl.constexpr):
-    """Online-softmax steps over the full-precision residual window (after the quantized tokens)."""
-    kr = KR + b * skr_b + h * skr_h
-    vr = VR + b * svr_b + h * svr_h
-    for r0 in range(0, n_r, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        rmask = r < n_r
-        lm = rmask[:, None] & dmask[None, :]
-        # fp16 operands, fp32 accumulation, like the quantized tiles (an fp32 dot costs registers)
-        k = tl.load(kr + r.to(tl.int64)[:, None] * skr_t + d[None, :], mask=lm, other=0.0).to(tl.float16)
-        v = tl.load(vr + r.to(tl.int64)[:, None] * svr_t + d[None, :], mask=lm, other=0.0).to(tl.float16)
-        scores = _qk(q.to(tl.float16), k, SWAP_QK)
-        valid = rmask
-        if HAS_MASK:
-            mk = tl.load(MASK + b * smask_b + n_q + r, mask=rmask, other=0)
-            valid = valid & (mk != 0)
-        m_i, l_i, acc, p = _softmax_step(scores, valid, m_i, l_i, acc, SWAP_QK, SWAP_PV)
-        acc += _pv(p, v, SWAP_QK, SWAP_PV)
-    return m_i, l_i, acc
+        tl.store(PO + row[:, None] * BLOCK_D + d[None, :], acc, mask=hmask[:, None])
+    tl.store(PM + row, m_i, mask=hmask)
+    tl.store(PL + row, l_i, mask=hmask)
 
 
 @triton.jit(do_not_specialize=["NUM_SPLITS"])
@@ -583,8 +556,7 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
                      num_warps: int | None = None, num_stages: int | None = None, swap_qk: bool | None = None,
                      swap_pv: bool | None = None, asm: bool | None = None, fold_k: str | None = None,
                      fold_v: str | None = None, maxnreg: int | None = None,
-                     splits_per_sm: int | None = None, lengths: torch.Tensor | None = None,
-                     direct: bool | None = None) -> torch.Tensor:
+                     splits_per_sm: int | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Fused kernel; see :func:`kvtuner.attention.decode_attention` for the contract.
 
     Keys and values must be in step (same quantized token count), as in every plan whose key and
@@ -592,10 +564,6 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
     launch choices (tile, warps, stages, MMA orientation, PTX unpacking, how scales reach the dots,
     register cap, split count) for benchmarks; ``None`` takes the measured default
     (:func:`launch_defaults`).
-
-    ``direct`` (default on): with one quantized split per (batch, KV head) row, that split also
-    reads the residual and writes the normalised output itself, so no merge kernel runs (one launch
-    instead of two, no partial results in memory); ``False`` keeps the separate residual split.
 
     ``lengths`` (CUDA-graph replay): an int32/int64 device tensor ``[quantized tokens / unit, residual
     tokens]`` read by the kernel, with ``unit = length_unit(k_packed)``. The packed tensors and the
@@ -661,14 +629,10 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
         if fold not in FOLDS:
             raise ValueError(f"{name}={fold!r} is invalid; allowed: {sorted(FOLDS)}")
     n_split_q, per_split = _splits(b * hkv, n_q, block_n, q.device, splits_per_sm)
-    single = n_split_q == 1 and direct is not False
-    num_splits = 1 if single else n_split_q + 1
+    num_splits = n_split_q + 1
     rows = b * hq * num_splits
-    if single:  # the kernel writes the output itself
-        po = pm = pl = _dummy(q.device, torch.float32)
-    else:
-        partial = torch.empty(rows * (block_d + 2), device=q.device, dtype=torch.float32)  # one allocation
-        po, pm, pl = partial[: rows * block_d].view(rows, block_d), partial[rows * block_d:][:rows], partial[-rows:]
+    partial = torch.empty(rows * (block_d + 2), device=q.device, dtype=torch.float32)  # one allocation
+    po, pm, pl = partial[: rows * block_d].view(rows, block_d), partial[rows * block_d:][:rows], partial[-rows:]
 
     def st(t, n=3):
         return tuple(t.stride()[:n]) if t is not None else (0,) * n
@@ -682,13 +646,12 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
     if asm and not _ptx_ok(q.device):
         raise ValueError("asm=True needs a CUDA device outside Triton's interpreter (inline PTX)")
     kw, vw = (*PLANES[kbits], 0)[:2], (*PLANES[vbits], 0)[:2]  # bit planes, compile-time constants
-    out = torch.empty(b, 1, hq, d, device=q.device, dtype=q.dtype)
     global last_compiled
     last_compiled = _decode_split_kernel[(b * hkv, num_splits)](
         q, kc if kc is not None else dummy, ks if ks is not None else dummy_f, kz if kz is not None else dummy_f,
         vc if vc is not None else dummy, vs if vs is not None else dummy_f, vz if vz is not None else dummy_f,
         kr if kr is not None else dummy_f, vr if vr is not None else dummy_f, mask if mask is not None else dummy,
-        lengths if lengths is not None else dummy, po, pm, pl, out, out.stride(0), out.stride(2), float(out_scale),
+        lengths if lengths is not None else dummy, po, pm, pl,
         q.stride(0), q.stride(1),
         *st(kc), *st(ks), *st(vc), *st(vs), *st(kr), *st(vr),
         mask.stride(0) if mask is not None else 0,
@@ -697,11 +660,9 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
         KW0=kw[0], KW1=kw[1], VW0=vw[0], VW1=vw[1], K_PER_CHANNEL=k_per_channel, GK=gk_eff, GV=gv_eff, BLOCK_N=block_n,
         BLOCK_R=32, HAS_MASK=mask is not None, SWAP_QK=bool(swap_qk), SWAP_PV=bool(swap_pv), ASM=bool(asm),
         FOLD_K=FOLDS[fold_k], FOLD_V=FOLDS[fold_v], DEV_LEN=lengths is not None,
-        QUNIT=length_unit(k_packed) if lengths is not None else 1, RES_IN_LAST=single, DIRECT=single,
-        num_warps=num_warps, num_stages=num_stages,
+        QUNIT=length_unit(k_packed) if lengths is not None else 1, num_warps=num_warps, num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}))
-    if single:
-        return out
+    out = torch.empty(b, 1, hq, d, device=q.device, dtype=q.dtype)
     _merge_kernel[(b * hq,)](po, pm, pl, out, out.stride(0), out.stride(2), hq, num_splits, float(out_scale), D=d,
                              BLOCK_D=block_d,
                              BLOCK_S=max(2, triton.next_power_of_2(num_splits)))
