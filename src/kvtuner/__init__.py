@@ -25,6 +25,8 @@ _LAZY = {
     "SensitivityTable": "profiling",
     "set_backend": "kernels",
     "get_backend": "kernels",
+    "greedy_generate": "generation",
+    "StaticDecoder": "generation",
 }
 
 __all__ = [
@@ -38,10 +40,12 @@ __all__ = [
     "QuantSpec",
     "QuantizedKVLayer",
     "SensitivityTable",
+    "StaticDecoder",
     "__version__",
     "default_texts",
     "evaluate",
     "get_backend",
+    "greedy_generate",
     "load_model",
     "perplexity",
     "profile",
@@ -53,6 +57,7 @@ if TYPE_CHECKING:
     from .data import default_texts
     from .kernels import get_backend, set_backend
     from .evaluate import Evaluator, QualityReport, evaluate, perplexity
+    from .generation import StaticDecoder, greedy_generate
     from .profiling import SensitivityTable, profile
     from .models import load_model
 
