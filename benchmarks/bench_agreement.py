@@ -32,6 +32,24 @@ from kvtuner import load_model, set_backend  # noqa: E402
 from kvtuner.data import default_texts  # noqa: E402
 
 
+@torch.no_grad()
+def graph_agreement(model, plan, ids: torch.Tensor, new_tokens: int, pad_token_id: int) -> dict:
+    """Tokens of ``kvtuner.greedy_generate`` (CUDA-graph steps) vs ``model.generate`` with a DynamicCache."""
+    from transformers import DynamicCache
+
+    from kvtuner import MixedPrecisionCache, greedy_generate
+
+    ref = model.generate(ids, past_key_values=DynamicCache(config=model.config), max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_token_id,
+                         attention_mask=torch.ones_like(ids))[:, ids.shape[1]:]
+    got = greedy_generate(model, ids, MixedPrecisionCache(plan, model.config), new_tokens)
+    same = (got == ref).int()
+    prefix = same.cumprod(dim=1).sum(dim=1)
+    return dict(prompts=ids.shape[0], prompt_len=ids.shape[1], new_tokens=new_tokens,
+                all_match=int((prefix == new_tokens).sum()), mean_prefix=float(prefix.float().mean()),
+                token_agreement=float(same.float().mean()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
@@ -43,6 +61,9 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--graph", action="store_true",
+                    help="also decode each plan with kvtuner.greedy_generate (steps replayed from a CUDA graph) and "
+                         "compare its tokens with the same reference")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     t0 = time.perf_counter()
@@ -62,10 +83,18 @@ def main() -> None:
         r = agreement(model, plan, prompts, args.new_tokens, backend, pad_token_id=tok.pad_token_id)
         rows.append(dict(plan=label, **r))
         print(json.dumps(rows[-1]), flush=True)
+        if args.graph and plan is not None:
+            rows.append(dict(plan=f"{label} (CUDA graph)", **graph_agreement(model, plan, prompts, args.new_tokens,
+                                                                             tok.pad_token_id)))
+            print(json.dumps(rows[-1]), flush=True)
     dev = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "CPU"
     lines = ["| plan | sequences identical | mean identical prefix | token agreement | mean KL (same prefix) | "
              "max rel. logit diff | median top-2 margin |", "|---|---|---|---|---|---|---|"]
     for r in rows:
+        if "mean_kl" not in r:  # graph rows compare tokens only (greedy_generate returns no logits)
+            lines.append(f"| {r['plan']} | {r['all_match']}/{r['prompts']} | {r['mean_prefix']:.1f} / "
+                         f"{r['new_tokens']} | {r['token_agreement']:.3f} | | | |")
+            continue
         lines.append(f"| {r['plan']} | {r['all_match']}/{r['prompts']} | {r['mean_prefix']:.1f} / {r['new_tokens']} | "
                      f"{r['token_agreement']:.3f} | {r['mean_kl']:.2e} | {r['max_rel_logit_diff']:.3f} | "
                      f"{r['median_top2_margin']:.2f} |")
@@ -75,7 +104,7 @@ def main() -> None:
         f"{kvtuner.__version__}, backend {args.backend}. Command: `python benchmarks/bench_agreement.py --model "
         f"{args.model} --device {args.device} --dtype {args.dtype} --plans {args.plans} --mode {args.mode} "
         f"--backend {args.backend} --prompts {args.prompts} --prompt-len {args.prompt_len} --new-tokens "
-        f"{args.new_tokens}` ({time.perf_counter() - t0:.0f} s).", "",
+        f"{args.new_tokens}{' --graph' if args.graph else ''}` ({time.perf_counter() - t0:.0f} s).", "",
         f"{args.prompts} prompts of {args.prompt_len} held-out pydoc tokens, {args.new_tokens} greedy tokens each, "
         "one batch through `model.generate`; reference: the same model with a DynamicCache (default SDPA).", "",
         *lines])
