@@ -70,6 +70,27 @@ def test_static_decode_matches_eager_cache(k, v, mode, rot, residual):
         assert cache.nbytes() == eager_cache.nbytes()
 
 
+@pytest.mark.parametrize("arch,kv_heads", [("qwen2", 2), ("llama", 1)])  # Qwen2 (q/k/v bias), MQA
+def test_static_decode_other_models(arch, kv_heads):
+    model = tiny_model(arch, layers=2, heads=4, kv_heads=kv_heads, head_dim=32, vocab=128).to(DEV)
+    model.set_attn_implementation("sdpa")
+    plan = _plan(4, 2)
+    ids = torch.randint(3, 128, (2, 19), generator=torch.Generator().manual_seed(6)).to(DEV)
+    want, _ = _eager_tokens(model, plan, ids, None, 20)
+    got = greedy_generate(model, ids, MixedPrecisionCache(plan, model.config), 20, cuda_graph=False)
+    model.config._attn_implementation = "sdpa"
+    assert torch.equal(got, want)
+
+
+def test_static_mode_rejects_sliding_window_layers():
+    model = tiny_model("gemma3", layers=2, heads=4, kv_heads=2, head_dim=32, vocab=128, sliding_window=8).to(DEV)
+    model.set_attn_implementation("sdpa")
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(7)).to(DEV)
+    with pytest.raises(PlanError, match="sliding=True"):
+        greedy_generate(model, ids, MixedPrecisionCache(_plan(4, 4), model.config), 4, cuda_graph=False)
+    model.config._attn_implementation = "sdpa"
+
+
 def test_static_decode_with_left_padding():
     model = _model()
     plan = _plan(4, 4)
