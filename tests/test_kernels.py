@@ -200,7 +200,7 @@ def test_decode_device_lengths_match_sliced(k_gran, n_q, n_r):
     kres = torch.full((*kr.shape[:2], cap_r, kr.shape[-1]), 9.0, dtype=kr.dtype, device=DEV)
     vres = kres.clone()
     kres[..., :n_r, :], vres[..., :n_r, :] = kr, vr
-    unit = triton_decode.length_unit(kb)
+    unit = quant.length_unit(kb)
     lengths = torch.tensor([n_q // unit, n_r], dtype=torch.int32, device=DEV)
     mask = torch.ones(2, cap_q + cap_r, dtype=torch.bool, device=DEV)
     mask[1, :3] = False

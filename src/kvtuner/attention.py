@@ -58,9 +58,8 @@ def decode_attention(q: torch.Tensor, k_packed: quant.QuantizedTensor | None, k_
 def counted(lengths: torch.Tensor, k_packed: quant.QuantizedTensor, k_residual: torch.Tensor,
             v_packed: quant.QuantizedTensor, v_residual: torch.Tensor, kv_mask: torch.Tensor | None) -> tuple:
     """The filled parts of static buffers, from ``lengths`` (see :func:`decode_attention`)."""
-    unit = k_packed.group_size if k_packed.granularity == "per_channel" else 1
     n_units, n_r = (int(x) for x in lengths.tolist())
-    n_q = n_units * unit
+    n_q = n_units * quant.length_unit(k_packed)
 
     def part(p: quant.QuantizedTensor) -> quant.QuantizedTensor | None:
         return quant.slice_tokens(p, 0, n_q) if n_q else None

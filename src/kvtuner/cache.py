@@ -345,9 +345,9 @@ class QuantizedKVLayer(CacheLayerMixin):
         self._v.make_static(max_tokens, like)
         self._lens, self._slot, self._mask, self._bump = state[0:2], state[2:3], mask, bump
         self.fused_attention = True
-        qunit = self._k.group if self._k.granularity == "per_channel" else 1
-        self._qunit = qunit
-        self._flush_delta = torch.tensor([self._k.unit // qunit, -self._k.unit, -self._k.unit], device=state.device)
+        self._qunit = quant.length_unit(self._k._buf)
+        self._flush_delta = torch.tensor([self._k.unit // self._qunit, -self._k.unit, -self._k.unit],
+                                         device=state.device)
 
     def static_row(self) -> list[int]:
         """The host's view of this layer's device state row before the next step."""

@@ -291,6 +291,12 @@ def materialize(packed: QuantizedTensor | None, residual: torch.Tensor | None, d
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
 
 
+def length_unit(qt: QuantizedTensor) -> int:
+    """Tokens per count of a static buffer's quantized length (``decode_attention(lengths=)``): the
+    key group for per-channel (KIVI) keys, whose flushes are whole groups, else 1."""
+    return qt.group_size if qt.granularity == "per_channel" else 1
+
+
 def slice_tokens(qt: QuantizedTensor, start: int, stop: int) -> QuantizedTensor:
     """Tokens ``[start, stop)``; for per_channel both ends must fall on group boundaries."""
     if qt.granularity == "per_channel":

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..quant import PLANES, QuantizedTensor
+from ..quant import PLANES, QuantizedTensor, length_unit
 
 LOG2E = 1.4426950408889634
 last_compiled = None  # the split kernel's last launch (benchmarks read registers/spills from it)
@@ -669,15 +669,10 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
     return out
 
 
-def length_unit(k_packed: QuantizedTensor) -> int:
-    """Tokens per count of ``lengths[0]``: the key group for per-channel (KIVI) keys, else 1."""
-    return k_packed.group_size if k_packed.granularity == "per_channel" else 1
-
-
 def max_int32_offset(batch: int, heads: int, tokens: int, row_bytes: int) -> bool:
     """Whether the largest byte offset of a ``[batch, heads, tokens, row_bytes]`` buffer passes int32
     (the kernel then relies on its int64 offsets)."""
     return batch * heads * tokens * row_bytes - 1 > 2**31 - 1
 
 
-__all__ = ["decode_attention", "length_unit", "max_int32_offset"]
+__all__ = ["decode_attention", "max_int32_offset"]
