@@ -156,12 +156,24 @@ def test_gpu_ptx_unpack_matches(kbits, vbits, asm):
     check(make_case(2, 2, 4, 128, 300, 9, kbits, vbits, gk=128), asm=asm)
 
 
+@pytest.mark.skipif(not CUDA, reason="inline PTX unpacking needs a CUDA GPU (not Triton's interpreter)")
+@pytest.mark.parametrize("how", sorted(triton_decode.UNPACK3))
+@pytest.mark.parametrize("d,kbits,vbits", [(48, 3, 3), (64, 3, 2), (128, 3, 3), (128, 4, 3), (256, 3, 8), (80, 3, 3),
+                                           (40, 3, 3)])
+def test_gpu_three_bit_unpackers(d, kbits, vbits, how):
+    # both planes of a 3-bit code per PTX call, by word (head_dim % 16 == 0, else planes) or by
+    # byte + nibble (head_dim % 8 == 0): the same attention as plane by plane
+    check(make_case(2, 2, 4, d, 300, 9, kbits, vbits, gk=128), unpack3_k=how, unpack3_v=how)
+
+
 def test_decode_rejects_bad_launch():
     q, kp, kr, vp, vr = make_case(1, 2, 4, 64, 64, 4, 4, 4)
     with pytest.raises(ValueError, match="at most one"):
         triton_decode.decode_attention(q, kp, kr, vp, vr, 0.1, swap_qk=True, swap_pv=True)
     with pytest.raises(ValueError, match="fold_k='fast' is invalid"):
         triton_decode.decode_attention(q, kp, kr, vp, vr, 0.1, fold_k="fast")
+    with pytest.raises(ValueError, match="unpack3_v='bytes' is invalid"):
+        triton_decode.decode_attention(q, kp, kr, vp, vr, 0.1, unpack3_v="bytes")
     if not CUDA:
         with pytest.raises(ValueError, match="inline PTX"):
             triton_decode.decode_attention(q, kp, kr, vp, vr, 0.1, asm=True)

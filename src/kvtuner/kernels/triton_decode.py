@@ -143,7 +143,7 @@ def _asm1_times4() -> str:
              "mov.b32 m, 0x64006400;"]
     for k in range(8):
         scale, off = 2.0 ** (2 - k), -1024 * 2.0 ** (2 - k)
-        h = [int(torch.tensor(x, dtype=torch.float16).view(torch.int16).item()) & 0xFFFF for x in (scale, off)]
+        h = [_fp16_bits(x) for x in (scale, off)]
         lines += [f"mov.b32 s, 0x{h[0]:04x}{h[0]:04x};", f"mov.b32 o, 0x{h[1]:04x}{h[1]:04x};"]
         for j, t in enumerate(("t0", "t1")):
             r = f"${2 * k + j}"
@@ -151,7 +151,59 @@ def _asm1_times4() -> str:
     return "\n".join(lines + ["}"])
 
 
+def _fp16_bits(x: float) -> int:
+    return int(torch.tensor(x, dtype=torch.float16).view(torch.int16).item()) & 0xFFFF
+
+
+def _asm3() -> str:
+    """PTX for 3-bit codes, both planes at once: input word ``w`` = 16 bits of the 2-bit plane (codes
+    0..7, code k at bits 2k) | the 1-bit plane's byte << 16 (high bit of code k at bit 16 + k); two
+    words per call (fp16x2 lanes: lane 0 from ``$8``, lane 1 from ``$9``); output k = code k.
+
+    Per output: the high bit becomes fp16 ``1024 + h 2^k`` and the low bits ``1024 + l 4^j``
+    (``j = k mod 4``, one ``lop3`` each), then ``t = (1024 + h 2^k) 2^(2-k) - 1024 (2^(2-k) + 4^-j)
+    = 4h - 1024 4^-j`` and ``out = (1024 + l 4^j) 4^-j + t = l + 4h``: two packed FMAs, each result
+    exact in fp16. Doing this in one call keeps both planes in one register layout; adding two
+    separately unpacked planes made Triton convert layouts through shared memory (5x the shared
+    stores of a 4-bit tile in an Nsight Compute profile).
+    """
+    lines = ["{", ".reg .b32 h, l0, l1, m, sh, sl, c, t;",
+             "prmt.b32 h, $8, $9, 0x7632;",  # lane bytes: high-bit byte of w0 | of w1
+             "prmt.b32 l0, $8, $9, 0x5410;",  # low 16 bits of each word: codes 0..3 in byte 0
+             "prmt.b32 l1, $8, $9, 0x7531;",  # codes 4..7 moved to byte 0 of each lane
+             "mov.b32 m, 0x64006400;"]
+    for k in range(8):
+        j = k % 4
+        sh, sl = 2.0 ** (2 - k), 4.0 ** -j
+        rep = lambda x: f"0x{_fp16_bits(x):04x}{_fp16_bits(x):04x}"  # noqa: E731
+        lines += [f"mov.b32 sh, {rep(sh)};", f"mov.b32 sl, {rep(sl)};", f"mov.b32 c, {rep(-1024 * (sh + sl))};",
+                  f"lop3.b32 t, h, 0x{1 << k:04x}{1 << k:04x}, m, 0xea;",
+                  "fma.rn.f16x2 t, t, sh, c;",
+                  f"lop3.b32 ${k}, {'l0' if k < 4 else 'l1'}, 0x{3 << 2 * j:04x}{3 << 2 * j:04x}, m, 0xea;",
+                  f"fma.rn.f16x2 ${k}, ${k}, sl, t;"]
+    return "\n".join(lines + ["}"])
+
+
+def _asm3_nibble() -> str:
+    """PTX for 3-bit codes from 16-bit elements ``e = low-plane byte | high-plane nibble << 8`` (4
+    channels; code k's low bits at bit 2k, its high bit at 8 + k), two elements per call (fp16x2
+    lanes); output k = code k of each element. After ``y = e >> 4`` the high bit sits at mantissa
+    bit 4 + k: ``t = (1024 + h 2^(4+k)) 2^(-2-k) - 1024 (2^(-2-k) + 4^-k) = 4h - 1024 4^-k``, then
+    ``out = (1024 + l 4^k) 4^-k + t = l + 4h`` (two lop3 and two packed FMAs, exact in fp16)."""
+    lines = ["{", ".reg .b32 y, m, sh, sl, c, t;", "shr.b32 y, $4, 4;", "mov.b32 m, 0x64006400;"]
+    rep = lambda x: f"0x{_fp16_bits(x):04x}{_fp16_bits(x):04x}"  # noqa: E731
+    for k in range(4):
+        sh, sl = 2.0 ** (-2 - k), 4.0 ** -k
+        lines += [f"mov.b32 sh, {rep(sh)};", f"mov.b32 sl, {rep(sl)};", f"mov.b32 c, {rep(-1024 * (sh + sl))};",
+                  f"lop3.b32 t, y, 0x{1 << 4 + k:04x}{1 << 4 + k:04x}, m, 0xea;", "fma.rn.f16x2 t, t, sh, c;",
+                  f"lop3.b32 ${k}, $4, 0x{3 << 2 * k:04x}{3 << 2 * k:04x}, m, 0xea;", f"fma.rn.f16x2 ${k}, ${k}, sl, t;"]
+    return "\n".join(lines + ["}"])
+
+
 _ASM1X4 = tl.constexpr(_asm1_times4())
+_ASM3N = tl.constexpr(_asm3_nibble())
+_ASM3 = tl.constexpr(_asm3())
+_ASM3_CONSTRAINTS = tl.constexpr("=r," * 8 + "r,r")
 _ASM1_CONSTRAINTS = tl.constexpr("=r," * 16 + "r")
 
 
@@ -179,8 +231,42 @@ def _unpack_plane_asm(base, t, tmask, stride_t, col0, D: tl.constexpr, BLOCK_D: 
 
 
 @triton.jit
+def _unpack3_asm(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """3-bit codes ``[len(t), BLOCK_D]`` as fp16 from both planes in one PTX call per two words
+    (:data:`_ASM3`): each word is 8 channels' 16 low-plane bits (loaded as uint16) and their 8
+    high bits. Needs ``D % 16 == 0``, so that every row and plane offset is even."""
+    NW: tl.constexpr = BLOCK_D // 8
+    j = tl.arange(0, NW)
+    m = tmask[:, None] & (j < D // 8)[None, :]
+    row = base + t.to(tl.int64)[:, None] * stride_t
+    lo = tl.load(row.to(tl.pointer_type(tl.uint16)) + j[None, :], mask=m, other=0)
+    hi = tl.load(row + D // 4 + j[None, :], mask=m, other=0)
+    w = lo.to(tl.uint32) | (hi.to(tl.uint32) << 16)
+    c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
+        _ASM3, _ASM3_CONSTRAINTS, [w], dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
+                                              tl.float16, tl.float16, tl.float16), is_pure=True, pack=2)
+    return _channels8(c0, c1, c2, c3, c4, c5, c6, c7)
+
+
+@triton.jit
+def _unpack3n_asm(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constexpr, HI_VEC: tl.constexpr = 8):
+    """3-bit codes ``[len(t), BLOCK_D]`` as fp16, both planes per PTX call (:data:`_ASM3N`): each
+    low-plane byte (4 channels) is paired with the matching nibble of the high plane, so the codes
+    come out in the 2-bit plane's shape and register layout (one plane's 4 channels per element)."""
+    lo = _plane_bytes(base, t, tmask, stride_t, 0, D, BLOCK_D, 2)
+    w = tl.max_contiguous(tl.arange(0, BLOCK_D // 8), HI_VEC)
+    hi = tl.load(base + t.to(tl.int64)[:, None] * stride_t + D // 4 + w[None, :],
+                 mask=tmask[:, None] & (w < D // 8)[None, :], other=0)
+    e = lo.to(tl.uint16) | ((tl.interleave(hi, hi >> 4) & 15).to(tl.uint16) << 8)
+    c0, c1, c2, c3 = tl.inline_asm_elementwise(_ASM3N, "=r,=r,=r,=r,r", [e],
+                                               dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+                                               is_pure=True, pack=2)
+    return _channels4(c0, c1, c2, c3)
+
+
+@triton.jit
 def _unpack(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constexpr, W0: tl.constexpr,
-            W1: tl.constexpr, ASM: tl.constexpr):
+            W1: tl.constexpr, ASM: tl.constexpr, UNPACK3: tl.constexpr = 0):
     """Codes ``[len(t), BLOCK_D]`` as fp16 from one token row per ``t`` (layout: ``quant.py``).
 
     ``W0``/``W1`` are the bit planes of the code width (``quant.PLANES``; ``W1 = 0``: one plane):
@@ -188,6 +274,10 @@ def _unpack(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constexpr, W0
     ``0x6400 | c`` read as fp16 is ``1024 + c``.
     """
     col1: tl.constexpr = (D + 8 // W0 - 1) // (8 // W0)  # bytes of the first plane per token
+    if ASM and UNPACK3 == 1 and W0 == 2 and W1 == 1 and D % 16 == 0:
+        return _unpack3_asm(base, t, tmask, stride_t, D, BLOCK_D)
+    if ASM and UNPACK3 == 2 and W0 == 2 and W1 == 1 and D % 8 == 0:
+        return _unpack3n_asm(base, t, tmask, stride_t, D, BLOCK_D)
     if ASM:
         c = _unpack_plane_asm(base, t, tmask, stride_t, 0, D, BLOCK_D, W0)
         if W1 == 1:  # exact in fp16 (codes < 256)
@@ -301,7 +391,8 @@ def _decode_split_kernel(
         GK: tl.constexpr,
         GV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, HAS_MASK: tl.constexpr,
         SWAP_QK: tl.constexpr, SWAP_PV: tl.constexpr, ASM: tl.constexpr, FOLD_K: tl.constexpr,
-        FOLD_V: tl.constexpr, DEV_LEN: tl.constexpr, QUNIT: tl.constexpr):
+        FOLD_V: tl.constexpr, DEV_LEN: tl.constexpr, QUNIT: tl.constexpr, UNPACK3_K: tl.constexpr,
+        UNPACK3_V: tl.constexpr):
     if DEV_LEN:  # lengths live on the device (CUDA-graph replay): n_q/n_r passed in are capacities
         # the quantized length is stored in units of QUNIT (the key group in KIVI mode), so the
         # compiler still knows its divisibility, as it does for a specialised n_q
@@ -343,7 +434,7 @@ def _decode_split_kernel(
             t = t0 + tl.arange(0, BLOCK_N)
             tmask = t < end
             # ---- scores = q . k^T, k = codes * scale + zero
-            kcode = _unpack(kc, t, tmask, skc_t, D, BLOCK_D, KW0, KW1, ASM)  # [BLOCK_N, BLOCK_D] fp16
+            kcode = _unpack(kc, t, tmask, skc_t, D, BLOCK_D, KW0, KW1, ASM, UNPACK3_K)  # [BLOCK_N, BLOCK_D] fp16
             if K_PER_CHANNEL:
                 if GK % BLOCK_N == 0:  # the tile lies in one key group: fold its [D] scale/zero into q
                     g = (t0 // GK).to(tl.int64)
@@ -391,7 +482,7 @@ def _decode_split_kernel(
                 valid = valid & (mk != 0)
             m_i, l_i, acc, p = _softmax_step(scores, valid, m_i, l_i, acc, SWAP_QK, SWAP_PV)
             # ---- acc += p . v, v = codes * scale + zero (per token)
-            vcode = _unpack(vc, t, tmask, svc_t, D, BLOCK_D, VW0, VW1, ASM)
+            vcode = _unpack(vc, t, tmask, svc_t, D, BLOCK_D, VW0, VW1, ASM, UNPACK3_V)
             NGV: tl.constexpr = BLOCK_D // GV
             if NGV == 1:
                 s_v = tl.load(vs + t.to(tl.int64) * svs_t, mask=tmask, other=0.0).to(tl.float32)
@@ -519,7 +610,8 @@ def launch_defaults(kbits: int, vbits: int, block_d: int, block_n: int, device: 
     * ``acc^T = V^T P^T`` (swap_pv) for 2- and 4-bit values (with 8-bit values it spills, with
       bit-plane 3-bit values it was slower); ``S^T = K q^T`` (swap_qk) never: together with swap_pv
       Triton 3.6 produced wrong results or illegal memory accesses, and alone it was slower;
-    * packed PTX unpacking (asm) where available; 4 warps, 3 stages;
+    * packed PTX unpacking (asm) where available; 3-bit codes with both planes in one PTX call
+      (``unpack3_k``/``unpack3_v``, :data:`UNPACK3`); 4 warps, 3 stages;
     * key scales folded into q without a max-normalisation (``plain``) below 8 bits, dequantized in
       registers (``reg``) at 8 bits; value scales dequantized in registers below 8 bits. The
       max-normalised folds cost two cross-warp reductions per tile: 20-25 % of the time.
@@ -537,17 +629,21 @@ def _launch_defaults(kbits: int, vbits: int, block_d: int, block_n: int, ptx: bo
     out = dict(num_warps=4, num_stages=3 if block_d * block_n <= 128 * 128 else 2,
                swap_qk=False, swap_pv=vbits in (2, 4), asm=ptx,
                fold_k="reg" if kbits == 8 else "plain", fold_v="norm" if vbits == 8 else "reg",
-               maxnreg=None, splits_per_sm=4, splits_per_sm_small=None)
+               maxnreg=None, splits_per_sm=4, splits_per_sm_small=None,
+               unpack3_k="nibbles" if ptx else "planes", unpack3_v="nibbles" if ptx else "planes")
     entry = launch_table().get((kbits, vbits)) if table else None
     if entry:
         same_tile = block_d == 128 and block_n == 128
         out.update({k: v for k, v in entry.items() if k in out and (same_tile or k in ("fold_k", "fold_v"))})
         if not ptx:  # PTX unpacking and register caps only exist on the GPU
-            out.update(asm=False, maxnreg=None)
+            out.update(asm=False, maxnreg=None, unpack3_k="planes", unpack3_v="planes")
     return out
 
 
 FOLDS = {"reg": 0, "norm": 1, "plain": 2}  # how a scale/zero reaches the dot (kernel constexpr FOLD_K/FOLD_V)
+# how 3-bit codes are unpacked with PTX (kernel constexpr UNPACK3_K/UNPACK3_V): plane by plane, both
+# planes per 8-channel word (head_dim % 16 == 0), or per 4-channel byte + nibble (head_dim % 8 == 0)
+UNPACK3 = {"planes": 0, "words": 1, "nibbles": 2}
 
 
 def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residual: torch.Tensor | None,
@@ -556,7 +652,8 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
                      num_warps: int | None = None, num_stages: int | None = None, swap_qk: bool | None = None,
                      swap_pv: bool | None = None, asm: bool | None = None, fold_k: str | None = None,
                      fold_v: str | None = None, maxnreg: int | None = None,
-                     splits_per_sm: int | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
+                     splits_per_sm: int | None = None, unpack3_k: str | None = None, unpack3_v: str | None = None,
+                     lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Fused kernel; see :func:`kvtuner.attention.decode_attention` for the contract.
 
     Keys and values must be in step (same quantized token count), as in every plan whose key and
@@ -619,15 +716,20 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
     if k_per_channel and block_n % gk_eff and gk_eff % block_n:
         raise ValueError(f"block_n={block_n} is invalid; allowed: a multiple or divisor of the key group {gk_eff}")
     given = dict(num_warps=num_warps, num_stages=num_stages, swap_qk=swap_qk, swap_pv=swap_pv, asm=asm,
-                 fold_k=fold_k, fold_v=fold_v, maxnreg=maxnreg, splits_per_sm=splits_per_sm)
+                 fold_k=fold_k, fold_v=fold_v, maxnreg=maxnreg, splits_per_sm=splits_per_sm, unpack3_k=unpack3_k,
+                 unpack3_v=unpack3_v)
     launch = launch_defaults(kbits, vbits, block_d, block_n, q.device)
     if launch["splits_per_sm_small"] and b * hkv < _num_sm(q.device):  # few long rows: its own measured split
         launch["splits_per_sm"] = launch["splits_per_sm_small"]
     launch.update({k: v for k, v in given.items() if v is not None})
-    num_warps, num_stages, swap_qk, swap_pv, asm, fold_k, fold_v, maxnreg, splits_per_sm = (launch[k] for k in given)
+    num_warps, num_stages, swap_qk, swap_pv, asm, fold_k, fold_v, maxnreg, splits_per_sm, unpack3_k, unpack3_v = (
+        launch[k] for k in given)
     for name, fold in (("fold_k", fold_k), ("fold_v", fold_v)):
         if fold not in FOLDS:
             raise ValueError(f"{name}={fold!r} is invalid; allowed: {sorted(FOLDS)}")
+    for name, how in (("unpack3_k", unpack3_k), ("unpack3_v", unpack3_v)):
+        if how not in UNPACK3:
+            raise ValueError(f"{name}={how!r} is invalid; allowed: {sorted(UNPACK3)}")
     n_split_q, per_split = _splits(b * hkv, n_q, block_n, q.device, splits_per_sm)
     num_splits = n_split_q + 1
     rows = b * hq * num_splits
@@ -660,7 +762,8 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
         KW0=kw[0], KW1=kw[1], VW0=vw[0], VW1=vw[1], K_PER_CHANNEL=k_per_channel, GK=gk_eff, GV=gv_eff, BLOCK_N=block_n,
         BLOCK_R=32, HAS_MASK=mask is not None, SWAP_QK=bool(swap_qk), SWAP_PV=bool(swap_pv), ASM=bool(asm),
         FOLD_K=FOLDS[fold_k], FOLD_V=FOLDS[fold_v], DEV_LEN=lengths is not None,
-        QUNIT=length_unit(k_packed) if lengths is not None else 1, num_warps=num_warps, num_stages=num_stages,
+        QUNIT=length_unit(k_packed) if lengths is not None else 1, UNPACK3_K=UNPACK3[unpack3_k] if asm else 0,
+        UNPACK3_V=UNPACK3[unpack3_v] if asm else 0, num_warps=num_warps, num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}))
     out = torch.empty(b, 1, hq, d, device=q.device, dtype=q.dtype)
     _merge_kernel[(b * hq,)](po, pm, pl, out, out.stride(0), out.stride(2), hq, num_splits, float(out_scale), D=d,

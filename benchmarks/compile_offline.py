@@ -1,0 +1,111 @@
+"""Compile the decode kernel for an H100 (sm_90) on a machine with no GPU, and count its SASS.
+
+    PYTHONPATH=src python benchmarks/compile_offline.py --pairs 44,33 [--launch '{"unpack3_k": "planes"}'] [--dump DIR]
+
+Registers, spills and shared-memory instruction widths decide this kernel's speed (Nsight Compute:
+benchmarks/results/kernel_profile_h100.md), and all three are fixed at compile time, so variants can
+be screened here before spending GPU time. The launch arguments are the ones ``decode_attention``
+builds for B=64, L=4096, Llama-3.1-8B shape (CPU tensors stand in; their values are never read).
+Triton's bundled ptxas and nvdisasm do the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+from pathlib import Path
+from unittest import mock
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
+
+from kvtuner import quant
+from kvtuner.kernels import triton_decode as td
+
+TARGET = GPUTarget("cuda", 90, 32)
+SASS_OP = re.compile(r"^\s*(?:[-\w:]+\s+)?(?:/\*[0-9a-f]+\*/\s+)?(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)\b",
+                     re.M)
+
+
+class _Capture:
+    """Stands in for a ``@triton.jit`` kernel: records the arguments of ``kernel[grid](...)``."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append((args, kwargs))
+        return launch
+
+
+def launch_args(kbits: int, vbits: int, b: int = 64, n: int = 4096, hkv: int = 8, group: int = 4, d: int = 128,
+                **launch) -> tuple[tuple, dict]:
+    k = torch.randn(1, hkv, 256, d, dtype=torch.float16)
+    kp = quant.quantize(k, kbits, "per_channel", 128).map(lambda x: x.repeat(b, 1, n // 256, 1))
+    vp = quant.quantize(k, vbits, "per_token", None).map(lambda x: x.repeat(b, 1, n // 256, 1))
+    kr = torch.randn(b, hkv, 32, d, dtype=torch.bfloat16)
+    q = torch.randn(b, hkv * group, 1, d, dtype=torch.bfloat16)
+    cap = _Capture(td._decode_split_kernel)
+    with mock.patch.object(td, "_decode_split_kernel", cap), mock.patch.object(td, "_merge_kernel", _Capture(None)), \
+            mock.patch.object(td, "_ptx_ok", lambda device: True), mock.patch.object(td, "_num_sm", lambda device: 132):
+        td._launch_defaults.cache_clear()
+        td.decode_attention(q, kp, kr, vp, kr, d**-0.5, **launch)
+    td._launch_defaults.cache_clear()
+    return cap.calls[0]
+
+
+def compile_sm90(args: tuple, kwargs: dict):
+    """The split kernel compiled as Triton would for these arguments on an H100."""
+    kernel = td._decode_split_kernel
+    backend = make_backend(TARGET)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, spec, _ = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, spec, None)
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
+
+
+def sass_summary(compiled) -> tuple[str, collections.Counter, str]:
+    """SASS text, its opcode counts, and cuobjdump's resource line (registers, stack = spills, shared)."""
+    import subprocess
+    import tempfile
+
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([str(tools / "nvdisasm"), "-c", f.name], check=True, capture_output=True, text=True).stdout
+        res = subprocess.run([str(tools / "cuobjdump"), "-res-usage", f.name], check=True, capture_output=True,
+                             text=True).stdout
+    ops = collections.Counter(m.group(1) for m in SASS_OP.finditer(sass) if not m.group(1).startswith("."))
+    usage = re.search(r"REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+", res)
+    return sass, ops, usage.group(0) if usage else res.strip()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pairs", default="44,33")
+    ap.add_argument("--launch", default="{}", help="JSON overrides of decode_attention's launch choices")
+    ap.add_argument("--dump", default=None, help="directory for each variant's ttgir and SASS")
+    args = ap.parse_args()
+    for pair in args.pairs.split(","):
+        a, kw = launch_args(int(pair[0]), int(pair[1]), **json.loads(args.launch))
+        ck = compile_sm90(a, kw)
+        sass, ops, usage = sass_summary(ck)
+        smem = sum(v for k, v in ops.items() if k.startswith(("STS", "LDS", "STSM", "LDSM")))
+        print(f"K{pair[0]}V{pair[1]} {args.launch}: {usage} (dynamic shared {ck.metadata.shared} B), "
+              f"{sum(ops.values())} SASS instructions, {smem} shared-memory ones: "
+              + ", ".join(f"{k} {v}" for k, v in sorted(ops.items()) if k.startswith(("STS", "LDS", "STL", "LDL"))))
+        if args.dump:
+            Path(args.dump).mkdir(parents=True, exist_ok=True)
+            Path(args.dump, f"K{pair[0]}V{pair[1]}.ttgir").write_text(ck.asm["ttgir"])
+            Path(args.dump, f"K{pair[0]}V{pair[1]}.sass").write_text(sass)
+
+
+if __name__ == "__main__":
+    main()

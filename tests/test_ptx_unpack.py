@@ -1,0 +1,111 @@
+"""The inline-PTX unpackers of the decode kernel, run through a small PTX emulator on the CPU.
+
+CI has no GPU, so the bit tricks (``prmt`` byte moves, ``lop3`` mask-and-exponent, packed fp16
+FMAs) are checked here instruction by instruction against the codes they must produce; the GPU
+tests then check the same strings inside the kernel.
+"""
+
+import re
+
+import numpy as np
+import pytest
+
+from kvtuner.kernels import triton_decode as td
+
+
+def _f16(bits: int) -> float:
+    return float(np.array([bits & 0xFFFF], dtype=np.uint16).view(np.float16)[0])
+
+
+def _bits(x: float) -> int:
+    return int(np.array([x], dtype=np.float16).view(np.uint16)[0])
+
+
+def emulate(asm: str, inputs: list[int]) -> dict[str, int]:
+    """Registers after running ``asm`` with ``inputs`` in the operands after the outputs.
+
+    Covers the instructions the unpackers use: mov.b32, prmt.b32 (default mode), lop3.b32 with
+    0xea = (a & b) | c, and f16x2 sub/fma with one rounding per lane (exact for these operands).
+    """
+    n_out = max(int(t[1:]) for t in re.findall(r"\$\d+", asm)) + 1 - len(inputs)
+    regs = {f"${n_out + i}": v for i, v in enumerate(inputs)}
+
+    def val(x: str) -> int:
+        return int(x, 16) if x.startswith("0x") else int(x) if x.isdigit() else regs[x]
+
+    def lanes(op, *xs):
+        return sum(_bits(op(*(_f16(x >> 16 * i) for x in xs))) << 16 * i for i in range(2))
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line[0] in "{}.":
+            continue
+        op, rest = line.split(None, 1)
+        a = [x.strip() for x in rest.split(",")]
+        if op == "mov.b32":
+            regs[a[0]] = val(a[1])
+        elif op == "prmt.b32":
+            src, sel = val(a[1]) | val(a[2]) << 32, val(a[3])
+            regs[a[0]] = sum(((src >> 8 * ((sel >> 4 * i) & 7)) & 0xFF) << 8 * i for i in range(4))
+        elif op == "shr.b32":
+            regs[a[0]] = val(a[1]) >> val(a[2])
+        elif op == "lop3.b32":
+            assert a[4] == "0xea", "only (a & b) | c is emulated"
+            regs[a[0]] = (val(a[1]) & val(a[2])) | val(a[3])
+        elif op == "sub.f16x2":
+            regs[a[0]] = lanes(lambda x, y: x - y, val(a[1]), val(a[2]))
+        elif op == "fma.rn.f16x2":
+            regs[a[0]] = lanes(lambda x, y, z: x * y + z, val(a[1]), val(a[2]), val(a[3]))
+        else:
+            raise AssertionError(f"instruction {op} is not emulated")
+    return regs
+
+
+def outputs(regs: dict[str, int], first: int, count: int) -> list[float]:
+    """``count`` fp16 values from consecutive output registers starting at ``$first``."""
+    return [_f16(regs[f"${first + i // 2}"] >> 16 * (i % 2)) for i in range(count)]
+
+
+RNG = np.random.default_rng(0)
+WORDS = [int(x) for x in RNG.integers(0, 2**32, size=64, dtype=np.uint64)] + [0, 0xFFFFFFFF]
+
+
+@pytest.mark.parametrize("word", WORDS[:24] + WORDS[-2:])
+def test_ptx_byte_planes(word):
+    data = [(word >> 8 * i) & 0xFF for i in range(4)]  # four packed bytes per call, byte i -> element i
+    assert outputs(emulate(td._ASM8.value, [word]), 0, 4) == data
+    r4 = emulate(td._ASM4.value, [word])
+    assert outputs(r4, 0, 4) == [b & 15 for b in data] and outputs(r4, 2, 4) == [b >> 4 for b in data]
+    r2 = emulate(td._ASM2.value, [word])
+    for p in range(4):  # code position p of every byte
+        assert outputs(r2, 2 * p, 4) == [(b >> 2 * p) & 3 for b in data]
+    r1 = emulate(td._ASM1X4.value, [word])
+    for k in range(8):  # the high plane of 3-bit codes: bit k of every byte, times 4
+        assert outputs(r1, 2 * k, 4) == [4 * ((b >> k) & 1) for b in data]
+
+
+def test_ptx_three_bit_codes_exact():
+    codes = RNG.integers(0, 8, size=(400, 2, 8))
+    codes[0], codes[1] = 0, 7
+    for c in codes:
+        words = [sum(int(c[w, k] & 3) << 2 * k for k in range(8)) | sum(int(c[w, k] >> 2) << 16 + k for k in range(8))
+                 for w in range(2)]
+        regs = emulate(td._ASM3.value, words)
+        for k in range(8):  # output k holds code k of word 0 (low lane) and of word 1 (high lane)
+            assert outputs(regs, k, 2) == [c[0, k], c[1, k]]
+
+
+def test_emulator_refuses_unknown_instructions():
+    with pytest.raises(AssertionError, match="not emulated"):
+        emulate("{\nadd.s32 $0, $1, 1;\n}", [3])
+
+
+def test_ptx_three_bit_nibbles_exact():
+    codes = RNG.integers(0, 8, size=(400, 2, 4))
+    codes[0], codes[1] = 0, 7
+    for c in codes:
+        elems = [sum(int(c[e, k] & 3) << 2 * k for k in range(4)) | sum(int(c[e, k] >> 2) << 8 + k for k in range(4))
+                 for e in range(2)]
+        regs = emulate(td._ASM3N.value, [elems[0] | elems[1] << 16])
+        for k in range(4):  # output k holds code k of element 0 (low lane) and of element 1 (high lane)
+            assert outputs(regs, k, 2) == [c[0, k], c[1, k]]
