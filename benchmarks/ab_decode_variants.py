@@ -25,12 +25,18 @@ ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--pairs", default="44")
 ap.add_argument("--shapes", default="64x4096")
 ap.add_argument("--variants", default="[{}]")
+ap.add_argument("--scale-dtype", default=None, choices=["float16", "bfloat16"],
+                help="store the cases' scales/zeros in this dtype (default: the model's, bf16)")
 args = ap.parse_args()
 for shape in args.shapes.split(","):
     b, n = (int(x) for x in shape.split("x"))
     for pair in args.pairs.split(","):
         case = packed_case(b, n, int(pair[0]), int(pair[1]), 128)
         q, kp, kr, vp, vr = case
+        if args.scale_dtype:  # metadata dtype experiment: codes unchanged, scales/zeros cast
+            dt = getattr(torch, args.scale_dtype)
+            kp, vp = (x.__class__(x.codes, x.scale.to(dt), x.zero.to(dt), *[getattr(x, f) for f in
+                      ("bits", "granularity", "group_size", "head_dim")]) for x in (kp, vp))
         r = ref(q.float(), kp, kr.float(), vp, vr.float(), D**-0.5).float()
         for v in json.loads(args.variants):
             try:

@@ -610,8 +610,11 @@ def launch_defaults(kbits: int, vbits: int, block_d: int, block_n: int, device: 
     * ``acc^T = V^T P^T`` (swap_pv) for 2- and 4-bit values (with 8-bit values it spills, with
       bit-plane 3-bit values it was slower); ``S^T = K q^T`` (swap_qk) never: together with swap_pv
       Triton 3.6 produced wrong results or illegal memory accesses, and alone it was slower;
-    * packed PTX unpacking (asm) where available; 3-bit codes with both planes in one PTX call
-      (``unpack3_k``/``unpack3_v``, :data:`UNPACK3`); 4 warps, 3 stages;
+    * packed PTX unpacking (asm) where available; 4 warps, 3 stages;
+    * 3-bit keys unpacked by 8-channel word, both planes per PTX call (``unpack3_k="words"``:
+      K3V4 244 vs 301 µs plane by plane, K3V2 236 vs 286); 3-bit values plane by plane
+      (``unpack3_v="planes"``: by word or byte + nibble they were 5-25 % slower, the latter from
+      register pressure; benchmarks/results/kernel_experiments_h100.md);
     * key scales folded into q without a max-normalisation (``plain``) below 8 bits, dequantized in
       registers (``reg``) at 8 bits; value scales dequantized in registers below 8 bits. The
       max-normalised folds cost two cross-warp reductions per tile: 20-25 % of the time.
@@ -630,7 +633,7 @@ def _launch_defaults(kbits: int, vbits: int, block_d: int, block_n: int, ptx: bo
                swap_qk=False, swap_pv=vbits in (2, 4), asm=ptx,
                fold_k="reg" if kbits == 8 else "plain", fold_v="norm" if vbits == 8 else "reg",
                maxnreg=None, splits_per_sm=4, splits_per_sm_small=None,
-               unpack3_k="nibbles" if ptx else "planes", unpack3_v="nibbles" if ptx else "planes")
+               unpack3_k="words" if ptx else "planes", unpack3_v="planes")
     entry = launch_table().get((kbits, vbits)) if table else None
     if entry:
         same_tile = block_d == 128 and block_n == 128
