@@ -84,15 +84,22 @@ def test_ptx_byte_planes(word):
         assert outputs(r1, 2 * k, 4) == [4 * ((b >> k) & 1) for b in data]
 
 
-def test_ptx_three_bit_codes_exact():
-    codes = RNG.integers(0, 8, size=(400, 2, 8))
+def _three_bit_lanes(asm: str, n: int, high_at: int, inputs) -> None:
+    """Random 3-bit codes, ``n`` per lane (low bits of code k at 2k, high bit at ``high_at + k``),
+    two lanes per call; ``inputs`` turns the two lane values into the call's operands. Output k
+    must hold code k of lane 0 (low half) and of lane 1 (high half), exactly."""
+    codes = RNG.integers(0, 8, size=(400, 2, n))
     codes[0], codes[1] = 0, 7
     for c in codes:
-        words = [sum(int(c[w, k] & 3) << 2 * k for k in range(8)) | sum(int(c[w, k] >> 2) << 16 + k for k in range(8))
-                 for w in range(2)]
-        regs = emulate(td._ASM3.value, words)
-        for k in range(8):  # output k holds code k of word 0 (low lane) and of word 1 (high lane)
+        lanes = [sum(int(c[e, k] & 3) << 2 * k | int(c[e, k] >> 2) << high_at + k for k in range(n)) for e in range(2)]
+        regs = emulate(asm, inputs(*lanes))
+        for k in range(n):
             assert outputs(regs, k, 2) == [c[0, k], c[1, k]]
+
+
+def test_ptx_three_bit_codes_exact():
+    # words: 8 codes' low bits in 16 bits, their high bits in the byte above; one word per operand
+    _three_bit_lanes(td._ASM3.value, 8, 16, lambda w0, w1: [w0, w1])
 
 
 def test_emulator_refuses_unknown_instructions():
@@ -101,11 +108,5 @@ def test_emulator_refuses_unknown_instructions():
 
 
 def test_ptx_three_bit_nibbles_exact():
-    codes = RNG.integers(0, 8, size=(400, 2, 4))
-    codes[0], codes[1] = 0, 7
-    for c in codes:
-        elems = [sum(int(c[e, k] & 3) << 2 * k for k in range(4)) | sum(int(c[e, k] >> 2) << 8 + k for k in range(4))
-                 for e in range(2)]
-        regs = emulate(td._ASM3N.value, [elems[0] | elems[1] << 16])
-        for k in range(4):  # output k holds code k of element 0 (low lane) and of element 1 (high lane)
-            assert outputs(regs, k, 2) == [c[0, k], c[1, k]]
+    # byte + nibble: 4 codes per 16-bit element, two elements packed in one operand
+    _three_bit_lanes(td._ASM3N.value, 4, 8, lambda e0, e1: [e0 | e1 << 16])

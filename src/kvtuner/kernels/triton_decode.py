@@ -143,16 +143,17 @@ def _asm1_times4() -> str:
              "mov.b32 m, 0x64006400;"]
     for k in range(8):
         scale, off = 2.0 ** (2 - k), -1024 * 2.0 ** (2 - k)
-        h = [_fp16_bits(x) for x in (scale, off)]
-        lines += [f"mov.b32 s, 0x{h[0]:04x}{h[0]:04x};", f"mov.b32 o, 0x{h[1]:04x}{h[1]:04x};"]
+        lines += [f"mov.b32 s, {_f16x2(scale)};", f"mov.b32 o, {_f16x2(off)};"]
         for j, t in enumerate(("t0", "t1")):
             r = f"${2 * k + j}"
             lines += [f"lop3.b32 {r}, {t}, 0x{1 << k:04x}{1 << k:04x}, m, 0xea;", f"fma.rn.f16x2 {r}, {r}, s, o;"]
     return "\n".join(lines + ["}"])
 
 
-def _fp16_bits(x: float) -> int:
-    return int(torch.tensor(x, dtype=torch.float16).view(torch.int16).item()) & 0xFFFF
+def _f16x2(x: float) -> str:
+    """A PTX immediate holding ``x`` as fp16 in both halves of a 32-bit register."""
+    h = int(torch.tensor(x, dtype=torch.float16).view(torch.int16).item()) & 0xFFFF
+    return f"0x{h:04x}{h:04x}"
 
 
 def _asm3() -> str:
@@ -175,8 +176,7 @@ def _asm3() -> str:
     for k in range(8):
         j = k % 4
         sh, sl = 2.0 ** (2 - k), 4.0 ** -j
-        rep = lambda x: f"0x{_fp16_bits(x):04x}{_fp16_bits(x):04x}"  # noqa: E731
-        lines += [f"mov.b32 sh, {rep(sh)};", f"mov.b32 sl, {rep(sl)};", f"mov.b32 c, {rep(-1024 * (sh + sl))};",
+        lines += [f"mov.b32 sh, {_f16x2(sh)};", f"mov.b32 sl, {_f16x2(sl)};", f"mov.b32 c, {_f16x2(-1024 * (sh + sl))};",
                   f"lop3.b32 t, h, 0x{1 << k:04x}{1 << k:04x}, m, 0xea;",
                   "fma.rn.f16x2 t, t, sh, c;",
                   f"lop3.b32 ${k}, {'l0' if k < 4 else 'l1'}, 0x{3 << 2 * j:04x}{3 << 2 * j:04x}, m, 0xea;",
@@ -191,10 +191,9 @@ def _asm3_nibble() -> str:
     bit 4 + k: ``t = (1024 + h 2^(4+k)) 2^(-2-k) - 1024 (2^(-2-k) + 4^-k) = 4h - 1024 4^-k``, then
     ``out = (1024 + l 4^k) 4^-k + t = l + 4h`` (two lop3 and two packed FMAs, exact in fp16)."""
     lines = ["{", ".reg .b32 y, m, sh, sl, c, t;", "shr.b32 y, $4, 4;", "mov.b32 m, 0x64006400;"]
-    rep = lambda x: f"0x{_fp16_bits(x):04x}{_fp16_bits(x):04x}"  # noqa: E731
     for k in range(4):
         sh, sl = 2.0 ** (-2 - k), 4.0 ** -k
-        lines += [f"mov.b32 sh, {rep(sh)};", f"mov.b32 sl, {rep(sl)};", f"mov.b32 c, {rep(-1024 * (sh + sl))};",
+        lines += [f"mov.b32 sh, {_f16x2(sh)};", f"mov.b32 sl, {_f16x2(sl)};", f"mov.b32 c, {_f16x2(-1024 * (sh + sl))};",
                   f"lop3.b32 t, y, 0x{1 << 4 + k:04x}{1 << 4 + k:04x}, m, 0xea;", "fma.rn.f16x2 t, t, sh, c;",
                   f"lop3.b32 ${k}, $4, 0x{3 << 2 * k:04x}{3 << 2 * k:04x}, m, 0xea;", f"fma.rn.f16x2 ${k}, ${k}, sl, t;"]
     return "\n".join(lines + ["}"])
@@ -249,12 +248,15 @@ def _unpack3_asm(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constexp
 
 
 @triton.jit
-def _unpack3n_asm(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constexpr, HI_VEC: tl.constexpr = 8):
+def _unpack3n_asm(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constexpr):
     """3-bit codes ``[len(t), BLOCK_D]`` as fp16, both planes per PTX call (:data:`_ASM3N`): each
     low-plane byte (4 channels) is paired with the matching nibble of the high plane, so the codes
     come out in the 2-bit plane's shape and register layout (one plane's 4 channels per element)."""
     lo = _plane_bytes(base, t, tmask, stride_t, 0, D, BLOCK_D, 2)
-    w = tl.max_contiguous(tl.arange(0, BLOCK_D // 8), HI_VEC)
+    # high-plane bytes in 8-byte vectors, so two threads share a row as for the low plane (a
+    # 16-byte vector put a whole row in one thread, and the fp16 tile went to shared memory
+    # one element at a time)
+    w = tl.max_contiguous(tl.arange(0, BLOCK_D // 8), 8)
     hi = tl.load(base + t.to(tl.int64)[:, None] * stride_t + D // 4 + w[None, :],
                  mask=tmask[:, None] & (w < D // 8)[None, :], other=0)
     e = lo.to(tl.uint16) | ((tl.interleave(hi, hi >> 4) & 15).to(tl.uint16) << 8)
