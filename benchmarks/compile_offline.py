@@ -29,7 +29,7 @@ from kvtuner.kernels import triton_decode as td
 
 TARGET = GPUTarget("cuda", 90, 32)
 SASS_OP = re.compile(r"^\s*(?:[-\w:]+\s+)?(?:/\*[0-9a-f]+\*/\s+)?(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)\b",
-                     re.M)
+                     re.MULTILINE)
 
 
 class _Capture:

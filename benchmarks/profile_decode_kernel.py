@@ -18,8 +18,6 @@ L2 holds clean lines, as after the weight-reading matmuls that precede attention
 from __future__ import annotations
 
 import argparse
-import collections
-import re
 import sys
 from pathlib import Path
 
@@ -28,6 +26,7 @@ import triton.testing as tt
 
 sys.path.insert(0, "benchmarks")
 from bench_attention import HKV, HQ, D, packed_case
+from compile_offline import sass_summary
 
 from kvtuner.kernels import triton_decode as td
 
@@ -49,23 +48,6 @@ def timed(fn, flush: str, reps: int = 50) -> float:
         e.record()
     torch.cuda.synchronize()
     return sorted(s.elapsed_time(e) for s, e in ev)[reps // 2] * 1e3
-
-
-SASS_OP = r"/\*[0-9a-f]{4,6}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)"
-
-
-def sass_of(compiled) -> str:
-    """The kernel's SASS, through Triton when it can disassemble, else ``cuobjdump`` on the cubin."""
-    try:
-        return compiled.asm["sass"]
-    except Exception:  # noqa: BLE001 - Triton builds without a disassembler: fall back to the CUDA tool
-        import subprocess
-        import tempfile
-
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(compiled.asm["cubin"])
-            f.flush()
-            return subprocess.run(["cuobjdump", "-sass", f.name], check=True, capture_output=True, text=True).stdout
 
 
 def sdpa_fn(b: int, n: int):
@@ -107,12 +89,11 @@ def main() -> None:
             fn()
         torch.cuda.synchronize()
         if args.mode == "sass":
-            sass = sass_of(td.last_compiled)
+            sass, ops, usage = sass_summary(td.last_compiled)
             if args.sass_dir:
                 Path(args.sass_dir, f"K{pair[0]}V{pair[1]}.sass").write_text(sass)
-            ops = collections.Counter(m.group(1).split(".")[0] for m in re.finditer(SASS_OP, sass))
-            print(f"K{pair[0]}V{pair[1]} regs {td.last_compiled.n_regs} spills {td.last_compiled.n_spills} "
-                  f"instructions {sum(ops.values())}: " + ", ".join(f"{k} {v}" for k, v in ops.most_common(28)), flush=True)
+            print(f"K{pair[0]}V{pair[1]} {usage}, instructions {sum(ops.values())}: "
+                  + ", ".join(f"{k} {v}" for k, v in ops.most_common(28)), flush=True)
 
 
 if __name__ == "__main__":
