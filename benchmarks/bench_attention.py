@@ -30,6 +30,19 @@ PAIRS = [(8, 8), (8, 4), (4, 4), (4, 2), (2, 2)]
 RESIDUAL = 32
 
 
+def warm(fn, seconds: float = 0.25) -> None:
+    """Run ``fn`` back to back for a while before timing it: after seconds of compiling on the CPU the
+    GPU has clocked down, and the first eager timing of a config then read up to 2x too slow (H100,
+    session 8: K4V4 305-442 µs right after its compile, 207-210 µs in every later measurement)."""
+    fn()
+    torch.cuda.synchronize()
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(10):
+            fn()
+        torch.cuda.synchronize()
+
+
 def sdpa_us(b: int, n: int) -> tuple[float, str]:
     q = torch.randn(b, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(b, HKV, n, D, device="cuda", dtype=torch.bfloat16)
@@ -44,7 +57,7 @@ def sdpa_us(b: int, n: int) -> tuple[float, str]:
         try:
             with sdpa_kernel(be):
                 fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
-                fn()
+                warm(fn)
                 t = triton.testing.do_bench(fn, warmup=10, rep=50) * 1e3
             best = min(best, (t, name))
         except RuntimeError:
@@ -82,7 +95,7 @@ def run_kernel(case, rotation: bool = False, cudagraph: bool = False, **kw) -> f
         fn = lambda: rotated_decode(kernel, q, kp, kr, vp, vr, D**-0.5, None, True, True)  # noqa: E731
     else:
         fn = lambda: kernel(q, kp, kr, vp, vr, D**-0.5, None)  # noqa: E731
-    fn()
+    warm(fn)
     if cudagraph:  # GPU time only: no Python launch gaps
         return triton.testing.do_bench_cudagraph(fn, rep=50) * 1e3
     return triton.testing.do_bench(fn, warmup=10, rep=50) * 1e3
@@ -178,7 +191,7 @@ def mixed_plan_row(b: int = 64, n: int = 4096) -> dict:
         for q, kp, kr, vp, vr in cases:
             triton_decode.decode_attention(q, kp, kr, vp, vr, D**-0.5, None)
 
-    step()
+    warm(step)
     t_step = triton.testing.do_bench(step, warmup=3, rep=200) * 1e3
     t_graph = triton.testing.do_bench_cudagraph(step, rep=200) * 1e3
     predicted = sum(single[p] for p in pairs)
@@ -201,7 +214,8 @@ def write(args, props, rows, t_start) -> None:
             f"({time.time() - t_start:.0f} s).",
             "KIVI layout: keys per channel in groups of G tokens, values per token (G=128: one scale/zero per "
             "token and head; G=32: four), plus a 32-token bf16 residual window read by the same launch. "
-            "µs = median of triton.testing.do_bench (L2 flushed); TB/s = bytes the step must read / time; "
+            "µs = median of triton.testing.do_bench (L2 flushed), each config after 0.25 s of back-to-back calls "
+            "(the GPU clocks down while the next config compiles); TB/s = bytes the step must read / time; "
             "speed-up vs the fastest bf16 SDPA backend at that shape. Launch: the kernel's defaults per pair "
             "(triton_decode.launch_defaults), or with --tune a sweep per (pair, G) at the first shape.", "",
             "µs in graph: the same call captured in a CUDA graph (do_bench_cudagraph), i.e. GPU time without "

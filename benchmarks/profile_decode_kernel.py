@@ -25,7 +25,7 @@ import torch
 import triton.testing as tt
 
 sys.path.insert(0, "benchmarks")
-from bench_attention import HKV, HQ, D, packed_case
+from bench_attention import HKV, HQ, D, packed_case, warm
 from compile_offline import sass_summary
 
 from kvtuner.kernels import triton_decode as td
@@ -35,8 +35,7 @@ def timed(fn, flush: str, reps: int = 50) -> float:
     """Median µs of ``fn`` over ``reps`` calls, each preceded by the given L2 treatment."""
     buf = torch.empty(256 * 2**20 // 4, dtype=torch.int32, device="cuda")
     sink = torch.empty((), dtype=torch.int64, device="cuda")
-    for _ in range(5):
-        fn()
+    warm(fn)
     ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
     for s, e in ev:
         if flush == "write":

@@ -106,6 +106,20 @@ def test_quantize_matches_reference_exactly(bits, gran, group, dtype):
         assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale)
 
 
+@pytest.mark.parametrize("meta", [None, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("gran,group", [("per_token", None), ("per_channel", 32)])
+def test_quantize_metadata_dtype_and_saturation_match_reference(meta, gran, group):
+    x = (torch.randn(1, 2, 64, 64) * 3).to(DEV, torch.bfloat16)
+    x[0, 0, 3, 5], x[0, 1, 40, 7] = -2e5, 3e5  # past fp16's range: fp16 metadata saturates
+    a, b = quant.quantize(x, 4, gran, group, meta), triton_quant.quantize(x, 4, gran, group, meta)
+    assert a.scale.dtype == b.scale.dtype == (meta or torch.float16)
+    for pa, pb in ((a.scale, b.scale), (a.zero, b.zero)):
+        assert torch.isfinite(pb.float()).all()
+        assert torch.allclose(pa.float(), pb.float(), rtol=2 ** -6, atol=0)
+    if not CUDA:
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale) and torch.equal(a.zero, b.zero)
+
+
 def test_quantize_falls_back_on_tails():
     x = torch.randn(1, 1, 40, 64).to(DEV, torch.float16)  # 40 tokens: a short key group
     a, b = quant.quantize(x, 4, "per_channel", 32), triton_quant.quantize(x, 4, "per_channel", 32)

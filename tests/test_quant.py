@@ -77,8 +77,9 @@ def test_error_within_half_scale(dtype, bits, granularity, group, dim):
     x = torch.randn(2, 2, 45, dim) * torch.linspace(0.1, 8, dim)  # channel outliers, tails along T and D
     x = x.to(dtype)
     qt = quant.quantize(x, bits, granularity, group)
-    assert qt.scale.dtype == dtype and qt.zero.dtype == dtype
-    y = quant.dequantize(qt)
+    meta = torch.float32 if dtype == torch.float32 else torch.float16  # bf16 inputs too (quant.meta_dtype)
+    assert qt.scale.dtype == meta and qt.zero.dtype == meta
+    y = quant.dequantize(qt, dtype)
     assert y.dtype == dtype and y.shape == x.shape
     half_scale = _per_element(qt.scale, qt, x.shape) / 2
     out_rounding = y.float().abs() * torch.finfo(dtype).eps  # final cast of x_hat to dtype
@@ -93,8 +94,33 @@ def test_constant_groups_are_exact(granularity):
     x[..., 32:, 32:] = -7.25
     for bits in (2, 4, 8):
         qt = quant.quantize(x, bits, granularity, 32)
-        assert torch.equal(quant.dequantize(qt), x)
+        assert torch.equal(quant.dequantize(qt, x.dtype), x)  # bf16 values are exact in fp16 metadata
         assert (qt.scale == 0).all()
+
+
+def test_metadata_dtype_choice_and_override():
+    x = torch.randn(1, 2, 64, 64, dtype=torch.bfloat16) * 3
+    default, kept = quant.quantize(x, 4, "per_channel", 32), quant.quantize(x, 4, "per_channel", 32, torch.bfloat16)
+    assert default.scale.dtype == torch.float16 and kept.scale.dtype == torch.bfloat16
+    assert default.nbytes() == kept.nbytes()  # same 2 bytes per scale/zero
+    # fp16 keeps 3 more mantissa bits: the outward-rounded scales are tighter, so the error is not larger
+    err = [(quant.dequantize(q, torch.float32) - x.float()).abs().mean().item() for q in (default, kept)]
+    assert err[0] <= err[1]
+    assert quant.quantize(x.float(), 4).scale.dtype == torch.float32
+    with pytest.raises(ValueError, match="meta=torch.int8 is invalid"):
+        quant.quantize(x, 4, meta=torch.int8)
+
+
+def test_fp16_metadata_saturates_out_of_range_groups():
+    # bf16 reaches 3e38, fp16 stops at 65504: a group beyond that keeps finite metadata and clamps
+    x = torch.tensor([[[-1e5, 0.5, 2.0, 1e5], [1.0, 2.0, 3.0, 4.0]]], dtype=torch.bfloat16)
+    qt = quant.quantize(x, 8)
+    assert torch.isfinite(qt.scale.float()).all() and torch.isfinite(qt.zero.float()).all()
+    assert qt.zero[0, 0, 0].item() == -65504.0
+    y = quant.dequantize(qt, torch.float32)
+    assert torch.isfinite(y).all() and y[0, 0, 0].item() == -65504.0  # the one element below the range
+    assert (y[0, 0, 1:] - x[0, 0, 1:].float()).abs().max() <= qt.scale[0, 0, 0].float() / 2
+    assert (y[0, 1] - x[0, 1].float()).abs().max() <= qt.scale[0, 1, 0].float() / 2  # in-range rows as usual
 
 
 def test_bits_improve_error_monotonically():

@@ -5,14 +5,22 @@ Shape letters, fixed project-wide: ``B`` batch, ``H`` KV heads, ``T`` tokens, ``
 
 Quantizer (asymmetric round-to-nearest min/max, KVTuner Eq. 2)::
 
-    zero  = min(group)                              stored in the input dtype, rounded down
-    scale = (max(group) - zero) / (2**b - 1)        stored in the input dtype, rounded up
+    zero  = min(group)                              stored in the metadata dtype, rounded down
+    scale = (max(group) - zero) / (2**b - 1)        stored in the metadata dtype, rounded up
     q     = clamp(round((x - zero) / scale), 0, 2**b - 1)     unsigned codes
     x_hat = q * scale + zero                        computed in fp32, returned in the input dtype
 
 Statistics are taken in fp32 and the stored scale/zero are rounded *outward*, so every element
 of a group lies inside the representable range and ``|x - x_hat| <= scale / 2`` holds (up to the
 final rounding to the output dtype). A constant group has ``scale == 0`` and is reproduced exactly.
+
+Metadata dtype (:func:`meta_dtype`): fp32 inputs keep fp32 scales/zeros; fp16 *and bf16* inputs
+store them in fp16, which has 3 more mantissa bits than bf16 at the same 2 bytes, and is the dtype
+the GPU decode kernel computes in (converting bf16 metadata there cost the 4-bit kernel 22 spilled
+registers and ~10 % of its time on an H100). fp16's range ends at 65504: a group whose min or
+``max - min`` lies beyond it (keys and values of real models stay far inside) has its zero/scale
+saturated at +-65504, so its elements beyond that range are clamped. Pass ``meta_dtype=x.dtype``
+to keep bf16's range instead.
 
 Granularity:
 
@@ -64,7 +72,7 @@ class QuantizedTensor:
     """Packed codes plus per-group scale and zero of one ``[..., T, D]`` tensor."""
 
     codes: torch.Tensor  # uint8 [..., T, packed_width(D, bits)]
-    scale: torch.Tensor  # input dtype, see module docstring for the shape
+    scale: torch.Tensor  # metadata dtype (meta_dtype), shape in the module docstring
     zero: torch.Tensor
     bits: int
     granularity: str
@@ -188,14 +196,28 @@ def _round_outward(v: torch.Tensor, dtype: torch.dtype, down: bool) -> torch.Ten
     return torch.where(rf < v, (v + step).to(dtype), r)
 
 
+META_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def meta_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The default dtype of the stored scales/zeros for inputs of ``dtype`` (module docstring)."""
+    return torch.float32 if dtype == torch.float32 else torch.float16
+
+
+def _saturate(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Clamp a stored 16-bit parameter to its dtype's finite range (outward rounding can pass it)."""
+    big = torch.finfo(dtype).max
+    return v.clamp(-big, big) if dtype != torch.float32 else v
+
+
 def _qparams_last(x32: torch.Tensor, bits: int, g: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     grouped = _groups(x32, g)
     mn, mx = grouped.amin(-1), grouped.amax(-1)
-    zero = _round_outward(mn, dtype, down=True)
+    zero = _saturate(_round_outward(mn, dtype, down=True), dtype)
     # a tensor divisor: with a Python scalar, CUDA torch multiplies by its reciprocal (not IEEE division),
     # and the stored scale would then depend on the device
     levels = torch.full_like(mx, 2**bits - 1)
-    scale = _round_outward((mx - zero.float()) / levels, dtype, down=False)
+    scale = _saturate(_round_outward((mx - zero.float()) / levels, dtype, down=False), dtype)
     return scale, zero
 
 
@@ -204,8 +226,8 @@ def _expand(p: torch.Tensor, g: int, n: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- quantize / dequantize
-def quantize(x: torch.Tensor, bits: int, granularity: str = "per_token", group_size: int | None = None
-             ) -> QuantizedTensor:
+def quantize(x: torch.Tensor, bits: int, granularity: str = "per_token", group_size: int | None = None,
+             meta: torch.dtype | None = None) -> QuantizedTensor:
     """Quantize ``x`` ``[..., T, D]`` (fp32, fp16 or bf16) to packed codes.
 
     Args:
@@ -214,11 +236,13 @@ def quantize(x: torch.Tensor, bits: int, granularity: str = "per_token", group_s
         granularity: ``"per_token"`` (groups along D) or ``"per_channel"`` (groups along T).
         group_size: elements per group; ``None`` means the whole axis (D for per_token, T for
             per_channel).
+        meta: dtype of the stored scale/zero; ``None``: :func:`meta_dtype` of ``x.dtype``.
 
     Returns:
-        :class:`QuantizedTensor` whose scale/zero have ``x.dtype``.
+        :class:`QuantizedTensor` whose scale/zero have the metadata dtype.
     """
     _check_bits(bits)
+    meta = check_meta(meta, x.dtype)
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity={granularity!r} is invalid; allowed: 'per_token' or 'per_channel'")
     if not x.is_floating_point():
@@ -234,10 +258,10 @@ def quantize(x: torch.Tensor, bits: int, granularity: str = "per_token", group_s
     n = x32.shape[-1]
     g = max(n, 1) if group_size is None else group_size
     if t == 0:
-        empty = x.new_zeros(*x.shape[:-2], 0, d)
+        empty = x.new_zeros(*x.shape[:-2], 0, d, dtype=meta)
         codes = torch.zeros(*x.shape[:-2], 0, packed_width(d, bits), dtype=torch.uint8, device=x.device)
         return QuantizedTensor(codes, empty[..., :0], empty[..., :0], bits, granularity, g, d)
-    scale, zero = _qparams_last(x32, bits, g, x.dtype)
+    scale, zero = _qparams_last(x32, bits, g, meta)
     s, z = _expand(scale, g, n), _expand(zero, g, n)
     q = torch.where(s > 0, torch.round((x32 - z) / torch.where(s > 0, s, 1.0)), 0.0)
     q = q.clamp_(0, 2**bits - 1).to(torch.uint8)
@@ -247,8 +271,18 @@ def quantize(x: torch.Tensor, bits: int, granularity: str = "per_token", group_s
                            g, d)
 
 
+def check_meta(meta: torch.dtype | None, dtype: torch.dtype) -> torch.dtype:
+    """The metadata dtype to use for inputs of ``dtype`` (``None``: the default), or a clear error."""
+    if meta is None:
+        return meta_dtype(dtype)
+    if meta not in META_DTYPES:
+        raise ValueError(f"meta={meta} is invalid; allowed: torch.float16, torch.bfloat16 or torch.float32")
+    return meta
+
+
 def dequantize(qt: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Reconstruct ``[..., T, D]`` from a :class:`QuantizedTensor` (math in fp32)."""
+    """Reconstruct ``[..., T, D]`` from a :class:`QuantizedTensor` (math in fp32), in ``dtype``
+    (default: the metadata dtype)."""
     dtype = dtype or qt.scale.dtype
     q = unpack(qt.codes, qt.bits, qt.head_dim).float()
     scale, zero = qt.scale, qt.zero
@@ -266,7 +300,7 @@ def fake_quantize(x: torch.Tensor, bits: int, granularity: str = "per_token", gr
     """``dequantize(quantize(x))``: simulated quantization in ``x.dtype``; 16 bits returns ``x``."""
     if bits >= 16:
         return x
-    return dequantize(quantize(x, bits, granularity, group_size), x.dtype)
+    return dequantize(quantize(x, bits, granularity, group_size), x.dtype)  # default metadata, as the cache
 
 
 def cat(parts: list[QuantizedTensor], dim: int = -2) -> QuantizedTensor:

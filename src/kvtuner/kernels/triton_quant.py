@@ -16,6 +16,7 @@ import triton.language as tl
 from .. import quant
 
 _LIMITS = {torch.float16: (2.0**-10, 2.0**-14), torch.bfloat16: (2.0**-7, 2.0**-126)}
+_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 @triton.jit
@@ -52,12 +53,24 @@ def _rint(v):
 
 
 @triton.jit
+def _saturate(v, OUT: tl.constexpr):
+    """As ``quant._saturate``: outward rounding past fp16's largest finite value stops there."""
+    if OUT == tl.float16:
+        return tl.minimum(tl.maximum(v, -65504.0), 65504.0).to(OUT)
+    elif OUT == tl.bfloat16:
+        big = 3.3895313892515355e38
+        return tl.minimum(tl.maximum(v.to(tl.float32), -big), big).to(OUT)
+    else:
+        return v
+
+
+@triton.jit
 def _qparams(mn, mx, BITS: tl.constexpr, EPS: tl.constexpr, TINY: tl.constexpr, OUT: tl.constexpr,
              BF16: tl.constexpr):
     """Stored (scale, zero) from fp32 group min/max, rounded outward as ``quant._qparams_last``."""
-    zero = _round_out(mn, EPS, TINY, OUT, True, BF16)
-    scale = _round_out(tl.math.div_rn(mx - zero.to(tl.float32), (2.0**BITS - 1.0) + 0.0 * mx), EPS, TINY, OUT,
-                       False, BF16)
+    zero = _saturate(_round_out(mn, EPS, TINY, OUT, True, BF16), OUT)
+    scale = _saturate(_round_out(tl.math.div_rn(mx - zero.to(tl.float32), (2.0**BITS - 1.0) + 0.0 * mx), EPS, TINY,
+                                 OUT, False, BF16), OUT)
     return scale, zero
 
 
@@ -86,16 +99,15 @@ def _pack_store(out, codes, rows, row_mask, stride_row, D: tl.constexpr, BITS: t
 @triton.jit
 def _quant_per_token_kernel(X, C, S, Z, n_rows, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
                             ROWS: tl.constexpr, EPS: tl.constexpr, TINY: tl.constexpr,
-                            BF16: tl.constexpr):
+                            BF16: tl.constexpr, OUT: tl.constexpr):
     NG: tl.constexpr = D // G
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     rmask = rows < n_rows
     d = tl.arange(0, D)
     x = tl.load(X + rows.to(tl.int64)[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
-    out_ty = x.dtype
     x = x.to(tl.float32)
     xg = tl.reshape(x, (ROWS, NG, G))
-    scale, zero = _qparams(tl.min(xg, axis=2), tl.max(xg, axis=2), BITS, EPS, TINY, out_ty, BF16)
+    scale, zero = _qparams(tl.min(xg, axis=2), tl.max(xg, axis=2), BITS, EPS, TINY, OUT, BF16)
     sb = tl.broadcast_to(scale.to(tl.float32)[:, :, None], (ROWS, NG, G))
     zb = tl.broadcast_to(zero.to(tl.float32)[:, :, None], (ROWS, NG, G))
     q = _codes(xg, sb, zb, BITS)
@@ -108,16 +120,15 @@ def _quant_per_token_kernel(X, C, S, Z, n_rows, D: tl.constexpr, G: tl.constexpr
 
 @triton.jit
 def _quant_per_channel_kernel(X, C, S, Z, T, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
-                              EPS: tl.constexpr, TINY: tl.constexpr, BF16: tl.constexpr):
+                              EPS: tl.constexpr, TINY: tl.constexpr, BF16: tl.constexpr, OUT: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     n_groups = T // G
     t = g * G + tl.arange(0, G)
     d = tl.arange(0, D)
     x = tl.load(X + (n * T + t)[:, None] * D + d[None, :])
-    out_ty = x.dtype
     x = x.to(tl.float32)
-    scale, zero = _qparams(tl.min(x, axis=0), tl.max(x, axis=0), BITS, EPS, TINY, out_ty, BF16)
+    scale, zero = _qparams(tl.min(x, axis=0), tl.max(x, axis=0), BITS, EPS, TINY, OUT, BF16)
     sb = tl.broadcast_to(scale.to(tl.float32)[None, :], (G, D))
     zb = tl.broadcast_to(zero.to(tl.float32)[None, :], (G, D))
     q = _codes(x, sb, zb, BITS)
@@ -137,29 +148,29 @@ def supported(x: torch.Tensor, granularity: str, group_size: int | None) -> bool
     return t % g == 0 and g & (g - 1) == 0 and 16 <= g <= 256
 
 
-def quantize(x: torch.Tensor, bits: int, granularity: str = "per_token", group_size: int | None = None
-             ) -> quant.QuantizedTensor:
+def quantize(x: torch.Tensor, bits: int, granularity: str = "per_token", group_size: int | None = None,
+             meta: torch.dtype | None = None) -> quant.QuantizedTensor:
     """Triton :func:`kvtuner.quant.quantize`; falls back to the reference where unsupported."""
     if bits not in (2, 4, 8) or not supported(x, granularity, group_size):
-        return quant.quantize(x, bits, granularity, group_size)
+        return quant.quantize(x, bits, granularity, group_size, meta)
+    meta = quant.check_meta(meta, x.dtype)
     *lead, t, d = x.shape
     x = x.contiguous()
-    eps, tiny = _LIMITS.get(x.dtype, (0.0, 0.0))
+    eps, tiny = _LIMITS.get(meta, (0.0, 0.0))
+    consts = dict(EPS=eps, TINY=tiny, BF16=meta == torch.bfloat16, OUT=_TL[meta])
     codes = torch.empty(*lead, t, d * bits // 8, device=x.device, dtype=torch.uint8)
     if granularity == "per_token":
         g = d if group_size is None else group_size
-        scale = torch.empty(*lead, t, d // g, device=x.device, dtype=x.dtype)
+        scale = torch.empty(*lead, t, d // g, device=x.device, dtype=meta)
         zero = torch.empty_like(scale)
         n_rows = x.numel() // d
         rows = 16
         _quant_per_token_kernel[(triton.cdiv(n_rows, rows),)](x, codes, scale, zero, n_rows, D=d, G=g, BITS=bits,
-                                                              ROWS=rows, EPS=eps, TINY=tiny,
-                                                              BF16=x.dtype == torch.bfloat16)
+                                                              ROWS=rows, **consts)
     else:
         g = t if group_size is None else group_size
-        scale = torch.empty(*lead, t // g, d, device=x.device, dtype=x.dtype)
+        scale = torch.empty(*lead, t // g, d, device=x.device, dtype=meta)
         zero = torch.empty_like(scale)
         n = x.numel() // (t * d)
-        _quant_per_channel_kernel[(n, t // g)](x, codes, scale, zero, t, D=d, G=g, BITS=bits, EPS=eps, TINY=tiny,
-                                                   BF16=x.dtype == torch.bfloat16)
+        _quant_per_channel_kernel[(n, t // g)](x, codes, scale, zero, t, D=d, G=g, BITS=bits, **consts)
     return quant.QuantizedTensor(codes, scale, zero, bits, granularity, g, d)
