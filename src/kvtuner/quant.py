@@ -8,7 +8,7 @@ Quantizer (asymmetric round-to-nearest min/max, KVTuner Eq. 2)::
     zero  = min(group)                              stored in the metadata dtype, rounded down
     scale = (max(group) - zero) / (2**b - 1)        stored in the metadata dtype, rounded up
     q     = clamp(round((x - zero) / scale), 0, 2**b - 1)     unsigned codes
-    x_hat = q * scale + zero                        computed in fp32, returned in the input dtype
+    x_hat = q * scale + zero                        computed in fp32, returned in the dtype asked for
 
 Statistics are taken in fp32 and the stored scale/zero are rounded *outward*, so every element
 of a group lies inside the representable range and ``|x - x_hat| <= scale / 2`` holds (up to the
@@ -19,8 +19,8 @@ store them in fp16, which has 3 more mantissa bits than bf16 at the same 2 bytes
 the GPU decode kernel computes in (converting bf16 metadata there cost the 4-bit kernel 22 spilled
 registers and ~10 % of its time on an H100). fp16's range ends at 65504: a group whose min or
 ``max - min`` lies beyond it (keys and values of real models stay far inside) has its zero/scale
-saturated at +-65504, so its elements beyond that range are clamped. Pass ``meta_dtype=x.dtype``
-to keep bf16's range instead.
+saturated at +-65504, so its elements beyond that range are clamped. Pass ``meta=torch.bfloat16``
+to :func:`quantize` to keep bf16's range instead.
 
 Granularity:
 
