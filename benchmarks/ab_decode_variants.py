@@ -26,7 +26,7 @@ ap.add_argument("--pairs", default="44")
 ap.add_argument("--shapes", default="64x4096")
 ap.add_argument("--variants", default="[{}]")
 ap.add_argument("--scale-dtype", default=None, choices=["float16", "bfloat16"],
-                help="store the cases' scales/zeros in this dtype (default: the model's, bf16)")
+                help="store the cases' scales/zeros in this dtype (default: quant.meta_dtype, fp16 for this bf16 model)")
 args = ap.parse_args()
 for shape in args.shapes.split(","):
     b, n = (int(x) for x in shape.split("x"))

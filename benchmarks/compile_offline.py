@@ -46,7 +46,7 @@ class _Capture:
 
 def launch_args(kbits: int, vbits: int, b: int = 64, n: int = 4096, hkv: int = 8, group: int = 4, d: int = 128,
                 **launch) -> tuple[tuple, dict]:
-    k = torch.randn(1, hkv, 256, d, dtype=torch.bfloat16)  # as the benchmarks: bf16 model, bf16 scales
+    k = torch.randn(1, hkv, 256, d, dtype=torch.bfloat16)  # as the benchmarks: bf16 model (scales/zeros in fp16, quant.meta_dtype)
     kp = quant.quantize(k, kbits, "per_channel", 128).map(lambda x: x.repeat(b, 1, n // 256, 1))
     vp = quant.quantize(k, vbits, "per_token", None).map(lambda x: x.repeat(b, 1, n // 256, 1))
     kr = torch.randn(b, hkv, 32, d, dtype=torch.bfloat16)
