@@ -20,9 +20,9 @@ _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl
 
 
 @triton.jit
-def _to(v, OUT: tl.constexpr, BF16: tl.constexpr):
+def _to(v, OUT: tl.constexpr):
     """fp32 -> OUT with round-to-nearest-even (done by hand for bf16: not every Triton backend does)."""
-    if BF16:
+    if OUT == tl.bfloat16:
         u = v.to(tl.uint32, bitcast=True)
         one = tl.full([1], 1, tl.uint32)
         u = ((u + ((u >> 16) & one) + tl.full([1], 0x7FFF, tl.uint32)) >> 16) << 16
@@ -32,16 +32,15 @@ def _to(v, OUT: tl.constexpr, BF16: tl.constexpr):
 
 
 @triton.jit
-def _round_out(v, EPS: tl.constexpr, TINY: tl.constexpr, OUT: tl.constexpr, DOWN: tl.constexpr,
-               BF16: tl.constexpr):
-    r = _to(v, OUT, BF16)
+def _round_out(v, EPS: tl.constexpr, TINY: tl.constexpr, OUT: tl.constexpr, DOWN: tl.constexpr):
+    r = _to(v, OUT)
     if EPS == 0.0:
         return r
     step = tl.maximum(tl.abs(v) * EPS, TINY)
     rf = r.to(tl.float32)
     if DOWN:
-        return tl.where(rf > v, _to(v - step, OUT, BF16), r)
-    return tl.where(rf < v, _to(v + step, OUT, BF16), r)
+        return tl.where(rf > v, _to(v - step, OUT), r)
+    return tl.where(rf < v, _to(v + step, OUT), r)
 
 
 @triton.jit
@@ -65,12 +64,11 @@ def _saturate(v, OUT: tl.constexpr):
 
 
 @triton.jit
-def _qparams(mn, mx, BITS: tl.constexpr, EPS: tl.constexpr, TINY: tl.constexpr, OUT: tl.constexpr,
-             BF16: tl.constexpr):
+def _qparams(mn, mx, BITS: tl.constexpr, EPS: tl.constexpr, TINY: tl.constexpr, OUT: tl.constexpr):
     """Stored (scale, zero) from fp32 group min/max, rounded outward as ``quant._qparams_last``."""
-    zero = _saturate(_round_out(mn, EPS, TINY, OUT, True, BF16), OUT)
+    zero = _saturate(_round_out(mn, EPS, TINY, OUT, True), OUT)
     scale = _saturate(_round_out(tl.math.div_rn(mx - zero.to(tl.float32), (2.0**BITS - 1.0) + 0.0 * mx), EPS, TINY,
-                                 OUT, False, BF16), OUT)
+                                 OUT, False), OUT)
     return scale, zero
 
 
@@ -99,7 +97,7 @@ def _pack_store(out, codes, rows, row_mask, stride_row, D: tl.constexpr, BITS: t
 @triton.jit
 def _quant_per_token_kernel(X, C, S, Z, n_rows, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
                             ROWS: tl.constexpr, EPS: tl.constexpr, TINY: tl.constexpr,
-                            BF16: tl.constexpr, OUT: tl.constexpr):
+                            OUT: tl.constexpr):
     NG: tl.constexpr = D // G
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     rmask = rows < n_rows
@@ -107,7 +105,7 @@ def _quant_per_token_kernel(X, C, S, Z, n_rows, D: tl.constexpr, G: tl.constexpr
     x = tl.load(X + rows.to(tl.int64)[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
     x = x.to(tl.float32)
     xg = tl.reshape(x, (ROWS, NG, G))
-    scale, zero = _qparams(tl.min(xg, axis=2), tl.max(xg, axis=2), BITS, EPS, TINY, OUT, BF16)
+    scale, zero = _qparams(tl.min(xg, axis=2), tl.max(xg, axis=2), BITS, EPS, TINY, OUT)
     sb = tl.broadcast_to(scale.to(tl.float32)[:, :, None], (ROWS, NG, G))
     zb = tl.broadcast_to(zero.to(tl.float32)[:, :, None], (ROWS, NG, G))
     q = _codes(xg, sb, zb, BITS)
@@ -120,7 +118,7 @@ def _quant_per_token_kernel(X, C, S, Z, n_rows, D: tl.constexpr, G: tl.constexpr
 
 @triton.jit
 def _quant_per_channel_kernel(X, C, S, Z, T, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
-                              EPS: tl.constexpr, TINY: tl.constexpr, BF16: tl.constexpr, OUT: tl.constexpr):
+                              EPS: tl.constexpr, TINY: tl.constexpr, OUT: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1)
     n_groups = T // G
@@ -128,7 +126,7 @@ def _quant_per_channel_kernel(X, C, S, Z, T, D: tl.constexpr, G: tl.constexpr, B
     d = tl.arange(0, D)
     x = tl.load(X + (n * T + t)[:, None] * D + d[None, :])
     x = x.to(tl.float32)
-    scale, zero = _qparams(tl.min(x, axis=0), tl.max(x, axis=0), BITS, EPS, TINY, OUT, BF16)
+    scale, zero = _qparams(tl.min(x, axis=0), tl.max(x, axis=0), BITS, EPS, TINY, OUT)
     sb = tl.broadcast_to(scale.to(tl.float32)[None, :], (G, D))
     zb = tl.broadcast_to(zero.to(tl.float32)[None, :], (G, D))
     q = _codes(x, sb, zb, BITS)
@@ -157,7 +155,7 @@ def quantize(x: torch.Tensor, bits: int, granularity: str = "per_token", group_s
     *lead, t, d = x.shape
     x = x.contiguous()
     eps, tiny = _LIMITS.get(meta, (0.0, 0.0))
-    consts = dict(EPS=eps, TINY=tiny, BF16=meta == torch.bfloat16, OUT=_TL[meta])
+    consts = dict(EPS=eps, TINY=tiny, OUT=_TL[meta])
     codes = torch.empty(*lead, t, d * bits // 8, device=x.device, dtype=torch.uint8)
     if granularity == "per_token":
         g = d if group_size is None else group_size
