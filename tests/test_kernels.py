@@ -368,3 +368,26 @@ def test_gpu_growing_residual_compiles_once():
         check((q, kp, kr, vp, vr), mask=mask)
         counts.append(_compiled_variants(triton_decode._decode_split_kernel))
     assert counts[-1] == counts[0], f"compiled variants grew from {counts[0]} to {counts[-1]}"
+
+
+@pytest.mark.skipif(not CUDA, reason="the cached launch calls compiled CUDA binaries (not Triton's interpreter)")
+def test_gpu_cached_launch_runs_the_same_binaries():
+    q, kp, kr, vp, vr = make_case(2, 2, 4, 128, 300, 9, 4, 2, gk=128)
+    launcher = triton_decode._launch_split
+    launcher.cache.clear()
+    first = triton_decode.decode_attention(q, kp, kr, vp, vr, 0.1)  # Triton's own launch, remembered
+    hits = launcher.hits
+    again = triton_decode.decode_attention(q, kp, kr, vp, vr, 0.1)
+    assert launcher.enabled and launcher.hits == hits + 1
+    assert torch.equal(first, again)
+    # a query that is no longer 16-byte aligned needs another binary: a new key, then correct results
+    q_odd = torch.empty(q.numel() + 1, device=DEV, dtype=q.dtype)[1:].view_as(q).copy_(q)
+    out = triton_decode.decode_attention(q_odd, kp, kr, vp, vr, 0.1)
+    assert launcher.hits == hits + 1 and len(launcher.cache) == 2
+    torch.testing.assert_close(out, first, rtol=0, atol=0)
+    # one more residual token changes only unspecialised integers: the same binary, directly
+    k2 = torch.cat([kr, kr[:, :, :1]], 2)
+    v2 = torch.cat([vr, vr[:, :, :1]], 2)
+    triton_decode.decode_attention(q, kp, k2, vp, v2, 0.1)
+    assert launcher.hits == hits + 2
+    check((q, kp, k2, vp, v2))

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from ..quant import PLANES, QuantizedTensor, length_unit
+from .launch import CachedLauncher
 
 LOG2E = 1.4426950408889634
 last_compiled = None  # the split kernel's last launch (benchmarks read registers/spills from it)
@@ -554,6 +555,10 @@ def _merge_kernel(PO, PM, PL, O, so_b, so_h, HQ, NUM_SPLITS, out_scale, D: tl.co
     tl.store(O + b * so_b + h * so_h + d, out.to(O.dtype.element_ty), mask=d < D)
 
 
+# the two kernels run once per layer and decode step: skip Triton's per-call re-specialisation
+_launch_split = CachedLauncher(_decode_split_kernel)
+_launch_merge = CachedLauncher(_merge_kernel)
+
 _DUMMIES: dict = {}
 
 
@@ -645,6 +650,39 @@ def _launch_defaults(kbits: int, vbits: int, block_d: int, block_n: int, ptx: bo
     return out
 
 
+_GIVEN = ("num_warps", "num_stages", "swap_qk", "swap_pv", "asm", "fold_k", "fold_v", "maxnreg", "splits_per_sm",
+          "unpack3_k", "unpack3_v")
+
+
+@functools.lru_cache(maxsize=1024)  # once per layer and step: decide and validate once per configuration
+def _launch_choices(kbits: int, vbits: int, block_d: int, block_n: int, ptx: bool, small: bool,
+                    given: tuple) -> tuple:
+    """The launch choices in ``_GIVEN`` order: the defaults, with the split for few long rows when
+    ``small``, overridden by the non-``None`` values of ``given``."""
+    launch = dict(_launch_defaults(kbits, vbits, block_d, block_n, ptx, True))
+    if launch["splits_per_sm_small"] and small:  # few long rows: its own measured split
+        launch["splits_per_sm"] = launch["splits_per_sm_small"]
+    launch.update({k: v for k, v in zip(_GIVEN, given) if v is not None})
+    if launch["fold_k"] not in FOLDS or launch["fold_v"] not in FOLDS:
+        name = "fold_k" if launch["fold_k"] not in FOLDS else "fold_v"
+        raise ValueError(f"{name}={launch[name]!r} is invalid; allowed: {sorted(FOLDS)}")
+    for name in ("unpack3_k", "unpack3_v"):
+        if launch[name] not in UNPACK3:
+            raise ValueError(f"{name}={launch[name]!r} is invalid; allowed: {sorted(UNPACK3)}")
+    if launch["swap_qk"] and launch["swap_pv"]:
+        raise ValueError("swap_qk=True with swap_pv=True is invalid; allowed: at most one (Triton 3.6 miscompiles "
+                         "the pair: wrong results or illegal memory accesses on an H100)")
+    if launch["asm"] and not ptx:
+        raise ValueError("asm=True needs a CUDA device outside Triton's interpreter (inline PTX)")
+    return tuple(launch[k] for k in _GIVEN)
+
+
+def _pow2(x: int) -> int:
+    """The smallest power of two >= ``x`` (``triton.next_power_of_2`` without its constexpr wrapper,
+    which cost ~5 µs per call on the decode path)."""
+    return 1 << (x - 1).bit_length() if x > 1 else 1
+
+
 FOLDS = {"reg": 0, "norm": 1, "plain": 2}  # how a scale/zero reaches the dot (kernel constexpr FOLD_K/FOLD_V)
 # how 3-bit codes are unpacked with PTX (kernel constexpr UNPACK3_K/UNPACK3_V): plane by plane, both
 # planes per 8-channel word (head_dim % 16 == 0), or per 4-channel byte + nibble (head_dim % 8 == 0)
@@ -696,7 +734,7 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
     if hq % hkv:
         raise ValueError(f"query heads {hq} are not a multiple of KV heads {hkv}; allowed: a multiple")
     group = hq // hkv
-    block_d = triton.next_power_of_2(d)
+    block_d = _pow2(d)
     dummy, dummy_f = _dummy(q.device, torch.uint8), _dummy(q.device, q.dtype)
     if n_q:
         kc, ks, kz, vc, vs, vz = (k_packed.codes, k_packed.scale, k_packed.zero, v_packed.codes, v_packed.scale,
@@ -720,21 +758,10 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
         block_n = gk_eff if k_per_channel and gk_eff >= 32 else 64
     if k_per_channel and block_n % gk_eff and gk_eff % block_n:
         raise ValueError(f"block_n={block_n} is invalid; allowed: a multiple or divisor of the key group {gk_eff}")
-    given = dict(num_warps=num_warps, num_stages=num_stages, swap_qk=swap_qk, swap_pv=swap_pv, asm=asm,
-                 fold_k=fold_k, fold_v=fold_v, maxnreg=maxnreg, splits_per_sm=splits_per_sm, unpack3_k=unpack3_k,
-                 unpack3_v=unpack3_v)
-    launch = launch_defaults(kbits, vbits, block_d, block_n, q.device)
-    if launch["splits_per_sm_small"] and b * hkv < _num_sm(q.device):  # few long rows: its own measured split
-        launch["splits_per_sm"] = launch["splits_per_sm_small"]
-    launch.update({k: v for k, v in given.items() if v is not None})
-    num_warps, num_stages, swap_qk, swap_pv, asm, fold_k, fold_v, maxnreg, splits_per_sm, unpack3_k, unpack3_v = (
-        launch[k] for k in given)
-    for name, fold in (("fold_k", fold_k), ("fold_v", fold_v)):
-        if fold not in FOLDS:
-            raise ValueError(f"{name}={fold!r} is invalid; allowed: {sorted(FOLDS)}")
-    for name, how in (("unpack3_k", unpack3_k), ("unpack3_v", unpack3_v)):
-        if how not in UNPACK3:
-            raise ValueError(f"{name}={how!r} is invalid; allowed: {sorted(UNPACK3)}")
+    ptx = _ptx_ok(q.device)
+    given = (num_warps, num_stages, swap_qk, swap_pv, asm, fold_k, fold_v, maxnreg, splits_per_sm, unpack3_k, unpack3_v)
+    (num_warps, num_stages, swap_qk, swap_pv, asm, fold_k, fold_v, maxnreg, splits_per_sm, unpack3_k,
+     unpack3_v) = _launch_choices(kbits, vbits, block_d, block_n, ptx, b * hkv < _num_sm(q.device), given)
     n_split_q, per_split = _splits(b * hkv, n_q, block_n, q.device, splits_per_sm)
     num_splits = n_split_q + 1
     rows = b * hq * num_splits
@@ -747,14 +774,9 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
     kr = k_residual if n_r else None
     vr = v_residual if n_r else None
     mask = kv_mask.to(torch.uint8) if kv_mask is not None else None
-    if swap_qk and swap_pv:
-        raise ValueError("swap_qk=True with swap_pv=True is invalid; allowed: at most one (Triton 3.6 miscompiles "
-                         "the pair: wrong results or illegal memory accesses on an H100)")
-    if asm and not _ptx_ok(q.device):
-        raise ValueError("asm=True needs a CUDA device outside Triton's interpreter (inline PTX)")
     kw, vw = (*PLANES[kbits], 0)[:2], (*PLANES[vbits], 0)[:2]  # bit planes, compile-time constants
     global last_compiled
-    last_compiled = _decode_split_kernel[(b * hkv, num_splits)](
+    last_compiled = _launch_split((b * hkv, num_splits),
         q, kc if kc is not None else dummy, ks if ks is not None else dummy_f, kz if kz is not None else dummy_f,
         vc if vc is not None else dummy, vs if vs is not None else dummy_f, vz if vz is not None else dummy_f,
         kr if kr is not None else dummy_f, vr if vr is not None else dummy_f, mask if mask is not None else dummy,
@@ -763,7 +785,7 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
         *st(kc), *st(ks), *st(vc), *st(vs), *st(kr), *st(vr),
         mask.stride(0) if mask is not None else 0,
         n_q, n_r, per_split, n_split_q, float(scaling) * LOG2E, hkv, group, num_splits,
-        BLOCK_H=max(16, triton.next_power_of_2(group)), D=d, BLOCK_D=block_d,
+        BLOCK_H=max(16, _pow2(group)), D=d, BLOCK_D=block_d,
         KW0=kw[0], KW1=kw[1], VW0=vw[0], VW1=vw[1], K_PER_CHANNEL=k_per_channel, GK=gk_eff, GV=gv_eff, BLOCK_N=block_n,
         BLOCK_R=32, HAS_MASK=mask is not None, SWAP_QK=bool(swap_qk), SWAP_PV=bool(swap_pv), ASM=bool(asm),
         FOLD_K=FOLDS[fold_k], FOLD_V=FOLDS[fold_v], DEV_LEN=lengths is not None,
@@ -771,9 +793,8 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
         UNPACK3_V=UNPACK3[unpack3_v] if asm else 0, num_warps=num_warps, num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}))
     out = torch.empty(b, 1, hq, d, device=q.device, dtype=q.dtype)
-    _merge_kernel[(b * hq,)](po, pm, pl, out, out.stride(0), out.stride(2), hq, num_splits, float(out_scale), D=d,
-                             BLOCK_D=block_d,
-                             BLOCK_S=max(2, triton.next_power_of_2(num_splits)))
+    _launch_merge((b * hq,), po, pm, pl, out, out.stride(0), out.stride(2), hq, num_splits, float(out_scale), D=d,
+                  BLOCK_D=block_d, BLOCK_S=max(2, _pow2(num_splits)))
     return out
 
 

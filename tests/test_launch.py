@@ -1,0 +1,107 @@
+"""The cached launch path of the decode kernels: its key and its fall-backs (CPU), and on a GPU
+that it runs the same binaries as Triton's own launch."""
+
+import inspect
+
+import pytest
+import torch
+
+from kvtuner.kernels import launch
+
+
+def key(*args, **kw):
+    return launch.spec_key(args, kw)
+
+
+def test_key_follows_tensor_dtype_and_alignment():
+    x = torch.zeros(64, dtype=torch.float16)
+    y = torch.ones(64, dtype=torch.float16)
+    assert key(x) == key(y)  # data does not matter, only what Triton specialises on
+    assert key(x) != key(x[1:])  # 2-byte offset: no longer 16-byte aligned
+    assert key(x) == key(x[8:])  # 16-byte offset: aligned again
+    assert key(x) != key(x.float())
+
+
+def test_key_follows_integer_properties_and_constexpr_values():
+    assert key(16) == key(4096)  # both divisible by 16
+    assert key(16) != key(17)
+    assert key(1) != key(17)  # Triton turns 1 into a constant
+    assert key(32) != key(2**31 + 32)  # int32 vs int64 argument
+    assert key(2**63) != key(2**62)  # int64 vs uint64
+    assert key(0.5) == key(3.0)
+    assert key(True) != key(1) and key(True) != key(False)
+    assert key(None) != key(0)
+    assert key(BLOCK=16) != key(BLOCK=32)  # keywords (constexprs, launch options) by value
+    with pytest.raises(TypeError, match="not supported"):
+        key("text")
+
+
+class FakeCompiled:
+    function, packed_metadata = "fn", "meta"
+
+    def __init__(self):
+        self.runs = []
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+    def run(self, *args):
+        self.runs.append(args)
+
+
+class FakeKernel:
+    """Stands for a JITFunction ``k(X, n, BLOCK: constexpr, FLAG: constexpr = 7)``."""
+
+    def __init__(self):
+        self.slow = []
+        self.compiled = FakeCompiled()
+        params = inspect.signature(lambda X, n, BLOCK, FLAG=7: None).parameters.values()
+        self.params = [type("P", (), {"name": p.name, "default": p.default}) for p in params]
+
+    def __getitem__(self, grid):
+        def launch_(*args, **kwargs):
+            self.slow.append((grid, args, kwargs))
+            return self.compiled
+        return launch_
+
+
+@pytest.fixture
+def launcher(monkeypatch):
+    monkeypatch.setattr(launch.CachedLauncher, "stream", staticmethod(lambda: "stream0"))
+    return launch.CachedLauncher(FakeKernel())
+
+
+def test_launcher_reuses_the_binary_for_the_same_key(launcher):
+    k = launcher.kernel
+    x = torch.zeros(32)
+    assert launcher((4, 2), x, 64, BLOCK=16, num_warps=4) is k.compiled
+    assert len(k.slow) == 1 and not k.compiled.runs
+    launcher((8,), x, 128, BLOCK=16, num_warps=4)  # same key: direct launch, constexpr default filled in
+    assert len(k.slow) == 1 and launcher.hits == 1
+    grid_and_stream, tail = k.compiled.runs[0][:4], k.compiled.runs[0][4:]
+    assert grid_and_stream == (8, 1, 1, "stream0")
+    assert tail[:3] == ("fn", "meta", None) and tail[5:] == (x, 128, 16, 7)
+    launcher((8,), x, 17, BLOCK=16, num_warps=4)  # n no longer divisible by 16: Triton's path again
+    launcher((8,), x, 128, BLOCK=32, num_warps=4)  # another constexpr value
+    launcher((8,), x[1:], 128, BLOCK=16, num_warps=4)  # misaligned pointer
+    assert len(k.slow) == 4 and launcher.hits == 1
+
+
+def test_launcher_falls_back_when_the_direct_path_fails(launcher):
+    k = launcher.kernel
+    x = torch.zeros(32)
+    launcher((1,), x, 16, BLOCK=16)
+
+    def broken(*args):
+        raise AttributeError("no such internal API")
+    k.compiled.run = broken
+    assert launcher((1,), x, 16, BLOCK=16) is k.compiled  # still launched, by Triton's path
+    assert len(k.slow) == 2 and not launcher.enabled
+    launcher((1,), x, 16, BLOCK=16)
+    assert len(k.slow) == 3  # stays on the ordinary path
+
+
+def test_launcher_passes_unsupported_arguments_to_triton(launcher):
+    launcher((1,), "not a tensor", 16, BLOCK=16)
+    launcher((1,), "not a tensor", 16, BLOCK=16)
+    assert len(launcher.kernel.slow) == 2 and not launcher.cache
