@@ -67,8 +67,12 @@ class FakeKernel:
 
 @pytest.fixture
 def launcher(monkeypatch):
-    monkeypatch.setattr(launch.CachedLauncher, "stream", staticmethod(lambda: "stream0"))
-    return launch.CachedLauncher(FakeKernel())
+    current = {"device": 0}
+    monkeypatch.setattr(launch.CachedLauncher, "device", staticmethod(lambda: current["device"]))
+    monkeypatch.setattr(launch.CachedLauncher, "stream", staticmethod(lambda device: f"stream{device}"))
+    out = launch.CachedLauncher(FakeKernel())
+    out.current = current
+    return out
 
 
 def test_launcher_reuses_the_binary_for_the_same_key(launcher):
@@ -85,6 +89,9 @@ def test_launcher_reuses_the_binary_for_the_same_key(launcher):
     launcher((8,), x, 128, BLOCK=32, num_warps=4)  # another constexpr value
     launcher((8,), x[1:], 128, BLOCK=16, num_warps=4)  # misaligned pointer
     assert len(k.slow) == 4 and launcher.hits == 1
+    launcher.current["device"] = 1  # binaries are per device
+    launcher((8,), x, 128, BLOCK=16, num_warps=4)
+    assert len(k.slow) == 5 and launcher.hits == 1
 
 
 def test_launcher_falls_back_when_the_direct_path_fails(launcher):
@@ -99,6 +106,16 @@ def test_launcher_falls_back_when_the_direct_path_fails(launcher):
     assert len(k.slow) == 2 and not launcher.enabled
     launcher((1,), x, 16, BLOCK=16)
     assert len(k.slow) == 3  # stays on the ordinary path
+
+
+def test_launcher_without_a_device_takes_tritons_path(monkeypatch):
+    def no_device():
+        raise RuntimeError("no CUDA device")
+    monkeypatch.setattr(launch.CachedLauncher, "device", staticmethod(no_device))
+    launcher = launch.CachedLauncher(FakeKernel())
+    launcher((1,), torch.zeros(4), 16, BLOCK=16)
+    launcher((1,), torch.zeros(4), 16, BLOCK=16)
+    assert len(launcher.kernel.slow) == 2 and not launcher.cache
 
 
 def test_launcher_passes_unsupported_arguments_to_triton(launcher):

@@ -8,7 +8,7 @@ Triton specialises on, at least as finely as Triton does, and calls the compiled
 when the key was seen; a new key (or any failure of the direct path) takes the ordinary launch,
 which compiles if needed and returns the binary to remember.
 
-Key, per positional (runtime) argument: tensors by dtype and 16-byte alignment of the data
+Key: the current device, then per positional (runtime) argument: tensors by dtype and 16-byte alignment of the data
 pointer; integers by divisibility by 16, equality to 1 and the integer type they need (int32,
 int64, uint64); floats by type. Keyword arguments (constexprs and launch options) by value. Triton
 folds the same properties into its own cache key (``do_not_specialize`` only makes Triton's key
@@ -58,16 +58,18 @@ class CachedLauncher:
         self.hits = 0
 
     def __call__(self, grid: tuple, *args, **kwargs):
+        key = None
         if self.enabled:
-            try:
-                key = spec_key(args, kwargs)
-            except TypeError:
+            try:  # binaries are loaded per device, as in Triton's own cache
+                dev = self.device()
+                key = (dev, spec_key(args, kwargs))
+            except Exception:  # noqa: BLE001 - no device, or an argument the key does not cover
                 key = None
             entry = self.cache.get(key) if key is not None else None
             if entry is not None:
                 compiled, tail = entry
                 try:
-                    self._run(compiled, grid, args + tail)
+                    self._run(compiled, grid, args + tail, dev)
                     self.hits += 1
                     return compiled
                 except Exception:  # noqa: BLE001 - a Triton without this internal API: ordinary launches
@@ -81,11 +83,15 @@ class CachedLauncher:
         return compiled
 
     @staticmethod
-    def stream():
-        return driver.active.get_current_stream(driver.active.get_current_device())
+    def device():
+        return driver.active.get_current_device()
 
-    def _run(self, compiled, grid: tuple, all_args: tuple) -> None:
-        stream = self.stream()
+    @staticmethod
+    def stream(device):
+        return driver.active.get_current_stream(device)
+
+    def _run(self, compiled, grid: tuple, all_args: tuple, device) -> None:
+        stream = self.stream(device)
         g = (*grid, 1, 1)
         enter = knobs.runtime.launch_enter_hook  # profilers' hooks get the launch metadata, as from Triton
         meta = compiled.launch_metadata(grid, stream, *all_args) if enter is not None else None

@@ -663,12 +663,9 @@ def _launch_choices(kbits: int, vbits: int, block_d: int, block_n: int, ptx: boo
     if launch["splits_per_sm_small"] and small:  # few long rows: its own measured split
         launch["splits_per_sm"] = launch["splits_per_sm_small"]
     launch.update({k: v for k, v in zip(_GIVEN, given) if v is not None})
-    if launch["fold_k"] not in FOLDS or launch["fold_v"] not in FOLDS:
-        name = "fold_k" if launch["fold_k"] not in FOLDS else "fold_v"
-        raise ValueError(f"{name}={launch[name]!r} is invalid; allowed: {sorted(FOLDS)}")
-    for name in ("unpack3_k", "unpack3_v"):
-        if launch[name] not in UNPACK3:
-            raise ValueError(f"{name}={launch[name]!r} is invalid; allowed: {sorted(UNPACK3)}")
+    for name, allowed in (("fold_k", FOLDS), ("fold_v", FOLDS), ("unpack3_k", UNPACK3), ("unpack3_v", UNPACK3)):
+        if launch[name] not in allowed:
+            raise ValueError(f"{name}={launch[name]!r} is invalid; allowed: {sorted(allowed)}")
     if launch["swap_qk"] and launch["swap_pv"]:
         raise ValueError("swap_qk=True with swap_pv=True is invalid; allowed: at most one (Triton 3.6 miscompiles "
                          "the pair: wrong results or illegal memory accesses on an H100)")
