@@ -19,8 +19,8 @@ import time
 import torch
 import triton
 import triton.testing
-
 from bench_attention import D, packed_case
+
 from kvtuner.kernels import triton_decode as td
 
 CALLS = 2000
@@ -50,7 +50,7 @@ def main() -> None:
         kb, vb = int(pair[0]), int(pair[1])
         q, kp, kr, vp, vr = packed_case(1, 1024, kb, vb, 128)
 
-        def fn():
+        def fn(q=q, kp=kp, kr=kr, vp=vp, vr=vr):
             return td.decode_attention(q, kp, kr, vp, vr, D**-0.5)
 
         times = {}
@@ -62,9 +62,9 @@ def main() -> None:
         rows.append((f"K{kb}V{vb}", times[False], times[True], gpu))
         print(rows[-1], flush=True)
     lines = [f"# Host cost per decode_attention call ({torch.cuda.get_device_name()})", "",
-             f"torch {torch.__version__}, triton {triton.__version__}, Python {platform.python_version()}; "
-             "command: `PYTHONPATH=src python benchmarks/bench_launch.py --out "
-             "benchmarks/results/launch_overhead_h100.md`", "",
+             (f"torch {torch.__version__}, triton {triton.__version__}, Python {platform.python_version()}; "
+              "command: `PYTHONPATH=src python benchmarks/bench_launch.py --out "
+              "benchmarks/results/launch_overhead_h100.md`"), "",
              "B = 1, 1,024 quantized tokens + 32 residual, Llama-3.1-8B layer shape; µs per call.", "",
              "| pair | host, Triton's launch | host, cached launch | GPU (in a CUDA graph) |", "|---|---|---|---|"]
     lines += [f"| {n} | {a:.1f} | {b:.1f} | {g:.1f} |" for n, a, b, g in rows]
