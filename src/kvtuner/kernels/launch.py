@@ -23,9 +23,8 @@ from triton.runtime import driver
 
 
 def _spec(a):
+    """The key of one argument other than an exact ``int`` (:func:`spec_key` keys those inline)."""
     t = type(a)  # exact-type checks first: this runs for every argument of every call
-    if t is int:
-        return a & 15 == 0, a == 1, -2**31 <= a < 2**31, a < 2**63
     if t is float:
         return float
     if t is bool:
@@ -34,8 +33,8 @@ def _spec(a):
         return None
     if isinstance(a, torch.Tensor):
         return a.dtype, a.data_ptr() & 15 == 0
-    if isinstance(a, int):  # int subclasses (numpy-like wrappers), as Triton treats them
-        return _spec(int(a))
+    if isinstance(a, int):  # int subclasses (numpy-like wrappers): keyed as the int they hold
+        return spec_key((int(a),), {})[0][0]
     raise TypeError(f"argument of type {t.__name__} is not supported by the cached launch")
 
 
