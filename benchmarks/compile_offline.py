@@ -33,15 +33,13 @@ SASS_OP = re.compile(r"^\s*(?:[-\w:]+\s+)?(?:/\*[0-9a-f]+\*/\s+)?(?:@!?U?P[T0-9]
 
 
 class _Capture:
-    """Stands in for a ``@triton.jit`` kernel: records the arguments of ``kernel[grid](...)``."""
+    """Stands in for a kernel's launcher (``launch(grid, *args, **kwargs)``): records the arguments."""
 
-    def __init__(self, fn):
-        self.fn, self.calls = fn, []
+    def __init__(self):
+        self.calls = []
 
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.calls.append((args, kwargs))
-        return launch
+    def __call__(self, grid, *args, **kwargs):
+        self.calls.append((args, kwargs))
 
 
 def launch_args(kbits: int, vbits: int, b: int = 64, n: int = 4096, hkv: int = 8, group: int = 4, d: int = 128,
@@ -51,8 +49,8 @@ def launch_args(kbits: int, vbits: int, b: int = 64, n: int = 4096, hkv: int = 8
     vp = quant.quantize(k, vbits, "per_token", None).map(lambda x: x.repeat(b, 1, n // 256, 1))
     kr = torch.randn(b, hkv, 32, d, dtype=torch.bfloat16)
     q = torch.randn(b, hkv * group, 1, d, dtype=torch.bfloat16)
-    cap = _Capture(td._decode_split_kernel)
-    with mock.patch.object(td, "_decode_split_kernel", cap), mock.patch.object(td, "_merge_kernel", _Capture(None)), \
+    cap = _Capture()
+    with mock.patch.object(td, "_launch_split", cap), mock.patch.object(td, "_launch_merge", _Capture()), \
             mock.patch.object(td, "_ptx_ok", lambda device: True), mock.patch.object(td, "_num_sm", lambda device: 132):
         td._launch_defaults.cache_clear()
         td.decode_attention(q, kp, kr, vp, kr, d**-0.5, **launch)
