@@ -122,3 +122,25 @@ def test_launcher_passes_unsupported_arguments_to_triton(launcher):
     launcher((1,), "not a tensor", 16, BLOCK=16)
     launcher((1,), "not a tensor", 16, BLOCK=16)
     assert len(launcher.kernel.slow) == 2 and not launcher.cache
+
+
+def test_offline_compiler_captures_the_split_launch():
+    """benchmarks/compile_offline.py screens kernel variants on a CPU machine; it must still capture
+    the launch the wrapper makes (it broke silently once, when launches moved to CachedLauncher)."""
+    import importlib.util
+    import inspect
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compile_offline.py"
+    spec = importlib.util.spec_from_file_location("compile_offline", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    args, kwargs = mod.launch_args(4, 2, b=2, n=256, unpack3_k="planes")
+    from kvtuner.kernels import triton_decode as td
+
+    params = inspect.signature(td._decode_split_kernel.fn).parameters
+    launch_only = {"num_warps", "num_stages", "maxnreg"}
+    # positional arguments first, then every remaining kernel parameter by name, each exactly once
+    assert set(kwargs) - launch_only == set(list(params)[len(args):])
+    assert (kwargs["KW0"], kwargs["VW0"], kwargs["BLOCK_N"], kwargs["D"]) == (4, 2, 128, 128)
+    assert kwargs["ASM"] is True  # the launch as on a GPU (PTX unpacking), not the interpreter's
