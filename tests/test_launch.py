@@ -135,7 +135,7 @@ def test_offline_compiler_captures_the_split_launch():
     spec = importlib.util.spec_from_file_location("compile_offline", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    args, kwargs = mod.launch_args(4, 2, b=2, n=256, unpack3_k="planes")
+    args, kwargs = mod.launch_args(4, 2, b=2, n=256)
     from kvtuner.kernels import triton_decode as td
 
     params = inspect.signature(td._decode_split_kernel.fn).parameters
