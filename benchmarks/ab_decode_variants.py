@@ -4,7 +4,8 @@
         --variants '[{}, {"splits_per_sm": 3}]'
 
 For each pair and shape, every variant (overrides of triton_decode.launch_defaults; ``{}`` is the
-current default) is checked against the fp32 reference and timed eagerly (do_bench) and inside a
+current default; ``"token_block": G`` stores the values in token blocks of G tokens, as the cache does
+on the GPU for KIVI values of 2-4 bits, otherwise they are packed along head_dim) is checked against the fp32 reference and timed eagerly (do_bench) and inside a
 CUDA graph (do_bench_cudagraph). Results: benchmarks/results/kernel_experiments_h100.md.
 """
 
@@ -16,8 +17,10 @@ import torch
 import triton.testing as tt
 
 sys.path.insert(0, "benchmarks")
+import bench_attention  # noqa: E402
 from bench_attention import D, packed_case  # noqa: E402
 
+from kvtuner import quant  # noqa: E402
 from kvtuner.attention import decode_attention as ref  # noqa: E402
 from kvtuner.kernels import triton_decode as td  # noqa: E402
 
@@ -28,6 +31,7 @@ ap.add_argument("--variants", default="[{}]")
 ap.add_argument("--scale-dtype", default=None, choices=["float16", "bfloat16"],
                 help="store the cases' scales/zeros in this dtype (default: quant.meta_dtype, fp16 for this bf16 model)")
 args = ap.parse_args()
+bench_attention.VALUE_LAYOUT = "channels"  # cases start packed along head_dim; a variant's token_block re-lays them
 for shape in args.shapes.split(","):
     b, n = (int(x) for x in shape.split("x"))
     for pair in args.pairs.split(","):
@@ -38,9 +42,17 @@ for shape in args.shapes.split(","):
             kp, vp = (x.__class__(x.codes, x.scale.to(dt), x.zero.to(dt), *[getattr(x, f) for f in
                       ("bits", "granularity", "group_size", "head_dim")]) for x in (kp, vp))
         r = ref(q.float(), kp, kr.float(), vp, vr.float(), D**-0.5).float()
+        vpx = vp
         for v in json.loads(args.variants):
             try:
-                fn = lambda: td.decode_attention(q, kp, kr, vp, vr, D**-0.5, **v)  # noqa: E731
+                launch = dict(v)
+                vpx = vp
+                if launch.get("token_block"):  # values re-laid in token blocks (quant.to_token_blocks)
+                    tb = launch.pop("token_block")
+                    vpx = quant.QuantizedTensor(quant.to_token_blocks(vp.codes, vp.bits, D, tb), vp.scale, vp.zero,
+                                                vp.bits, vp.granularity, vp.group_size, vp.head_dim, tb)
+                launch.pop("token_block", None)
+                fn = lambda: td.decode_attention(q, kp, kr, vpx, vr, D**-0.5, **launch)  # noqa: E731
                 err = ((fn().float() - r).norm() / r.norm()).item()
                 g = tt.do_bench_cudagraph(fn, rep=100) * 1e3
                 e = tt.do_bench(fn, warmup=10, rep=100) * 1e3
@@ -49,5 +61,5 @@ for shape in args.shapes.split(","):
                       f"regs {ck.n_regs} spills {ck.n_spills}", flush=True)
             except Exception as ex:  # a variant that does not compile or run is a result too
                 print(shape, pair, v, "ERR", str(ex)[:150], flush=True)
-        del case, q, kp, kr, vp, vr, r
+        del case, q, kp, kr, vp, vr, r, vpx
         torch.cuda.empty_cache()

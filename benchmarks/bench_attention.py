@@ -21,13 +21,14 @@ import torch
 import triton
 import triton.testing
 
-from kvtuner import quant
+from kvtuner import cache, quant
 from kvtuner.attention import rotated_decode
 from kvtuner.kernels import triton_decode, triton_quant
 
 HQ, HKV, D = 32, 8, 128
 PAIRS = [(8, 8), (8, 4), (4, 4), (4, 2), (2, 2)]
 RESIDUAL = 32
+VALUE_LAYOUT = "cache"  # "cache": values laid out as MixedPrecisionCache stores them on the GPU; "channels": never in token blocks
 
 
 def warm(fn, seconds: float = 0.25) -> None:
@@ -75,6 +76,10 @@ def packed_case(b: int, n: int, kbits: int, vbits: int, g: int):
         vp_parts.append(triton_quant.quantize(v, vbits, "per_token", g if g < D else None))
         del k, v
     kp, vp = quant.cat(kp_parts, dim=0), quant.cat(vp_parts, dim=0)
+    vt = g if VALUE_LAYOUT == "cache" and vbits in cache.TOKEN_BLOCK_BITS and g % 32 == 0 else 0
+    if vt:  # the cache keeps these values in token blocks of one group on the GPU (cache.value_token_block)
+        vp = quant.QuantizedTensor(quant.to_token_blocks(vp.codes, vbits, D, vt), vp.scale, vp.zero, vbits,
+                                   vp.granularity, vp.group_size, D, vt)
     kr = torch.randn(b, HKV, RESIDUAL, D, device="cuda", dtype=torch.bfloat16)
     vr = torch.randn_like(kr)
     q = torch.randn(b, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
@@ -128,7 +133,12 @@ def main() -> None:
                     "(default: the kernel's launch defaults, from sweep_decode_kernel.py)")
     ap.add_argument("--mixed", action="store_true", help="also time KVTuner-C3.25's 32 layers back to back at "
                     "B=64, L=4096 against the sum of its layers' single-layer times")
+    ap.add_argument("--value-layout", default="cache", choices=["cache", "channels"],
+                    help="cache: values as the cache stores them on the GPU (token blocks for KIVI values of 2-4 "
+                    "bits); channels: values always packed along head_dim (the layout before session 11)")
     args = ap.parse_args()
+    global VALUE_LAYOUT
+    VALUE_LAYOUT = args.value_layout
     pairs = [(int(x[0]), int(x[1])) for x in args.pairs.split(",")]
     t_start = time.time()
     props = torch.cuda.get_device_properties(0)
@@ -210,8 +220,11 @@ def write(args, props, rows, t_start) -> None:
             f"{' --quick' if args.quick else ''} --pairs {args.pairs} --groups {args.groups}"
             f"{' --shapes ' + args.shapes if args.shapes else ''}{' --rotation' if args.rotation else ''}"
             f"{' --cudagraph' if args.cudagraph else ''}{' --tune' if args.tune else ''}"
-            f"{' --mixed' if args.mixed else ''}` "
+            f"{' --mixed' if args.mixed else ''}{' --value-layout ' + args.value_layout}` "
             f"({time.time() - t_start:.0f} s).",
+            "Values: " + ("as the cache stores them on the GPU: KIVI values of 2-4 bits in token blocks of one "
+                          "group (quant.to_token_blocks) when G is a multiple of 32, else packed along head_dim."
+                          if args.value_layout == "cache" else "packed along head_dim for every pair."),
             "KIVI layout: keys per channel in groups of G tokens, values per token (G=128: one scale/zero per "
             "token and head; G=32: four), plus a 32-token bf16 residual window read by the same launch. "
             "µs = median of triton.testing.do_bench (L2 flushed), each config after 0.25 s of back-to-back calls "

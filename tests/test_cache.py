@@ -266,3 +266,38 @@ def test_rotation_needs_power_of_two_head_dim():
     with pytest.raises(PlanError, match="power-of-two head_dim"):
         MixedPrecisionCache(KVPlan.uniform(1, 4, 4, rotation=True), cfg)
     MixedPrecisionCache(KVPlan.uniform(1, 4, 4), cfg)  # without rotation any head_dim works
+
+
+@pytest.mark.parametrize("vbits,blocked", [(2, True), (3, True), (4, True), (8, False)])
+def test_values_in_token_blocks_hold_the_same_cache(monkeypatch, vbits, blocked):
+    # on the GPU, KIVI values of 2-4 bits are kept in token blocks for the fused kernel; forced here
+    # on the CPU: same tensors out, same bytes, same crop semantics (cuts fall on whole blocks)
+    from kvtuner import cache as cache_mod
+
+    plan = KVPlan.uniform(2, 4, vbits, "kivi")
+    k, v = _kv(100)
+    runs = {}
+    for flag in (False, True):
+        monkeypatch.setattr(cache_mod, "VALUE_TOKEN_BLOCKS", flag)
+        cache = MixedPrecisionCache(plan, CFG)
+        outs = [cache.update(k, v, layer) for layer in range(2)]
+        outs += [cache.update(*_kv(1, seed=s), 0) for s in range(40)]  # two more flushes in layer 0
+        runs[flag] = (cache, outs)
+    (plain, outs_p), (tb, outs_b) = runs[False], runs[True]
+    assert tb.layers[0]._v.token_block == (32 if blocked else 0) and tb.layers[0]._k.token_block == 0
+    assert plain.layers[0]._v.token_block == 0
+    assert tb.layers[0]._v.packed.token_block == tb.layers[0]._v.token_block
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(outs_p, outs_b))
+    assert tb.nbytes() == plain.nbytes()
+    for cache in (plain, tb):
+        cache.crop(-60)  # cuts into a key group and, when blocked, into a value block
+    n_k = tb.layers[0].token_counts()["key"]
+    assert n_k == (64, 16)
+    assert tb.layers[0].token_counts()["value"] == (n_k if blocked else (sum(n_k), 0))
+    for layer in range(2):  # the cut block's kept tokens now sit in the bf16 residual: bf16 rounding only
+        a, b = plain.layers[layer], tb.layers[layer]
+        torch.testing.assert_close(b._v.materialize(torch.float32), a._v.materialize(torch.float32), rtol=4e-3,
+                                   atol=1e-6)
+    more = _kv(40, seed=77)  # the cut block's tokens are quantized again on the next flush
+    a, b = plain.update(*more, 0), tb.update(*more, 0)
+    assert (a[1].float() - b[1].float()).abs().max() < 0.05 * b[1].float().abs().max()

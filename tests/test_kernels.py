@@ -41,7 +41,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def make_case(b, hkv, group, d, n_q, n_r, kbits, vbits, *, k_gran="per_channel", gk=32, gv=None,
-              dtype=torch.float16, seed=0):
+              dtype=torch.float16, seed=0, vt=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
     k = torch.randn(b, hkv, n_q + n_r, d, generator=g).to(DEV, dtype)
     k = k + torch.randn(1, 1, 1, d, generator=g).to(DEV, dtype) * 3  # channel outliers, as in real keys
@@ -49,6 +49,9 @@ def make_case(b, hkv, group, d, n_q, n_r, kbits, vbits, *, k_gran="per_channel",
     q = torch.randn(b, hkv * group, 1, d, generator=g).to(DEV, dtype)
     kp = quant.quantize(k[..., :n_q, :], kbits, k_gran, gk) if n_q else None
     vp = quant.quantize(v[..., :n_q, :], vbits, "per_token", gv) if n_q else None
+    if vt and vp is not None:  # values in token blocks, as the cache keeps them for the kernel
+        vp = quant.QuantizedTensor(quant.to_token_blocks(vp.codes, vbits, d, vt), vp.scale, vp.zero, vbits,
+                                   "per_token", vp.group_size, d, vt)
     kr = k[..., n_q:, :] if n_r else None
     vr = v[..., n_q:, :] if n_r else None
     return q, kp, kr, vp, vr
@@ -193,6 +196,28 @@ def test_decode_rejects_bad_launch():
             triton_decode.decode_attention(q, kp, kr, vp, vr, 0.1, asm=True)
 
 
+TOKEN_BLOCKED = [
+    dict(b=2, hkv=2, group=4, d=64, n_q=96, n_r=5, kbits=4, vbits=2, vt=32),
+    dict(b=1, hkv=2, group=4, d=64, n_q=128, n_r=3, kbits=2, vbits=3, gk=64, vt=64),
+    dict(b=2, hkv=1, group=8, d=64, n_q=64, n_r=7, kbits=8, vbits=4, gv=32, vt=32),  # value groups of 32 channels
+    dict(b=1, hkv=2, group=1, d=32, n_q=96, n_r=0, kbits=3, vbits=4, vt=32),
+]
+
+
+@pytest.mark.parametrize("case", TOKEN_BLOCKED, ids=lambda c: f"K{c['kbits']}V{c['vbits']}-vt{c['vt']}")
+def test_decode_token_blocked_values(case):
+    # the same attention as with values packed along head_dim (one tile per token block)
+    blocked = make_case(**case)
+    check(blocked)
+    plain = make_case(**{**case, "vt": 0})
+    args = (blocked[0].shape[-1] ** -0.5,)
+    out_b = triton_decode.decode_attention(*blocked, *args)
+    out_p = triton_decode.decode_attention(*plain, *args, block_n=case["vt"])
+    assert rel(out_b, out_p) < 2e-3
+    with pytest.raises(ValueError, match="token blocks of"):
+        triton_decode.decode_attention(*blocked, *args, block_n=case["vt"] // 2)
+
+
 def test_decode_ragged_batch_mask():
     case = make_case(3, 2, 4, 64, 64, 7, 4, 4)
     mask = torch.ones(3, 71, dtype=torch.bool, device=DEV)
@@ -211,18 +236,20 @@ def _in_capacity(qt, tokens):
         return out
 
     return quant.QuantizedTensor(grow(qt.codes, tokens), grow(qt.scale, rows), grow(qt.zero, rows), qt.bits,
-                                 qt.granularity, qt.group_size, qt.head_dim)
+                                 qt.granularity, qt.group_size, qt.head_dim, qt.token_block)
 
 
-@pytest.mark.parametrize("k_gran,n_q,n_r", [("per_channel", 64, 5), ("per_token", 37, 3), ("per_channel", 0, 9)])
-def test_decode_device_lengths_match_sliced(k_gran, n_q, n_r):
+@pytest.mark.parametrize("k_gran,n_q,n_r,vt", [("per_channel", 64, 5, 0), ("per_token", 37, 3, 0), ("per_channel", 0, 9, 0),
+                                               ("per_channel", 64, 5, 32)])
+def test_decode_device_lengths_match_sliced(k_gran, n_q, n_r, vt):
     """Static buffers + lengths on the device (CUDA-graph replay) = the same call on the filled parts."""
-    q, kp, kr, vp, vr = make_case(2, 2, 4, 64, max(n_q, 32), n_r, 4, 2, k_gran=k_gran)
+    q, kp, kr, vp, vr = make_case(2, 2, 4, 64, max(n_q, 32), n_r, 4, 2, k_gran=k_gran, vt=vt)
     if n_q == 0:  # empty history: buffers exist but count nothing
         kr, vr = (torch.cat([t, r], -2)[..., 32:, :] for t, r in
                   ((quant.dequantize(kp, q.dtype), kr), (quant.dequantize(vp, q.dtype), vr)))
     cap_q, cap_r = 160, 16
-    kb, vb = _in_capacity(kp, cap_q), _in_capacity(vp, cap_q - 5)  # capacities may differ (key groups round up)
+    # capacities may differ (key groups round up; token-blocked values hold whole blocks)
+    kb, vb = _in_capacity(kp, cap_q), _in_capacity(vp, cap_q - (0 if vt else 5))
     kres = torch.full((*kr.shape[:2], cap_r, kr.shape[-1]), 9.0, dtype=kr.dtype, device=DEV)
     vres = kres.clone()
     kres[..., :n_r, :], vres[..., :n_r, :] = kr, vr
@@ -291,6 +318,9 @@ gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (CI has none; run th
 GPU_MATRIX = ([(128, 4, k, v) for k in (2, 4, 8) for v in (2, 4, 8)]  # every pair at the common shape
               + [(d, g, k, v) for d in (64, 256) for g in (1, 8) for k, v in ((2, 2), (4, 2), (8, 4), (8, 8))]
               + [(d, 4, k, v) for d in (64, 128) for k, v in ((3, 3), (4, 3), (3, 2), (6, 4), (6, 6))])
+# values in token blocks (what the cache stores on the GPU for KIVI values of 2-4 bits)
+GPU_BLOCKED = [(d, g, k, v) for d in (64, 128, 256) for g in (1, 4, 8) for k, v in ((4, 2), (2, 2), (4, 4))] \
+    + [(128, 4, k, v) for k, v in ((3, 3), (4, 3), (3, 2), (8, 4), (8, 3), (3, 4), (6, 4))]
 
 
 @gpu
@@ -298,6 +328,14 @@ GPU_MATRIX = ([(128, 4, k, v) for k in (2, 4, 8) for v in (2, 4, 8)]  # every pa
 def test_gpu_matrix(d, group, kbits, vbits):
     for n_q, n_r, dtype in ((32 * 7, 19, torch.float16), (32 * 3, 33, torch.bfloat16)):
         check(make_case(3, 2, group, d, n_q, n_r, kbits, vbits, dtype=dtype))
+
+
+@gpu
+@pytest.mark.parametrize("d,group,kbits,vbits", GPU_BLOCKED)
+def test_gpu_token_blocked_values(d, group, kbits, vbits):
+    for n_q, n_r, gk, dtype in ((32 * 7, 19, 32, torch.float16), (128 * 3, 33, 128, torch.bfloat16),
+                                (64 * 5, 0, 64, torch.float16)):
+        check(make_case(3, 2, group, d, n_q, n_r, kbits, vbits, gk=gk, dtype=dtype, vt=gk))
 
 
 @gpu
@@ -335,14 +373,14 @@ def test_gpu_past_int32_offsets():
 def test_launch_table_applies_per_tile_shape():
     table = triton_decode.launch_table()
     assert table, "the committed launch table (src/kvtuner/kernels/launch_table.json) is missing or empty"
-    (kb, vb), entry = next(iter(table.items()))
+    (kb, vb, tokens), entry = next(iter(table.items()))
     cpu = torch.device("cpu")
-    tuned = triton_decode.launch_defaults(kb, vb, 128, 128, cpu)
-    rules = triton_decode.launch_defaults(kb, vb, 128, 128, cpu, table=False)
+    tuned = triton_decode.launch_defaults(kb, vb, 128, 128, cpu, tokens=tokens)
+    rules = triton_decode.launch_defaults(kb, vb, 128, 128, cpu, table=False, tokens=tokens)
     assert set(tuned) == set(rules)  # bookkeeping fields of the table never reach the launch
     assert all(tuned[k] == entry[k] for k in ("fold_k", "fold_v", "num_stages", "splits_per_sm", "swap_pv"))
     assert tuned["asm"] is False and tuned["maxnreg"] is None  # GPU-only choices stay off on the CPU
-    other = triton_decode.launch_defaults(kb, vb, 64, 64, cpu)  # another tile: only the scale folds carry over
+    other = triton_decode.launch_defaults(kb, vb, 64, 64, cpu, tokens=tokens)  # another tile: only the folds carry over
     assert (other["fold_k"], other["fold_v"]) == (entry["fold_k"], entry["fold_v"])
     assert other["num_stages"] == rules["num_stages"] and other["splits_per_sm"] == rules["splits_per_sm"]
 

@@ -199,3 +199,72 @@ def test_slice_and_cat_preserve_groups():
     assert torch.equal(quant.dequantize(quant.cat(parts)), quant.dequantize(qt))
     with pytest.raises(ValueError, match="multiples of group_size"):
         quant.slice_tokens(qt, 5, 96)
+
+
+# ------------------------------------------------------------------ token blocks (values read by the GPU kernel)
+def _blocked(qt: quant.QuantizedTensor, block: int) -> quant.QuantizedTensor:
+    return quant.QuantizedTensor(quant.to_token_blocks(qt.codes, qt.bits, qt.head_dim, block), qt.scale, qt.zero,
+                                 qt.bits, qt.granularity, qt.group_size, qt.head_dim, block)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+@pytest.mark.parametrize("block", [32, 64, 128])
+def test_token_blocks_round_trip_with_the_same_bytes(bits, block):
+    qt = quant.quantize(torch.randn(2, 3, 2 * block, 64), bits, "per_token", 32)
+    tb = _blocked(qt, block)
+    assert tb.codes.shape == qt.codes.shape and tb.codes.dtype == torch.uint8 and tb.nbytes() == qt.nbytes()
+    assert not torch.equal(tb.codes, qt.codes)  # really re-laid
+    assert torch.equal(quant.from_token_blocks(tb.codes, bits, 64, block), qt.codes)
+    assert torch.equal(quant.dequantize(tb), quant.dequantize(qt))
+
+
+def _code_at(row: list[int], pos: int, w: int) -> int:
+    """Element ``pos`` of a plane's channel row, read the way the docstring of to_token_blocks says."""
+    per = 8 // w
+    word, e = divmod(pos, 4 * per)
+    f, k = divmod(e, 4)
+    return (row[4 * word + k] >> (w * f)) & ((1 << w) - 1)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_token_block_layout_matches_docstring(bits):
+    block, dim = 32, 16
+    qt = quant.quantize(torch.randn(1, 1, 2 * block, dim), bits, "per_token", None)
+    codes = quant.unpack(qt.codes, bits, dim)[0, 0]  # [T, D]
+    flat = quant.to_token_blocks(qt.codes, bits, dim, block)[0, 0].reshape(2, -1).tolist()  # bytes per block
+    order = quant.block_order(block).tolist()
+    for b in range(2):
+        col, shift = 0, 0
+        for w in quant.PLANES[bits]:
+            for ch in range(dim):
+                start = block * col + ch * block * w // 8
+                row = flat[b][start:start + block * w // 8]
+                for pos in range(block):
+                    want = (int(codes[b * block + order[pos], ch]) >> shift) & ((1 << w) - 1)
+                    assert _code_at(row, pos, w) == want
+            col, shift = col + dim * w // 8, shift + w
+
+
+def test_block_order_gives_each_lane_group_contiguous_tokens():
+    for block in (32, 64, 128):
+        order = quant.block_order(block)
+        assert sorted(order.tolist()) == list(range(block))
+        run = block // 4  # lane group c reads positions [c * run, (c + 1) * run)
+        for c in range(4):
+            tokens = order[c * run:(c + 1) * run]
+            assert all((t % 8) // 2 == c for t in tokens.tolist())  # tokens 2c, 2c+1 (+8) of every slab
+
+
+def test_token_blocks_reject_bad_shapes_and_slices():
+    qt = quant.quantize(torch.randn(1, 1, 64, 64), 4, "per_token")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quant.to_token_blocks(qt.codes, 4, 64, 16)
+    with pytest.raises(ValueError, match="not a multiple of the token block"):
+        quant.to_token_blocks(qt.codes[..., :48, :], 4, 64, 32)
+    tb = _blocked(qt, 32)
+    assert torch.equal(quant.dequantize(quant.slice_tokens(tb, 32, 64)), quant.dequantize(qt)[..., 32:, :])
+    with pytest.raises(ValueError, match="multiples of the token block 32"):
+        quant.slice_tokens(tb, 0, 40)
+    with pytest.raises(ValueError, match="different layouts"):
+        quant.cat([tb, qt])
+    assert quant.cat([tb, tb]).token_block == 32

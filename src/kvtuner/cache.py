@@ -45,6 +45,7 @@ class _TensorStore:
         self.group = spec.group_size if self.granularity == "per_channel" else spec.channel_group(head_dim)
         self.unit = spec.flush_unit(role)
         self.capacity = capacity
+        self.token_block = 0  # decided at the first write (value_token_block)
         self._buf: quant.QuantizedTensor | None = None
         self._n = 0
         self.residual: torch.Tensor | None = None
@@ -72,6 +73,13 @@ class _TensorStore:
         return -(-tokens // self.group) if self.granularity == "per_channel" else tokens
 
     def _write(self, block: quant.QuantizedTensor) -> None:
+        if self._buf is None:
+            self.token_block = value_token_block(self.spec, self.role, self.head_dim, block.codes.device)
+        if self.token_block:
+            block = quant.QuantizedTensor(quant.to_token_blocks(block.codes, block.bits, block.head_dim,
+                                                                self.token_block), block.scale, block.zero,
+                                          block.bits, block.granularity, block.group_size, block.head_dim,
+                                          self.token_block)
         n, m = self._n, block.num_tokens
         cap = 0 if self._buf is None else self._buf.num_tokens
         if n + m > cap:
@@ -93,7 +101,8 @@ class _TensorStore:
 
         rows = self._meta_rows(want)
         self._buf = quant.QuantizedTensor(grow(like.codes, want), grow(like.scale, rows), grow(like.zero, rows),
-                                          like.bits, like.granularity, like.group_size, like.head_dim)
+                                          like.bits, like.granularity, like.group_size, like.head_dim,
+                                          self.token_block)
         if old is not None:
             self._copy_in(old, 0)
 
@@ -109,6 +118,8 @@ class _TensorStore:
         b, h, _, d = like.shape
         cap = -(-tokens // self.unit) * self.unit
         if self._buf is None or self._buf.num_tokens < cap:
+            if self._buf is None:
+                self.token_block = value_token_block(self.spec, self.role, self.head_dim, like.device)
             template = _quantize(like.new_zeros(b, h, self.unit, d), self.spec.bits, self.granularity, self.group)
             self._reserve(cap, template)
         slots = self.spec.residual_length + self.unit
@@ -187,8 +198,8 @@ class _TensorStore:
     def drop_back(self, n: int) -> None:
         """Forget the ``n`` newest tokens.
 
-        When the cut falls inside a per-channel key group, the surviving part of that group is
-        dequantized back into the residual (its values are the ones attention already saw) and is
+        When the cut falls inside a per-channel key group (or a token block of values), the surviving
+        part of that group is dequantized back into the residual (its values are the ones attention already saw) and is
         quantized again on the next flush: the one case where tokens are re-quantized.
         """
         k = min(n, self.num_residual)
@@ -198,7 +209,8 @@ class _TensorStore:
         if not m:
             return
         keep = self.num_quantized - m
-        cut = keep // self.unit * self.unit if self.granularity == "per_channel" else keep
+        whole = self.granularity == "per_channel" or self.token_block  # stored in whole units
+        cut = keep // self.unit * self.unit if whole else keep
         tail = None
         if cut < keep:
             tail = quant.dequantize(quant.slice_tokens(self.packed, cut, self.num_quantized),
@@ -571,6 +583,26 @@ class MixedPrecisionCache(Cache):
     def __repr__(self) -> str:
         return (f"MixedPrecisionCache({self.plan.num_layers} layers, {self.plan.equivalent_bits:.2f} equivalent "
                 f"bits, {self.get_seq_length()} tokens, {self.nbytes()} bytes)")
+
+
+# Values in token blocks (quant.to_token_blocks) on the Triton path: None decides by device (the
+# fused kernel reads them 8-12 % faster at 2-4 bits on an H100, and 30 % slower at 8 bits:
+# benchmarks/results/kernel_experiments_h100.md, session 11); True/False force it (tests, A/B runs).
+VALUE_TOKEN_BLOCKS: bool | None = None
+TOKEN_BLOCK_BITS = (2, 3, 4)
+
+
+def value_token_block(spec: QuantSpec, role: str, head_dim: int, device: torch.device) -> int:
+    """Tokens per block in which a store keeps its packed codes (0: packed along head_dim).
+
+    KIVI values of 2-4 bits whose flush unit (the group) is a multiple of 32 tokens are kept in
+    token blocks of one flush unit when the fused kernel will read them; everything else, and the
+    CPU reference path, keeps codes packed along head_dim (same bytes either way).
+    """
+    eligible = (role == "value" and spec.mode == "kivi" and spec.bits in TOKEN_BLOCK_BITS
+                and spec.flush_unit(role) % 32 == 0 and head_dim % 8 == 0)
+    wanted = kernels.use_triton(device) if VALUE_TOKEN_BLOCKS is None else VALUE_TOKEN_BLOCKS
+    return spec.flush_unit(role) if eligible and wanted else 0
 
 
 def _quantize(x: torch.Tensor, bits: int, granularity: str, group: int) -> quant.QuantizedTensor:

@@ -48,6 +48,12 @@ concatenated along the last dim, each padded to whole bytes, so a token of ``D``
 multiple of 8 (3-bit codes really take 3 bits). Packed codes have shape ``[B, H, T, packed_width(D,
 b)]`` whatever the granularity, so tokens can be appended along dim -2.
 
+Token blocks (``QuantizedTensor.token_block > 0``, :func:`to_token_blocks`): the same bytes per
+token row, but every block of ``token_block`` tokens holds its codes plane by plane as channel rows
+packed along *tokens* (in :func:`block_order`, with a 32-bit-word interleave). The cache keeps KIVI
+values of 2-4 bits this way on the GPU, where the fused kernel's ``p . v`` runs over tokens;
+:func:`dequantize` reads both layouts.
+
 Rotation (optional, ``QuantSpec.rotation``): the cache stores ``x @ H`` instead of ``x``, where
 ``H`` is the orthonormal Sylvester Hadamard matrix of size D (:func:`hadamard`, symmetric, so
 ``H @ H = I``). Attention is unchanged when queries are rotated the same way (``q H . k H = q . k``)
@@ -78,6 +84,7 @@ class QuantizedTensor:
     granularity: str
     group_size: int
     head_dim: int
+    token_block: int = 0  # 0: codes packed along D; n > 0: token-blocked layout (``to_token_blocks``)
 
     @property
     def num_tokens(self) -> int:
@@ -89,7 +96,7 @@ class QuantizedTensor:
     def map(self, fn) -> QuantizedTensor:
         """Apply ``fn`` to codes, scale and zero alike (batch indexing, device moves)."""
         return QuantizedTensor(fn(self.codes), fn(self.scale), fn(self.zero), self.bits, self.granularity,
-                               self.group_size, self.head_dim)
+                               self.group_size, self.head_dim, self.token_block)
 
 
 def _check_bits(bits: int) -> None:
@@ -146,6 +153,86 @@ def unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
         out = part if out is None else out | (part << shift)
         shift, col = shift + w, col + width
     return out
+
+
+def block_order(block: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The token stored at each position of a token block (:func:`to_token_blocks`): position
+    ``4 S c + 4 s + 2 h + i`` (``S = block / 16`` slabs of 16 tokens) holds token ``16 s + 8 h + 2 c + i``.
+
+    Why: an MMA lane group ``c`` (``c < 4``) needs tokens ``2c, 2c+1, 2c+8, 2c+9`` of every 16-token
+    slab; in this order they are one contiguous run of bytes per channel row."""
+    c, s, h, i = torch.meshgrid(torch.arange(4), torch.arange(block // 16), torch.arange(2), torch.arange(2),
+                                indexing="ij")
+    return (16 * s + 8 * h + 2 * c + i).flatten().to(device)
+
+
+def _to_words(x: torch.Tensor, w: int) -> torch.Tensor:
+    """Elements in position order -> the order :func:`_pack_plane` packs them in, so that code ``f``
+    of byte ``k`` of each 32-bit word holds element ``4 f + k`` of that word."""
+    per = 8 // w
+    if per == 1:
+        return x
+    return x.reshape(*x.shape[:-1], -1, per, 4).transpose(-1, -2).flatten(-3)
+
+
+def _from_words(x: torch.Tensor, w: int) -> torch.Tensor:
+    per = 8 // w
+    if per == 1:
+        return x
+    return x.reshape(*x.shape[:-1], -1, 4, per).transpose(-1, -2).flatten(-3)
+
+
+def to_token_blocks(packed: torch.Tensor, bits: int, dim: int, block: int) -> torch.Tensor:
+    """Re-lay channel-packed codes ``[..., T, packed_width(dim, bits)]`` (``T`` a multiple of
+    ``block``) in token blocks, the layout of token-blocked values in the cache. Same shape and
+    bytes as the input, so memory and appends (whole blocks) are unchanged.
+
+    The bytes of ``block`` consecutive tokens hold, plane by plane (widest first, as in :func:`pack`),
+    ``dim`` channel rows of ``block * w / 8`` bytes: that channel's codes of the block's tokens in
+    :func:`block_order`, packed so that code ``f`` of byte ``k`` of every 32-bit word holds element
+    ``4 f + k`` of the word (the PTX unpackers turn code ``f`` of 2 adjacent bytes into one fp16x2
+    register, which then holds 2 adjacent tokens).
+
+    Why: a decode kernel computes ``p . v`` over tokens. Codes packed along the dot's depth unpack
+    straight into the matrix-multiply operand's registers, as keys (packed along D, the depth of
+    ``q . k``) do; values packed along D were unpacked, written to shared memory and read back
+    transposed.
+    """
+    _check_layout(packed, bits, dim, block)
+    codes = unpack(packed, bits, dim)  # [..., T, D]
+    lead, t = codes.shape[:-2], codes.shape[-2]
+    blocks = codes.reshape(*lead, t // block, block, dim).transpose(-1, -2)  # [..., T/block, D, block]
+    blocks = blocks[..., block_order(block, codes.device)]
+    planes, shift = [], 0
+    for w in PLANES[bits]:
+        planes.append(_pack_plane(_to_words((blocks >> shift) & ((1 << w) - 1), w), w).flatten(-2))
+        shift += w
+    return torch.cat(planes, dim=-1).reshape(packed.shape)
+
+
+def from_token_blocks(blocked: torch.Tensor, bits: int, dim: int, block: int) -> torch.Tensor:
+    """Inverse of :func:`to_token_blocks`: channel-packed codes ``[..., T, packed_width(dim, bits)]``."""
+    _check_layout(blocked, bits, dim, block)
+    lead, t = blocked.shape[:-2], blocked.shape[-2]
+    flat = blocked.reshape(*lead, t // block, -1)
+    codes, shift, col = None, 0, 0
+    for w in PLANES[bits]:
+        width = dim * block * w // 8
+        part = _from_words(_unpack_plane(flat[..., col:col + width].reshape(*lead, t // block, dim, -1), w, block), w)
+        codes = part if codes is None else codes | (part << shift)
+        shift, col = shift + w, col + width
+    tokens = torch.empty_like(codes)
+    tokens[..., block_order(block, codes.device)] = codes
+    return pack(tokens.transpose(-1, -2).reshape(*lead, t, dim).contiguous(), bits)
+
+
+def _check_layout(packed: torch.Tensor, bits: int, dim: int, block: int) -> None:
+    _check_bits(bits)
+    if block < 32 or block % 32 or dim % 8:
+        raise ValueError(f"token blocks of {block} tokens over head_dim {dim} are invalid; allowed: a block that "
+                         "is a multiple of 32 tokens (whole 32-bit words per plane) and head_dim a multiple of 8")
+    if packed.shape[-2] % block:
+        raise ValueError(f"{packed.shape[-2]} tokens are not a multiple of the token block {block}")
 
 
 # ---------------------------------------------------------------------- rotation
@@ -284,7 +371,10 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.T
     """Reconstruct ``[..., T, D]`` from a :class:`QuantizedTensor` (math in fp32), in ``dtype``
     (default: the metadata dtype)."""
     dtype = dtype or qt.scale.dtype
-    q = unpack(qt.codes, qt.bits, qt.head_dim).float()
+    codes = qt.codes
+    if qt.token_block:
+        codes = from_token_blocks(codes, qt.bits, qt.head_dim, qt.token_block)
+    q = unpack(codes, qt.bits, qt.head_dim).float()
     scale, zero = qt.scale, qt.zero
     if qt.granularity == "per_channel":
         q, scale, zero = q.transpose(-1, -2), scale.transpose(-1, -2), zero.transpose(-1, -2)
@@ -309,9 +399,11 @@ def cat(parts: list[QuantizedTensor], dim: int = -2) -> QuantizedTensor:
     first = parts[0]
     if len(parts) == 1:
         return first
+    if any(p.token_block != first.token_block for p in parts):
+        raise ValueError("blocks in different layouts (token_block) cannot be concatenated")
     return QuantizedTensor(torch.cat([p.codes for p in parts], dim=dim), torch.cat([p.scale for p in parts], dim=dim),
                            torch.cat([p.zero for p in parts], dim=dim), first.bits, first.granularity,
-                           first.group_size, first.head_dim)
+                           first.group_size, first.head_dim, first.token_block)
 
 
 def materialize(packed: QuantizedTensor | None, residual: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -332,12 +424,16 @@ def length_unit(qt: QuantizedTensor) -> int:
 
 
 def slice_tokens(qt: QuantizedTensor, start: int, stop: int) -> QuantizedTensor:
-    """Tokens ``[start, stop)``; for per_channel both ends must fall on group boundaries."""
+    """Tokens ``[start, stop)``; for per_channel both ends must fall on group boundaries, for
+    token-blocked codes on block boundaries."""
     if qt.granularity == "per_channel":
         g = qt.group_size
         if start % g or (stop % g and stop != qt.num_tokens):
             raise ValueError(f"per_channel slice [{start}, {stop}) is invalid; allowed: multiples of group_size={g}")
         gs, ge = start // g, -(-stop // g)
         return QuantizedTensor(qt.codes[..., start:stop, :], qt.scale[..., gs:ge, :], qt.zero[..., gs:ge, :],
-                               qt.bits, qt.granularity, g, qt.head_dim)
+                               qt.bits, qt.granularity, g, qt.head_dim, qt.token_block)
+    if qt.token_block and (start % qt.token_block or stop % qt.token_block):
+        raise ValueError(f"slice [{start}, {stop}) of token-blocked codes is invalid; allowed: multiples of the "
+                         f"token block {qt.token_block}")
     return qt.map(lambda t: t[..., start:stop, :])

@@ -18,6 +18,9 @@ Design (see ``shared/PERF.md``):
   ``[rows, groups]`` tile;
 * dot products run in fp16 whatever the model dtype: codes (< 256) are exact in fp16, and fp16
   keeps 3 more mantissa bits than bf16 for the folded operands;
+* values in token blocks (``quant.to_token_blocks``, ``VT``: one block per tile) are unpacked as a
+  ``[D, N]`` tile straight into the registers of the ``acc^T = V^T P^T`` MMA; values packed along
+  head_dim are unpacked, written to shared memory as fp16 and read back transposed;
 * base-2 online softmax with ``scaling * log2(e)`` folded into q;
 * offsets that scale with batch x heads x tokens are computed in int64.
 """
@@ -63,10 +66,11 @@ def _channels8(c0, c1, c2, c3, c4, c5, c6, c7):
 
 
 @triton.jit
-def _unpack_plane(base, t, tmask, stride_t, col0, D: tl.constexpr, BLOCK_D: tl.constexpr, W: tl.constexpr):
-    """One bit plane as uint16 codes ``[len(t), BLOCK_D]`` in channel order: the codes of a byte
-    are split with shifts in 16-bit lanes and put back in order with ``tl.interleave``."""
-    b = _plane_bytes(base, t, tmask, stride_t, col0, D, BLOCK_D, W).to(tl.uint16)
+def _decode_plane(b, W: tl.constexpr):
+    """The codes of bytes ``b`` ``[R, C]`` of one bit plane as uint16 ``[R, C * 8 / W]``, in order
+    along the last dim: the codes of a byte are split with shifts in 16-bit lanes and put back in
+    order with ``tl.interleave``."""
+    b = b.to(tl.uint16)
     if W == 8:
         c = b
     elif W == 4:
@@ -77,6 +81,12 @@ def _unpack_plane(base, t, tmask, stride_t, col0, D: tl.constexpr, BLOCK_D: tl.c
         c = _channels8(b & 1, (b >> 1) & 1, (b >> 2) & 1, (b >> 3) & 1, (b >> 4) & 1, (b >> 5) & 1, (b >> 6) & 1,
                        b >> 7)
     return c
+
+
+@triton.jit
+def _unpack_plane(base, t, tmask, stride_t, col0, D: tl.constexpr, BLOCK_D: tl.constexpr, W: tl.constexpr):
+    """One bit plane as uint16 codes ``[len(t), BLOCK_D]`` in channel order."""
+    return _decode_plane(_plane_bytes(base, t, tmask, stride_t, col0, D, BLOCK_D, W), W)
 
 
 # Packed bit-trick unpacking (PTX, 4 bytes per call; PERF.md section 7 item 4): bytes are spread
@@ -208,9 +218,8 @@ _ASM1_CONSTRAINTS = tl.constexpr("=r," * 16 + "r")
 
 
 @triton.jit
-def _unpack_plane_asm(base, t, tmask, stride_t, col0, D: tl.constexpr, BLOCK_D: tl.constexpr, W: tl.constexpr):
-    """:func:`_unpack_plane` straight to fp16 with packed PTX (CUDA only); ``W = 1`` returns bit * 4."""
-    b = _plane_bytes(base, t, tmask, stride_t, col0, D, BLOCK_D, W)
+def _decode_plane_asm(b, W: tl.constexpr):
+    """:func:`_decode_plane` straight to fp16 with packed PTX (CUDA only); ``W = 1`` returns bit * 4."""
     if W == 1:  # only as the upper plane of a 3-bit code (2-bit plane below): values are bit * 4
         c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
             _ASM1X4, _ASM1_CONSTRAINTS, [b], dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
@@ -228,6 +237,74 @@ def _unpack_plane_asm(base, t, tmask, stride_t, col0, D: tl.constexpr, BLOCK_D: 
                                                    is_pure=True, pack=4)
         c = _channels4(c0, c1, c2, c3)
     return c
+
+
+@triton.jit
+def _unpack_plane_asm(base, t, tmask, stride_t, col0, D: tl.constexpr, BLOCK_D: tl.constexpr, W: tl.constexpr):
+    """:func:`_unpack_plane` straight to fp16 with packed PTX (CUDA only); ``W = 1`` returns bit * 4."""
+    return _decode_plane_asm(_plane_bytes(base, t, tmask, stride_t, col0, D, BLOCK_D, W), W)
+
+
+@triton.jit
+def _token_plane_bytes(base, d, dmask, t0, end, stride_t, col0, BLOCK_N: tl.constexpr, W: tl.constexpr):
+    """The bytes of one bit plane of the token block that starts at token ``t0`` (``quant.to_token_blocks``,
+    blocks of ``BLOCK_N`` tokens) for channels ``d``: ``[len(d), BLOCK_N * W / 8]`` uint8, channel
+    rows of codes packed along tokens. ``col0`` is the plane's first byte in a token row; a block
+    keeps each plane's ``[D, BLOCK_N * W / 8]`` bytes at ``BLOCK_N * col0``."""
+    j = tl.arange(0, BLOCK_N * W // 8)
+    ptr = base + t0.to(tl.int64) * stride_t + BLOCK_N * col0 + d.to(tl.int64)[:, None] * (BLOCK_N * W // 8) + j[None, :]
+    # one mask per block: the stored length is whole blocks, so a per-token mask (which made the
+    # loads byte-wise) is not needed; tokens past ``end`` inside a block get zero probability
+    live = (t0 + j * 0) < end
+    return tl.load(ptr, mask=dmask[:, None] & live[None, :], other=0)
+
+
+@triton.jit
+def _word_order(c, W: tl.constexpr):
+    """Codes decoded in byte order (code ``f`` of byte ``j`` at ``j * 8 / W + f``) put in a token
+    block's word order (``quant.to_token_blocks``): code ``f`` of byte ``k`` of a 32-bit word is
+    element ``4 f + k`` of that word. The PTX unpackers return code ``f`` of 2 adjacent bytes in one
+    fp16x2 register, so with this order a register holds 2 adjacent elements, as the MMA operand
+    wants them (no repacking ``PRMT``s)."""
+    P: tl.constexpr = 8 // W
+    if P == 1:
+        return c
+    else:
+        R: tl.constexpr = c.shape[0]
+        N: tl.constexpr = c.shape[1]
+        return tl.reshape(tl.permute(tl.reshape(c, (R, N // (4 * P), 4, P)), (0, 1, 3, 2)), (R, N))
+
+
+@triton.jit
+def _block_tokens(c):
+    """A token block's elements (``quant.to_token_blocks``: ``s = 4 S c + 4 s + 2 h + i`` for
+    ``S = N / 16`` slabs) in token order ``16 s + 8 h + 2 c + i``: each group of 4 MMA lanes reads
+    its tokens of every 16-token slab as one contiguous run of bytes."""
+    R: tl.constexpr = c.shape[0]
+    N: tl.constexpr = c.shape[1]
+    return tl.reshape(tl.permute(tl.reshape(c, (R, 4, N // 16, 2, 2)), (0, 2, 3, 1, 4)), (R, N))
+
+
+@triton.jit
+def _unpack_tokens(base, d, dmask, t0, end, stride_t, D: tl.constexpr, BLOCK_N: tl.constexpr, W0: tl.constexpr,
+                   W1: tl.constexpr, VT: tl.constexpr, ASM: tl.constexpr):
+    """Codes of a token-blocked tile as fp16 ``[len(d), BLOCK_N]`` (channels x tokens, token
+    order; ``BLOCK_N == VT``): the transpose of :func:`_unpack`'s tile, unpacked along tokens."""
+    col1: tl.constexpr = D * W0 // 8
+    b0 = _token_plane_bytes(base, d, dmask, t0, end, stride_t, 0, BLOCK_N, W0)
+    if ASM:
+        c = _word_order(_decode_plane_asm(b0, W0), W0)
+        if W1 > 0:
+            b1 = _token_plane_bytes(base, d, dmask, t0, end, stride_t, col1, BLOCK_N, W1)
+            c1 = _word_order(_decode_plane_asm(b1, W1), W1)
+            c = c + (c1 if W1 == 1 else c1 * (1 << W0))  # a 1-bit plane comes back as bit * 4
+        return _block_tokens(c)
+    c = _word_order(_decode_plane(b0, W0), W0)
+    if W1 > 0:
+        b1 = _token_plane_bytes(base, d, dmask, t0, end, stride_t, col1, BLOCK_N, W1)
+        c = c | (_word_order(_decode_plane(b1, W1), W1) << W0)
+    magic = tl.full([1, 1], 0x6400, tl.uint16)
+    return _block_tokens((c | magic).to(tl.float16, bitcast=True) - 1024.0)
 
 
 @triton.jit
@@ -312,6 +389,20 @@ def _dequant_groups(code, s_base, z_base, t, tmask, stride_t, D: tl.constexpr, G
 
 
 @triton.jit
+def _dequant_groups_t(code_t, s_base, z_base, t, tmask, stride_t, D: tl.constexpr, G: tl.constexpr,
+                      NG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """:func:`_dequant_groups` for a ``[BLOCK_D, BLOCK_N]`` (channels x tokens) tile."""
+    j = tl.arange(0, NG)
+    smask = (j * G < D)[:, None] & tmask[None, :]
+    off = t.to(tl.int64)[None, :] * stride_t + j[:, None]
+    s_t = tl.load(s_base + off, mask=smask, other=0.0)
+    z_t = tl.load(z_base + off, mask=smask, other=0.0)
+    s_full = tl.reshape(tl.broadcast_to(s_t[:, None, :], (NG, G, BLOCK_N)), (BLOCK_D, BLOCK_N))
+    z_full = tl.reshape(tl.broadcast_to(z_t[:, None, :], (NG, G, BLOCK_N)), (BLOCK_D, BLOCK_N))
+    return (code_t.to(tl.float32) * s_full.to(tl.float32) + z_full.to(tl.float32)).to(tl.float16)
+
+
+@triton.jit
 def _tok(v, SWAP: tl.constexpr):
     """A per-token vector broadcast against a scores tile (``[H, N]``, or ``[N, H]`` when ``SWAP``)."""
     if SWAP:
@@ -357,6 +448,21 @@ def _pv(p, v16, SWAP_QK: tl.constexpr, SWAP_PV: tl.constexpr):
 
 
 @triton.jit
+def _pv_t(p, v_t, SWAP_QK: tl.constexpr, SWAP_PV: tl.constexpr):
+    """:func:`_pv` from a ``[D, N]`` value tile (token-blocked values)."""
+    if SWAP_PV:
+        if SWAP_QK:
+            return tl.dot(v_t, p.to(tl.float16))
+        else:
+            return tl.dot(v_t, tl.trans(p.to(tl.float16)))
+    else:
+        if SWAP_QK:
+            return tl.dot(tl.trans(p.to(tl.float16)), tl.trans(v_t))
+        else:
+            return tl.dot(p.to(tl.float16), tl.trans(v_t))
+
+
+@triton.jit
 def _softmax_step(scores, valid, m_i, l_i, acc, SWAP_QK: tl.constexpr, SWAP_PV: tl.constexpr):
     """One base-2 online-softmax step over a tile of masked scores: new running max and sum, the
     rescaled accumulator, and the tile's probabilities (a row that is all -inf so far stays at zero
@@ -395,7 +501,7 @@ def _decode_split_kernel(
         GV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, HAS_MASK: tl.constexpr,
         SWAP_QK: tl.constexpr, SWAP_PV: tl.constexpr, ASM: tl.constexpr, FOLD_K: tl.constexpr,
         FOLD_V: tl.constexpr, DEV_LEN: tl.constexpr, QUNIT: tl.constexpr, UNPACK3_K: tl.constexpr,
-        UNPACK3_V: tl.constexpr):
+        UNPACK3_V: tl.constexpr, VT: tl.constexpr):
     if DEV_LEN:  # lengths live on the device (CUDA-graph replay): n_q/n_r passed in are capacities
         # the quantized length is stored in units of QUNIT (the key group in KIVI mode), so the
         # compiler still knows its divisibility, as it does for a specialised n_q
@@ -485,26 +591,47 @@ def _decode_split_kernel(
                 valid = valid & (mk != 0)
             m_i, l_i, acc, p = _softmax_step(scores, valid, m_i, l_i, acc, SWAP_QK, SWAP_PV)
             # ---- acc += p . v, v = codes * scale + zero (per token)
-            vcode = _unpack(vc, t, tmask, svc_t, D, BLOCK_D, VW0, VW1, ASM, UNPACK3_V)
             NGV: tl.constexpr = BLOCK_D // GV
-            if NGV == 1:
-                s_v = tl.load(vs + t.to(tl.int64) * svs_t, mask=tmask, other=0.0).to(tl.float32)
-                z_v = tl.load(vz + t.to(tl.int64) * svs_t, mask=tmask, other=0.0).to(tl.float32)
-                if FOLD_V == 0:  # dequantize the tile in fp16 registers
-                    v = vcode * s_v.to(tl.float16)[:, None] + z_v.to(tl.float16)[:, None]
-                    acc += _pv(p, v, SWAP_QK, SWAP_PV)
-                elif FOLD_V == 1:
-                    sv_max = tl.maximum(tl.max(s_v, axis=0), 1e-30)
-                    pv = _pv(p * _tok(s_v / sv_max, SWAP_QK), vcode, SWAP_QK, SWAP_PV)
-                    pz = tl.sum(p * _tok(z_v, SWAP_QK), axis=TOK)
-                    acc += pv * sv_max + _head(pz, SWAP_PV)
+            if VT > 0:  # token-blocked values: a [D, N] tile unpacked along the dot's depth (tokens)
+                vcode_t = _unpack_tokens(vc, d, dmask, t0, end, svc_t, D, BLOCK_N, VW0, VW1, VT, ASM)
+                if NGV == 1:
+                    s_v = tl.load(vs + t.to(tl.int64) * svs_t, mask=tmask, other=0.0).to(tl.float32)
+                    z_v = tl.load(vz + t.to(tl.int64) * svs_t, mask=tmask, other=0.0).to(tl.float32)
+                    if FOLD_V == 0:
+                        v_t = vcode_t * s_v.to(tl.float16)[None, :] + z_v.to(tl.float16)[None, :]
+                        acc += _pv_t(p, v_t, SWAP_QK, SWAP_PV)
+                    elif FOLD_V == 1:
+                        sv_max = tl.maximum(tl.max(s_v, axis=0), 1e-30)
+                        pv = _pv_t(p * _tok(s_v / sv_max, SWAP_QK), vcode_t, SWAP_QK, SWAP_PV)
+                        pz = tl.sum(p * _tok(z_v, SWAP_QK), axis=TOK)
+                        acc += pv * sv_max + _head(pz, SWAP_PV)
+                    else:
+                        pv = _pv_t(p * _tok(s_v, SWAP_QK), vcode_t, SWAP_QK, SWAP_PV)
+                        pz = tl.sum(p * _tok(z_v, SWAP_QK), axis=TOK)
+                        acc += pv + _head(pz, SWAP_PV)
                 else:
-                    pv = _pv(p * _tok(s_v, SWAP_QK), vcode, SWAP_QK, SWAP_PV)
-                    pz = tl.sum(p * _tok(z_v, SWAP_QK), axis=TOK)
-                    acc += pv + _head(pz, SWAP_PV)
+                    v_t = _dequant_groups_t(vcode_t, vs, vz, t, tmask, svs_t, D, GV, NGV, BLOCK_N, BLOCK_D)
+                    acc += _pv_t(p, v_t, SWAP_QK, SWAP_PV)
             else:
-                v = _dequant_groups(vcode, vs, vz, t, tmask, svs_t, D, GV, NGV, BLOCK_N, BLOCK_D)
-                acc += _pv(p, v, SWAP_QK, SWAP_PV)
+                vcode = _unpack(vc, t, tmask, svc_t, D, BLOCK_D, VW0, VW1, ASM, UNPACK3_V)
+                if NGV == 1:
+                    s_v = tl.load(vs + t.to(tl.int64) * svs_t, mask=tmask, other=0.0).to(tl.float32)
+                    z_v = tl.load(vz + t.to(tl.int64) * svs_t, mask=tmask, other=0.0).to(tl.float32)
+                    if FOLD_V == 0:  # dequantize the tile in fp16 registers
+                        v = vcode * s_v.to(tl.float16)[:, None] + z_v.to(tl.float16)[:, None]
+                        acc += _pv(p, v, SWAP_QK, SWAP_PV)
+                    elif FOLD_V == 1:
+                        sv_max = tl.maximum(tl.max(s_v, axis=0), 1e-30)
+                        pv = _pv(p * _tok(s_v / sv_max, SWAP_QK), vcode, SWAP_QK, SWAP_PV)
+                        pz = tl.sum(p * _tok(z_v, SWAP_QK), axis=TOK)
+                        acc += pv * sv_max + _head(pz, SWAP_PV)
+                    else:
+                        pv = _pv(p * _tok(s_v, SWAP_QK), vcode, SWAP_QK, SWAP_PV)
+                        pz = tl.sum(p * _tok(z_v, SWAP_QK), axis=TOK)
+                        acc += pv + _head(pz, SWAP_PV)
+                else:
+                    v = _dequant_groups(vcode, vs, vz, t, tmask, svs_t, D, GV, NGV, BLOCK_N, BLOCK_D)
+                    acc += _pv(p, v, SWAP_QK, SWAP_PV)
     else:
         kr = KR + b * skr_b + h * skr_h
         vr = VR + b * svr_b + h * svr_h
@@ -599,17 +726,24 @@ LAUNCH_TABLE = Path(__file__).with_name("launch_table.json")
 
 
 @functools.cache
-def launch_table() -> dict[tuple[int, int], dict]:
-    """Measured launch choices per (k_bits, v_bits) at D = 128, 128-token tiles (``launch_table.json``,
-    written by ``benchmarks/sweep_decode_kernel.py --stage fold --table``); empty if absent."""
+def launch_table() -> dict[tuple[int, int, bool], dict]:
+    """Measured launch choices per (k_bits, v_bits, values in token blocks) at D = 128, 128-token
+    tiles (``launch_table.json``: keys ``"k,v"``, and ``"k,v,tokens"`` for token-blocked values);
+    empty if absent."""
     if not LAUNCH_TABLE.is_file():
         return {}
     pairs = json.loads(LAUNCH_TABLE.read_text())["pairs"]
-    return {(int(k.split(",")[0]), int(k.split(",")[1])): v for k, v in pairs.items()}
+    out = {}
+    for key, entry in pairs.items():
+        k, v, *layout = key.split(",")
+        if layout not in ([], ["tokens"]):
+            raise ValueError(f"launch table key {key!r} is invalid; allowed: 'k,v' or 'k,v,tokens'")
+        out[int(k), int(v), bool(layout)] = entry
+    return out
 
 
 def launch_defaults(kbits: int, vbits: int, block_d: int, block_n: int, device: torch.device, *,
-                    table: bool = True) -> dict:
+                    table: bool = True, tokens: bool = False) -> dict:
     """Launch choices per bit pair: rules from the H100 sweeps, then the measured table's entry.
 
     Rules (benchmarks/results/decode_kernel_sweep_h100.md, sweep_fold_h100.md):
@@ -629,19 +763,23 @@ def launch_defaults(kbits: int, vbits: int, block_d: int, block_n: int, device: 
     The table (measured at D = 128, 128-token tiles) overrides every choice for that tile shape and
     the fold choices for any shape; PTX unpacking stays off where it cannot run. Its
     ``splits_per_sm_small`` (measured at B = 1, L = 128k) replaces ``splits_per_sm`` when there are
-    fewer (batch x KV head) rows than SMs.
+    fewer (batch x KV head) rows than SMs. ``tokens``: values in token blocks (``quant.to_token_blocks``);
+    their own entry if the table has one, else the pair's entry; swap_pv always (without it every
+    token-blocked pair was 20-60 % slower: benchmarks/results/kernel_experiments_h100.md, session 11).
     """
-    return dict(_launch_defaults(kbits, vbits, block_d, block_n, _ptx_ok(device), table))
+    return dict(_launch_defaults(kbits, vbits, block_d, block_n, _ptx_ok(device), table, tokens))
 
 
 @functools.lru_cache(maxsize=512)  # on the decode path once per layer and step: build each dict once
-def _launch_defaults(kbits: int, vbits: int, block_d: int, block_n: int, ptx: bool, table: bool) -> dict:
+def _launch_defaults(kbits: int, vbits: int, block_d: int, block_n: int, ptx: bool, table: bool,
+                     tokens: bool = False) -> dict:
     out = dict(num_warps=4, num_stages=3 if block_d * block_n <= 128 * 128 else 2,
-               swap_qk=False, swap_pv=vbits in (2, 4), asm=ptx,
+               swap_qk=False, swap_pv=vbits in (2, 4) or tokens, asm=ptx,
                fold_k="reg" if kbits == 8 else "plain", fold_v="norm" if vbits == 8 else "reg",
                maxnreg=None, splits_per_sm=4, splits_per_sm_small=None,
                unpack3_k="words" if ptx else "planes", unpack3_v="planes")
-    entry = launch_table().get((kbits, vbits)) if table else None
+    entries = launch_table() if table else {}
+    entry = entries.get((kbits, vbits, tokens)) or entries.get((kbits, vbits, False))
     if entry:
         same_tile = block_d == 128 and block_n == 128
         out.update({k: v for k, v in entry.items() if k in out and (same_tile or k in ("fold_k", "fold_v"))})
@@ -656,10 +794,10 @@ _GIVEN = ("num_warps", "num_stages", "swap_qk", "swap_pv", "asm", "fold_k", "fol
 
 @functools.lru_cache(maxsize=1024)  # once per layer and step: decide and validate once per configuration
 def _launch_choices(kbits: int, vbits: int, block_d: int, block_n: int, ptx: bool, small: bool,
-                    given: tuple) -> tuple:
+                    given: tuple, tokens: bool = False) -> tuple:
     """The launch choices in ``_GIVEN`` order: the defaults, with the split for few long rows when
     ``small``, overridden by the non-``None`` values of ``given``."""
-    launch = dict(_launch_defaults(kbits, vbits, block_d, block_n, ptx, True))
+    launch = dict(_launch_defaults(kbits, vbits, block_d, block_n, ptx, True, tokens))
     if launch["splits_per_sm_small"] and small:  # few long rows: its own measured split
         launch["splits_per_sm"] = launch["splits_per_sm_small"]
     launch.update({k: v for k, v in zip(_GIVEN, given) if v is not None})
@@ -745,20 +883,25 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
             raise ValueError(f"per-token key groups of {gk} channels need head_dim a power of two multiple")
         if (gv != d and (d % gv or block_d != d)):
             raise ValueError(f"value groups of {gv} channels need head_dim a power of two multiple")
+        vt = v_packed.token_block
+        if vt and (d % 8 or vt % 32):
+            raise ValueError(f"token-blocked values need head_dim a multiple of 8 and the block ({vt}) of 32")
         gk_eff = block_d if (not k_per_channel and gk == d) else gk
         gv_eff = block_d if gv == d else gv
     else:
         kc = ks = kz = vc = vs = vz = None
         kbits = vbits = 8
-        k_per_channel, gk_eff, gv_eff = True, 32, block_d
-    if block_n is None:
-        block_n = gk_eff if k_per_channel and gk_eff >= 32 else 64
+        k_per_channel, gk_eff, gv_eff, vt = True, 32, block_d, 0
+    if block_n is None:  # token-blocked values: one block per tile
+        block_n = vt or (gk_eff if k_per_channel and gk_eff >= 32 else 64)
     if k_per_channel and block_n % gk_eff and gk_eff % block_n:
         raise ValueError(f"block_n={block_n} is invalid; allowed: a multiple or divisor of the key group {gk_eff}")
+    if vt and block_n != vt:
+        raise ValueError(f"block_n={block_n} is invalid for values in token blocks of {vt}; allowed: {vt}")
     ptx = _ptx_ok(q.device)
     given = (num_warps, num_stages, swap_qk, swap_pv, asm, fold_k, fold_v, maxnreg, splits_per_sm, unpack3_k, unpack3_v)
     (num_warps, num_stages, swap_qk, swap_pv, asm, fold_k, fold_v, maxnreg, splits_per_sm, unpack3_k,
-     unpack3_v) = _launch_choices(kbits, vbits, block_d, block_n, ptx, b * hkv < _num_sm(q.device), given)
+     unpack3_v) = _launch_choices(kbits, vbits, block_d, block_n, ptx, b * hkv < _num_sm(q.device), given, bool(vt))
     n_split_q, per_split = _splits(b * hkv, n_q, block_n, q.device, splits_per_sm)
     num_splits = n_split_q + 1
     rows = b * hq * num_splits
@@ -787,7 +930,7 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
         BLOCK_R=32, HAS_MASK=mask is not None, SWAP_QK=bool(swap_qk), SWAP_PV=bool(swap_pv), ASM=bool(asm),
         FOLD_K=FOLDS[fold_k], FOLD_V=FOLDS[fold_v], DEV_LEN=lengths is not None,
         QUNIT=length_unit(k_packed) if lengths is not None else 1, UNPACK3_K=UNPACK3[unpack3_k] if asm else 0,
-        UNPACK3_V=UNPACK3[unpack3_v] if asm else 0, num_warps=num_warps, num_stages=num_stages,
+        UNPACK3_V=UNPACK3[unpack3_v] if asm else 0, VT=vt, num_warps=num_warps, num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}))
     out = torch.empty(b, 1, hq, d, device=q.device, dtype=q.dtype)
     _launch_merge((b * hq,), po, pm, pl, out, out.stride(0), out.stride(2), hq, num_splits, float(out_scale), D=d,
