@@ -42,7 +42,6 @@ for shape in args.shapes.split(","):
             kp, vp = (x.__class__(x.codes, x.scale.to(dt), x.zero.to(dt), *[getattr(x, f) for f in
                       ("bits", "granularity", "group_size", "head_dim")]) for x in (kp, vp))
         r = ref(q.float(), kp, kr.float(), vp, vr.float(), D**-0.5).float()
-        vpx = vp
         for v in json.loads(args.variants):
             try:
                 launch = dict(v)
@@ -61,5 +60,6 @@ for shape in args.shapes.split(","):
                       f"regs {ck.n_regs} spills {ck.n_spills}", flush=True)
             except Exception as ex:  # a variant that does not compile or run is a result too
                 print(shape, pair, v, "ERR", str(ex)[:150], flush=True)
-        del case, q, kp, kr, vp, vr, r, vpx
+        vpx = None  # let the re-laid copy go with the case
+        del case, q, kp, kr, vp, vr, r
         torch.cuda.empty_cache()
