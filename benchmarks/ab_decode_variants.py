@@ -5,7 +5,8 @@
 
 For each pair and shape, every variant (overrides of triton_decode.launch_defaults; ``{}`` is the
 current default; ``"token_block": G`` stores the values in token blocks of G tokens, as the cache does
-on the GPU for KIVI values of 2-4 bits, otherwise they are packed along head_dim) is checked against the fp32 reference and timed eagerly (do_bench) and inside a
+on the GPU for KIVI values of 2-4 bits, otherwise they are packed along head_dim; ``"key_words": true``
+stores the keys in channel word order, quant.to_channel_words) is checked against the fp32 reference and timed eagerly (do_bench) and inside a
 CUDA graph (do_bench_cudagraph). Results: benchmarks/results/kernel_experiments_h100.md.
 """
 
@@ -51,7 +52,11 @@ for shape in args.shapes.split(","):
                     vpx = quant.QuantizedTensor(quant.to_token_blocks(vp.codes, vp.bits, D, tb), vp.scale, vp.zero,
                                                 vp.bits, vp.granularity, vp.group_size, vp.head_dim, tb)
                 launch.pop("token_block", None)
-                fn = lambda: td.decode_attention(q, kp, kr, vpx, vr, D**-0.5, **launch)  # noqa: E731
+                kpx = kp
+                if launch.pop("key_words", False):  # keys in channel word order (quant.to_channel_words)
+                    kpx = quant.QuantizedTensor(quant.to_channel_words(kp.codes, kp.bits, D), kp.scale, kp.zero,
+                                                kp.bits, kp.granularity, kp.group_size, kp.head_dim, 0, True)
+                fn = lambda: td.decode_attention(q, kpx, kr, vpx, vr, D**-0.5, **launch)  # noqa: E731
                 err = ((fn().float() - r).norm() / r.norm()).item()
                 g = tt.do_bench_cudagraph(fn, rep=100) * 1e3
                 e = tt.do_bench(fn, warmup=10, rep=100) * 1e3
@@ -60,6 +65,6 @@ for shape in args.shapes.split(","):
                       f"regs {ck.n_regs} spills {ck.n_spills}", flush=True)
             except Exception as ex:  # a variant that does not compile or run is a result too
                 print(shape, pair, v, "ERR", str(ex)[:150], flush=True)
-        vpx = None  # let the re-laid copy go with the case
+        vpx = kpx = None  # let the re-laid copies go with the case
         del case, q, kp, kr, vp, vr, r
         torch.cuda.empty_cache()

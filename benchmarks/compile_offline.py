@@ -43,11 +43,12 @@ class _Capture:
 
 
 def launch_args(kbits: int, vbits: int, b: int = 64, n: int = 4096, hkv: int = 8, group: int = 4, d: int = 128,
-                token_block: int = 0, **launch) -> tuple[tuple, dict]:
+                token_block: int = 0, key_words: bool = False, **launch) -> tuple[tuple, dict]:
     k = torch.randn(1, hkv, 256, d, dtype=torch.bfloat16)  # as the benchmarks: bf16 model (scales/zeros in fp16, quant.meta_dtype)
     kp = quant.quantize(k, kbits, "per_channel", 128).map(lambda x: x.repeat(b, 1, n // 256, 1))
     vp = quant.quantize(k, vbits, "per_token", None).map(lambda x: x.repeat(b, 1, n // 256, 1))
     vp.token_block = token_block  # the layout of the codes changes nothing the compiler sees but VT
+    kp.channel_words = key_words  # ... and KWORDS
     kr = torch.randn(b, hkv, 32, d, dtype=torch.bfloat16)
     q = torch.randn(b, hkv * group, 1, d, dtype=torch.bfloat16)
     cap = _Capture()
@@ -91,14 +92,15 @@ def main() -> None:
     ap.add_argument("--pairs", default="44,33")
     ap.add_argument("--launch", default="{}", help="JSON overrides of decode_attention's launch choices")
     ap.add_argument("--token-block", type=int, default=0, help="values in token blocks of this many tokens")
+    ap.add_argument("--key-words", action="store_true", help="keys in channel word order (quant.to_channel_words)")
     ap.add_argument("--dump", default=None, help="directory for each variant's ttgir and SASS")
     args = ap.parse_args()
     for pair in args.pairs.split(","):
-        a, kw = launch_args(int(pair[0]), int(pair[1]), token_block=args.token_block, **json.loads(args.launch))
+        a, kw = launch_args(int(pair[0]), int(pair[1]), token_block=args.token_block, key_words=args.key_words, **json.loads(args.launch))
         ck = compile_sm90(a, kw)
         sass, ops, usage = sass_summary(ck)
         smem = sum(v for k, v in ops.items() if k.startswith(("STS", "LDS", "STSM", "LDSM")))
-        print(f"K{pair[0]}V{pair[1]} {args.launch} token_block={args.token_block}: {usage} (dynamic shared {ck.metadata.shared} B), "
+        print(f"K{pair[0]}V{pair[1]} {args.launch} token_block={args.token_block} key_words={args.key_words}: {usage} (dynamic shared {ck.metadata.shared} B), "
               f"{sum(ops.values())} SASS instructions, {smem} shared-memory ones: "
               + ", ".join(f"{k} {v}" for k, v in sorted(ops.items()) if k.startswith(("STS", "LDS", "STL", "LDL"))))
         if args.dump:

@@ -270,8 +270,9 @@ def test_rotation_needs_power_of_two_head_dim():
 
 @pytest.mark.parametrize("vbits,blocked", [(2, True), (3, True), (4, True), (8, False)])
 def test_values_in_token_blocks_hold_the_same_cache(monkeypatch, vbits, blocked):
-    # on the GPU, KIVI values of 2-4 bits are kept in token blocks for the fused kernel; forced here
-    # on the CPU: same tensors out, same bytes, same crop semantics (cuts fall on whole blocks)
+    # on the GPU, KIVI values of 2-4 bits are kept in token blocks for the fused kernel (and 4-bit keys
+    # beside them in channel word order); forced here on the CPU: same tensors out, same bytes, same
+    # crop semantics (cuts fall on whole blocks)
     from kvtuner import cache as cache_mod
 
     plan = KVPlan.uniform(2, 4, vbits, "kivi")
@@ -285,6 +286,8 @@ def test_values_in_token_blocks_hold_the_same_cache(monkeypatch, vbits, blocked)
         runs[flag] = (cache, outs)
     (plain, outs_p), (tb, outs_b) = runs[False], runs[True]
     assert tb.layers[0]._v.token_block == (32 if blocked else 0) and tb.layers[0]._k.token_block == 0
+    assert tb.layers[0]._k.channel_words == blocked and tb.layers[0]._k.packed.channel_words == blocked  # 4-bit keys
+    assert not plain.layers[0]._k.channel_words
     assert plain.layers[0]._v.token_block == 0
     assert tb.layers[0]._v.packed.token_block == tb.layers[0]._v.token_block
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(outs_p, outs_b))

@@ -41,7 +41,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def make_case(b, hkv, group, d, n_q, n_r, kbits, vbits, *, k_gran="per_channel", gk=32, gv=None,
-              dtype=torch.float16, seed=0, vt=0):
+              dtype=torch.float16, seed=0, vt=0, key_words=False):
     g = torch.Generator(device="cpu").manual_seed(seed)
     k = torch.randn(b, hkv, n_q + n_r, d, generator=g).to(DEV, dtype)
     k = k + torch.randn(1, 1, 1, d, generator=g).to(DEV, dtype) * 3  # channel outliers, as in real keys
@@ -52,6 +52,9 @@ def make_case(b, hkv, group, d, n_q, n_r, kbits, vbits, *, k_gran="per_channel",
     if vt and vp is not None:  # values in token blocks, as the cache keeps them for the kernel
         vp = quant.QuantizedTensor(quant.to_token_blocks(vp.codes, vbits, d, vt), vp.scale, vp.zero, vbits,
                                    "per_token", vp.group_size, d, vt)
+    if key_words and kp is not None:  # keys in channel word order, as the cache keeps 4-bit keys beside them
+        kp = quant.QuantizedTensor(quant.to_channel_words(kp.codes, kbits, d), kp.scale, kp.zero, kbits, k_gran,
+                                   kp.group_size, d, 0, True)
     kr = k[..., n_q:, :] if n_r else None
     vr = v[..., n_q:, :] if n_r else None
     return q, kp, kr, vp, vr
@@ -218,6 +221,24 @@ def test_decode_token_blocked_values(case):
         triton_decode.decode_attention(*blocked, *args, block_n=case["vt"] // 2)
 
 
+@pytest.mark.parametrize("kbits,vbits,k_gran,gk,vt", [(4, 4, "per_channel", 32, 32), (2, 2, "per_channel", 32, 0),
+                                                   (4, 2, "per_token", None, 0), (3, 4, "per_channel", 64, 64),
+                                                   (6, 3, "per_channel", 32, 0)])
+def test_decode_keys_in_channel_word_order(kbits, vbits, k_gran, gk, vt):
+    case = dict(b=2, hkv=2, group=4, d=64, n_q=128, n_r=5, kbits=kbits, vbits=vbits, k_gran=k_gran, gk=gk, vt=vt)
+    worded = make_case(**case, key_words=True)
+    assert worded[1].channel_words
+    check(worded)
+    args = (64 ** -0.5,)
+    assert rel(triton_decode.decode_attention(*worded, *args), triton_decode.decode_attention(*make_case(**case), *args)) < 2e-3
+    if not vt:  # values packed along head_dim cannot be in word order: the kernel reads that for keys only
+        q, kp, kr, vp, vr = worded
+        vw = quant.QuantizedTensor(quant.to_channel_words(vp.codes, vbits, 64), vp.scale, vp.zero, vbits, "per_token",
+                                   vp.group_size, 64, 0, True)
+        with pytest.raises(ValueError, match="keys only"):
+            triton_decode.decode_attention(q, kp, kr, vw, vr, *args)
+
+
 def test_decode_ragged_batch_mask():
     case = make_case(3, 2, 4, 64, 64, 7, 4, 4)
     mask = torch.ones(3, 71, dtype=torch.bool, device=DEV)
@@ -236,7 +257,7 @@ def _in_capacity(qt, tokens):
         return out
 
     return quant.QuantizedTensor(grow(qt.codes, tokens), grow(qt.scale, rows), grow(qt.zero, rows), qt.bits,
-                                 qt.granularity, qt.group_size, qt.head_dim, qt.token_block)
+                                 qt.granularity, qt.group_size, qt.head_dim, qt.token_block, qt.channel_words)
 
 
 @pytest.mark.parametrize("k_gran,n_q,n_r,vt", [("per_channel", 64, 5, 0), ("per_token", 37, 3, 0), ("per_channel", 0, 9, 0),
@@ -336,6 +357,8 @@ def test_gpu_token_blocked_values(d, group, kbits, vbits):
     for n_q, n_r, gk, dtype in ((32 * 7, 19, 32, torch.float16), (128 * 3, 33, 128, torch.bfloat16),
                                 (64 * 5, 0, 64, torch.float16)):
         check(make_case(3, 2, group, d, n_q, n_r, kbits, vbits, gk=gk, dtype=dtype, vt=gk))
+        if kbits == 4:  # what the cache stores beside token-blocked values: 4-bit keys in channel word order
+            check(make_case(3, 2, group, d, n_q, n_r, kbits, vbits, gk=gk, dtype=dtype, vt=gk, key_words=True))
 
 
 @gpu

@@ -268,3 +268,21 @@ def test_token_blocks_reject_bad_shapes_and_slices():
     with pytest.raises(ValueError, match="different layouts"):
         quant.cat([tb, qt])
     assert quant.cat([tb, tb]).token_block == 32
+
+
+@pytest.mark.parametrize("bits,dim", [(2, 64), (3, 64), (4, 8), (4, 64), (6, 32), (8, 16)])
+def test_channel_words_round_trip_and_layout(bits, dim):
+    qt = quant.quantize(torch.randn(2, 3, 40, dim), bits, "per_channel", 32)
+    worded = quant.to_channel_words(qt.codes, bits, dim)
+    assert worded.shape == qt.codes.shape and torch.equal(quant.from_channel_words(worded, bits, dim), qt.codes)
+    wq = quant.QuantizedTensor(worded, qt.scale, qt.zero, bits, "per_channel", 32, dim, 0, True)
+    assert torch.equal(quant.dequantize(wq), quant.dequantize(qt)) and wq.nbytes() == qt.nbytes()
+    codes = quant.unpack(qt.codes, bits, dim)[0, 0, 0].tolist()
+    row = worded[0, 0, 0].tolist()
+    col, shift = 0, 0
+    for w in quant.PLANES[bits]:  # code f of byte k of each word holds channel 4f + k of the word
+        plane = row[col:col + dim * w // 8]
+        assert all(_code_at(plane, ch, w) == (codes[ch] >> shift) & ((1 << w) - 1) for ch in range(dim))
+        col, shift = col + dim * w // 8, shift + w
+    with pytest.raises(ValueError, match="multiple of 16"):
+        quant.to_channel_words(quant.quantize(torch.randn(1, 1, 4, 8), 2).codes, 2, 8)

@@ -39,13 +39,16 @@ class _TensorStore:
     history as ``torch.cat`` would. ``packed`` is a view of the filled part.
     """
 
-    def __init__(self, spec: QuantSpec, role: str, head_dim: int, capacity: int | None = None):
+    def __init__(self, spec: QuantSpec, role: str, head_dim: int, capacity: int | None = None,
+                 value_spec: QuantSpec | None = None):
         self.spec, self.role, self.head_dim = spec, role, head_dim
+        self.value_spec = value_spec  # keys: the layer's value spec (key layout follows the value layout)
         self.granularity = spec.granularity(role)
         self.group = spec.group_size if self.granularity == "per_channel" else spec.channel_group(head_dim)
         self.unit = spec.flush_unit(role)
         self.capacity = capacity
         self.token_block = 0  # decided at the first write (value_token_block)
+        self.channel_words = False  # decided at the first write (key_channel_words)
         self._buf: quant.QuantizedTensor | None = None
         self._n = 0
         self.residual: torch.Tensor | None = None
@@ -74,7 +77,11 @@ class _TensorStore:
 
     def _write(self, block: quant.QuantizedTensor) -> None:
         if self._buf is None:
-            self.token_block = value_token_block(self.spec, self.role, self.head_dim, block.codes.device)
+            self._choose_layout(block.codes.device)
+        if self.channel_words:
+            block = quant.QuantizedTensor(quant.to_channel_words(block.codes, block.bits, block.head_dim), block.scale,
+                                          block.zero, block.bits, block.granularity, block.group_size,
+                                          block.head_dim, 0, True)
         if self.token_block:
             block = quant.QuantizedTensor(quant.to_token_blocks(block.codes, block.bits, block.head_dim,
                                                                 self.token_block), block.scale, block.zero,
@@ -90,6 +97,10 @@ class _TensorStore:
         self._copy_in(block, n)
         self._n = n + m
 
+    def _choose_layout(self, device: torch.device) -> None:
+        self.token_block = value_token_block(self.spec, self.role, self.head_dim, device)
+        self.channel_words = key_channel_words(self.spec, self.value_spec, self.role, self.head_dim, device)
+
     def _reserve(self, want: int, like: quant.QuantizedTensor) -> None:
         """Reallocate packed storage for ``want`` tokens (shapes/dtypes from ``like``), keeping what is filled."""
         if self.granularity == "per_channel":
@@ -102,7 +113,7 @@ class _TensorStore:
         rows = self._meta_rows(want)
         self._buf = quant.QuantizedTensor(grow(like.codes, want), grow(like.scale, rows), grow(like.zero, rows),
                                           like.bits, like.granularity, like.group_size, like.head_dim,
-                                          self.token_block)
+                                          self.token_block, self.channel_words)
         if old is not None:
             self._copy_in(old, 0)
 
@@ -119,7 +130,7 @@ class _TensorStore:
         cap = -(-tokens // self.unit) * self.unit
         if self._buf is None or self._buf.num_tokens < cap:
             if self._buf is None:
-                self.token_block = value_token_block(self.spec, self.role, self.head_dim, like.device)
+                self._choose_layout(like.device)
             template = _quantize(like.new_zeros(b, h, self.unit, d), self.spec.bits, self.granularity, self.group)
             self._reserve(cap, template)
         slots = self.spec.residual_length + self.unit
@@ -261,7 +272,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         self._clear()
 
     def _clear(self) -> None:
-        self._k = _TensorStore(self.spec.k, "key", self.head_dim, self.capacity)
+        self._k = _TensorStore(self.spec.k, "key", self.head_dim, self.capacity, value_spec=self.spec.v)
         self._v = _TensorStore(self.spec.v, "value", self.head_dim, self.capacity)
         self.cumulative_length = 0  # tokens seen
         self.start = 0  # absolute position of the oldest stored token (> 0 only for sliding layers)
@@ -586,8 +597,9 @@ class MixedPrecisionCache(Cache):
 
 
 # Values in token blocks (quant.to_token_blocks) on the Triton path: None decides by device (the
-# fused kernel reads them 8-12 % faster at 2-4 bits on an H100, and 30 % slower at 8 bits:
+# fused kernel reads them 8-30 % faster at 2-4 bits on an H100, and 30 % slower at 8 bits:
 # benchmarks/results/kernel_experiments_h100.md, session 11); True/False force it (tests, A/B runs).
+# 4-bit keys beside token-blocked values follow in channel word order (key_channel_words).
 VALUE_TOKEN_BLOCKS: bool | None = None
 TOKEN_BLOCK_BITS = (2, 3, 4)
 
@@ -603,6 +615,18 @@ def value_token_block(spec: QuantSpec, role: str, head_dim: int, device: torch.d
                 and spec.flush_unit(role) % 32 == 0 and head_dim % 8 == 0)
     wanted = kernels.use_triton(device) if VALUE_TOKEN_BLOCKS is None else VALUE_TOKEN_BLOCKS
     return spec.flush_unit(role) if eligible and wanted else 0
+
+
+def key_channel_words(spec: QuantSpec, value_spec: QuantSpec | None, role: str, head_dim: int,
+                      device: torch.device) -> bool:
+    """Whether a key store keeps its codes in channel word order (``quant.to_channel_words``).
+
+    4-bit keys next to token-blocked values: the fused kernel then skips the fp16-pair repacking of
+    the key tile (H100, 64 x 4k: K4V4 184 -> 176 µs, K4V2 180 -> 174). Not for 2- or 3-bit keys (they
+    got 50-60 % slower: more registers) nor next to values packed along head_dim (K4V8 262 -> 286).
+    """
+    return (role == "key" and spec.bits == 4 and value_spec is not None and head_dim % 8 == 0
+            and value_token_block(value_spec, "value", head_dim, device) > 0)
 
 
 def _quantize(x: torch.Tensor, bits: int, granularity: str, group: int) -> quant.QuantizedTensor:

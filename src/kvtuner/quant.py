@@ -85,6 +85,7 @@ class QuantizedTensor:
     group_size: int
     head_dim: int
     token_block: int = 0  # 0: codes packed along D; n > 0: token-blocked layout (``to_token_blocks``)
+    channel_words: bool = False  # codes packed along D in word order (``to_channel_words``)
 
     @property
     def num_tokens(self) -> int:
@@ -96,7 +97,7 @@ class QuantizedTensor:
     def map(self, fn) -> QuantizedTensor:
         """Apply ``fn`` to codes, scale and zero alike (batch indexing, device moves)."""
         return QuantizedTensor(fn(self.codes), fn(self.scale), fn(self.zero), self.bits, self.granularity,
-                               self.group_size, self.head_dim, self.token_block)
+                               self.group_size, self.head_dim, self.token_block, self.channel_words)
 
 
 def _check_bits(bits: int) -> None:
@@ -224,6 +225,43 @@ def from_token_blocks(blocked: torch.Tensor, bits: int, dim: int, block: int) ->
     tokens = torch.empty_like(codes)
     tokens[..., block_order(block, codes.device)] = codes
     return pack(tokens.transpose(-1, -2).reshape(*lead, t, dim).contiguous(), bits)
+
+
+def to_channel_words(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Re-lay codes packed along D (:func:`pack`) in word order: in every 32-bit word of a plane,
+    code ``f`` of byte ``k`` holds channel ``4 f + k`` of the word's channels (as inside a token
+    block, :func:`to_token_blocks`). Same shape and bytes.
+
+    Why: the PTX unpackers return code ``f`` of two adjacent bytes in one fp16x2 register; in this
+    order that register holds two adjacent channels, as the key MMA operand wants them, instead of
+    channels ``2j`` and ``2j + 2`` that the kernel must repack (``PRMT``).
+    """
+    _check_words(bits, dim)
+    codes = unpack(packed, bits, dim)
+    planes, shift = [], 0
+    for w in PLANES[bits]:
+        planes.append(_pack_plane(_to_words((codes >> shift) & ((1 << w) - 1), w), w))
+        shift += w
+    return torch.cat(planes, dim=-1)
+
+
+def from_channel_words(worded: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Inverse of :func:`to_channel_words`."""
+    _check_words(bits, dim)
+    codes, shift, col = None, 0, 0
+    for w in PLANES[bits]:
+        width = dim * w // 8
+        part = _from_words(_unpack_plane(worded[..., col:col + width], w, dim), w)
+        codes = part if codes is None else codes | (part << shift)
+        shift, col = shift + w, col + width
+    return pack(codes.contiguous(), bits)
+
+
+def _check_words(bits: int, dim: int) -> None:
+    _check_bits(bits)
+    need = max(32 // w for w in PLANES[bits])  # channels per 32-bit word of the narrowest plane
+    if dim % need:
+        raise ValueError(f"head_dim {dim} is invalid for {bits}-bit codes in word order; allowed: a multiple of {need}")
 
 
 def _check_layout(packed: torch.Tensor, bits: int, dim: int, block: int) -> None:
@@ -374,6 +412,8 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.T
     codes = qt.codes
     if qt.token_block:
         codes = from_token_blocks(codes, qt.bits, qt.head_dim, qt.token_block)
+    elif qt.channel_words:
+        codes = from_channel_words(codes, qt.bits, qt.head_dim)
     q = unpack(codes, qt.bits, qt.head_dim).float()
     scale, zero = qt.scale, qt.zero
     if qt.granularity == "per_channel":
@@ -399,11 +439,11 @@ def cat(parts: list[QuantizedTensor], dim: int = -2) -> QuantizedTensor:
     first = parts[0]
     if len(parts) == 1:
         return first
-    if any(p.token_block != first.token_block for p in parts):
-        raise ValueError("blocks in different layouts (token_block) cannot be concatenated")
+    if any((p.token_block, p.channel_words) != (first.token_block, first.channel_words) for p in parts):
+        raise ValueError("blocks in different layouts (token_block, channel_words) cannot be concatenated")
     return QuantizedTensor(torch.cat([p.codes for p in parts], dim=dim), torch.cat([p.scale for p in parts], dim=dim),
                            torch.cat([p.zero for p in parts], dim=dim), first.bits, first.granularity,
-                           first.group_size, first.head_dim, first.token_block)
+                           first.group_size, first.head_dim, first.token_block, first.channel_words)
 
 
 def materialize(packed: QuantizedTensor | None, residual: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -432,7 +472,7 @@ def slice_tokens(qt: QuantizedTensor, start: int, stop: int) -> QuantizedTensor:
             raise ValueError(f"per_channel slice [{start}, {stop}) is invalid; allowed: multiples of group_size={g}")
         gs, ge = start // g, -(-stop // g)
         return QuantizedTensor(qt.codes[..., start:stop, :], qt.scale[..., gs:ge, :], qt.zero[..., gs:ge, :],
-                               qt.bits, qt.granularity, g, qt.head_dim, qt.token_block)
+                               qt.bits, qt.granularity, g, qt.head_dim, qt.token_block, qt.channel_words)
     if qt.token_block and (start % qt.token_block or stop % qt.token_block):
         raise ValueError(f"slice [{start}, {stop}) of token-blocked codes is invalid; allowed: multiples of the "
                          f"token block {qt.token_block}")

@@ -346,29 +346,38 @@ def _unpack3n_asm(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constex
 
 @triton.jit
 def _unpack(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constexpr, W0: tl.constexpr,
-            W1: tl.constexpr, ASM: tl.constexpr, UNPACK3: tl.constexpr = 0):
+            W1: tl.constexpr, ASM: tl.constexpr, UNPACK3: tl.constexpr = 0, WORDS: tl.constexpr = False):
     """Codes ``[len(t), BLOCK_D]`` as fp16 from one token row per ``t`` (layout: ``quant.py``).
 
     ``W0``/``W1`` are the bit planes of the code width (``quant.PLANES``; ``W1 = 0``: one plane):
     3 bits are 2 + 1, 6 bits 4 + 2, low bits first. The fp16 value comes from the exponent trick:
-    ``0x6400 | c`` read as fp16 is ``1024 + c``.
+    ``0x6400 | c`` read as fp16 is ``1024 + c``. ``WORDS``: codes in word order
+    (``quant.to_channel_words``), put back in channel order by relabelling registers.
     """
     col1: tl.constexpr = (D + 8 // W0 - 1) // (8 // W0)  # bytes of the first plane per token
-    if ASM and UNPACK3 == 1 and W0 == 2 and W1 == 1 and D % 16 == 0:
+    if ASM and UNPACK3 == 1 and W0 == 2 and W1 == 1 and D % 16 == 0 and not WORDS:
         return _unpack3_asm(base, t, tmask, stride_t, D, BLOCK_D)
-    if ASM and UNPACK3 == 2 and W0 == 2 and W1 == 1 and D % 8 == 0:
+    if ASM and UNPACK3 == 2 and W0 == 2 and W1 == 1 and D % 8 == 0 and not WORDS:
         return _unpack3n_asm(base, t, tmask, stride_t, D, BLOCK_D)
     if ASM:
         c = _unpack_plane_asm(base, t, tmask, stride_t, 0, D, BLOCK_D, W0)
-        if W1 == 1:  # exact in fp16 (codes < 256)
-            tl.static_assert(W0 == 2, "a 1-bit plane only sits above a 2-bit plane (3-bit codes)")
-            c = c + _unpack_plane_asm(base, t, tmask, stride_t, col1, D, BLOCK_D, W1)  # already bit * 4
-        elif W1 > 1:
-            c = c + _unpack_plane_asm(base, t, tmask, stride_t, col1, D, BLOCK_D, W1) * (1 << W0)
+        if WORDS:
+            c = _word_order(c, W0)
+        if W1 > 0:
+            tl.static_assert(W1 > 1 or W0 == 2, "a 1-bit plane only sits above a 2-bit plane (3-bit codes)")
+            c1 = _unpack_plane_asm(base, t, tmask, stride_t, col1, D, BLOCK_D, W1)
+            if WORDS:
+                c1 = _word_order(c1, W1)
+            c = c + (c1 if W1 == 1 else c1 * (1 << W0))  # exact in fp16 (codes < 256); 1 bit comes as bit * 4
         return c
     c = _unpack_plane(base, t, tmask, stride_t, 0, D, BLOCK_D, W0)
+    if WORDS:
+        c = _word_order(c, W0)
     if W1 > 0:
-        c = c | (_unpack_plane(base, t, tmask, stride_t, col1, D, BLOCK_D, W1) << W0)
+        c1 = _unpack_plane(base, t, tmask, stride_t, col1, D, BLOCK_D, W1)
+        if WORDS:
+            c1 = _word_order(c1, W1)
+        c = c | (c1 << W0)
     magic = tl.full([1, 1], 0x6400, tl.uint16)
     return (c | magic).to(tl.float16, bitcast=True) - 1024.0
 
@@ -501,7 +510,7 @@ def _decode_split_kernel(
         GV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, HAS_MASK: tl.constexpr,
         SWAP_QK: tl.constexpr, SWAP_PV: tl.constexpr, ASM: tl.constexpr, FOLD_K: tl.constexpr,
         FOLD_V: tl.constexpr, DEV_LEN: tl.constexpr, QUNIT: tl.constexpr, UNPACK3_K: tl.constexpr,
-        UNPACK3_V: tl.constexpr, VT: tl.constexpr):
+        UNPACK3_V: tl.constexpr, VT: tl.constexpr, KWORDS: tl.constexpr):
     if DEV_LEN:  # lengths live on the device (CUDA-graph replay): n_q/n_r passed in are capacities
         # the quantized length is stored in units of QUNIT (the key group in KIVI mode), so the
         # compiler still knows its divisibility, as it does for a specialised n_q
@@ -543,7 +552,7 @@ def _decode_split_kernel(
             t = t0 + tl.arange(0, BLOCK_N)
             tmask = t < end
             # ---- scores = q . k^T, k = codes * scale + zero
-            kcode = _unpack(kc, t, tmask, skc_t, D, BLOCK_D, KW0, KW1, ASM, UNPACK3_K)  # [BLOCK_N, BLOCK_D] fp16
+            kcode = _unpack(kc, t, tmask, skc_t, D, BLOCK_D, KW0, KW1, ASM, UNPACK3_K, KWORDS)  # [BLOCK_N, BLOCK_D] fp16
             if K_PER_CHANNEL:
                 if GK % BLOCK_N == 0:  # the tile lies in one key group: fold its [D] scale/zero into q
                     g = (t0 // GK).to(tl.int64)
@@ -883,7 +892,9 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
             raise ValueError(f"per-token key groups of {gk} channels need head_dim a power of two multiple")
         if (gv != d and (d % gv or block_d != d)):
             raise ValueError(f"value groups of {gv} channels need head_dim a power of two multiple")
-        vt = v_packed.token_block
+        vt, kwords = v_packed.token_block, k_packed.channel_words
+        if v_packed.channel_words:
+            raise ValueError("values in channel word order are not read by the kernel; allowed: keys only")
         if vt and (d % 8 or vt % 32):
             raise ValueError(f"token-blocked values need head_dim a multiple of 8 and the block ({vt}) of 32")
         gk_eff = block_d if (not k_per_channel and gk == d) else gk
@@ -891,7 +902,7 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
     else:
         kc = ks = kz = vc = vs = vz = None
         kbits = vbits = 8
-        k_per_channel, gk_eff, gv_eff, vt = True, 32, block_d, 0
+        k_per_channel, gk_eff, gv_eff, vt, kwords = True, 32, block_d, 0, False
     if block_n is None:  # token-blocked values: one block per tile
         block_n = vt or (gk_eff if k_per_channel and gk_eff >= 32 else 64)
     if k_per_channel and block_n % gk_eff and gk_eff % block_n:
@@ -930,7 +941,7 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
         BLOCK_R=32, HAS_MASK=mask is not None, SWAP_QK=bool(swap_qk), SWAP_PV=bool(swap_pv), ASM=bool(asm),
         FOLD_K=FOLDS[fold_k], FOLD_V=FOLDS[fold_v], DEV_LEN=lengths is not None,
         QUNIT=length_unit(k_packed) if lengths is not None else 1, UNPACK3_K=UNPACK3[unpack3_k] if asm else 0,
-        UNPACK3_V=UNPACK3[unpack3_v] if asm else 0, VT=vt, num_warps=num_warps, num_stages=num_stages,
+        UNPACK3_V=UNPACK3[unpack3_v] if asm else 0, VT=vt, KWORDS=kwords, num_warps=num_warps, num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}))
     out = torch.empty(b, 1, hq, d, device=q.device, dtype=q.dtype)
     _launch_merge((b * hq,), po, pm, pl, out, out.stride(0), out.stride(2), hq, num_splits, float(out_scale), D=d,
