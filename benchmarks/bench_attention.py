@@ -76,10 +76,13 @@ def packed_case(b: int, n: int, kbits: int, vbits: int, g: int):
         vp_parts.append(triton_quant.quantize(v, vbits, "per_token", g if g < D else None))
         del k, v
     kp, vp = quant.cat(kp_parts, dim=0), quant.cat(vp_parts, dim=0)
-    vt = g if VALUE_LAYOUT == "cache" and vbits in cache.TOKEN_BLOCK_BITS and g % 32 == 0 else 0
+    vt = g if VALUE_LAYOUT == "cache" and vbits in cache.TOKEN_BLOCK_BITS and g in cache.FAST_TOKEN_BLOCKS else 0
     if vt:  # the cache keeps these values in token blocks of one group on the GPU (cache.value_token_block)
         vp = quant.QuantizedTensor(quant.to_token_blocks(vp.codes, vbits, D, vt), vp.scale, vp.zero, vbits,
                                    vp.granularity, vp.group_size, D, vt)
+        if kbits == 4:  # ... and 4-bit keys beside them in channel word order (cache.key_channel_words)
+            kp = quant.QuantizedTensor(quant.to_channel_words(kp.codes, kbits, D), kp.scale, kp.zero, kbits,
+                                       kp.granularity, kp.group_size, D, 0, True)
     kr = torch.randn(b, HKV, RESIDUAL, D, device="cuda", dtype=torch.bfloat16)
     vr = torch.randn_like(kr)
     q = torch.randn(b, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
@@ -134,8 +137,9 @@ def main() -> None:
     ap.add_argument("--mixed", action="store_true", help="also time KVTuner-C3.25's 32 layers back to back at "
                     "B=64, L=4096 against the sum of its layers' single-layer times")
     ap.add_argument("--value-layout", default="cache", choices=["cache", "channels"],
-                    help="cache: values as the cache stores them on the GPU (token blocks for KIVI values of 2-4 "
-                    "bits); channels: values always packed along head_dim (the layout before session 11)")
+                    help="cache: codes as the cache stores them on the GPU (token blocks for KIVI values of 2-4 "
+                    "bits at G=128, 4-bit keys beside them in word order); channels: codes always packed along "
+                    "head_dim (the layout before session 11)")
     args = ap.parse_args()
     global VALUE_LAYOUT
     VALUE_LAYOUT = args.value_layout
@@ -223,7 +227,8 @@ def write(args, props, rows, t_start) -> None:
             f"{' --mixed' if args.mixed else ''}{' --value-layout ' + args.value_layout}` "
             f"({time.time() - t_start:.0f} s).",
             "Values: " + ("as the cache stores them on the GPU: KIVI values of 2-4 bits in token blocks of one "
-                          "group (quant.to_token_blocks) when G is a multiple of 32, else packed along head_dim."
+                          "group (quant.to_token_blocks) when G = 128, 4-bit keys beside them in channel word order "
+                          "(quant.to_channel_words); otherwise packed along head_dim."
                           if args.value_layout == "cache" else "packed along head_dim for every pair."),
             "KIVI layout: keys per channel in groups of G tokens, values per token (G=128: one scale/zero per "
             "token and head; G=32: four), plus a 32-token bf16 residual window read by the same launch. "

@@ -303,8 +303,13 @@ def test_int64_offsets_bound():
 
 
 # ------------------------------------------------------------------ through generate()
-@pytest.mark.parametrize("k,v,rot", [(4, 2, False), (8, 4, False), (4, 3, True)])
-def test_generate_fused_matches_reference_path(k, v, rot):
+@pytest.mark.parametrize("k,v,rot,blocks", [(4, 2, False, None), (8, 4, False, None), (4, 3, True, None),
+                                           (4, 2, False, True), (2, 3, True, True)])
+def test_generate_fused_matches_reference_path(k, v, rot, blocks, monkeypatch):
+    # blocks=True: values in token blocks and 4-bit keys in word order on both paths (cache.VALUE_TOKEN_BLOCKS)
+    from kvtuner import cache as cache_mod
+
+    monkeypatch.setattr(cache_mod, "VALUE_TOKEN_BLOCKS", blocks)
     model = tiny_model("llama", layers=2, heads=4, kv_heads=2, head_dim=32 if not CUDA else 64).to(DEV)
     model.set_attn_implementation("sdpa")
     plan = KVPlan.uniform(2, k, v, "kivi", rotation=rot)
@@ -330,6 +335,8 @@ def test_generate_fused_matches_reference_path(k, v, rot):
     assert torch.equal(ref.argmax(-1), fused.argmax(-1))
     assert rel(fused, ref) < 2e-3
     assert c_fused.nbytes() == c_ref.nbytes() == plan.expected_nbytes(model.config, 70 + 12, batch_size=2, dtype_bytes=4)
+    if blocks:  # the layouts were really used, on the fused path too
+        assert c_fused.layers[0]._v.token_block == 32 and c_fused.layers[0]._k.channel_words == (k == 4)
 
 
 # ------------------------------------------------------------------ GPU matrix

@@ -596,25 +596,33 @@ class MixedPrecisionCache(Cache):
                 f"bits, {self.get_seq_length()} tokens, {self.nbytes()} bytes)")
 
 
-# Values in token blocks (quant.to_token_blocks) on the Triton path: None decides by device (the
-# fused kernel reads them 8-30 % faster at 2-4 bits on an H100, and 30 % slower at 8 bits:
-# benchmarks/results/kernel_experiments_h100.md, session 11); True/False force it (tests, A/B runs).
-# 4-bit keys beside token-blocked values follow in channel word order (key_channel_words).
+# Values in token blocks (quant.to_token_blocks) on the Triton path. None: where measured faster on an
+# H100 (benchmarks/results/kernel_experiments_h100.md, session 11): KIVI values of 2-4 bits with a
+# 128-token group (one block per 128-token tile: KV4 197 -> 184 µs, K4V2 199 -> 181, KV2 214 -> 187
+# per layer at 64 x 4k). With 32-token groups they were slower (K4V2 351 -> 380, KV2 361 -> 524,
+# K4V3 434 -> 674 µs; end to end K4V2 54.9 -> 65.0 ms/step), and 8-bit values were slower at any
+# group. True/False force the layout wherever it is possible (tests, A/B runs).
 VALUE_TOKEN_BLOCKS: bool | None = None
 TOKEN_BLOCK_BITS = (2, 3, 4)
+FAST_TOKEN_BLOCKS = (128,)  # groups (flush units) at which the fused kernel reads token blocks faster
 
 
 def value_token_block(spec: QuantSpec, role: str, head_dim: int, device: torch.device) -> int:
     """Tokens per block in which a store keeps its packed codes (0: packed along head_dim).
 
-    KIVI values of 2-4 bits whose flush unit (the group) is a multiple of 32 tokens are kept in
-    token blocks of one flush unit when the fused kernel will read them; everything else, and the
-    CPU reference path, keeps codes packed along head_dim (same bytes either way).
+    Possible for KIVI values of 2-4 bits whose flush unit (the group) is a multiple of 32 tokens:
+    one block per flush unit. Chosen automatically on the fused-kernel path for the groups in
+    ``FAST_TOKEN_BLOCKS``; everything else, and the CPU reference path, keeps codes packed along
+    head_dim (same bytes either way).
     """
-    eligible = (role == "value" and spec.mode == "kivi" and spec.bits in TOKEN_BLOCK_BITS
-                and spec.flush_unit(role) % 32 == 0 and head_dim % 8 == 0)
-    wanted = kernels.use_triton(device) if VALUE_TOKEN_BLOCKS is None else VALUE_TOKEN_BLOCKS
-    return spec.flush_unit(role) if eligible and wanted else 0
+    unit = spec.flush_unit(role)
+    possible = (role == "value" and spec.mode == "kivi" and spec.bits in TOKEN_BLOCK_BITS and unit % 32 == 0
+                and head_dim % 8 == 0)
+    if VALUE_TOKEN_BLOCKS is None:
+        wanted = unit in FAST_TOKEN_BLOCKS and kernels.use_triton(device)
+    else:
+        wanted = VALUE_TOKEN_BLOCKS
+    return unit if possible and wanted else 0
 
 
 def key_channel_words(spec: QuantSpec, value_spec: QuantSpec | None, role: str, head_dim: int,
