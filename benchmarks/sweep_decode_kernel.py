@@ -35,7 +35,12 @@ def child(pair: str, skip: set[str], stage: str = "launch") -> None:
     import triton.testing
 
     sys.path.insert(0, "benchmarks")
+    import bench_attention
     from bench_attention import D, packed_case
+
+    # the table's "k,v" entries are for codes packed along head_dim; token-blocked layouts have their
+    # own "k,v,tokens" entries (measured with ab_decode_variants.py --variants '[{"token_block":128}]')
+    bench_attention.VALUE_LAYOUT = "channels"
 
     from kvtuner.attention import decode_attention as reference
     from kvtuner.kernels import triton_decode
