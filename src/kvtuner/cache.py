@@ -210,8 +210,9 @@ class _TensorStore:
         """Forget the ``n`` newest tokens.
 
         When the cut falls inside a per-channel key group (or a token block of values), the surviving
-        part of that group is dequantized back into the residual (its values are the ones attention already saw) and is
-        quantized again on the next flush: the one case where tokens are re-quantized.
+        part of that group is dequantized back into the residual (its values are the ones attention
+        already saw) and is quantized again on the next flush: the one case where tokens are
+        re-quantized.
         """
         k = min(n, self.num_residual)
         if k:
