@@ -96,10 +96,12 @@ def bytes_read(q, kp, kr, vp, vr) -> int:
 def run_kernel(case, rotation: bool = False, cudagraph: bool = False, **kw) -> float:
     q, kp, kr, vp, vr = case
 
-    def kernel(*a, out_scale=1.0):
-        return triton_decode.decode_attention(*a, out_scale=out_scale, **kw)
+    def kernel(*a, **call):  # what the cache calls; rotated layers pass rotate_q / rotate_out
+        return triton_decode.decode_attention(*a, **call, **kw)
 
-    if rotation:  # what a rotated layer adds (QuantizedKVLayer.fused_decode): a matmul on each side
+    kernel.fuses_rotation = True
+
+    if rotation:  # what a rotated layer adds (QuantizedKVLayer.fused_decode): Hadamard transforms in the kernels
         fn = lambda: rotated_decode(kernel, q, kp, kr, vp, vr, D**-0.5, None, True, True)  # noqa: E731
     else:
         fn = lambda: kernel(q, kp, kr, vp, vr, D**-0.5, None)  # noqa: E731

@@ -76,9 +76,14 @@ def rotated_decode(decode: Any, q: torch.Tensor, k_packed: quant.QuantizedTensor
 
     Attention runs in rotated space: ``(q H).(k H) = q.k`` and ``sum p (v H) = o H``. Each side
     costs one matmul with the exact ``±1`` matrix ``S = sqrt(D) H``; the ``1/sqrt(D)`` factors go
-    into the softmax scale and ``out_scale``.
+    into the softmax scale and ``out_scale``. A ``decode`` with ``fuses_rotation`` (the Triton
+    kernel) applies ``S`` itself (``rotate_q``/``rotate_out``) instead of the two matmuls.
     """
     d = q.shape[-1]
+    if getattr(decode, "fuses_rotation", False):  # the Triton kernel transforms q and o in registers
+        return decode(q, k_packed, k_residual, v_packed, v_residual, scaling / d ** 0.5 if k_rotation else scaling,
+                      kv_mask, out_scale=d ** -0.5 if v_rotation else 1.0, rotate_q=k_rotation,
+                      rotate_out=v_rotation, **kwargs)
     if k_rotation:
         q = q @ quant.hadamard(d, q.device, q.dtype, normalized=False)
         scaling = scaling / d ** 0.5

@@ -398,6 +398,20 @@ def _dequant_groups(code, s_base, z_base, t, tmask, stride_t, D: tl.constexpr, G
 
 
 @triton.jit
+def _hadamard_rows(x, LOG_D: tl.constexpr):
+    """``x @ S`` for each row of ``x`` ``[R, 2**LOG_D]``, ``S`` the ``±1`` Sylvester Hadamard matrix
+    (``quant.hadamard(..., normalized=False)``): a fast Walsh-Hadamard transform, ``LOG_D`` butterfly
+    stages in registers (instead of a separate matmul launch on each side of a rotated layer)."""
+    R: tl.constexpr = x.shape[0]
+    N: tl.constexpr = x.shape[1]
+    for s in tl.static_range(LOG_D):  # stage s pairs elements 2**s apart
+        y = tl.permute(tl.reshape(x, (R, N >> (s + 1), 2, 1 << s)), (0, 1, 3, 2))
+        a, b = tl.split(y)
+        x = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), (R, N))
+    return x
+
+
+@triton.jit
 def _dequant_groups_t(code_t, s_base, z_base, t, tmask, stride_t, D: tl.constexpr, G: tl.constexpr,
                       NG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """:func:`_dequant_groups` for a ``[BLOCK_D, BLOCK_N]`` (channels x tokens) tile."""
@@ -510,7 +524,8 @@ def _decode_split_kernel(
         GV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, HAS_MASK: tl.constexpr,
         SWAP_QK: tl.constexpr, SWAP_PV: tl.constexpr, ASM: tl.constexpr, FOLD_K: tl.constexpr,
         FOLD_V: tl.constexpr, DEV_LEN: tl.constexpr, QUNIT: tl.constexpr, UNPACK3_K: tl.constexpr,
-        UNPACK3_V: tl.constexpr, VT: tl.constexpr, KWORDS: tl.constexpr):
+        UNPACK3_V: tl.constexpr, VT: tl.constexpr, KWORDS: tl.constexpr, ROT_Q: tl.constexpr = False,
+        LOG_D: tl.constexpr = 0):
     if DEV_LEN:  # lengths live on the device (CUDA-graph replay): n_q/n_r passed in are capacities
         # the quantized length is stored in units of QUNIT (the key group in KIVI mode), so the
         # compiler still knows its divisibility, as it does for a specialised n_q
@@ -526,7 +541,10 @@ def _decode_split_kernel(
     dmask = d < D
     TOK: tl.constexpr = 0 if SWAP_QK else 1
     q_ptr = Q + b * sq_b + (h * GROUP + hrow).to(tl.int64)[:, None] * sq_h + d[None, :]
-    q = tl.load(q_ptr, mask=hmask[:, None] & dmask[None, :], other=0.0).to(tl.float32) * qk_scale
+    q = tl.load(q_ptr, mask=hmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    if ROT_Q:  # keys stored as k H: scores need q H = q S / sqrt(D) (the 1/sqrt(D) is in qk_scale)
+        q = _hadamard_rows(q, LOG_D)
+    q = q * qk_scale
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -671,7 +689,7 @@ def _decode_split_kernel(
 
 @triton.jit(do_not_specialize=["NUM_SPLITS"])
 def _merge_kernel(PO, PM, PL, O, so_b, so_h, HQ, NUM_SPLITS, out_scale, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_S: tl.constexpr):
+                  BLOCK_S: tl.constexpr, ROT_O: tl.constexpr = False, LOG_D: tl.constexpr = 0):
     pid = tl.program_id(0)
     b = (pid // HQ).to(tl.int64)
     h = (pid % HQ).to(tl.int64)
@@ -688,6 +706,8 @@ def _merge_kernel(PO, PM, PL, O, so_b, so_h, HQ, NUM_SPLITS, out_scale, D: tl.co
     num = tl.sum(acc * w[:, None], axis=0)
     den = tl.sum(l_s * w, axis=0)
     out = num * out_scale / tl.where(den > 0, den, 1.0)
+    if ROT_O:  # values stored as v H: o = (o H) H = (o H) S / sqrt(D), the 1/sqrt(D) being out_scale
+        out = tl.reshape(_hadamard_rows(tl.reshape(out, (1, BLOCK_D)), LOG_D), (BLOCK_D,))
     tl.store(O + b * so_b + h * so_h + d, out.to(O.dtype.element_ty), mask=d < D)
 
 
@@ -840,7 +860,8 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
                      swap_pv: bool | None = None, asm: bool | None = None, fold_k: str | None = None,
                      fold_v: str | None = None, maxnreg: int | None = None,
                      splits_per_sm: int | None = None, unpack3_k: str | None = None, unpack3_v: str | None = None,
-                     lengths: torch.Tensor | None = None) -> torch.Tensor:
+                     lengths: torch.Tensor | None = None, rotate_q: bool = False,
+                     rotate_out: bool = False) -> torch.Tensor:
     """Fused kernel; see :func:`kvtuner.attention.decode_attention` for the contract.
 
     Keys and values must be in step (same quantized token count), as in every plan whose key and
@@ -855,7 +876,14 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
     ``kv_mask`` (if any) is indexed by absolute position (quantized tokens, then the residual), so
     it needs ``quantized capacity + residual capacity`` columns. Launch
     arguments then depend only on capacities, so one captured launch serves every step.
+
+    ``rotate_q`` / ``rotate_out``: multiply the query by / the output by the ``±1`` Hadamard matrix
+    ``S`` in the kernels (a fast Walsh-Hadamard transform in registers), for layers whose keys /
+    values are stored rotated (:func:`kvtuner.attention.rotated_decode` passes them, with the
+    ``1/sqrt(D)`` factors in ``scaling`` and ``out_scale``). head_dim must be a power of two.
     """
+    if (rotate_q or rotate_out) and (q.shape[-1] & (q.shape[-1] - 1)):
+        raise ValueError(f"rotate_q/rotate_out need a power-of-two head_dim; got {q.shape[-1]}")
     b, hq, one, d = q.shape
     if lengths is not None and (k_packed is None or v_packed is None or k_residual is None or v_residual is None):
         raise ValueError("lengths= needs packed and residual buffers for keys and values (capacity views)")
@@ -941,11 +969,13 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
         BLOCK_R=32, HAS_MASK=mask is not None, SWAP_QK=bool(swap_qk), SWAP_PV=bool(swap_pv), ASM=bool(asm),
         FOLD_K=FOLDS[fold_k], FOLD_V=FOLDS[fold_v], DEV_LEN=lengths is not None,
         QUNIT=length_unit(k_packed) if lengths is not None else 1, UNPACK3_K=UNPACK3[unpack3_k] if asm else 0,
-        UNPACK3_V=UNPACK3[unpack3_v] if asm else 0, VT=vt, KWORDS=kwords, num_warps=num_warps, num_stages=num_stages,
+        UNPACK3_V=UNPACK3[unpack3_v] if asm else 0, VT=vt, KWORDS=kwords, ROT_Q=bool(rotate_q),
+        LOG_D=block_d.bit_length() - 1, num_warps=num_warps, num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}))
     out = torch.empty(b, 1, hq, d, device=q.device, dtype=q.dtype)
     _launch_merge((b * hq,), po, pm, pl, out, out.stride(0), out.stride(2), hq, num_splits, float(out_scale), D=d,
-                  BLOCK_D=block_d, BLOCK_S=max(2, _pow2(num_splits)))
+                  BLOCK_D=block_d, BLOCK_S=max(2, _pow2(num_splits)), ROT_O=bool(rotate_out),
+                  LOG_D=block_d.bit_length() - 1)
     return out
 
 
@@ -954,5 +984,7 @@ def max_int32_offset(batch: int, heads: int, tokens: int, row_bytes: int) -> boo
     (the kernel then relies on its int64 offsets)."""
     return batch * heads * tokens * row_bytes - 1 > 2**31 - 1
 
+
+decode_attention.fuses_rotation = True  # rotated_decode hands it the Hadamard transforms
 
 __all__ = ["decode_attention", "max_int32_offset"]
