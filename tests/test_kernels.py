@@ -241,7 +241,8 @@ def test_decode_keys_in_channel_word_order(kbits, vbits, k_gran, gk, vt):
 
 @pytest.mark.parametrize("k_rot,v_rot", [(True, True), (True, False), (False, True)])
 def test_rotation_in_the_kernel_matches_the_matmuls(k_rot, v_rot):
-    # the kernel's fast Walsh-Hadamard transforms (rotate_q / rotate_out) = the two matmuls around it
+    # the kernel's fast Walsh-Hadamard transforms (rotate_out as rotated_decode uses it, and rotate_q) =
+    # the matmuls around it
     from kvtuner.attention import rotated_decode
 
     q, kp, kr, vp, vr = make_case(2, 2, 4, 64, 64, 9, 4, 2)
@@ -253,6 +254,10 @@ def test_rotation_in_the_kernel_matches_the_matmuls(k_rot, v_rot):
     plain = rotated_decode(unfused, q, kp, kr, vp, vr, 0.125, None, k_rot, v_rot)
     ref = rotated_decode(reference, q.float(), kp, kr.float(), vp, vr.float(), 0.125, None, k_rot, v_rot)
     assert rel(fused, plain) < 2e-3 and rel(fused, ref) < 5e-3
+    d = q.shape[-1]  # both transforms in the kernels
+    both = triton_decode.decode_attention(q, kp, kr, vp, vr, 0.125 / d ** 0.5 if k_rot else 0.125,
+                                          out_scale=d ** -0.5 if v_rot else 1.0, rotate_q=k_rot, rotate_out=v_rot)
+    assert rel(both, plain) < 2e-3
     with pytest.raises(ValueError, match="power-of-two"):
         q48, kp48, kr48, vp48, vr48 = make_case(1, 1, 4, 48, 32, 3, 4, 4)
         triton_decode.decode_attention(q48, kp48, kr48, vp48, vr48, 0.1, rotate_q=True)

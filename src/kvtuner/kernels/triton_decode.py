@@ -879,8 +879,10 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
 
     ``rotate_q`` / ``rotate_out``: multiply the query by / the output by the ``±1`` Hadamard matrix
     ``S`` in the kernels (a fast Walsh-Hadamard transform in registers), for layers whose keys /
-    values are stored rotated (:func:`kvtuner.attention.rotated_decode` passes them, with the
-    ``1/sqrt(D)`` factors in ``scaling`` and ``out_scale``). head_dim must be a power of two.
+    values are stored rotated, with the ``1/sqrt(D)`` factors in ``scaling`` and ``out_scale``.
+    :func:`kvtuner.attention.rotated_decode` uses ``rotate_out`` (the merge kernel); ``rotate_q``
+    in the split kernel measured 7-16 % slower for the register-capped pairs (H100, session 11),
+    so the query keeps its matmul there. head_dim must be a power of two.
     """
     if (rotate_q or rotate_out) and (q.shape[-1] & (q.shape[-1] - 1)):
         raise ValueError(f"rotate_q/rotate_out need a power-of-two head_dim; got {q.shape[-1]}")
@@ -985,6 +987,6 @@ def max_int32_offset(batch: int, heads: int, tokens: int, row_bytes: int) -> boo
     return batch * heads * tokens * row_bytes - 1 > 2**31 - 1
 
 
-decode_attention.fuses_rotation = True  # rotated_decode hands it the Hadamard transforms
+decode_attention.fuses_rotation = True  # rotated_decode hands it the output's Hadamard transform
 
 __all__ = ["decode_attention", "max_int32_offset"]
