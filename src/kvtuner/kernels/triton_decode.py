@@ -486,6 +486,24 @@ def _pv_t(p, v_t, SWAP_QK: tl.constexpr, SWAP_PV: tl.constexpr):
 
 
 @triton.jit
+def _vtok(v, TOKENS_LAST: tl.constexpr):
+    """A per-token vector broadcast against a value tile (``[N, D]``, or ``[D, N]`` for token blocks)."""
+    if TOKENS_LAST:
+        return v[None, :]
+    else:
+        return v[:, None]
+
+
+@triton.jit
+def _pv_tile(p, v, SWAP_QK: tl.constexpr, SWAP_PV: tl.constexpr, TOKENS_LAST: tl.constexpr):
+    """:func:`_pv` for a value tile in either orientation (``[D, N]`` for token blocks)."""
+    if TOKENS_LAST:
+        return _pv_t(p, v, SWAP_QK, SWAP_PV)
+    else:
+        return _pv(p, v, SWAP_QK, SWAP_PV)
+
+
+@triton.jit
 def _softmax_step(scores, valid, m_i, l_i, acc, SWAP_QK: tl.constexpr, SWAP_PV: tl.constexpr):
     """One base-2 online-softmax step over a tile of masked scores: new running max and sum, the
     rescaled accumulator, and the tile's probabilities (a row that is all -inf so far stays at zero
@@ -620,45 +638,30 @@ def _decode_split_kernel(
             # ---- acc += p . v, v = codes * scale + zero (per token)
             NGV: tl.constexpr = BLOCK_D // GV
             if VT > 0:  # token-blocked values: a [D, N] tile unpacked along the dot's depth (tokens)
-                vcode_t = _unpack_tokens(vc, d, dmask, t0, end, svc_t, D, BLOCK_N, VW0, VW1, VT, ASM)
-                if NGV == 1:
-                    s_v = tl.load(vs + t.to(tl.int64) * svs_t, mask=tmask, other=0.0).to(tl.float32)
-                    z_v = tl.load(vz + t.to(tl.int64) * svs_t, mask=tmask, other=0.0).to(tl.float32)
-                    if FOLD_V == 0:
-                        v_t = vcode_t * s_v.to(tl.float16)[None, :] + z_v.to(tl.float16)[None, :]
-                        acc += _pv_t(p, v_t, SWAP_QK, SWAP_PV)
-                    elif FOLD_V == 1:
-                        sv_max = tl.maximum(tl.max(s_v, axis=0), 1e-30)
-                        pv = _pv_t(p * _tok(s_v / sv_max, SWAP_QK), vcode_t, SWAP_QK, SWAP_PV)
-                        pz = tl.sum(p * _tok(z_v, SWAP_QK), axis=TOK)
-                        acc += pv * sv_max + _head(pz, SWAP_PV)
-                    else:
-                        pv = _pv_t(p * _tok(s_v, SWAP_QK), vcode_t, SWAP_QK, SWAP_PV)
-                        pz = tl.sum(p * _tok(z_v, SWAP_QK), axis=TOK)
-                        acc += pv + _head(pz, SWAP_PV)
-                else:
-                    v_t = _dequant_groups_t(vcode_t, vs, vz, t, tmask, svs_t, D, GV, NGV, BLOCK_N, BLOCK_D)
-                    acc += _pv_t(p, v_t, SWAP_QK, SWAP_PV)
+                vcode = _unpack_tokens(vc, d, dmask, t0, end, svc_t, D, BLOCK_N, VW0, VW1, VT, ASM)
             else:
                 vcode = _unpack(vc, t, tmask, svc_t, D, BLOCK_D, VW0, VW1, ASM, UNPACK3_V)
-                if NGV == 1:
-                    s_v = tl.load(vs + t.to(tl.int64) * svs_t, mask=tmask, other=0.0).to(tl.float32)
-                    z_v = tl.load(vz + t.to(tl.int64) * svs_t, mask=tmask, other=0.0).to(tl.float32)
-                    if FOLD_V == 0:  # dequantize the tile in fp16 registers
-                        v = vcode * s_v.to(tl.float16)[:, None] + z_v.to(tl.float16)[:, None]
-                        acc += _pv(p, v, SWAP_QK, SWAP_PV)
-                    elif FOLD_V == 1:
-                        sv_max = tl.maximum(tl.max(s_v, axis=0), 1e-30)
-                        pv = _pv(p * _tok(s_v / sv_max, SWAP_QK), vcode, SWAP_QK, SWAP_PV)
-                        pz = tl.sum(p * _tok(z_v, SWAP_QK), axis=TOK)
-                        acc += pv * sv_max + _head(pz, SWAP_PV)
-                    else:
-                        pv = _pv(p * _tok(s_v, SWAP_QK), vcode, SWAP_QK, SWAP_PV)
-                        pz = tl.sum(p * _tok(z_v, SWAP_QK), axis=TOK)
-                        acc += pv + _head(pz, SWAP_PV)
+            if NGV == 1:
+                s_v = tl.load(vs + t.to(tl.int64) * svs_t, mask=tmask, other=0.0).to(tl.float32)
+                z_v = tl.load(vz + t.to(tl.int64) * svs_t, mask=tmask, other=0.0).to(tl.float32)
+                if FOLD_V == 0:  # dequantize the tile in fp16 registers
+                    v = vcode * _vtok(s_v.to(tl.float16), VT > 0) + _vtok(z_v.to(tl.float16), VT > 0)
+                    acc += _pv_tile(p, v, SWAP_QK, SWAP_PV, VT > 0)
+                elif FOLD_V == 1:
+                    sv_max = tl.maximum(tl.max(s_v, axis=0), 1e-30)
+                    pv = _pv_tile(p * _tok(s_v / sv_max, SWAP_QK), vcode, SWAP_QK, SWAP_PV, VT > 0)
+                    pz = tl.sum(p * _tok(z_v, SWAP_QK), axis=TOK)
+                    acc += pv * sv_max + _head(pz, SWAP_PV)
+                else:
+                    pv = _pv_tile(p * _tok(s_v, SWAP_QK), vcode, SWAP_QK, SWAP_PV, VT > 0)
+                    pz = tl.sum(p * _tok(z_v, SWAP_QK), axis=TOK)
+                    acc += pv + _head(pz, SWAP_PV)
+            else:
+                if VT > 0:
+                    v = _dequant_groups_t(vcode, vs, vz, t, tmask, svs_t, D, GV, NGV, BLOCK_N, BLOCK_D)
                 else:
                     v = _dequant_groups(vcode, vs, vz, t, tmask, svs_t, D, GV, NGV, BLOCK_N, BLOCK_D)
-                    acc += _pv(p, v, SWAP_QK, SWAP_PV)
+                acc += _pv_tile(p, v, SWAP_QK, SWAP_PV, VT > 0)
     else:
         kr = KR + b * skr_b + h * skr_h
         vr = VR + b * svr_b + h * svr_h
