@@ -4,10 +4,12 @@
         --variants '[{}, {"splits_per_sm": 3}]'
 
 For each pair and shape, every variant (overrides of triton_decode.launch_defaults; ``{}`` is the
-current default; ``"token_block": G`` stores the values in token blocks of G tokens, as the cache does
-on the GPU for KIVI values of 2-4 bits, otherwise they are packed along head_dim; ``"key_words": true``
-stores the keys in channel word order, quant.to_channel_words) is checked against the fp32 reference and timed eagerly (do_bench) and inside a
-CUDA graph (do_bench_cudagraph). Results: benchmarks/results/kernel_experiments_h100.md.
+current default) is checked against the fp32 reference and timed eagerly (do_bench) and inside a
+CUDA graph (do_bench_cudagraph). Two keys change the cases instead of the launch:
+``"token_block": G`` stores the values in token blocks of G tokens (quant.in_token_blocks, as the
+cache does on the GPU for KIVI values of 2-4 bits at G = 128; otherwise they are packed along
+head_dim), ``"key_words": true`` the keys in channel word order (quant.in_channel_words).
+Results: benchmarks/results/kernel_experiments_h100.md.
 """
 
 import argparse
@@ -49,13 +51,11 @@ for shape in args.shapes.split(","):
                 vpx = vp
                 if launch.get("token_block"):  # values re-laid in token blocks (quant.to_token_blocks)
                     tb = launch.pop("token_block")
-                    vpx = quant.QuantizedTensor(quant.to_token_blocks(vp.codes, vp.bits, D, tb), vp.scale, vp.zero,
-                                                vp.bits, vp.granularity, vp.group_size, vp.head_dim, tb)
+                    vpx = quant.in_token_blocks(vp, tb)
                 launch.pop("token_block", None)
                 kpx = kp
                 if launch.pop("key_words", False):  # keys in channel word order (quant.to_channel_words)
-                    kpx = quant.QuantizedTensor(quant.to_channel_words(kp.codes, kp.bits, D), kp.scale, kp.zero,
-                                                kp.bits, kp.granularity, kp.group_size, kp.head_dim, 0, True)
+                    kpx = quant.in_channel_words(kp)
                 fn = lambda: td.decode_attention(q, kpx, kr, vpx, vr, D**-0.5, **launch)  # noqa: E731
                 err = ((fn().float() - r).norm() / r.norm()).item()
                 g = tt.do_bench_cudagraph(fn, rep=100) * 1e3

@@ -78,11 +78,9 @@ def packed_case(b: int, n: int, kbits: int, vbits: int, g: int):
     kp, vp = quant.cat(kp_parts, dim=0), quant.cat(vp_parts, dim=0)
     vt = g if VALUE_LAYOUT == "cache" and vbits in cache.TOKEN_BLOCK_BITS and g in cache.FAST_TOKEN_BLOCKS else 0
     if vt:  # the cache keeps these values in token blocks of one group on the GPU (cache.value_token_block)
-        vp = quant.QuantizedTensor(quant.to_token_blocks(vp.codes, vbits, D, vt), vp.scale, vp.zero, vbits,
-                                   vp.granularity, vp.group_size, D, vt)
+        vp = quant.in_token_blocks(vp, vt)
         if kbits == 4:  # ... and 4-bit keys beside them in channel word order (cache.key_channel_words)
-            kp = quant.QuantizedTensor(quant.to_channel_words(kp.codes, kbits, D), kp.scale, kp.zero, kbits,
-                                       kp.granularity, kp.group_size, D, 0, True)
+            kp = quant.in_channel_words(kp)
     kr = torch.randn(b, HKV, RESIDUAL, D, device="cuda", dtype=torch.bfloat16)
     vr = torch.randn_like(kr)
     q = torch.randn(b, HQ, 1, D, device="cuda", dtype=torch.bfloat16)

@@ -50,11 +50,9 @@ def make_case(b, hkv, group, d, n_q, n_r, kbits, vbits, *, k_gran="per_channel",
     kp = quant.quantize(k[..., :n_q, :], kbits, k_gran, gk) if n_q else None
     vp = quant.quantize(v[..., :n_q, :], vbits, "per_token", gv) if n_q else None
     if vt and vp is not None:  # values in token blocks, as the cache keeps them for the kernel
-        vp = quant.QuantizedTensor(quant.to_token_blocks(vp.codes, vbits, d, vt), vp.scale, vp.zero, vbits,
-                                   "per_token", vp.group_size, d, vt)
+        vp = quant.in_token_blocks(vp, vt)
     if key_words and kp is not None:  # keys in channel word order, as the cache keeps 4-bit keys beside them
-        kp = quant.QuantizedTensor(quant.to_channel_words(kp.codes, kbits, d), kp.scale, kp.zero, kbits, k_gran,
-                                   kp.group_size, d, 0, True)
+        kp = quant.in_channel_words(kp)
     kr = k[..., n_q:, :] if n_r else None
     vr = v[..., n_q:, :] if n_r else None
     return q, kp, kr, vp, vr
@@ -233,8 +231,7 @@ def test_decode_keys_in_channel_word_order(kbits, vbits, k_gran, gk, vt):
     assert rel(triton_decode.decode_attention(*worded, *args), triton_decode.decode_attention(*make_case(**case), *args)) < 2e-3
     if not vt:  # values packed along head_dim cannot be in word order: the kernel reads that for keys only
         q, kp, kr, vp, vr = worded
-        vw = quant.QuantizedTensor(quant.to_channel_words(vp.codes, vbits, 64), vp.scale, vp.zero, vbits, "per_token",
-                                   vp.group_size, 64, 0, True)
+        vw = quant.in_channel_words(vp)
         with pytest.raises(ValueError, match="keys only"):
             triton_decode.decode_attention(q, kp, kr, vw, vr, *args)
 

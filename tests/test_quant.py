@@ -202,16 +202,11 @@ def test_slice_and_cat_preserve_groups():
 
 
 # ------------------------------------------------------------------ token blocks (values read by the GPU kernel)
-def _blocked(qt: quant.QuantizedTensor, block: int) -> quant.QuantizedTensor:
-    return quant.QuantizedTensor(quant.to_token_blocks(qt.codes, qt.bits, qt.head_dim, block), qt.scale, qt.zero,
-                                 qt.bits, qt.granularity, qt.group_size, qt.head_dim, block)
-
-
 @pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
 @pytest.mark.parametrize("block", [32, 64, 128])
 def test_token_blocks_round_trip_with_the_same_bytes(bits, block):
     qt = quant.quantize(torch.randn(2, 3, 2 * block, 64), bits, "per_token", 32)
-    tb = _blocked(qt, block)
+    tb = quant.in_token_blocks(qt, block)
     assert tb.codes.shape == qt.codes.shape and tb.codes.dtype == torch.uint8 and tb.nbytes() == qt.nbytes()
     assert not torch.equal(tb.codes, qt.codes)  # really re-laid
     assert torch.equal(quant.from_token_blocks(tb.codes, bits, 64, block), qt.codes)
@@ -261,13 +256,17 @@ def test_token_blocks_reject_bad_shapes_and_slices():
         quant.to_token_blocks(qt.codes, 4, 64, 16)
     with pytest.raises(ValueError, match="not a multiple of the token block"):
         quant.to_token_blocks(qt.codes[..., :48, :], 4, 64, 32)
-    tb = _blocked(qt, 32)
+    tb = quant.in_token_blocks(qt, 32)
     assert torch.equal(quant.dequantize(quant.slice_tokens(tb, 32, 64)), quant.dequantize(qt)[..., 32:, :])
     with pytest.raises(ValueError, match="multiples of the token block 32"):
         quant.slice_tokens(tb, 0, 40)
     with pytest.raises(ValueError, match="different layouts"):
         quant.cat([tb, qt])
     assert quant.cat([tb, tb]).token_block == 32
+    with pytest.raises(ValueError, match="already re-laid"):
+        quant.in_token_blocks(tb, 32)
+    with pytest.raises(ValueError, match="already re-laid"):
+        quant.in_channel_words(tb)
 
 
 @pytest.mark.parametrize("bits,dim", [(2, 64), (3, 64), (4, 8), (4, 64), (6, 32), (8, 16)])
@@ -275,7 +274,8 @@ def test_channel_words_round_trip_and_layout(bits, dim):
     qt = quant.quantize(torch.randn(2, 3, 40, dim), bits, "per_channel", 32)
     worded = quant.to_channel_words(qt.codes, bits, dim)
     assert worded.shape == qt.codes.shape and torch.equal(quant.from_channel_words(worded, bits, dim), qt.codes)
-    wq = quant.QuantizedTensor(worded, qt.scale, qt.zero, bits, "per_channel", 32, dim, 0, True)
+    wq = quant.in_channel_words(qt)
+    assert torch.equal(wq.codes, worded) and wq.channel_words
     assert torch.equal(quant.dequantize(wq), quant.dequantize(qt)) and wq.nbytes() == qt.nbytes()
     codes = quant.unpack(qt.codes, bits, dim)[0, 0, 0].tolist()
     row = worded[0, 0, 0].tolist()

@@ -79,14 +79,9 @@ class _TensorStore:
         if self._buf is None:
             self._choose_layout(block.codes.device)
         if self.channel_words:
-            block = quant.QuantizedTensor(quant.to_channel_words(block.codes, block.bits, block.head_dim), block.scale,
-                                          block.zero, block.bits, block.granularity, block.group_size,
-                                          block.head_dim, 0, True)
+            block = quant.in_channel_words(block)
         if self.token_block:
-            block = quant.QuantizedTensor(quant.to_token_blocks(block.codes, block.bits, block.head_dim,
-                                                                self.token_block), block.scale, block.zero,
-                                          block.bits, block.granularity, block.group_size, block.head_dim,
-                                          self.token_block)
+            block = quant.in_token_blocks(block, self.token_block)
         n, m = self._n, block.num_tokens
         cap = 0 if self._buf is None else self._buf.num_tokens
         if n + m > cap:

@@ -63,6 +63,8 @@ so low-bit codes lose less (QuaRot, SpinQuant).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -137,25 +139,38 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     _check_bits(bits)
     if codes.dtype != torch.uint8:
         raise TypeError(f"codes.dtype={codes.dtype} is invalid; allowed: torch.uint8")
-    planes, shift = [], 0
-    for w in PLANES[bits]:
-        planes.append(_pack_plane((codes >> shift) & ((1 << w) - 1), w))
-        shift += w
+    planes = _pack_planes(codes, bits)
     return planes[0] if len(planes) == 1 else torch.cat(planes, dim=-1)
 
 
 def unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Inverse of :func:`pack`: ``[..., packed_width(dim, bits)]`` bytes to ``[..., dim]`` ``uint8`` codes."""
     _check_bits(bits)
+    return _unpack_planes(packed, bits, lambda w: -(-dim // (8 // w)), lambda b, w: _unpack_plane(b, w, dim))
+
+
+def _pack_planes(codes: torch.Tensor, bits: int, arrange=None) -> list[torch.Tensor]:
+    """Each bit plane of ``codes`` (``PLANES``, low bits first), ``arrange(plane, w)`` applied before packing."""
+    planes, shift = [], 0
+    for w in PLANES[bits]:
+        plane = (codes >> shift) & ((1 << w) - 1)
+        planes.append(_pack_plane(plane if arrange is None else arrange(plane, w), w))
+        shift += w
+    return planes
+
+
+def _unpack_planes(packed: torch.Tensor, bits: int, width, read) -> torch.Tensor:
+    """Codes from bit planes concatenated along the last dim: plane ``w`` takes ``width(w)`` bytes,
+    ``read(bytes, w)`` turns them into that plane's codes."""
     out, shift, col = None, 0, 0
     for w in PLANES[bits]:
-        width = -(-dim // (8 // w))
-        part = _unpack_plane(packed[..., col:col + width], w, dim)
+        part = read(packed[..., col:col + width(w)], w)
         out = part if out is None else out | (part << shift)
-        shift, col = shift + w, col + width
+        shift, col = shift + w, col + width(w)
     return out
 
 
+@functools.lru_cache(maxsize=64)  # once per (block, device): the cache re-lays values at every flush
 def block_order(block: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The token stored at each position of a token block (:func:`to_token_blocks`): position
     ``4 S c + 4 s + 2 h + i`` (``S = block / 16`` slabs of 16 tokens) holds token ``16 s + 8 h + 2 c + i``.
@@ -164,7 +179,7 @@ def block_order(block: int, device: torch.device | str = "cpu") -> torch.Tensor:
     slab; in this order they are one contiguous run of bytes per channel row."""
     c, s, h, i = torch.meshgrid(torch.arange(4), torch.arange(block // 16), torch.arange(2), torch.arange(2),
                                 indexing="ij")
-    return (16 * s + 8 * h + 2 * c + i).flatten().to(device)
+    return (16 * s + 8 * h + 2 * c + i).flatten().to(device)  # read only: shared between calls
 
 
 def _to_words(x: torch.Tensor, w: int) -> torch.Tensor:
@@ -204,11 +219,8 @@ def to_token_blocks(packed: torch.Tensor, bits: int, dim: int, block: int) -> to
     lead, t = codes.shape[:-2], codes.shape[-2]
     blocks = codes.reshape(*lead, t // block, block, dim).transpose(-1, -2)  # [..., T/block, D, block]
     blocks = blocks[..., block_order(block, codes.device)]
-    planes, shift = [], 0
-    for w in PLANES[bits]:
-        planes.append(_pack_plane(_to_words((blocks >> shift) & ((1 << w) - 1), w), w).flatten(-2))
-        shift += w
-    return torch.cat(planes, dim=-1).reshape(packed.shape)
+    planes = _pack_planes(blocks, bits, _to_words)
+    return torch.cat([plane.flatten(-2) for plane in planes], dim=-1).reshape(packed.shape)
 
 
 def from_token_blocks(blocked: torch.Tensor, bits: int, dim: int, block: int) -> torch.Tensor:
@@ -216,12 +228,8 @@ def from_token_blocks(blocked: torch.Tensor, bits: int, dim: int, block: int) ->
     _check_layout(blocked, bits, dim, block)
     lead, t = blocked.shape[:-2], blocked.shape[-2]
     flat = blocked.reshape(*lead, t // block, -1)
-    codes, shift, col = None, 0, 0
-    for w in PLANES[bits]:
-        width = dim * block * w // 8
-        part = _from_words(_unpack_plane(flat[..., col:col + width].reshape(*lead, t // block, dim, -1), w, block), w)
-        codes = part if codes is None else codes | (part << shift)
-        shift, col = shift + w, col + width
+    codes = _unpack_planes(flat, bits, lambda w: dim * block * w // 8,
+                           lambda b, w: _from_words(_unpack_plane(b.reshape(*lead, t // block, dim, -1), w, block), w))
     tokens = torch.empty_like(codes)
     tokens[..., block_order(block, codes.device)] = codes
     return pack(tokens.transpose(-1, -2).reshape(*lead, t, dim).contiguous(), bits)
@@ -237,24 +245,31 @@ def to_channel_words(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     channels ``2j`` and ``2j + 2`` that the kernel must repack (``PRMT``).
     """
     _check_words(bits, dim)
-    codes = unpack(packed, bits, dim)
-    planes, shift = [], 0
-    for w in PLANES[bits]:
-        planes.append(_pack_plane(_to_words((codes >> shift) & ((1 << w) - 1), w), w))
-        shift += w
-    return torch.cat(planes, dim=-1)
+    return torch.cat(_pack_planes(unpack(packed, bits, dim), bits, _to_words), dim=-1)
 
 
 def from_channel_words(worded: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Inverse of :func:`to_channel_words`."""
     _check_words(bits, dim)
-    codes, shift, col = None, 0, 0
-    for w in PLANES[bits]:
-        width = dim * w // 8
-        part = _from_words(_unpack_plane(worded[..., col:col + width], w, dim), w)
-        codes = part if codes is None else codes | (part << shift)
-        shift, col = shift + w, col + width
+    codes = _unpack_planes(worded, bits, lambda w: dim * w // 8, lambda b, w: _from_words(_unpack_plane(b, w, dim), w))
     return pack(codes.contiguous(), bits)
+
+
+def in_token_blocks(qt: QuantizedTensor, block: int) -> QuantizedTensor:
+    """``qt`` (codes packed along D) with its codes in token blocks of ``block`` (:func:`to_token_blocks`)."""
+    _check_plain(qt)
+    return dataclasses.replace(qt, codes=to_token_blocks(qt.codes, qt.bits, qt.head_dim, block), token_block=block)
+
+
+def in_channel_words(qt: QuantizedTensor) -> QuantizedTensor:
+    """``qt`` (codes packed along D) with its codes in channel word order (:func:`to_channel_words`)."""
+    _check_plain(qt)
+    return dataclasses.replace(qt, codes=to_channel_words(qt.codes, qt.bits, qt.head_dim), channel_words=True)
+
+
+def _check_plain(qt: QuantizedTensor) -> None:
+    if qt.token_block or qt.channel_words:
+        raise ValueError("codes already re-laid (token_block or channel_words); allowed: codes packed along D")
 
 
 def _check_words(bits: int, dim: int) -> None:
