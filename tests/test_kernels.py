@@ -368,8 +368,8 @@ GPU_MATRIX = ([(128, 4, k, v) for k in (2, 4, 8) for v in (2, 4, 8)]  # every pa
               + [(d, g, k, v) for d in (64, 256) for g in (1, 8) for k, v in ((2, 2), (4, 2), (8, 4), (8, 8))]
               + [(d, 4, k, v) for d in (64, 128) for k, v in ((3, 3), (4, 3), (3, 2), (6, 4), (6, 6))])
 # values in token blocks (what the cache stores on the GPU for KIVI values of 2-4 bits)
-GPU_BLOCKED = [(d, g, k, v) for d in (64, 128, 256) for g in (1, 4, 8) for k, v in ((4, 2), (2, 2), (4, 4))] \
-    + [(128, 4, k, v) for k, v in ((3, 3), (4, 3), (3, 2), (8, 4), (8, 3), (3, 4), (6, 4))]
+GPU_BLOCKED = [(d, g, k, v) for d in (64, 128, 256) for g in (1, 4, 8) for k, v in ((4, 2), (2, 2), (4, 4), (4, 3))] \
+    + [(128, 4, k, v) for k, v in ((3, 3), (3, 2), (8, 4), (8, 3), (3, 4), (6, 4), (2, 3))]
 
 
 @gpu
@@ -434,6 +434,22 @@ def test_launch_table_applies_per_tile_shape():
     other = triton_decode.launch_defaults(kb, vb, 64, 64, cpu, tokens=tokens)  # another tile: only the folds carry over
     assert (other["fold_k"], other["fold_v"]) == (entry["fold_k"], entry["fold_v"])
     assert other["num_stages"] == rules["num_stages"] and other["splits_per_sm"] == rules["splits_per_sm"]
+
+
+def test_few_long_rows_take_their_own_split_and_register_cap():
+    # K4V3 with token-blocked values: a 128-register cap at B = 64, 168 registers for few long rows
+    # (H100: 116 -> 99 us at 1 x 128k, and 191 vs 198 us at 64 x 4k with 128)
+    entry = triton_decode.launch_table()[4, 3, True]
+    given = (None,) * len(triton_decode._GIVEN)
+    many = dict(zip(triton_decode._GIVEN, triton_decode._launch_choices(4, 3, 128, 128, True, False, given, True)))
+    few = dict(zip(triton_decode._GIVEN, triton_decode._launch_choices(4, 3, 128, 128, True, True, given, True)))
+    assert (many["maxnreg"], many["splits_per_sm"]) == (entry["maxnreg"], entry["splits_per_sm"])
+    assert (few["maxnreg"], few["splits_per_sm"]) == (entry["maxnreg_small"], entry["splits_per_sm_small"])
+    cpu = dict(zip(triton_decode._GIVEN, triton_decode._launch_choices(4, 3, 128, 128, False, True, given, True)))
+    assert cpu["maxnreg"] is None  # no register caps without PTX
+    pinned = dict(zip(triton_decode._GIVEN, triton_decode._launch_choices(
+        4, 3, 128, 128, True, True, given[:7] + (96,) + given[8:], True)))
+    assert pinned["maxnreg"] == 96  # an explicit cap wins
 
 
 def _compiled_variants(kernel) -> int:

@@ -213,8 +213,15 @@ def test_token_blocks_round_trip_with_the_same_bytes(bits, block):
     assert torch.equal(quant.dequantize(tb), quant.dequantize(qt))
 
 
-def _code_at(row: list[int], pos: int, w: int) -> int:
+def _code_at(row: list[int], pos: int, w: int, bits: int) -> int:
     """Element ``pos`` of a plane's channel row, read the way the docstring of to_token_blocks says."""
+    if bits == 3:  # pair order: in every 16 elements e = 8 u + 2 f + k
+        group, e = divmod(pos, 16)
+        u, rest = divmod(e, 8)
+        f, k = divmod(rest, 2)
+        if w == 2:  # code f of byte 2 u + k
+            return (row[4 * group + 2 * u + k] >> (2 * f)) & 3
+        return (row[2 * group + k] >> (2 * f + 1 - u)) & 1  # bit 2 f + 1 - u of byte k
     per = 8 // w
     word, e = divmod(pos, 4 * per)
     f, k = divmod(e, 4)
@@ -236,7 +243,7 @@ def test_token_block_layout_matches_docstring(bits):
                 row = flat[b][start:start + block * w // 8]
                 for pos in range(block):
                     want = (int(codes[b * block + order[pos], ch]) >> shift) & ((1 << w) - 1)
-                    assert _code_at(row, pos, w) == want
+                    assert _code_at(row, pos, w, bits) == want
             col, shift = col + dim * w // 8, shift + w
 
 

@@ -198,6 +198,31 @@ def _from_words(x: torch.Tensor, w: int) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], -1, 4, per).transpose(-1, -2).flatten(-3)
 
 
+def _to_pairs(x: torch.Tensor, w: int) -> torch.Tensor:
+    """Elements in position order -> the order :func:`_pack_plane` packs the planes of a 3-bit code in
+    inside a token block: in every 16 elements ``e = 8 u + 2 f + k``, the 2-bit plane keeps element
+    ``e`` as code ``f`` of byte ``2 u + k``, and the 1-bit plane keeps it as bit ``2 f + 1 - u`` of
+    byte ``k``."""
+    if w == 2:
+        return x.reshape(*x.shape[:-1], -1, 4, 2).transpose(-1, -2).flatten(-3)
+    y = x.reshape(*x.shape[:-1], -1, 2, 4, 2).flip(-3)  # [..., 16-element group, 1 - u, f, k]
+    n = y.dim()
+    return y.permute(*range(n - 3), n - 1, n - 2, n - 3).flatten(-4)
+
+
+def _from_pairs(x: torch.Tensor, w: int) -> torch.Tensor:
+    if w == 2:
+        return x.reshape(*x.shape[:-1], -1, 2, 4).transpose(-1, -2).flatten(-3)
+    y = x.reshape(*x.shape[:-1], -1, 2, 4, 2)  # [..., group, k, f, 1 - u]
+    n = y.dim()
+    return y.permute(*range(n - 3), n - 1, n - 2, n - 3).flip(-3).flatten(-4)
+
+
+def _block_arrangement(bits: int):
+    """How the planes of ``bits``-bit codes are ordered inside a token block (to, from)."""
+    return (_to_pairs, _from_pairs) if PLANES[bits] == (2, 1) else (_to_words, _from_words)
+
+
 def to_token_blocks(packed: torch.Tensor, bits: int, dim: int, block: int) -> torch.Tensor:
     """Re-lay channel-packed codes ``[..., T, packed_width(dim, bits)]`` (``T`` a multiple of
     ``block``) in token blocks, the layout of token-blocked values in the cache. Same shape and
@@ -207,7 +232,10 @@ def to_token_blocks(packed: torch.Tensor, bits: int, dim: int, block: int) -> to
     ``dim`` channel rows of ``block * w / 8`` bytes: that channel's codes of the block's tokens in
     :func:`block_order`, packed so that code ``f`` of byte ``k`` of every 32-bit word holds element
     ``4 f + k`` of the word (the PTX unpackers turn code ``f`` of 2 adjacent bytes into one fp16x2
-    register, which then holds 2 adjacent tokens).
+    register, which then holds 2 adjacent tokens). 3-bit codes (a 2-bit and a 1-bit plane) use pair
+    order instead (:func:`_to_pairs`): in every 16 elements ``e = 8 u + 2 f + k``, code ``f`` of byte
+    ``2 u + k`` of the 2-bit plane and bit ``2 f + 1 - u`` of byte ``k`` of the 1-bit plane, so that
+    one PTX call joins both planes with one shift per 8 elements (no second unpacked tile to add).
 
     Why: a decode kernel computes ``p . v`` over tokens. Codes packed along the dot's depth unpack
     straight into the matrix-multiply operand's registers, as keys (packed along D, the depth of
@@ -219,7 +247,7 @@ def to_token_blocks(packed: torch.Tensor, bits: int, dim: int, block: int) -> to
     lead, t = codes.shape[:-2], codes.shape[-2]
     blocks = codes.reshape(*lead, t // block, block, dim).transpose(-1, -2)  # [..., T/block, D, block]
     blocks = blocks[..., block_order(block, codes.device)]
-    planes = _pack_planes(blocks, bits, _to_words)
+    planes = _pack_planes(blocks, bits, _block_arrangement(bits)[0])
     return torch.cat([plane.flatten(-2) for plane in planes], dim=-1).reshape(packed.shape)
 
 
@@ -228,8 +256,9 @@ def from_token_blocks(blocked: torch.Tensor, bits: int, dim: int, block: int) ->
     _check_layout(blocked, bits, dim, block)
     lead, t = blocked.shape[:-2], blocked.shape[-2]
     flat = blocked.reshape(*lead, t // block, -1)
+    from_order = _block_arrangement(bits)[1]
     codes = _unpack_planes(flat, bits, lambda w: dim * block * w // 8,
-                           lambda b, w: _from_words(_unpack_plane(b.reshape(*lead, t // block, dim, -1), w, block), w))
+                           lambda b, w: from_order(_unpack_plane(b.reshape(*lead, t // block, dim, -1), w, block), w))
     tokens = torch.empty_like(codes)
     tokens[..., block_order(block, codes.device)] = codes
     return pack(tokens.transpose(-1, -2).reshape(*lead, t, dim).contiguous(), bits)

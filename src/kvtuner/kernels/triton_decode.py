@@ -210,6 +210,34 @@ def _asm3_nibble() -> str:
     return "\n".join(lines + ["}"])
 
 
+def _asm3_pairs() -> str:
+    """PTX for 3-bit codes in pair order (``quant.to_token_blocks``, 3 bits): per call two 16-bit units
+    of the 2-bit plane (``$8``: code ``f`` of byte ``k`` of unit ``u`` is element ``8 u + 2 f + k``)
+    and their two bytes of the 1-bit plane (``$9``, 16 bits: byte ``k`` keeps element ``8 u + 2 f +
+    k``'s high bit at bit ``2 f + 1 - u``). Output ``4 u + f`` holds elements ``8 u + 2 f + {0, 1}``.
+
+    The high bits are moved next to the low ones once per call (one shift per unit puts every high
+    bit of that unit at bit ``2 f + 2`` of both fp16 lanes), so that per output one ``lop3`` takes
+    the low bits with the exponent ``0x6400``, one ``lop3`` adds the high bit, and one packed FMA
+    scales ``1024 + (l + 4 h) 4^f`` back to the code: 3 instructions per 2 codes, against 5 for the
+    two planes unpacked apart and added."""
+    lines = ["{", ".reg .b32 m, l0, l1, x, h0, h1, t, s, o;", "mov.b32 m, 0x64006400;",
+             "prmt.b32 l0, $8, 0, 0x4140;", "prmt.b32 l1, $8, 0, 0x4342;",
+             "cvt.u32.u16 x, $9;", "prmt.b32 x, x, 0, 0x4140;", "shl.b32 h0, x, 1;", "shl.b32 h1, x, 2;"]
+    for u in range(2):
+        for f in range(4):
+            r = f"${4 * u + f}"
+            lines += [f"lop3.b32 t, l{u}, 0x{3 << 2 * f:04x}{3 << 2 * f:04x}, m, 0xea;",
+                      f"lop3.b32 {r}, h{u}, 0x{4 << 2 * f:04x}{4 << 2 * f:04x}, t, 0xea;"]
+            if f == 0:
+                lines.append(f"sub.f16x2 {r}, {r}, m;")
+            else:
+                lines += [f"mov.b32 s, {_f16x2(4.0 ** -f)};", f"mov.b32 o, {_f16x2(-1024 * 4.0 ** -f)};",
+                          f"fma.rn.f16x2 {r}, {r}, s, o;"]
+    return "\n".join(lines + ["}"])
+
+
+_ASM3P = tl.constexpr(_asm3_pairs())
 _ASM1X4 = tl.constexpr(_asm1_times4())
 _ASM3N = tl.constexpr(_asm3_nibble())
 _ASM3 = tl.constexpr(_asm3())
@@ -286,11 +314,51 @@ def _block_tokens(c):
 
 
 @triton.jit
+def _pairs3(lo, hi):
+    """3-bit codes in pair order (:data:`_ASM3P`) from the 2-bit plane's 16-bit units ``lo`` ``[R, C]``
+    and the 1-bit plane's bytes ``hi`` ``[R, C]`` as fp16 ``[R, 8 C]`` in element order."""
+    o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+        _ASM3P, "=r,=r,=r,=r,=r,=r,=r,=r,r,h", [lo, hi], dtype=(tl.float16,) * 8, is_pure=True, pack=2)
+    s = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
+    R: tl.constexpr = s.shape[0]
+    C: tl.constexpr = s.shape[1]
+    # each join appends a dim: s[r, 2 m + k, u, f1, f0] is element 16 m + 8 u + 2 f + k (f = 2 f1 + f0)
+    s = tl.reshape(s, (R, C // 2, 2, 2, 2, 2))  # m, k, u, f1, f0
+    return tl.reshape(tl.permute(s, (0, 1, 3, 4, 5, 2)), (R, C * 8))
+
+
+@triton.jit
+def _pairs3_ref(b0, b1):
+    """:func:`_pairs3` without PTX, from the 2-bit plane's bytes ``b0`` ``[R, 2 C]`` and the 1-bit
+    plane's bytes ``b1`` ``[R, C]``: both planes decoded in byte order, then put in element order."""
+    R: tl.constexpr = b0.shape[0]
+    N: tl.constexpr = b0.shape[1] * 4
+    lo = tl.reshape(tl.permute(tl.reshape(_decode_plane(b0, 2), (R, N // 8, 2, 4)), (0, 1, 3, 2)), (R, N))
+    h = tl.reshape(_decode_plane(b1, 1), (R, N // 16, 2, 4, 2))  # group, k, f, 1 - u
+    u1, u0 = tl.split(h)  # bit 2 f of byte k belongs to unit 1, bit 2 f + 1 to unit 0
+    hi = tl.reshape(tl.permute(tl.join(u0, u1), (0, 1, 4, 3, 2)), (R, N))  # group, u, f, k
+    magic = tl.full([1, 1], 0x6400, tl.uint16)
+    return ((lo | (hi << 2)) | magic).to(tl.float16, bitcast=True) - 1024.0
+
+
+@triton.jit
 def _unpack_tokens(base, d, dmask, t0, end, stride_t, D: tl.constexpr, BLOCK_N: tl.constexpr, W0: tl.constexpr,
                    W1: tl.constexpr, VT: tl.constexpr, ASM: tl.constexpr):
     """Codes of a token-blocked tile as fp16 ``[len(d), BLOCK_N]`` (channels x tokens, token
     order; ``BLOCK_N == VT``): the transpose of :func:`_unpack`'s tile, unpacked along tokens."""
     col1: tl.constexpr = D * W0 // 8
+    if W0 == 2 and W1 == 1:  # 3-bit codes in pair order: both planes joined per 16 elements
+        if ASM:
+            j = tl.arange(0, BLOCK_N // 8)
+            blk = base + t0.to(tl.int64) * stride_t
+            live = (t0 + j * 0) < end
+            lo = tl.load(blk.to(tl.pointer_type(tl.uint16)) + d.to(tl.int64)[:, None] * (BLOCK_N // 8) + j[None, :],
+                         mask=dmask[:, None] & live[None, :], other=0)
+            hi = tl.load(blk + BLOCK_N * col1 + d.to(tl.int64)[:, None] * (BLOCK_N // 8) + j[None, :],
+                         mask=dmask[:, None] & live[None, :], other=0)
+            return _block_tokens(_pairs3(lo, hi))
+        return _block_tokens(_pairs3_ref(_token_plane_bytes(base, d, dmask, t0, end, stride_t, 0, BLOCK_N, 2),
+                                         _token_plane_bytes(base, d, dmask, t0, end, stride_t, col1, BLOCK_N, 1)))
     b0 = _token_plane_bytes(base, d, dmask, t0, end, stride_t, 0, BLOCK_N, W0)
     if ASM:
         c = _word_order(_decode_plane_asm(b0, W0), W0)
@@ -794,8 +862,9 @@ def launch_defaults(kbits: int, vbits: int, block_d: int, block_n: int, device: 
 
     The table (measured at D = 128, 128-token tiles) overrides every choice for that tile shape and
     the fold choices for any shape; PTX unpacking stays off where it cannot run. Its
-    ``splits_per_sm_small`` (measured at B = 1, L = 128k) replaces ``splits_per_sm`` when there are
-    fewer (batch x KV head) rows than SMs. ``tokens``: values in token blocks (``quant.to_token_blocks``);
+    ``splits_per_sm_small`` and ``maxnreg_small`` (measured at B = 1, L = 128k) replace ``splits_per_sm``
+    and ``maxnreg`` when there are fewer (batch x KV head) rows than SMs (few long rows need fewer
+    programs per SM, so a register cap that buys occupancy at B = 64 only adds spills there). ``tokens``: values in token blocks (``quant.to_token_blocks``);
     their own entry if the table has one, else the pair's entry; swap_pv always (without it every
     token-blocked pair was 20-60 % slower: benchmarks/results/kernel_experiments_h100.md, session 11).
     """
@@ -808,7 +877,7 @@ def _launch_defaults(kbits: int, vbits: int, block_d: int, block_n: int, ptx: bo
     out = dict(num_warps=4, num_stages=3 if block_d * block_n <= 128 * 128 else 2,
                swap_qk=False, swap_pv=vbits in (2, 4) or tokens, asm=ptx,
                fold_k="reg" if kbits == 8 else "plain", fold_v="norm" if vbits == 8 else "reg",
-               maxnreg=None, splits_per_sm=4, splits_per_sm_small=None,
+               maxnreg=None, splits_per_sm=4, splits_per_sm_small=None, maxnreg_small=None,
                unpack3_k="words" if ptx else "planes", unpack3_v="planes")
     entries = launch_table() if table else {}
     entry = entries.get((kbits, vbits, tokens)) or entries.get((kbits, vbits, False))
@@ -816,7 +885,7 @@ def _launch_defaults(kbits: int, vbits: int, block_d: int, block_n: int, ptx: bo
         same_tile = block_d == 128 and block_n == 128
         out.update({k: v for k, v in entry.items() if k in out and (same_tile or k in ("fold_k", "fold_v"))})
         if not ptx:  # PTX unpacking and register caps only exist on the GPU
-            out.update(asm=False, maxnreg=None, unpack3_k="planes", unpack3_v="planes")
+            out.update(asm=False, maxnreg=None, maxnreg_small=None, unpack3_k="planes", unpack3_v="planes")
     return out
 
 
@@ -830,8 +899,9 @@ def _launch_choices(kbits: int, vbits: int, block_d: int, block_n: int, ptx: boo
     """The launch choices in ``_GIVEN`` order: the defaults, with the split for few long rows when
     ``small``, overridden by the non-``None`` values of ``given``."""
     launch = dict(_launch_defaults(kbits, vbits, block_d, block_n, ptx, True, tokens))
-    if launch["splits_per_sm_small"] and small:  # few long rows: its own measured split
-        launch["splits_per_sm"] = launch["splits_per_sm_small"]
+    if small:  # few long rows: their own measured split and register cap
+        launch["splits_per_sm"] = launch["splits_per_sm_small"] or launch["splits_per_sm"]
+        launch["maxnreg"] = launch["maxnreg_small"] or launch["maxnreg"]
     launch.update({k: v for k, v in zip(_GIVEN, given) if v is not None})
     for name, allowed in (("fold_k", FOLDS), ("fold_v", FOLDS), ("unpack3_k", UNPACK3), ("unpack3_v", UNPACK3)):
         if launch[name] not in allowed:
