@@ -213,9 +213,10 @@ def test_token_blocks_round_trip_with_the_same_bytes(bits, block):
     assert torch.equal(quant.dequantize(tb), quant.dequantize(qt))
 
 
-def _code_at(row: list[int], pos: int, w: int, bits: int) -> int:
-    """Element ``pos`` of a plane's channel row, read the way the docstring of to_token_blocks says."""
-    if bits == 3:  # pair order: in every 16 elements e = 8 u + 2 f + k
+def _code_at(row: list[int], pos: int, w: int, pairs: bool = False) -> int:
+    """Element ``pos`` of a plane's row, read the way the docstrings of to_token_blocks (``pairs``: 3-bit
+    codes in a token block) and to_channel_words say."""
+    if pairs:  # pair order: in every 16 elements e = 8 u + 2 f + k
         group, e = divmod(pos, 16)
         u, rest = divmod(e, 8)
         f, k = divmod(rest, 2)
@@ -243,7 +244,7 @@ def test_token_block_layout_matches_docstring(bits):
                 row = flat[b][start:start + block * w // 8]
                 for pos in range(block):
                     want = (int(codes[b * block + order[pos], ch]) >> shift) & ((1 << w) - 1)
-                    assert _code_at(row, pos, w, bits) == want
+                    assert _code_at(row, pos, w, pairs=bits == 3) == want
             col, shift = col + dim * w // 8, shift + w
 
 
