@@ -354,8 +354,7 @@ def _unpack_tokens(base, d, dmask, t0, end, stride_t, D: tl.constexpr, BLOCK_N: 
             live = (t0 + j * 0) < end
             lo = tl.load(blk.to(tl.pointer_type(tl.uint16)) + d.to(tl.int64)[:, None] * (BLOCK_N // 8) + j[None, :],
                          mask=dmask[:, None] & live[None, :], other=0)
-            hi = tl.load(blk + BLOCK_N * col1 + d.to(tl.int64)[:, None] * (BLOCK_N // 8) + j[None, :],
-                         mask=dmask[:, None] & live[None, :], other=0)
+            hi = _token_plane_bytes(base, d, dmask, t0, end, stride_t, col1, BLOCK_N, 1)
             return _block_tokens(_pairs3(lo, hi))
         return _block_tokens(_pairs3_ref(_token_plane_bytes(base, d, dmask, t0, end, stride_t, 0, BLOCK_N, 2),
                                          _token_plane_bytes(base, d, dmask, t0, end, stride_t, col1, BLOCK_N, 1)))
@@ -539,21 +538,6 @@ def _pv(p, v16, SWAP_QK: tl.constexpr, SWAP_PV: tl.constexpr):
 
 
 @triton.jit
-def _pv_t(p, v_t, SWAP_QK: tl.constexpr, SWAP_PV: tl.constexpr):
-    """:func:`_pv` from a ``[D, N]`` value tile (token-blocked values)."""
-    if SWAP_PV:
-        if SWAP_QK:
-            return tl.dot(v_t, p.to(tl.float16))
-        else:
-            return tl.dot(v_t, tl.trans(p.to(tl.float16)))
-    else:
-        if SWAP_QK:
-            return tl.dot(tl.trans(p.to(tl.float16)), tl.trans(v_t))
-        else:
-            return tl.dot(p.to(tl.float16), tl.trans(v_t))
-
-
-@triton.jit
 def _vtok(v, TOKENS_LAST: tl.constexpr):
     """A per-token vector broadcast against a value tile (``[N, D]``, or ``[D, N]`` for token blocks)."""
     if TOKENS_LAST:
@@ -565,8 +549,8 @@ def _vtok(v, TOKENS_LAST: tl.constexpr):
 @triton.jit
 def _pv_tile(p, v, SWAP_QK: tl.constexpr, SWAP_PV: tl.constexpr, TOKENS_LAST: tl.constexpr):
     """:func:`_pv` for a value tile in either orientation (``[D, N]`` for token blocks)."""
-    if TOKENS_LAST:
-        return _pv_t(p, v, SWAP_QK, SWAP_PV)
+    if TOKENS_LAST:  # the double transpose inside _pv folds away (sm_90 SASS byte-identical)
+        return _pv(p, tl.trans(v), SWAP_QK, SWAP_PV)
     else:
         return _pv(p, v, SWAP_QK, SWAP_PV)
 
