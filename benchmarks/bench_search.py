@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--kl-seq-len", type=int, default=256, help="tokens of the one-layer KL runs (tune's default)")
     ap.add_argument("--bits", default="8,4,2", help="candidate widths for K and V, e.g. 8,4,3,2 (every pair)")
     ap.add_argument("--rotation", action="store_true", help="Hadamard-rotated quantization (profiled and searched)")
+    ap.add_argument("--sink", type=int, default=0, help="full-precision attention-sink tokens (QuantSpec.sink_length)")
     ap.add_argument("--baselines", default=",".join(f"{k}{v}" for k, v in BASELINES),
                     help="uniform plans evaluated next to the searched ones (k then v bits); with --rotation each "
                          "also rotated")
@@ -55,9 +56,9 @@ def main() -> None:
     bits = [int(b) for b in args.bits.split(",")]
     pairs = [(k, v) for k in bits for v in bits]
     table = profile(model, tok, calib, pairs=pairs, modes=["kivi"], num_sequences=args.sequences, seq_len=512,
-                    model_id="smollm2", rotation=args.rotation)
+                    model_id="smollm2", rotation=args.rotation, sink_length=args.sink)
     table.kl = layer_kl(model, calibration_batches(tok, calib, 1, args.kl_seq_len), pairs, ["kivi"],
-                        rotation=args.rotation)
+                        rotation=args.rotation, sink_length=args.sink)
     t_profile = time.perf_counter() - t0
     windows = calibration_batches(tok, calib, 10, 640)[-2:]  # windows past the profiling tokens
     objective = KLObjective(model, windows, prefill=384, chunk=16)
@@ -75,8 +76,8 @@ def main() -> None:
     plans = [(f"searched <= {b}", fronts[b].best(b)) for b in BUDGETS]
     for k, v in ((int(x[0]), int(x[1])) for x in args.baselines.split(",")):
         for rot in (False, True) if args.rotation else (False,):
-            plan = KVPlan.uniform(30, k, v, "kivi", rotation=rot)
-            plans.append((f"uniform {plan.layers[0].name}", plan))
+            plan = KVPlan.uniform(30, k, v, "kivi", rotation=rot, sink_length=args.sink)
+            plans.append((f"uniform {plan.layers[0].name}" + (f" sink {args.sink}" if args.sink else ""), plan))
     for name, plan in plans:
         r = ev(plan)
         rows.append(dict(name=name, **r.to_dict()))
@@ -94,11 +95,12 @@ def main() -> None:
         "# Search on SmolLM2 (KIVI)", "",
         f"Command: `python benchmarks/bench_search.py --out-dir {args.out_dir} --trials {args.trials} "
         f"--sequences {args.sequences} --kl-seq-len {args.kl_seq_len} --bits {args.bits}"
-        f"{' --rotation' if args.rotation else ''} --baselines {args.baselines}"
+        f"{' --rotation' if args.rotation else ''}{f' --sink {args.sink}' if args.sink else ''} --baselines {args.baselines}"
         f"{' --tag=' + args.tag if args.tag else ''}`. "
         f"kvtuner {kvtuner.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"{torch.get_num_threads()} CPU threads.", "",
-        f"* Profiling (KIVI, {len(pairs)} pairs{', rotated' if args.rotation else ''}, 30 layers, "
+        f"* Profiling (KIVI, {len(pairs)} pairs{', rotated' if args.rotation else ''}"
+        f"{f', {args.sink} sink tokens in full precision' if args.sink else ''}, 30 layers, "
         f"{args.sequences} x 512 tokens, + one-layer KL {30 * len(pairs)} runs x "
         f"{args.kl_seq_len} tokens): {t_profile:.0f} s. Search (2 budgets x "
         f"{args.trials} NSGA-II trials, KL on 2 x 256 calibration tokens): {t_search:.0f} s. "

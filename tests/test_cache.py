@@ -99,6 +99,8 @@ STORAGE_PLANS = {
     "per_token-KV6-rotated": KVPlan.uniform(2, 6, 6, "per_token", rotation=True),
     "per_token-g32-K4V8-res16": KVPlan.uniform(2, 4, 8, "per_token", group_size=32, residual_length=16),
     "mixed": KVPlan((KVPlan.uniform(1, 8, 2, "kivi").layers[0], KVPlan.uniform(1, 16, 4, "per_token").layers[0])),
+    "kivi-K4V2-sink3": KVPlan.uniform(2, 4, 2, "kivi", sink_length=3),
+    "per_token-K4V4-sink2": KVPlan.uniform(2, 4, 4, "per_token", sink_length=2),
 }
 
 
@@ -304,3 +306,69 @@ def test_values_in_token_blocks_hold_the_same_cache(monkeypatch, vbits, blocked)
     more = _kv(40, seed=77)  # the cut block's tokens are quantized again on the next flush
     a, b = plain.update(*more, 0), tb.update(*more, 0)
     assert (a[1].float() - b[1].float()).abs().max() < 0.05 * b[1].float().abs().max()
+
+
+@pytest.mark.parametrize("mode", ["kivi", "per_token"])
+def test_sink_tokens_stay_exact_and_groups_start_after_them(mode):
+    from kvtuner.cache import simulate_cache
+    from kvtuner.spec import QuantSpec
+
+    plan = KVPlan.uniform(2, 2, 2, mode, sink_length=3)
+    cache = MixedPrecisionCache(plan, CFG)
+    k, v = _kv(100, seed=4)
+    for t0, t1 in [(0, 2), (2, 70)] + [(t, t + 1) for t in range(70, 100)]:  # the sink fills over two updates
+        keys, values = cache.update(k[..., t0:t1, :], v[..., t0:t1, :], 0)
+    spec = plan.layers[0].k
+    n_q, n_fp = spec.split("key", 100)
+    assert n_q > 0 and cache.layers[0].token_counts()["key"] == (n_q, n_fp)
+    for orig, got, role in ((k, keys, "key"), (v, values, "value")):
+        assert torch.equal(got[..., :3, :], orig[..., :3, :])  # the sink, in full precision
+        assert torch.equal(got[..., 3 + n_q:, :], orig[..., 3 + n_q:, :])  # the residual window
+        assert (got[..., 3:3 + n_q, :] != orig[..., 3:3 + n_q, :]).any(dim=(0, 1, 3)).all()
+        # quantized groups start at token 3: the same as quantizing tokens 3.. on their own
+        alone = simulate_cache(orig[..., 3:, :], QuantSpec(2, mode), role)
+        assert torch.equal(got[..., 3:3 + n_q, :], alone[..., :n_q, :])
+        assert torch.equal(got, simulate_cache(orig, spec, role))  # profiling sees what the cache stores
+    if mode != "kivi":
+        return
+    # per-channel key groups: an outlying first token (attention sinks are) no longer widens its group
+    k2 = k.clone()
+    k2[..., 0, :] *= 20
+    err = {}
+    for sink in (0, 3):
+        got = simulate_cache(k2, QuantSpec(2, mode, sink_length=sink), "key")
+        err[sink] = ((got - k2)[..., 3:, :].norm() / k2[..., 3:, :].norm()).item()
+    assert err[3] < 0.5 * err[0], err
+
+
+def test_crop_through_sink_and_packed_tokens_keeps_the_prefix():
+    plan = KVPlan.uniform(2, 4, 2, "kivi", sink_length=5)
+    cache = MixedPrecisionCache(plan, CFG)
+    k, v = _kv(120, seed=5)
+    full_k, full_v = cache.update(k, v, 0)
+    assert cache.layers[0].token_counts()["key"] == (64, 56)
+    for keep in (100, 90, 60, 5, 3, 1):  # inside the window, into packed groups, into the sink
+        cache.crop(keep)
+        assert cache.layers[0].cumulative_length == keep
+        got_k = cache.layers[0]._k.materialize(full_k.dtype)
+        got_v = cache.layers[0]._v.materialize(full_v.dtype)
+        assert torch.equal(got_k, full_k[..., :keep, :]) and torch.equal(got_v, full_v[..., :keep, :])
+    cache.update(*_kv(80, seed=6), 0)  # refills the sink, then quantizes after it again
+    spec = plan.layers[0].k
+    assert cache.layers[0].token_counts()["key"] == spec.split("key", 81) == (32, 49)
+    assert cache.layers[0].nbytes() == sum(2 * 2 * (s.quantized_bytes(r, s.split(r, 81)[0], 64)
+                                                     + s.split(r, 81)[1] * 64 * 2)
+                                           for s, r in ((spec, "key"), (plan.layers[0].v, "value")))
+
+
+def test_sink_length_must_match_between_keys_and_values_and_skips_sliding_layers():
+    from kvtuner.spec import LayerSpec, QuantSpec
+
+    bad = KVPlan([LayerSpec(QuantSpec(4, sink_length=2), QuantSpec(4, sink_length=0))] * 2)
+    with pytest.raises(PlanError, match="sink_length"):
+        MixedPrecisionCache(bad, CFG)
+    model = tiny_model("gemma3", sliding_window=16)
+    cache = MixedPrecisionCache(KVPlan.uniform(4, 4, 4, "kivi", group_size=8, residual_length=8, sink_length=2),
+                                model.config)
+    sinks = {layer.is_sliding: layer._k.sink for layer in cache.layers}
+    assert sinks == {True: 0, False: 2}

@@ -25,9 +25,9 @@ def _model():
     return model
 
 
-def _plan(k, v, mode="kivi", rot=False, group=8, residual=4):
-    spec = LayerSpec(QuantSpec(k, mode, group if mode == "kivi" else None, residual, rotation=rot),
-                     QuantSpec(v, mode, group if mode == "kivi" else None, residual, rotation=rot))
+def _plan(k, v, mode="kivi", rot=False, group=8, residual=4, sink=0):
+    spec = LayerSpec(QuantSpec(k, mode, group if mode == "kivi" else None, residual, rotation=rot, sink_length=sink),
+                     QuantSpec(v, mode, group if mode == "kivi" else None, residual, rotation=rot, sink_length=sink))
     return KVPlan([spec, spec])
 
 
@@ -48,12 +48,13 @@ def _eager_tokens(model, plan, ids, mask, new):
     return torch.stack(out, 1), cache
 
 
-@pytest.mark.parametrize("k,v,mode,rot,residual", [(4, 2, "kivi", False, 4), (8, 4, "kivi", True, 4),
-                                                   (4, 4, "kivi", False, 0), (4, 2, "per_token", False, 0),
-                                                   (3, 3, "kivi", False, 12)])
-def test_static_decode_matches_eager_cache(k, v, mode, rot, residual):
+@pytest.mark.parametrize("k,v,mode,rot,residual,sink", [(4, 2, "kivi", False, 4, 0), (8, 4, "kivi", True, 4, 0),
+                                                        (4, 4, "kivi", False, 0, 0), (4, 2, "per_token", False, 0, 0),
+                                                        (3, 3, "kivi", False, 12, 0), (4, 2, "kivi", True, 4, 3),
+                                                        (4, 4, "per_token", False, 2, 1)])
+def test_static_decode_matches_eager_cache(k, v, mode, rot, residual, sink):
     model = _model()
-    plan = _plan(k, v, mode, rot, residual=residual)
+    plan = _plan(k, v, mode, rot, residual=residual, sink=sink)
     ids = torch.randint(3, 128, (2, 21), generator=torch.Generator().manual_seed(1)).to(DEV)
     new = 30  # several flushes of 8-token units
     want, eager_cache = _eager_tokens(model, plan, ids, None, new)
@@ -104,6 +105,11 @@ def test_static_decode_with_left_padding():
                           cuda_graph=False)
     model.config._attn_implementation = "sdpa"
     assert torch.equal(got, want)
+    # sink tokens are read after the packed ones, which a position-indexed static mask cannot follow
+    with pytest.raises(ValueError, match="padded batch cannot be made static with sink_length"):
+        greedy_generate(model, ids, MixedPrecisionCache(_plan(4, 4, sink=2), model.config), 20,
+                        attention_mask=mask, cuda_graph=False)
+    model.config._attn_implementation = "sdpa"
 
 
 def test_static_cache_baseline_matches_dynamic():

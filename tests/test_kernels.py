@@ -360,6 +360,40 @@ def test_generate_fused_matches_reference_path(k, v, rot, blocks, monkeypatch):
         assert c_fused.layers[0]._v.token_block == 32 and c_fused.layers[0]._k.channel_words == (k == 4)
 
 
+@pytest.mark.parametrize("k,v,rot", [(4, 2, False), (2, 3, True)])
+def test_fused_decode_with_sink_tokens_and_padding_matches_reference(k, v, rot):
+    # sink tokens sit at the residual's front, so the kernel reads [packed, sink, newest]: the padding
+    # mask (left padding masks sink and packed tokens of a short row) must be permuted to match
+    model = tiny_model("llama", layers=2, heads=4, kv_heads=2, head_dim=32 if not CUDA else 64).to(DEV)
+    model.set_attn_implementation("sdpa")
+    plan = KVPlan.uniform(2, k, v, "kivi", rotation=rot, sink_length=3)
+    ids = torch.randint(3, 128, (2, 75), generator=torch.Generator().manual_seed(1)).to(DEV)
+    mask = torch.ones_like(ids)
+    mask[1, :20] = 0  # row 1: the sink and the first packed tokens are padding, the rest of the group is not
+    outs = {}
+    try:
+        for backend in ("torch", "triton"):
+            kvtuner.set_backend(backend)
+            cache = MixedPrecisionCache(plan, model.config)
+            am, pos = mask, (mask.cumsum(-1) - 1).clamp_min(0)
+            with torch.no_grad():
+                steps = [model(ids, attention_mask=am, position_ids=pos, past_key_values=cache).logits[:, -1:]]
+                for t in range(6):
+                    am = torch.cat([am, torch.ones_like(am[:, :1])], 1)
+                    pos = pos[:, -1:] + 1
+                    steps.append(model(steps[-1].argmax(-1), attention_mask=am, position_ids=pos,
+                                       past_key_values=cache).logits)
+            outs[backend] = (torch.cat(steps, 1), cache)
+    finally:
+        kvtuner.set_backend("auto")
+        model.config._attn_implementation = "sdpa"
+    (ref, c_ref), (fused, c_fused) = outs["torch"], outs["triton"]
+    layer = c_fused.layers[0]
+    assert layer.fused_attention and layer._k.held_sink == 3 and layer._k.num_quantized == 32
+    assert torch.equal(ref.argmax(-1), fused.argmax(-1))
+    assert rel(fused, ref) < 2e-3
+
+
 # ------------------------------------------------------------------ GPU matrix
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (CI has none; run through the device tool)")
 

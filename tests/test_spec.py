@@ -18,6 +18,8 @@ def test_quantspec_defaults_follow_mode():
 @pytest.mark.parametrize("kwargs, field", [
     (dict(bits=5), "bits"), (dict(bits=True), "bits"), (dict(bits=4, mode="per_head"), "mode"),
     (dict(bits=4, group_size=0), "group_size"), (dict(bits=4, residual_length=-1), "residual_length"),
+    (dict(bits=4, sink_length=-1), "sink_length"), (dict(bits=4, sink_length=True), "sink_length"),
+    (dict(bits=4, sink_length=2.0), "sink_length"),
 ])
 def test_quantspec_rejects_bad_values_in_one_line(kwargs, field):
     with pytest.raises(PlanError) as e:
@@ -141,3 +143,19 @@ def test_rotation_and_three_bit_round_trip_names_and_bytes(tmp_path):
         assert b3 - b2 == b4 - b3 == 128 / 8
     with pytest.raises(PlanError, match="rotation"):
         QuantSpec(4, rotation="yes")
+
+
+def test_sink_length_round_trip_and_accounting():
+    spec = QuantSpec(2, "kivi", sink_length=4)
+    assert spec.to_dict()["sink_length"] == 4 and QuantSpec.from_dict(spec.to_dict()) == spec
+    assert "sink_length" not in QuantSpec(2).to_dict()  # plans without sinks read and write as before
+    assert QuantSpec.from_dict({"bits": 2}).sink_length == 0
+    assert QuantSpec(16, sink_length=4).sink_length == 0  # full precision needs no sink
+    # 100 tokens: 4 sink + 32 residual window leave 64 = two whole 32-token groups to quantize
+    assert spec.split("key", 100) == (64, 36) and spec.split("key", 67) == (0, 67)
+    assert QuantSpec(2, "per_token", sink_length=4).split("key", 10) == (6, 4)
+    plan = KVPlan.uniform(3, 4, 2, sink_length=2)
+    again = KVPlan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert again == plan and all(layer.k.sink_length == layer.v.sink_length == 2 for layer in again.layers)
+    with pytest.raises(PlanError, match="sink_length"):
+        QuantSpec.from_dict({"bits": 2, "sink_length": "four"})

@@ -7,6 +7,11 @@ scales/zeros, see ``quant.py``) and a full-precision residual of the newest toke
 * decode: new tokens go to the residual; once ``residual_length + flush_unit`` tokens wait, the
   oldest ``flush_unit`` are quantized once and appended to packed storage. History is never
   re-quantized and never held twice.
+* attention sinks (``QuantSpec.sink_length``): the sequence's first tokens stay in full precision at
+  the front of the residual buffer for good; flushes take the tokens after them. In sequence order
+  a store holds ``[sink, packed, newest]``; the fused kernel reads ``[packed, sink + newest]``, the
+  same set of keys and values (attention does not depend on their order), with the padding mask
+  permuted to match.
 
 Attention runs through the model's own attention function on the dequantized history (the CPU
 reference path); the fused GPU kernel reads the packed storage directly.
@@ -40,8 +45,10 @@ class _TensorStore:
     """
 
     def __init__(self, spec: QuantSpec, role: str, head_dim: int, capacity: int | None = None,
-                 value_spec: QuantSpec | None = None):
+                 value_spec: QuantSpec | None = None, sink: bool = True):
         self.spec, self.role, self.head_dim = spec, role, head_dim
+        # full-precision attention-sink tokens at the residual's front (none at 16 bits or when not ``sink``)
+        self.sink = spec.sink_length if sink and spec.quantized else 0
         self.value_spec = value_spec  # keys: the layer's value spec (key layout follows the value layout)
         self.granularity = spec.granularity(role)
         self.group = spec.group_size if self.granularity == "per_channel" else spec.channel_group(head_dim)
@@ -71,6 +78,12 @@ class _TensorStore:
 
     def __len__(self) -> int:
         return self.num_quantized + self.num_residual
+
+    @property
+    def held_sink(self) -> int:
+        """Sink tokens at the residual's front that come before the packed tokens in sequence order
+        (0 while nothing is packed: the residual alone is then in sequence order)."""
+        return self.sink if self._n else 0
 
     def _meta_rows(self, tokens: int) -> int:
         return -(-tokens // self.group) if self.granularity == "per_channel" else tokens
@@ -128,7 +141,7 @@ class _TensorStore:
                 self._choose_layout(like.device)
             template = _quantize(like.new_zeros(b, h, self.unit, d), self.spec.bits, self.granularity, self.group)
             self._reserve(cap, template)
-        slots = self.spec.residual_length + self.unit
+        slots = self.sink + self.spec.residual_length + self.unit
         if self.num_residual > slots:
             raise RuntimeError(f"{self.num_residual} residual tokens exceed the {slots} static slots")
         buf = like.new_zeros(b, h, slots, d)
@@ -150,13 +163,13 @@ class _TensorStore:
         residual window of at least one token the flushed unit holds only older tokens, so flushing
         it before the step gives the same storage. Without a window the unit waits one step longer.
         """
-        n = self.num_residual
+        n = self.num_residual - self.sink
         return n >= self.unit and n + 1 >= self.spec.residual_length + self.unit
 
     def static_flush(self) -> None:
-        n, u = self.num_residual, self.unit
-        self._write(_quantize(self.static[..., :u, :], self.spec.bits, self.granularity, self.group))
-        self.static[..., : n - u, :].copy_(self.static[..., u:n, :].clone())
+        n, u, s = self.num_residual, self.unit, self.sink
+        self._write(_quantize(self.static[..., s:s + u, :], self.spec.bits, self.granularity, self.group))
+        self.static[..., s:n - u, :].copy_(self.static[..., s + u:n, :].clone())
         self.residual = self.static[..., : n - u, :]
 
     def static_count(self, added: int) -> None:
@@ -175,11 +188,13 @@ class _TensorStore:
         self.residual = x if self.residual is None else torch.cat([self.residual, x], dim=-2)
         if not self.spec.quantized:
             return
-        n = max(0, (self.num_residual - self.spec.residual_length) // self.unit * self.unit)
+        s = self.sink
+        n = max(0, (self.num_residual - s - self.spec.residual_length) // self.unit * self.unit)
         if n:
-            self._write(_quantize(self.residual[..., :n, :], self.spec.bits, self.granularity, self.group))
+            self._write(_quantize(self.residual[..., s:s + n, :], self.spec.bits, self.granularity, self.group))
             # a copy, not a view: a view would keep the whole prefill tensor alive behind nbytes()
-            self.residual = self.residual[..., n:, :].clone()
+            rest = self.residual[..., s + n:, :]
+            self.residual = torch.cat([self.residual[..., :s, :], rest], dim=-2) if s else rest.clone()
 
     def reserved_nbytes(self) -> int:
         """Bytes allocated, spare capacity included (``nbytes`` counts only what is filled)."""
@@ -190,7 +205,13 @@ class _TensorStore:
         return total
 
     def materialize(self, dtype: torch.dtype) -> torch.Tensor:
-        out = quant.materialize(self.packed, self.residual, dtype)
+        """Everything stored, in sequence order (sink, packed, newest), in ``dtype``."""
+        h = self.held_sink
+        if h:
+            res = self.residual
+            out = torch.cat([res[..., :h, :].to(dtype), quant.materialize(self.packed, res[..., h:, :], dtype)], dim=-2)
+        else:
+            out = quant.materialize(self.packed, self.residual, dtype)
         return quant.rotate(out, dtype) if self.spec.rotation else out
 
     def drop_front(self, n: int) -> None:
@@ -207,13 +228,18 @@ class _TensorStore:
         When the cut falls inside a per-channel key group (or a token block of values), the surviving
         part of that group is dequantized back into the residual (its values are the ones attention
         already saw) and is quantized again on the next flush: the one case where tokens are
-        re-quantized.
+        re-quantized. Sink tokens go last, after every packed token.
         """
-        k = min(n, self.num_residual)
+        h = self.held_sink
+        k = min(n, self.num_residual - h)
         if k:
             self.residual = self.residual[..., : self.num_residual - k, :]
         m = n - k
         if not m:
+            return
+        if m >= self.num_quantized:  # every packed token, then sink tokens from the newest
+            self.residual = self.residual[..., : h - (m - self.num_quantized), :]
+            self.packed = None
             return
         keep = self.num_quantized - m
         whole = self.granularity == "per_channel" or self.token_block  # stored in whole units
@@ -223,8 +249,8 @@ class _TensorStore:
             tail = quant.dequantize(quant.slice_tokens(self.packed, cut, self.num_quantized),
                                     self.residual.dtype)[..., : keep - cut, :]
         self.packed = quant.slice_tokens(self.packed, 0, cut) if cut else None
-        if tail is not None:
-            self.residual = torch.cat([tail, self.residual], dim=-2)
+        if tail is not None:  # the residual holds only the sink here: the tail follows it
+            self.residual = torch.cat([self.residual, tail], dim=-2)
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         if self.packed is not None:
@@ -262,14 +288,19 @@ class QuantizedKVLayer(CacheLayerMixin):
         if (spec.k.rotation or spec.v.rotation) and head_dim & (head_dim - 1):
             raise PlanError(f"layer {layer_idx}: rotation needs a power-of-two head_dim; got {head_dim} "
                             "(allowed: rotation=false for this model)")
+        if spec.k.quantized and spec.v.quantized and spec.k.sink_length != spec.v.sink_length:
+            raise PlanError(f"layer {layer_idx}: k.sink_length={spec.k.sink_length} and v.sink_length="
+                            f"{spec.v.sink_length} differ; allowed: equal (keys and values flush in step)")
         self.fused_attention = False  # set by MixedPrecisionCache when the "kvtuner" attention is active
         self.is_sliding = sliding_window is not None
         self.is_croppable = not self.is_sliding
         self._clear()
 
     def _clear(self) -> None:
-        self._k = _TensorStore(self.spec.k, "key", self.head_dim, self.capacity, value_spec=self.spec.v)
-        self._v = _TensorStore(self.spec.v, "value", self.head_dim, self.capacity)
+        # sliding layers keep no sink: their window drops the oldest tokens, sinks included
+        sink = not self.is_sliding
+        self._k = _TensorStore(self.spec.k, "key", self.head_dim, self.capacity, value_spec=self.spec.v, sink=sink)
+        self._v = _TensorStore(self.spec.v, "value", self.head_dim, self.capacity, sink=sink)
         self.cumulative_length = 0  # tokens seen
         self.start = 0  # absolute position of the oldest stored token (> 0 only for sliding layers)
         self.is_initialized = False
@@ -341,6 +372,10 @@ class QuantizedKVLayer(CacheLayerMixin):
             return self._static_decode(query, scaling)
         from .kernels.triton_decode import decode_attention
 
+        h, n_q = self._k.held_sink, self._k.num_quantized
+        if kv_mask is not None and h:  # sequence order [sink, packed, newest] -> the kernel's [packed, sink, newest]
+            kv_mask = torch.cat([kv_mask[:, h:h + n_q], kv_mask[:, :h], kv_mask[:, h + n_q:]], dim=1)
+
         return rotated_decode(decode_attention, query, self._k.packed, self._k.residual, self._v.packed,
                               self._v.residual, scaling, kv_mask, self.spec.k.rotation, self.spec.v.rotation)
 
@@ -359,6 +394,10 @@ class QuantizedKVLayer(CacheLayerMixin):
                             "flush unit and residual_length")
         if not self.is_initialized:
             raise RuntimeError("make_static needs a prefilled cache (run the prompt through the model first)")
+        if mask is not None and self._k.sink:
+            raise ValueError(f"layer {self.layer_idx}: a padded batch cannot be made static with sink_length="
+                             f"{self._k.sink} (the kernel reads sink tokens after the packed ones, and the static "
+                             "mask is indexed by position); allowed: an unpadded batch, or the dynamic cache")
         like = torch.empty(self.batch_size, self.num_kv_heads, 0, self.head_dim, dtype=self.dtype, device=self.device)
         self._k.make_static(max_tokens, like)
         self._v.make_static(max_tokens, like)

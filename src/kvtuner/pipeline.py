@@ -38,6 +38,9 @@ class TuneSettings:
     # Hadamard rotation of quantized K/V: "off", "all" (every quantized tensor, profiled, searched
     # and saved so) or "per_layer" (plain and rotated tables; each layer picks per pair)
     rotation: str = "off"
+    # full-precision attention-sink tokens at the start of every quantized tensor (QuantSpec.sink_length):
+    # profiled, searched, evaluated and saved with them; 0 is the paper's setting
+    sink: int = 0
 
     @property
     def pairs(self) -> tuple[tuple[int, int], ...]:
@@ -53,6 +56,8 @@ class TuneSettings:
                 raise PlanError(f"bits={b} is invalid; allowed: 2, 3, 4, 6 or 8")
         if self.mode not in ("kivi", "per_token"):
             raise PlanError(f"mode={self.mode!r} is invalid; allowed: 'kivi' or 'per_token'")
+        if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
+            raise PlanError(f"sink={self.sink!r} is invalid; allowed: a non-negative number of tokens")
 
 
 ROTATIONS = ("off", "all", "per_layer")
@@ -85,7 +90,7 @@ class TuneOutput:
 def _key(settings: TuneSettings, text_sha: str, dims: ModelDims) -> dict[str, Any]:
     return {"model": dims.fingerprint(), "mode": settings.mode, "sequences": settings.sequences,
             "seq_len": settings.seq_len, "kl_seq_len": settings.kl_seq_len, "text_sha256": text_sha,
-            "bits": list(settings.bits), "rotation": settings.rotation}
+            "bits": list(settings.bits), "rotation": settings.rotation, "sink": settings.sink}
 
 
 def run_tune(model: Any, tokenizer: Any, calibration: str, evaluation: str, out: str | os.PathLike[str], *,
@@ -149,19 +154,21 @@ def run_tune(model: Any, tokenizer: Any, calibration: str, evaluation: str, out:
     fronts = {}
     for b in s.budgets:
         fronts[b] = search(table, mode=s.mode, max_bits=b, quality=objective, n_trials=s.trials, storage=storage,
-                           study_name=f"{model_id or 'model'}-{s.mode}-{b:g}{_ROT_TAG[s.rotation]}", seed=s.seed,
+                           study_name=f"{model_id or 'model'}-{s.mode}-{b:g}{_ROT_TAG[s.rotation]}"
+                                      + (f"-sink{s.sink}" if s.sink else ""), seed=s.seed,
                            progress=progress, cluster=False, rotated=rotated)
         plan = fronts[b].best(b)
         plan = KVPlan(plan.layers, model_id=model_id, model=dims.fingerprint(),
                       provenance={"source": "kvtuner tune", "budget_bits": b, "mode": s.mode, "rotation": s.rotation,
-                                  "front_metric": fronts[b].metric})
+                                  "sink": s.sink, "front_metric": fronts[b].metric})
         path = plan.save(out / f"plan-{b:g}.json")
         result.plans[b] = path
         result.files.append(path)
 
     # 3. evaluate chosen plans and uniform baselines on held-out text
     plans = {f"searched <= {b:g}": KVPlan.load(p) for b, p in result.plans.items()}
-    plans.update({f"uniform {LayerSpec.pair(k, v).name}": KVPlan.uniform(dims.num_layers, k, v, s.mode)
+    plans.update({f"uniform {LayerSpec.pair(k, v).name}": KVPlan.uniform(dims.num_layers, k, v, s.mode,
+                                                                         sink_length=s.sink)
                   for k, v in UNIFORM})
     signature = {name: [list(p) for p in plan.pairs] for name, plan in plans.items()}
     quality_path = out / "quality.json"
@@ -197,9 +204,10 @@ def _profile(model: Any, tokenizer: Any, calibration: str, s: TuneSettings, rota
     from .profiling import calibration_batches, layer_kl, profile
 
     table = profile(model, tokenizer, calibration, pairs=s.pairs, modes=[s.mode], num_sequences=s.sequences,
-                    seq_len=s.seq_len, model_id=model_id, rotation=rotation, progress=progress)
+                    seq_len=s.seq_len, model_id=model_id, rotation=rotation, sink_length=s.sink, progress=progress)
     kl_batch = calibration_batches(tokenizer, calibration, 1, s.kl_seq_len)
-    table.kl = layer_kl(model, kl_batch, s.pairs, [s.mode], rotation=rotation, progress=progress)
+    table.kl = layer_kl(model, kl_batch, s.pairs, [s.mode], rotation=rotation, sink_length=s.sink,
+                        progress=progress)
     return table
 
 

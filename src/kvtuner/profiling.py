@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,6 +110,7 @@ class SensitivityTable:
     value_error: dict[str, list[list[float]]]
     kl: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     rotation: bool = False  # every quantized tensor was Hadamard-rotated (QuantSpec.rotation)
+    sink_length: int = 0  # full-precision sink tokens of every quantized tensor (QuantSpec.sink_length)
 
     @property
     def num_layers(self) -> int:
@@ -133,7 +134,7 @@ class SensitivityTable:
                 "num_tokens": self.num_tokens, "seq_len": self.seq_len, "modes": list(self.modes),
                 "pairs": [list(p) for p in self.pairs], "bits": list(self.bits),
                 "output_error": self.output_error, "key_error": self.key_error, "value_error": self.value_error,
-                "kl": self.kl, "rotation": self.rotation}
+                "kl": self.kl, "rotation": self.rotation, "sink_length": self.sink_length}
 
     @classmethod
     def from_dict(cls, data: Any, config: Any = None) -> SensitivityTable:
@@ -169,7 +170,8 @@ class SensitivityTable:
                         _fail(f"table.{name}.{m}[{i}]", row, f"{width} finite non-negative numbers")
         table = cls(data.get("model_id"), model, data["text_sha256"], int(data.get("num_tokens", 0)),
                     int(data.get("seq_len", 0)), modes, pairs, bits, data["output_error"], data["key_error"],
-                    data["value_error"], data.get("kl") or {}, bool(data.get("rotation", False)))
+                    data["value_error"], data.get("kl") or {}, bool(data.get("rotation", False)),
+                    _sink_of(data))
         if config is not None:
             table.check_config(config)
         return table
@@ -202,7 +204,8 @@ def calibration_batches(tokenizer: Any, texts: str | Sequence[str], num_sequence
 def profile(model: Any, tokenizer: Any, texts: str | Sequence[str], *, pairs: Sequence[tuple[int, int]] = ALL_PAIRS,
             modes: Sequence[str] = MODES, num_sequences: int = 8, seq_len: int = 512,
             kl_pairs: Sequence[tuple[int, int]] = (), kl_sequences: int | None = None,
-            model_id: str | None = None, rotation: bool = False, progress: bool = True) -> SensitivityTable:
+            model_id: str | None = None, rotation: bool = False, sink_length: int = 0,
+            progress: bool = True) -> SensitivityTable:
     """Measure every layer's sensitivity; see the module docstring.
 
     Args:
@@ -218,6 +221,8 @@ def profile(model: Any, tokenizer: Any, texts: str | Sequence[str], *, pairs: Se
             one full forward per window, layer, pair and mode.
         rotation: profile Hadamard-rotated storage (``QuantSpec.rotation``); plans searched from
             this table are rotated too.
+        sink_length: full-precision attention-sink tokens (``QuantSpec.sink_length``); plans
+            searched from this table keep them too.
     """
     from tqdm.auto import tqdm
 
@@ -228,11 +233,13 @@ def profile(model: Any, tokenizer: Any, texts: str | Sequence[str], *, pairs: Se
             raise PlanError(f"mode={m!r} is invalid; allowed: {' or '.join(MODES)}")
     for p in (*pairs, *kl_pairs):
         QuantSpec(p[0]), QuantSpec(p[1])  # validates bits
+    QuantSpec(2, sink_length=sink_length)  # validates the sink
     for m in modes:
-        n_q, _ = QuantSpec(2, m).split("key", seq_len)
+        probe = QuantSpec(2, m, sink_length=sink_length)
+        n_q, _ = probe.split("key", seq_len)
         if n_q == 0:
             raise ValueError(f"seq_len={seq_len} leaves nothing quantized in mode {m!r}; allowed: > "
-                             f"{QuantSpec(2, m).residual_length + QuantSpec(2, m).flush_unit('key')}")
+                             f"{probe.sink_length + probe.residual_length + probe.flush_unit('key')}")
     batches = calibration_batches(tokenizer, texts, num_sequences, seq_len)
     bits = tuple(sorted({b for p in pairs for b in p if b < 16} | set(QUANTIZED_BITS), reverse=True))
     L = dims.num_layers
@@ -248,9 +255,10 @@ def profile(model: Any, tokenizer: Any, texts: str | Sequence[str], *, pairs: Se
             rec = records[layer]
             q, k, v, scale, win = rec["q"], rec["k"], rec["v"], rec["scaling"], rec["sliding_window"]
             ref = _attention(q, k, v, scale, first_query, win)
+            sink = 0 if win else sink_length  # sliding layers keep no sink (the cache's rule)
             for m in modes:
-                k_hat = {b: _simulate(k, b, m, "key", rotation) for b in bits}
-                v_hat = {b: _simulate(v, b, m, "value", rotation) for b in bits}
+                k_hat = {b: _simulate(k, b, m, "key", rotation, sink) for b in bits}
+                v_hat = {b: _simulate(v, b, m, "value", rotation, sink) for b in bits}
                 for j, b in enumerate(bits):
                     sums["key_error"][m][layer, j] += _rel(_attention(q, k_hat[b], v, scale, first_query, win), ref)
                     sums["value_error"][m][layer, j] += _rel(_attention(q, k, v_hat[b], scale, first_query, win),
@@ -267,22 +275,32 @@ def profile(model: Any, tokenizer: Any, texts: str | Sequence[str], *, pairs: Se
         model_id=model_id or getattr(model, "kvtuner_model_id", None), model=dims.fingerprint(),
         text_sha256=hashlib.sha256(torch.cat(batches, 1).numpy().tobytes()).hexdigest(),
         num_tokens=n * seq_len, seq_len=seq_len, modes=tuple(modes), pairs=pairs, bits=bits,
-        **{name: {m: (block[m] / n).tolist() for m in modes} for name, block in sums.items()}, rotation=rotation)
+        **{name: {m: (block[m] / n).tolist() for m in modes} for name, block in sums.items()}, rotation=rotation,
+        sink_length=sink_length)
     if kl_pairs:
         table.kl = layer_kl(model, batches[: kl_sequences or len(batches)], kl_pairs, modes, rotation=rotation,
-                            progress=progress)
+                            sink_length=sink_length, progress=progress)
     return table
 
 
-def _simulate(x: torch.Tensor, bits: int, mode: str, role: str, rotation: bool = False) -> torch.Tensor:
+def _sink_of(data: Mapping[str, Any]) -> int:
+    sink = data.get("sink_length", 0)
+    if not isinstance(sink, int) or isinstance(sink, bool) or sink < 0:
+        _fail("table.sink_length", sink, "a non-negative integer")
+    return sink
+
+
+def _simulate(x: torch.Tensor, bits: int, mode: str, role: str, rotation: bool = False,
+              sink_length: int = 0) -> torch.Tensor:
     from .cache import simulate_cache
 
-    return simulate_cache(x, QuantSpec(bits, mode, rotation=rotation), role)
+    return simulate_cache(x, QuantSpec(bits, mode, rotation=rotation, sink_length=sink_length), role)
 
 
 @torch.no_grad()
 def layer_kl(model: Any, batches: list[torch.Tensor], pairs: Sequence[tuple[int, int]], modes: Sequence[str], *,
-             rotation: bool = False, progress: bool = True) -> dict[str, dict[str, list[float]]]:
+             rotation: bool = False, sink_length: int = 0, progress: bool = True
+             ) -> dict[str, dict[str, list[float]]]:
     """KL(full || quantized) of next-token distributions when only one layer uses a pair (keyed by
     the pair's unrotated name, ``K4V2``, whatever ``rotation``)."""
     from tqdm.auto import tqdm
@@ -298,7 +316,7 @@ def layer_kl(model: Any, batches: list[torch.Tensor], pairs: Sequence[tuple[int,
             values = []
             for layer in range(L):
                 specs = [LayerSpec.pair(16, 16, m)] * L
-                specs[layer] = LayerSpec.pair(kb, vb, m, rotation=rotation)
+                specs[layer] = LayerSpec.pair(kb, vb, m, rotation=rotation, sink_length=sink_length)
                 plan = KVPlan(tuple(specs))
                 kl = 0.0
                 for ids, ref in zip(batches, full):

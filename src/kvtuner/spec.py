@@ -75,6 +75,11 @@ class QuantSpec:
         rotation: store ``x @ H`` (orthonormal Hadamard over head_dim) instead of ``x``; the
             attention path rotates queries (keys) or rotates the output back (values). Needs a
             power-of-two head_dim; ignored (never applied) at 16 bits.
+        sink_length: the oldest tokens of a sequence kept in full precision, as attention sinks
+            (StreamingLLM's observation: most heads put much of their attention there, so their
+            quantization error weighs on every later token). Quantized groups start after them.
+            0 (the default, the paper's setting) keeps none; ignored at 16 bits and on sliding-window
+            layers (whose window drops the oldest tokens).
     """
 
     bits: int = 16
@@ -82,6 +87,7 @@ class QuantSpec:
     group_size: int | None = None
     residual_length: int | None = None
     rotation: bool = False
+    sink_length: int = 0
 
     def __post_init__(self) -> None:
         self._validate("QuantSpec")
@@ -98,8 +104,11 @@ class QuantSpec:
             _fail(f"{where}.residual_length", res, "a non-negative integer or null")
         if not isinstance(self.rotation, bool):
             _fail(f"{where}.rotation", self.rotation, "true or false")
-        if self.bits >= 16 and self.rotation:  # 16-bit tensors are never rotated
+        if not _is_int(self.sink_length) or self.sink_length < 0:
+            _fail(f"{where}.sink_length", self.sink_length, "a non-negative integer")
+        if self.bits >= 16:  # 16-bit tensors are never rotated and need no sink
             object.__setattr__(self, "rotation", False)
+            object.__setattr__(self, "sink_length", 0)
         if self.mode == "kivi":
             object.__setattr__(self, "group_size", KIVI_GROUP_SIZE if gs is None else gs)
             object.__setattr__(self, "residual_length", KIVI_RESIDUAL_LENGTH if res is None else res)
@@ -137,13 +146,14 @@ class QuantSpec:
     def split(self, role: str, num_tokens: int) -> tuple[int, int]:
         """(quantized, full-precision) token counts after ``num_tokens`` tokens were appended.
 
-        The newest ``residual_length`` tokens always stay in full precision; older tokens are
-        quantized in whole flush units, so at most ``flush_unit - 1`` extra tokens wait.
+        The newest ``residual_length`` tokens and the oldest ``sink_length`` always stay in full
+        precision; the tokens between are quantized in whole flush units, so at most
+        ``flush_unit - 1`` extra tokens wait.
         """
         if not self.quantized:
             return 0, num_tokens
         unit = self.flush_unit(role)
-        n_q = max(0, (num_tokens - self.residual_length) // unit * unit)
+        n_q = max(0, (num_tokens - self.sink_length - self.residual_length) // unit * unit)
         return n_q, num_tokens - n_q
 
     def quantized_bytes(self, role: str, num_tokens: int, head_dim: int, dtype_bytes: int = 2) -> int:
@@ -173,20 +183,23 @@ class QuantSpec:
              "residual_length": self.residual_length}
         if self.rotation:  # omitted when off, so plans without rotation read as before
             d["rotation"] = True
+        if self.sink_length:  # likewise
+            d["sink_length"] = self.sink_length
         return d
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "QuantSpec") -> QuantSpec:
         if not isinstance(data, Mapping):
             _fail(where, data, "an object with bits, mode, group_size, residual_length")
-        unknown = sorted(set(data) - {"bits", "mode", "group_size", "residual_length", "rotation"})
+        unknown = sorted(set(data) - {"bits", "mode", "group_size", "residual_length", "rotation", "sink_length"})
         if unknown:
-            _fail(f"{where}.{unknown[0]}", data[unknown[0]], "only bits, mode, group_size, residual_length, rotation")
+            _fail(f"{where}.{unknown[0]}", data[unknown[0]],
+                  "only bits, mode, group_size, residual_length, rotation, sink_length")
         if "bits" not in data:
             _fail(f"{where}.bits", None, "2, 3, 4, 6, 8 or 16 (the field is required)")
         spec = cls.__new__(cls)
         for name, default in (("bits", None), ("mode", "kivi"), ("group_size", None), ("residual_length", None),
-                              ("rotation", False)):
+                              ("rotation", False), ("sink_length", 0)):
             object.__setattr__(spec, name, data.get(name, default))
         spec._validate(where)
         return spec
@@ -228,10 +241,10 @@ class LayerSpec:
 
     @classmethod
     def pair(cls, k_bits: int, v_bits: int, mode: str = "kivi", group_size: int | None = None,
-             residual_length: int | None = None, rotation: bool = False) -> LayerSpec:
-        """``rotation`` rotates both tensors (16-bit ones never are)."""
-        return cls(QuantSpec(k_bits, mode, group_size, residual_length, rotation),
-                   QuantSpec(v_bits, mode, group_size, residual_length, rotation))
+             residual_length: int | None = None, rotation: bool = False, sink_length: int = 0) -> LayerSpec:
+        """``rotation`` rotates both tensors (16-bit ones never are); ``sink_length`` applies to both."""
+        return cls(QuantSpec(k_bits, mode, group_size, residual_length, rotation, sink_length),
+                   QuantSpec(v_bits, mode, group_size, residual_length, rotation, sink_length))
 
 
 @dataclass(frozen=True)
@@ -298,20 +311,22 @@ class KVPlan:
     @classmethod
     def uniform(cls, num_layers: int, k_bits: int, v_bits: int, mode: str = "kivi", *,
                 group_size: int | None = None, residual_length: int | None = None,
-                model_id: str | None = None, rotation: bool = False) -> KVPlan:
+                model_id: str | None = None, rotation: bool = False, sink_length: int = 0) -> KVPlan:
         """The same (k_bits, v_bits) pair in every layer."""
         if not _is_int(num_layers) or num_layers < 1:
             _fail("KVPlan.uniform.num_layers", num_layers, "a positive integer")
-        layer = LayerSpec.pair(k_bits, v_bits, mode, group_size, residual_length, rotation)
+        layer = LayerSpec.pair(k_bits, v_bits, mode, group_size, residual_length, rotation, sink_length)
         return cls((layer,) * num_layers, model_id=model_id,
                    provenance={"source": f"uniform {layer.name} {mode}"})
 
     @classmethod
     def from_pairs(cls, pairs: Sequence[tuple[int, int]], mode: str = "kivi", *, group_size: int | None = None,
                    residual_length: int | None = None, model_id: str | None = None,
-                   provenance: Mapping[str, Any] | None = None, rotation: bool = False) -> KVPlan:
+                   provenance: Mapping[str, Any] | None = None, rotation: bool = False,
+                   sink_length: int = 0) -> KVPlan:
         """One (k_bits, v_bits) pair per layer, all in one mode."""
-        layers = tuple(LayerSpec.pair(k, v, mode, group_size, residual_length, rotation) for k, v in pairs)
+        layers = tuple(LayerSpec.pair(k, v, mode, group_size, residual_length, rotation, sink_length)
+                       for k, v in pairs)
         return cls(layers, model_id=model_id, provenance=provenance or {})
 
     # ------------------------------------------------------------------ derived numbers

@@ -29,7 +29,14 @@ ModeOpt = Annotated[str, typer.Option(help="Quantization mode: 'kivi' or 'per_to
 
 TUNE_DEFAULTS = dict(model="smollm2", text="pydoc", budget_bits=[3.25, 4.0], mode="kivi", out="kvtuner-out",
                      storage="", trials=8, seed=0, device="cpu", sequences=4, seq_len=512, eval_prefill=256,
-                     eval_decode=128, bits="2,4,8", rotation="off")
+                     eval_decode=128, bits="2,4,8", rotation="off", sink=0)
+
+
+def _int_option(name: str, value) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError) as e:
+        raise CLIError(f"--{name}={value!r} is invalid; allowed: a whole number") from e
 
 
 def _bits(value) -> tuple[int, ...]:
@@ -59,6 +66,9 @@ def tune(model: Annotated[str | None, typer.Option(help="'smollm2' (built in), a
          rotation: Annotated[str | None, typer.Option(
              help="Hadamard rotation of quantized K/V: 'off', 'all' (every quantized tensor) or 'per-layer' "
                   "(profile both; each layer keeps plain or rotated storage, whichever measured better).")] = None,
+         sink: Annotated[int | None, typer.Option(
+             help="Full-precision attention-sink tokens at the start of every quantized tensor (0: none, the "
+                  "paper's setting).")] = None,
          config: Annotated[Path | None, typer.Option(help="TOML/YAML file of these options; flags override it.")] = None,
          json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary.")] = False,
          quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs.")] = False) -> None:
@@ -69,7 +79,7 @@ def tune(model: Annotated[str | None, typer.Option(help="'smollm2' (built in), a
 
     given = dict(model=model, text=text, budget_bits=budget_bits, mode=mode, out=out, storage=storage, trials=trials,
                  seed=seed, device=device, sequences=sequences, seq_len=seq_len, eval_prefill=eval_prefill,
-                 eval_decode=eval_decode, bits=bits, rotation=rotation)
+                 eval_decode=eval_decode, bits=bits, rotation=rotation, sink=sink)
     file_opts = load_config_file(config) if config else {}
     unknown = set(file_opts) - set(TUNE_DEFAULTS)
     if unknown:
@@ -80,7 +90,7 @@ def tune(model: Annotated[str | None, typer.Option(help="'smollm2' (built in), a
                             sequences=int(o["sequences"]), seq_len=int(o["seq_len"]), trials=int(o["trials"]),
                             seed=int(o["seed"]), eval_prefill=int(o["eval_prefill"]),
                             eval_decode=int(o["eval_decode"]), kl_seq_len=min(256, int(o["seq_len"])),
-                            bits=_bits(o["bits"]), rotation=o["rotation"])
+                            bits=_bits(o["bits"]), rotation=o["rotation"], sink=_int_option("sink", o["sink"]))
     settings.check()  # before the model loads: a bad budget fails in a second
     import importlib
 

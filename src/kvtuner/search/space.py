@@ -24,6 +24,7 @@ class SearchSpace:
     model_id: str | None = None
     metric: str = "attention"
     rotation: bool = False
+    sink_length: int = 0  # the table's full-precision sink tokens, kept by every plan
 
     def group_candidates(self, g: int) -> list[Pair]:
         """A group's options, high precision first (as in the paper's templates)."""
@@ -43,7 +44,8 @@ class SearchSpace:
             pair = self.group_candidates(g)[choice[g]]
             for layer in layers:
                 pairs[layer] = pair
-        layers = tuple(LayerSpec.pair(p[0], p[1], self.mode, rotation=self.rotation or len(p) > 2) for p in pairs)
+        layers = tuple(LayerSpec.pair(p[0], p[1], self.mode, rotation=self.rotation or len(p) > 2,
+                                      sink_length=self.sink_length) for p in pairs)
         return KVPlan(layers, model_id=self.model_id, model=self.model, provenance=provenance or {})
 
     def proxy_error(self, choice: list[int]) -> float:
@@ -109,13 +111,17 @@ def build_space(table, mode: str = "kivi", *, eps: float = 0.05, min_samples: in
         groups = [[layer] for layer in range(table.num_layers)]
     return SearchSpace(mode, table.num_layers, candidates, groups, errors, model=dict(table.model),
                        model_id=table.model_id, metric="kl" if use_kl else "attention",
-                       rotation=getattr(table, "rotation", False) and rotated is None)
+                       rotation=getattr(table, "rotation", False) and rotated is None,
+                       sink_length=getattr(table, "sink_length", 0))
 
 
 def _check_rotated(table, rotated, mode: str) -> None:
     if getattr(table, "rotation", False) or not getattr(rotated, "rotation", False):
         raise PlanError("rotated= needs a plain table and a table profiled with rotation=True; allowed: "
                         "profile(..., rotation=False) and profile(..., rotation=True) of the same model")
+    if getattr(rotated, "sink_length", 0) != getattr(table, "sink_length", 0):
+        raise PlanError(f"the rotated table keeps {rotated.sink_length} sink tokens and the plain one "
+                        f"{table.sink_length}; allowed: the same sink_length")
     if rotated.num_layers != table.num_layers or mode not in rotated.modes:
         raise PlanError(f"the rotated table ({rotated.num_layers} layers, modes {rotated.modes}) does not match "
                         f"the plain one ({table.num_layers} layers, mode {mode!r}); allowed: the same model and mode")
