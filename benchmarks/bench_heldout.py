@@ -3,8 +3,8 @@
     python benchmarks/bench_heldout.py --windows 8 --plans KV4,KV4r,benchmarks/results/smollm2.plan-4.0.json \
         --out benchmarks/results/heldout_smollm2.md
 
-A plan is a uniform name (``KV4``, ``K4V2``, ``K4V3r``: ``r`` = Hadamard-rotated; ``--mode`` sets the
-grouping) or a plan JSON file. Protocol: `kvtuner.Evaluator` (``--windows`` windows of held-out pydoc
+A plan is a uniform name (``KV4``, ``K4V2``, ``K4V3r``: ``r`` = Hadamard-rotated, ``s1`` = one
+full-precision sink token as in ``KV3rs1``; ``--mode`` sets the grouping) or a plan JSON file. Protocol: `kvtuner.Evaluator` (``--windows`` windows of held-out pydoc
 text, each a 384-token prefill then 256 teacher-forced one-token decode steps; 2 greedy continuations
 of 32 tokens; no passkey). Each window's mean NLL difference (plan minus full precision) is one sample:
 the table gives PPL ratio - 1 with a +-2 standard-error interval over windows, so one noisy window
@@ -26,7 +26,7 @@ import kvtuner
 from kvtuner import KVPlan, load_model
 from kvtuner.evaluate import Evaluator
 
-UNIFORM = re.compile(r"^K(\d+)?V(\d+)(r?)$")
+UNIFORM = re.compile(r"^K(\d+)?V(\d+)(r?)(?:s(\d+))?$")
 
 
 def parse_plan(text: str, num_layers: int, mode: str) -> tuple[str, KVPlan]:
@@ -34,10 +34,12 @@ def parse_plan(text: str, num_layers: int, mode: str) -> tuple[str, KVPlan]:
     m = UNIFORM.match(text)
     if m:
         k, v = int(m.group(1) or m.group(2)), int(m.group(2))
-        return text, KVPlan.uniform(num_layers, k, v, mode, rotation=bool(m.group(3)))
+        return text, KVPlan.uniform(num_layers, k, v, mode, rotation=bool(m.group(3)),
+                                    sink_length=int(m.group(4) or 0))
     path = Path(text)
     if not path.is_file():
-        raise SystemExit(f"plan {text!r} is invalid; allowed: a uniform name like KV4, K4V2, K4V3r, or a plan file")
+        raise SystemExit(f"plan {text!r} is invalid; allowed: a uniform name like KV4, K4V2, K4V3r, KV3rs1, or a "
+                         "plan file")
     return path.name, KVPlan.load(path)
 
 

@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--modes", default="kivi,per_token")
     ap.add_argument("--windows", type=int, default=1, help="held-out windows (384 prefill + 256 decode each)")
     ap.add_argument("--per-token-pairs", default="44,42,22", help="pairs for per_token mode (fewer: it is slow)")
+    ap.add_argument("--sink", type=int, default=0, help="also evaluate every plan with this many full-precision sink "
+                    "tokens (QuantSpec.sink_length)")
     args = ap.parse_args()
     pairs = [(int(p[0]), int(p[1])) for p in args.pairs.split(",")]
     model, tok = load_model("smollm2")
@@ -41,21 +43,24 @@ def main() -> None:
     pt_pairs = [(int(p[0]), int(p[1])) for p in args.per_token_pairs.split(",")]
     for mode in args.modes.split(","):
         for k, v in (pt_pairs if mode == "per_token" else pairs):
-            for rot in (False, True):
-                r = ev(KVPlan.uniform(n, k, v, mode, rotation=rot))
-                rows.append(dict(mode=mode, rotation=rot, **r.to_dict()))
-                print({x: rows[-1][x] for x in ("mode", "plan", "rotation", "ppl", "kl", "top1")}, flush=True)
+            for sink in sorted({0, args.sink}):
+                for rot in (False, True):
+                    r = ev(KVPlan.uniform(n, k, v, mode, rotation=rot, sink_length=sink))
+                    rows.append(dict(mode=mode, rotation=rot, sink=sink, **r.to_dict()))
+                    print({x: rows[-1][x] for x in ("mode", "plan", "rotation", "sink", "ppl", "kl", "top1")},
+                          flush=True)
     seconds = time.perf_counter() - t0
-    by = {(r["mode"], r["equivalent_bits"], r["plan"].replace("r", ""), r["rotation"]): r for r in rows}
-    lines = ["| mode | pair | eq. bits | bytes/token | rotation | PPL | vs full | KL | KL rotated / plain | top-1 | "
-             "gen. prefix |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    by = {(r["mode"], r["equivalent_bits"], r["plan"].replace("r", ""), r["rotation"], r["sink"]): r for r in rows}
+    lines = ["| mode | pair | eq. bits | bytes/token | rotation | sink | PPL | vs full | KL | KL rotated / plain | "
+             "KL / no sink | top-1 | gen. prefix |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        plain = by[(r["mode"], r["equivalent_bits"], r["plan"].replace("r", ""), False)]
-        ratio = f"{r['kl'] / plain['kl']:.2f}" if r["rotation"] else ""
+        key = (r["mode"], r["equivalent_bits"], r["plan"].replace("r", ""))
+        ratio = f"{r['kl'] / by[(*key, False, r['sink'])]['kl']:.2f}" if r["rotation"] else ""
+        sink_ratio = f"{r['kl'] / by[(*key, r['rotation'], 0)]['kl']:.2f}" if r["sink"] else ""
         lines.append(f"| {r['mode']} | {r['plan']} | {r['equivalent_bits']:.1f} | {r['bytes_per_token']:.0f} | "
-                     f"{'yes' if r['rotation'] else 'no'} | {r['ppl']:.3f} | "
-                     f"{100 * (r['ppl'] / r['full_ppl'] - 1):+.2f} % | {r['kl']:.4f} | {ratio} | {r['top1']:.3f} | "
-                     f"{r['generation_prefix']:.1f} |")
+                     f"{'yes' if r['rotation'] else 'no'} | {r['sink']} | {r['ppl']:.3f} | "
+                     f"{100 * (r['ppl'] / r['full_ppl'] - 1):+.2f} % | {r['kl']:.4f} | {ratio} | {sink_ratio} | "
+                     f"{r['top1']:.3f} | {r['generation_prefix']:.1f} |")
     meta = (f"SmolLM2-135M-Instruct (fp32 weights from the Q4_1 GGUF), held-out pydoc text; full precision PPL "
             f"{rows[0]['full_ppl']:.3f}. {len(rows)} plans in {seconds:.0f} s. kvtuner {kvtuner.__version__}, torch "
             f"{torch.__version__}, transformers {transformers.__version__}, CPU ({torch.get_num_threads()} threads).")
@@ -64,7 +69,8 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             f.write(f"# Rotation and 3/6-bit codes on SmolLM2 (uniform plans)\n\n{meta}\n\nCommand: `python "
-                    f"benchmarks/bench_rotation.py --out {args.out} --windows {args.windows}`\n\n{__doc__.split(chr(10), 3)[3]}\n{table}\n")
+                    f"benchmarks/bench_rotation.py --out {args.out} --windows {args.windows} --pairs {args.pairs} "
+                    f"--modes {args.modes} --sink {args.sink}`\n\n{__doc__.split(chr(10), 3)[3]}\n{table}\n")
     print(json.dumps(rows))
 
 

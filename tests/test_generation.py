@@ -148,11 +148,11 @@ def test_static_mode_rejects_what_it_cannot_hold():
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU (CI has none; run through the device tool)")
-@pytest.mark.parametrize("k,v,rot", [(4, 2, False), (8, 8, False), (4, 3, True)])
-def test_gpu_graph_replay_matches_static_eager(k, v, rot):
+@pytest.mark.parametrize("k,v,rot,sink", [(4, 2, False, 0), (8, 8, False, 0), (4, 3, True, 0), (4, 2, True, 1)])
+def test_gpu_graph_replay_matches_static_eager(k, v, rot, sink):
     model = tiny_model("llama", layers=2, heads=8, kv_heads=2, head_dim=64, vocab=128, dtype=torch.float16).to(DEV)
     model.set_attn_implementation("sdpa")
-    plan = _plan(k, v, rot=rot, group=32, residual=8)
+    plan = _plan(k, v, rot=rot, group=32, residual=8, sink=sink)
     ids = torch.randint(3, 128, (4, 70), generator=torch.Generator().manual_seed(5)).to(DEV)
     eager = greedy_generate(model, ids, MixedPrecisionCache(plan, model.config), 80, cuda_graph=False)
     graph = greedy_generate(model, ids, MixedPrecisionCache(plan, model.config), 80, cuda_graph=True)

@@ -142,6 +142,14 @@ def test_evaluator_report():
     assert lo <= mean <= hi and lo < hi
     with pytest.raises(ValueError, match="evaluation text has"):
         Evaluator(model, CharTokenizer(), "tiny", progress=False)
+    # no generation prompts: quality is still measured, agreement is NaN (nothing compared), not a crash
+    none = Evaluator(model, CharTokenizer(), TEXT, windows=1, prefill=32, decode=16, prompts=0,
+                     passkey_lengths=(), progress=False)(KVPlan.uniform(2, 4, 4, "kivi", group_size=8, residual_length=8,
+                                                                        sink_length=2))
+    assert none.kl > 0 and math.isnan(none.generation_agreement) and math.isnan(none.generation_prefix)
+    for bad in (dict(windows=0), dict(prompts=-1), dict(decode=True)):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))}=.* is invalid"):
+            Evaluator(model, CharTokenizer(), TEXT, progress=False, **bad)
 
 
 def test_tune_uniform_picks_cheapest_within_tolerance():

@@ -122,6 +122,10 @@ class Evaluator:
         from .data import default_texts
 
         text = default_texts("evaluation") if texts is None else texts
+        for name, value, least in (("windows", windows, 1), ("prefill", prefill, 1), ("decode", decode, 1),
+                                   ("prompts", prompts, 0), ("new_tokens", new_tokens, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name}={value!r} is invalid; allowed: an integer >= {least}")
         if not text or not text.strip():
             raise ValueError("evaluation text is empty; allowed: non-empty text")
         self.model, self.tokenizer, self.progress = model, tokenizer, progress
@@ -190,7 +194,9 @@ class Evaluator:
             plan=layers.pop() if len(layers) == 1 else f"mixed {plan.equivalent_bits:.2f}",
             equivalent_bits=plan.equivalent_bits, bytes_per_token=plan.bytes_per_token(self.model.config),
             ppl=math.exp(nll_q / n), full_ppl=math.exp(nll_f / n), kl=max(0.0, kl), top1=top1, tokens_scored=n,
-            generation_agreement=sum(same) / len(same), generation_prefix=sum(prefix) / len(prefix),
+            # no prompts (prompts=0): nothing to compare, which is not agreement
+            generation_agreement=sum(same) / len(same) if same else math.nan,
+            generation_prefix=sum(prefix) / len(prefix) if prefix else math.nan,
             passkey=passkey, full_passkey=ref.passkey,
             window_nll_delta=[(q - f) / len(t) for q, f, t in zip(win_q, win_f, targets)])
 
