@@ -66,21 +66,26 @@ def test_tune_end_to_end_on_tiny_model(tiny_dir, tmp_path):
 
 
 def test_tune_rotation_per_layer(tiny_dir, tmp_path):
-    """--rotation per-layer: a plain and a rotated table; the search's candidates hold both kinds."""
+    """--rotation per-layer: a plain and a rotated table; the search's candidates hold both kinds.
+    --sink 2: both tables are profiled with two full-precision sink tokens, and the plan keeps them."""
     out = tmp_path / "rot"
     r = _run("tune", "--model", str(tiny_dir), "--out", str(out), "--budget-bits", "3.25", "--trials", "2",
              "--sequences", "1", "--seq-len", "96", "--eval-prefill", "48", "--eval-decode", "16",
-             "--rotation", "per-layer", "--quiet")
+             "--rotation", "per-layer", "--sink", "2", "--quiet")
     assert r.returncode == 0, r.stderr
     from kvtuner import KVPlan
     from kvtuner.profiling import SensitivityTable
 
-    assert not SensitivityTable.load(out / "table.json").rotation
-    assert SensitivityTable.load(out / "table-rotated.json").rotation
+    plain, rotated = SensitivityTable.load(out / "table.json"), SensitivityTable.load(out / "table-rotated.json")
+    assert not plain.rotation and rotated.rotation
+    assert plain.sink_length == rotated.sink_length == 2
     cands = json.loads((out / "front.json").read_text())["info"]["candidates"]
     assert any(len(p) == 3 for c in cands for p in c) and any(len(p) == 2 and p != [16, 16] for c in cands for p in c)
     plan = KVPlan.load(out / "plan-3.25.json")
     assert plan.equivalent_bits <= 3.25 and plan.provenance["rotation"] == "per_layer"
+    assert plan.provenance["sink"] == 2 and {(lay.k.sink_length, lay.v.sink_length) for lay in plan.layers} <= {(2, 2),
+                                                                                                        (0, 0)}
+    assert any(lay.k.sink_length == 2 for lay in plan.layers)
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -89,6 +94,7 @@ def test_tune_rotation_per_layer(tiny_dir, tmp_path):
     (("--text", "/nonexistent/text.txt"), "--text"),
     (("--budget-bits", "1.5"), "budget-bits=1.5"),
     (("--budget-bits", "17"), "budget-bits=17"),
+    (("--sink", "-1"), "sink=-1"),
 ])
 def test_tune_user_errors(tmp_path, args, needle):
     r = _run("tune", "--out", str(tmp_path / "o"), *args, timeout=120)
