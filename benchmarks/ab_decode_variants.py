@@ -1,4 +1,4 @@
-"""A/B timing of decode-kernel launch variants (Llama-3.1-8B shape, KIVI G=128, 32-token residual).
+"""A/B timing of decode-kernel launch variants (Llama-3.1-8B shape, KIVI G=128 or --group, 32-token residual).
 
     PYTHONPATH=src python benchmarks/ab_decode_variants.py --pairs 44,42 --shapes 64x4096,1x131072 \
         --variants '[{}, {"splits_per_sm": 3}]'
@@ -31,6 +31,8 @@ ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--pairs", default="44")
 ap.add_argument("--shapes", default="64x4096")
 ap.add_argument("--variants", default="[{}]")
+ap.add_argument("--group", type=int, default=128, help="KIVI group G (keys per channel over G tokens, values per "
+                "token over G channels; 32 is the plans' default)")
 ap.add_argument("--scale-dtype", default=None, choices=["float16", "bfloat16"],
                 help="store the cases' scales/zeros in this dtype (default: quant.meta_dtype, fp16 for this bf16 model)")
 args = ap.parse_args()
@@ -38,7 +40,7 @@ bench_attention.VALUE_LAYOUT = "channels"  # cases start packed along head_dim; 
 for shape in args.shapes.split(","):
     b, n = (int(x) for x in shape.split("x"))
     for pair in args.pairs.split(","):
-        case = packed_case(b, n, int(pair[0]), int(pair[1]), 128)
+        case = packed_case(b, n, int(pair[0]), int(pair[1]), args.group)
         q, kp, kr, vp, vr = case
         if args.scale_dtype:  # metadata dtype experiment: codes unchanged, scales/zeros cast
             dt = getattr(torch, args.scale_dtype)

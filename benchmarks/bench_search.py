@@ -31,6 +31,7 @@ from kvtuner.search import search
 from kvtuner.search.objectives import KLObjective
 
 BUDGETS = (3.25, 4.0)
+STORAGE = "/tmp/kvtuner-bench-search.db"
 BASELINES = [(8, 4), (4, 4), (4, 2), (2, 4), (2, 2)]
 
 
@@ -38,7 +39,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out-dir", default="benchmarks/results")
     ap.add_argument("--trials", type=int, default=24)
-    ap.add_argument("--storage", default="/tmp/kvtuner-bench-search.db")
+    ap.add_argument("--storage", default=STORAGE, help="Optuna storage; a study there with the same name is resumed")
     ap.add_argument("--sequences", type=int, default=4, help="profiling windows (kvtuner tune's default)")
     ap.add_argument("--kl-seq-len", type=int, default=256, help="tokens of the one-layer KL runs (tune's default)")
     ap.add_argument("--bits", default="8,4,2", help="candidate widths for K and V, e.g. 8,4,3,2 (every pair)")
@@ -47,9 +48,11 @@ def main() -> None:
     ap.add_argument("--baselines", default=",".join(f"{k}{v}" for k, v in BASELINES),
                     help="uniform plans evaluated next to the searched ones (k then v bits); with --rotation each "
                          "also rotated")
+    ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="equivalent-bit budgets, e.g. 3.25")
     ap.add_argument("--tag", default="", help="suffix of the result files (search_smollm2<tag>.md, ...)")
     args = ap.parse_args()
     out = Path(args.out_dir)
+    budgets = [float(b) for b in args.budgets.split(",")]
     model, tok = load_model("smollm2")
     calib = default_texts("calibration")
     t0 = time.perf_counter()
@@ -65,7 +68,7 @@ def main() -> None:
     # one-layer KL costs: DBSCAN's eps is in the cost's units, so cluster=False (30 groups; the solver is exact)
     fronts, proxy = {}, search(table, mode="kivi", progress=False, cluster=False)
     t1 = time.perf_counter()
-    for budget in BUDGETS:
+    for budget in budgets:
         fronts[budget] = search(table, mode="kivi", max_bits=budget, quality=objective, n_trials=args.trials,
                                 storage=args.storage, study_name=f"smollm2-kivi-{budget}{args.tag}", progress=True,
                                 cluster=False)
@@ -73,7 +76,7 @@ def main() -> None:
     t_search = time.perf_counter() - t1
     ev = Evaluator(model, tok, passkey_lengths=())
     rows = []
-    plans = [(f"searched <= {b}", fronts[b].best(b)) for b in BUDGETS]
+    plans = [(f"searched <= {b}", fronts[b].best(b)) for b in budgets]
     for k, v in ((int(x[0]), int(x[1])) for x in args.baselines.split(",")):
         for rot in (False, True) if args.rotation else (False,):
             plan = KVPlan.uniform(30, k, v, "kivi", rotation=rot, sink_length=args.sink)
@@ -89,28 +92,30 @@ def main() -> None:
     lines += [f"| {r['name']} | kivi | {r['equivalent_bits']:.2f} | {r['bytes_per_token']:.0f} | {r['ppl']:.3f} | "
               f"{100 * (r['ppl'] / r['full_ppl'] - 1):+.2f} % | {r['kl']:.4f} | {r['top1']:.3f} | "
               f"{r['generation_agreement']:.2f} | {r['generation_prefix']:.1f} |" for r in rows]
-    solver_at = {b: min((p for p in proxy.points if p.equivalent_bits <= b), key=lambda p: p.proxy_error) for b in BUDGETS}
-    info = {b: {k: v for k, v in fronts[b].info.items() if k != "candidates"} for b in BUDGETS}
+    solver_at = {b: min((p for p in proxy.points if p.equivalent_bits <= b), key=lambda p: p.proxy_error) for b in budgets}
+    info = {b: {k: v for k, v in fronts[b].info.items() if k != "candidates"} for b in budgets}
     summary = [
         "# Search on SmolLM2 (KIVI)", "",
         f"Command: `python benchmarks/bench_search.py --out-dir {args.out_dir} --trials {args.trials} "
         f"--sequences {args.sequences} --kl-seq-len {args.kl_seq_len} --bits {args.bits}"
         f"{' --rotation' if args.rotation else ''}{f' --sink {args.sink}' if args.sink else ''} --baselines {args.baselines}"
-        f"{' --tag=' + args.tag if args.tag else ''}`. "
+        f"{' --tag=' + args.tag if args.tag else ''}"
+        f"{' --budgets ' + args.budgets if budgets != list(BUDGETS) else ''}"
+        f"{' --storage ' + args.storage if args.storage != STORAGE else ''}`. "
         f"kvtuner {kvtuner.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"{torch.get_num_threads()} CPU threads.", "",
         f"* Profiling (KIVI, {len(pairs)} pairs{', rotated' if args.rotation else ''}"
         f"{f', {args.sink} sink tokens in full precision' if args.sink else ''}, 30 layers, "
         f"{args.sequences} x 512 tokens, + one-layer KL {30 * len(pairs)} runs x "
-        f"{args.kl_seq_len} tokens): {t_profile:.0f} s. Search (2 budgets x "
+        f"{args.kl_seq_len} tokens): {t_profile:.0f} s. Search ({len(budgets)} budgets x "
         f"{args.trials} NSGA-II trials, KL on 2 x 256 calibration tokens): {t_search:.0f} s. "
         f"Profile + search: {t_profile + t_search:.0f} s.",
         f"* Layer groups (no clustering with KL costs): {len(proxy.info['groups'])} "
         f"(search space {proxy.info['search_space_size']} plans instead of {len(pairs)}^30).",
         *[f"* Budget {b}: {info[b]['trials_complete']} completed trials ({info[b]['trials_cached']} repeats served "
-          f"from the study); measured front {[(round(p.equivalent_bits, 2), round(p.quality, 4)) for p in fronts[b].points]}; "
+          f"from the study, {info[b]['trials_over_budget']} over budget and not measured); measured front {[(round(p.equivalent_bits, 2), round(p.quality, 4)) for p in fronts[b].points]}; "
           f"solver's proxy optimum at {solver_at[b].equivalent_bits:.2f} bits, chosen plan "
-          f"{fronts[b].best(b).pairs}." for b in BUDGETS],
+          f"{fronts[b].best(b).pairs}." for b in budgets],
         "", "Held-out evaluation (Evaluator: 2 windows of 384-token prefill + 256 teacher-forced decode steps; "
         "4 greedy continuations of 64 tokens):", "", *lines]
     (out / f"search_smollm2{args.tag}.md").write_text("\n".join(summary) + "\n")

@@ -43,10 +43,12 @@ class _Capture:
 
 
 def launch_args(kbits: int, vbits: int, b: int = 64, n: int = 4096, hkv: int = 8, group: int = 4, d: int = 128,
-                token_block: int = 0, key_words: bool = False, **launch) -> tuple[tuple, dict]:
+                token_block: int = 0, key_words: bool = False, kv_group: int = 128, **launch) -> tuple[tuple, dict]:
     k = torch.randn(1, hkv, 256, d, dtype=torch.bfloat16)  # as the benchmarks: bf16 model (scales/zeros in fp16, quant.meta_dtype)
-    kp = quant.quantize(k, kbits, "per_channel", 128).map(lambda x: x.repeat(b, 1, n // 256, 1))
-    vp = quant.quantize(k, vbits, "per_token", None).map(lambda x: x.repeat(b, 1, n // 256, 1))
+    # KIVI with G = kv_group: keys per channel over G tokens, values per token over G channels
+    kp = quant.quantize(k, kbits, "per_channel", kv_group).map(lambda x: x.repeat(b, 1, n // 256, 1))
+    vp = quant.quantize(k, vbits, "per_token", kv_group if kv_group < d else None).map(
+        lambda x: x.repeat(b, 1, n // 256, 1))
     vp.token_block = token_block  # the layout of the codes changes nothing the compiler sees but VT
     kp.channel_words = key_words  # ... and KWORDS
     kr = torch.randn(b, hkv, 32, d, dtype=torch.bfloat16)

@@ -99,6 +99,25 @@ def test_study_is_warm_started_and_meets_the_budget(tmp_path):
     assert again.info["trials_complete"] == 15  # a rerun finds the study done instead of restarting
 
 
+def test_study_measures_only_plans_within_the_budget(tmp_path):
+    # constrained NSGA-II ranks infeasible trials by their violation alone: measuring them would only cost time
+    table = synthetic_table()
+    measured = []
+    proxy = _proxy_quality(table)
+
+    def quality(plan):
+        measured.append(plan.equivalent_bits)
+        return proxy(plan)
+
+    front = search(table, max_bits=3.0, quality=quality, n_trials=40, storage=tmp_path / "s.db", cluster=False,
+                   progress=False)
+    assert measured and max(measured) <= 3.0 + 1e-9
+    info = front.info
+    assert info["trials_over_budget"] > 0  # the sampler proposed some; none was measured
+    assert len(measured) == info["trials_complete"] - info["trials_over_budget"] - info["trials_cached"]
+    assert all(p.equivalent_bits <= 3.0 for p in front.points)
+
+
 WORKER = r"""
 import sys, time
 sys.path.insert(0, {tests!r})

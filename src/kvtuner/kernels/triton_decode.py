@@ -451,7 +451,7 @@ def _unpack(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constexpr, W0
 
 @triton.jit
 def _dequant_groups(code, s_base, z_base, t, tmask, stride_t, D: tl.constexpr, G: tl.constexpr,
-                    NG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                    NG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, F16: tl.constexpr = False):
     """``code * scale + zero`` as fp16 for per-token groups of ``G`` channels (``NG`` per row): the
     ``[BLOCK_N, NG]`` scale/zero tile is loaded once and broadcast, never gathered per element."""
     j = tl.arange(0, NG)
@@ -461,7 +461,16 @@ def _dequant_groups(code, s_base, z_base, t, tmask, stride_t, D: tl.constexpr, G
     z_t = tl.load(z_base + off, mask=smask, other=0.0)
     s_full = tl.reshape(tl.broadcast_to(s_t[:, :, None], (BLOCK_N, NG, G)), (BLOCK_N, BLOCK_D))
     z_full = tl.reshape(tl.broadcast_to(z_t[:, :, None], (BLOCK_N, NG, G)), (BLOCK_N, BLOCK_D))
-    return (code.to(tl.float32) * s_full.to(tl.float32) + z_full.to(tl.float32)).to(tl.float16)
+    return _fma16(code, s_full, z_full, F16)
+
+
+@triton.jit
+def _fma16(code, s, z, F16: tl.constexpr):
+    """``code * s + z`` as fp16: in fp16 registers (``F16``: one packed FMA per 2 elements, as the
+    one-group tiles) or in fp32 (a convert per operand and element)."""
+    if F16:
+        return code.to(tl.float16) * s.to(tl.float16) + z.to(tl.float16)
+    return (code.to(tl.float32) * s.to(tl.float32) + z.to(tl.float32)).to(tl.float16)
 
 
 @triton.jit
@@ -480,7 +489,7 @@ def _hadamard_rows(x, LOG_D: tl.constexpr):
 
 @triton.jit
 def _dequant_groups_t(code_t, s_base, z_base, t, tmask, stride_t, D: tl.constexpr, G: tl.constexpr,
-                      NG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                      NG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, F16: tl.constexpr = False):
     """:func:`_dequant_groups` for a ``[BLOCK_D, BLOCK_N]`` (channels x tokens) tile."""
     j = tl.arange(0, NG)
     smask = (j * G < D)[:, None] & tmask[None, :]
@@ -489,7 +498,7 @@ def _dequant_groups_t(code_t, s_base, z_base, t, tmask, stride_t, D: tl.constexp
     z_t = tl.load(z_base + off, mask=smask, other=0.0)
     s_full = tl.reshape(tl.broadcast_to(s_t[:, None, :], (NG, G, BLOCK_N)), (BLOCK_D, BLOCK_N))
     z_full = tl.reshape(tl.broadcast_to(z_t[:, None, :], (NG, G, BLOCK_N)), (BLOCK_D, BLOCK_N))
-    return (code_t.to(tl.float32) * s_full.to(tl.float32) + z_full.to(tl.float32)).to(tl.float16)
+    return _fma16(code_t, s_full, z_full, F16)
 
 
 @triton.jit
@@ -595,7 +604,7 @@ def _decode_split_kernel(
         SWAP_QK: tl.constexpr, SWAP_PV: tl.constexpr, ASM: tl.constexpr, FOLD_K: tl.constexpr,
         FOLD_V: tl.constexpr, DEV_LEN: tl.constexpr, QUNIT: tl.constexpr, UNPACK3_K: tl.constexpr,
         UNPACK3_V: tl.constexpr, VT: tl.constexpr, KWORDS: tl.constexpr, ROT_Q: tl.constexpr = False,
-        LOG_D: tl.constexpr = 0):
+        LOG_D: tl.constexpr = 0, DQ16: tl.constexpr = False):
     if DEV_LEN:  # lengths live on the device (CUDA-graph replay): n_q/n_r passed in are capacities
         # the quantized length is stored in units of QUNIT (the key group in KIVI mode), so the
         # compiler still knows its divisibility, as it does for a specialised n_q
@@ -669,8 +678,7 @@ def _decode_split_kernel(
                     z_t = tl.load(kz + g[:, None] * sks_t + d[None, :], mask=gmask, other=0.0)
                     s_full = tl.reshape(tl.broadcast_to(s_t[:, None, :], (NG, GK, BLOCK_D)), (BLOCK_N, BLOCK_D))
                     z_full = tl.reshape(tl.broadcast_to(z_t[:, None, :], (NG, GK, BLOCK_D)), (BLOCK_N, BLOCK_D))
-                    k = (kcode.to(tl.float32) * s_full.to(tl.float32) + z_full.to(tl.float32)).to(tl.float16)
-                    scores = _qk(q.to(tl.float16), k, SWAP_QK)
+                    scores = _qk(q.to(tl.float16), _fma16(kcode, s_full, z_full, DQ16), SWAP_QK)
             else:
                 NGK: tl.constexpr = BLOCK_D // GK
                 if NGK == 1:  # one scale per token and head: apply after the dot
@@ -680,7 +688,7 @@ def _decode_split_kernel(
                     scores = _qk(q.to(tl.float16), kcode, SWAP_QK) * _tok(s_col, SWAP_QK) \
                         + _head(qsum, SWAP_QK) * _tok(z_col, SWAP_QK)
                 else:
-                    k = _dequant_groups(kcode, ks, kz, t, tmask, sks_t, D, GK, NGK, BLOCK_N, BLOCK_D)
+                    k = _dequant_groups(kcode, ks, kz, t, tmask, sks_t, D, GK, NGK, BLOCK_N, BLOCK_D, DQ16)
                     scores = _qk(q.to(tl.float16), k, SWAP_QK)
             valid = tmask
             if HAS_MASK:
@@ -710,9 +718,9 @@ def _decode_split_kernel(
                     acc += pv + _head(pz, SWAP_PV)
             else:
                 if VT > 0:
-                    v = _dequant_groups_t(vcode, vs, vz, t, tmask, svs_t, D, GV, NGV, BLOCK_N, BLOCK_D)
+                    v = _dequant_groups_t(vcode, vs, vz, t, tmask, svs_t, D, GV, NGV, BLOCK_N, BLOCK_D, DQ16)
                 else:
-                    v = _dequant_groups(vcode, vs, vz, t, tmask, svs_t, D, GV, NGV, BLOCK_N, BLOCK_D)
+                    v = _dequant_groups(vcode, vs, vz, t, tmask, svs_t, D, GV, NGV, BLOCK_N, BLOCK_D, DQ16)
                 acc += _pv_tile(p, v, SWAP_QK, SWAP_PV, VT > 0)
     else:
         kr = KR + b * skr_b + h * skr_h
@@ -809,25 +817,49 @@ def _ptx_ok(device: torch.device) -> bool:
 LAUNCH_TABLE = Path(__file__).with_name("launch_table.json")
 
 
+LAYOUTS = ("", "tokens", "groups")
+
+
 @functools.cache
-def launch_table() -> dict[tuple[int, int, bool], dict]:
-    """Measured launch choices per (k_bits, v_bits, values in token blocks) at D = 128, 128-token
-    tiles (``launch_table.json``: keys ``"k,v"``, and ``"k,v,tokens"`` for token-blocked values);
-    empty if absent."""
+def launch_table() -> dict[tuple[int, int, str], dict]:
+    """Measured launch choices per (k_bits, v_bits, layout) at D = 128 (``launch_table.json``: keys
+    ``"k,v"`` for 128-token tiles of one key group, ``"k,v,tokens"`` for token-blocked values,
+    ``"k,v,groups"`` for key groups shorter than the tile, e.g. KIVI G = 32; layout ``""``,
+    ``"tokens"``, ``"groups"``); empty if absent."""
     if not LAUNCH_TABLE.is_file():
         return {}
     pairs = json.loads(LAUNCH_TABLE.read_text())["pairs"]
     out = {}
     for key, entry in pairs.items():
         k, v, *layout = key.split(",")
-        if layout not in ([], ["tokens"]):
-            raise ValueError(f"launch table key {key!r} is invalid; allowed: 'k,v' or 'k,v,tokens'")
-        out[int(k), int(v), bool(layout)] = entry
+        name = ",".join(layout)
+        if name not in LAYOUTS:
+            raise ValueError(f"launch table key {key!r} is invalid; allowed: 'k,v', 'k,v,tokens' or 'k,v,groups'")
+        out[int(k), int(v), name] = entry
     return out
 
 
+def default_block_n(kbits: int, vbits: int, block_d: int, key_group: int | None, value_block: int = 0) -> int:
+    """Tokens per tile when the caller gives none. ``key_group``: tokens per key group (per-channel
+    keys), ``None`` for per-token keys; ``value_block``: the values' token block (0: none).
+
+    Token-blocked values: one block per tile. Key groups shorter than 128 tokens that divide it
+    (KIVI G = 32, the plans' default) at head_dim <= 128: 128-token tiles over several groups
+    (the ``"groups"`` table entry's ``block_n``; without one, 64 for 8-bit keys, whose 128-token
+    tile spilled, else 128). H100, 64 x 4k, graph µs: K4V2 351 -> 213, K2V2 361 -> 213, K4V4 348
+    -> 246, K8V8 573 -> 336 against one group per tile (benchmarks/results/kernel_experiments_h100.md,
+    session 14). Otherwise one key group per tile (at least 32 tokens), or 64.
+    """
+    if value_block:
+        return value_block
+    if key_group is not None and key_group < 128 and 128 % key_group == 0 and block_d <= 128:
+        entry = launch_table().get((kbits, vbits, "groups"), {})
+        return entry.get("block_n", 64 if kbits == 8 else 128)
+    return key_group if key_group is not None and key_group >= 32 else 64
+
+
 def launch_defaults(kbits: int, vbits: int, block_d: int, block_n: int, device: torch.device, *,
-                    table: bool = True, tokens: bool = False) -> dict:
+                    table: bool = True, tokens: bool = False, groups: bool = False) -> dict:
     """Launch choices per bit pair: rules from the H100 sweeps, then the measured table's entry.
 
     Rules (benchmarks/results/decode_kernel_sweep_h100.md, sweep_fold_h100.md):
@@ -851,22 +883,27 @@ def launch_defaults(kbits: int, vbits: int, block_d: int, block_n: int, device: 
     programs per SM, so a register cap that buys occupancy at B = 64 only adds spills there). ``tokens``: values in token blocks (``quant.to_token_blocks``);
     their own entry if the table has one, else the pair's entry; swap_pv always (without it every
     token-blocked pair was 20-60 % slower: benchmarks/results/kernel_experiments_h100.md, session 11).
+    ``groups``: several key groups per tile (:func:`default_block_n`); their own entry if the table
+    has one, else the pair's entry. Tiles of several groups dequantize in fp16 registers
+    (``dq16``; in fp32 they were 3-10 % slower at G = 32 with 32-token tiles, and the 128-token
+    tiles spilled).
     """
-    return dict(_launch_defaults(kbits, vbits, block_d, block_n, _ptx_ok(device), table, tokens))
+    layout = "tokens" if tokens else "groups" if groups else ""
+    return dict(_launch_defaults(kbits, vbits, block_d, block_n, _ptx_ok(device), table, layout))
 
 
 @functools.lru_cache(maxsize=512)  # on the decode path once per layer and step: build each dict once
 def _launch_defaults(kbits: int, vbits: int, block_d: int, block_n: int, ptx: bool, table: bool,
-                     tokens: bool = False) -> dict:
+                     layout: str = "") -> dict:
     out = dict(num_warps=4, num_stages=3 if block_d * block_n <= 128 * 128 else 2,
-               swap_qk=False, swap_pv=vbits in (2, 4) or tokens, asm=ptx,
+               swap_qk=False, swap_pv=vbits in (2, 4) or layout == "tokens", asm=ptx,
                fold_k="reg" if kbits == 8 else "plain", fold_v="norm" if vbits == 8 else "reg",
                maxnreg=None, splits_per_sm=4, splits_per_sm_small=None, maxnreg_small=None,
-               unpack3_k="words" if ptx else "planes", unpack3_v="planes")
+               unpack3_k="words" if ptx else "planes", unpack3_v="planes", dq16=True)
     entries = launch_table() if table else {}
-    entry = entries.get((kbits, vbits, tokens)) or entries.get((kbits, vbits, False))
+    entry = entries.get((kbits, vbits, layout)) or entries.get((kbits, vbits, ""))
     if entry:
-        same_tile = block_d == 128 and block_n == 128
+        same_tile = block_d == 128 and block_n == entry.get("block_n", 128)
         out.update({k: v for k, v in entry.items() if k in out and (same_tile or k in ("fold_k", "fold_v"))})
         if not ptx:  # PTX unpacking and register caps only exist on the GPU
             out.update(asm=False, maxnreg=None, maxnreg_small=None, unpack3_k="planes", unpack3_v="planes")
@@ -874,15 +911,15 @@ def _launch_defaults(kbits: int, vbits: int, block_d: int, block_n: int, ptx: bo
 
 
 _GIVEN = ("num_warps", "num_stages", "swap_qk", "swap_pv", "asm", "fold_k", "fold_v", "maxnreg", "splits_per_sm",
-          "unpack3_k", "unpack3_v")
+          "unpack3_k", "unpack3_v", "dq16")
 
 
 @functools.lru_cache(maxsize=1024)  # once per layer and step: decide and validate once per configuration
 def _launch_choices(kbits: int, vbits: int, block_d: int, block_n: int, ptx: bool, small: bool,
-                    given: tuple, tokens: bool = False) -> tuple:
+                    given: tuple, layout: str = "") -> tuple:
     """The launch choices in ``_GIVEN`` order: the defaults, with the split for few long rows when
     ``small``, overridden by the non-``None`` values of ``given``."""
-    launch = dict(_launch_defaults(kbits, vbits, block_d, block_n, ptx, True, tokens))
+    launch = dict(_launch_defaults(kbits, vbits, block_d, block_n, ptx, True, layout))
     if small:  # few long rows: their own measured split and register cap
         launch["splits_per_sm"] = launch["splits_per_sm_small"] or launch["splits_per_sm"]
         launch["maxnreg"] = launch["maxnreg_small"] or launch["maxnreg"]
@@ -918,7 +955,7 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
                      fold_v: str | None = None, maxnreg: int | None = None,
                      splits_per_sm: int | None = None, unpack3_k: str | None = None, unpack3_v: str | None = None,
                      lengths: torch.Tensor | None = None, rotate_q: bool = False,
-                     rotate_out: bool = False) -> torch.Tensor:
+                     rotate_out: bool = False, dq16: bool | None = None) -> torch.Tensor:
     """Fused kernel; see :func:`kvtuner.attention.decode_attention` for the contract.
 
     Keys and values must be in step (same quantized token count), as in every plan whose key and
@@ -990,16 +1027,18 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
         kc = ks = kz = vc = vs = vz = None
         kbits = vbits = 8
         k_per_channel, gk_eff, gv_eff, vt, kwords = True, 32, block_d, 0, False
-    if block_n is None:  # token-blocked values: one block per tile
-        block_n = vt or (gk_eff if k_per_channel and gk_eff >= 32 else 64)
+    if block_n is None:
+        block_n = default_block_n(kbits, vbits, block_d, gk_eff if k_per_channel else None, vt)
     if k_per_channel and block_n % gk_eff and gk_eff % block_n:
         raise ValueError(f"block_n={block_n} is invalid; allowed: a multiple or divisor of the key group {gk_eff}")
     if vt and block_n != vt:
         raise ValueError(f"block_n={block_n} is invalid for values in token blocks of {vt}; allowed: {vt}")
     ptx = _ptx_ok(q.device)
-    given = (num_warps, num_stages, swap_qk, swap_pv, asm, fold_k, fold_v, maxnreg, splits_per_sm, unpack3_k, unpack3_v)
+    given = (num_warps, num_stages, swap_qk, swap_pv, asm, fold_k, fold_v, maxnreg, splits_per_sm, unpack3_k, unpack3_v,
+             dq16)
     (num_warps, num_stages, swap_qk, swap_pv, asm, fold_k, fold_v, maxnreg, splits_per_sm, unpack3_k,
-     unpack3_v) = _launch_choices(kbits, vbits, block_d, block_n, ptx, b * hkv < _num_sm(q.device), given, bool(vt))
+     unpack3_v, dq16) = _launch_choices(kbits, vbits, block_d, block_n, ptx, b * hkv < _num_sm(q.device), given,
+                                        "tokens" if vt else "groups" if k_per_channel and block_n > gk_eff else "")
     n_split_q, per_split = _splits(b * hkv, n_q, block_n, q.device, splits_per_sm)
     num_splits = n_split_q + 1
     rows = b * hq * num_splits
@@ -1029,7 +1068,7 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
         FOLD_K=FOLDS[fold_k], FOLD_V=FOLDS[fold_v], DEV_LEN=lengths is not None,
         QUNIT=length_unit(k_packed) if lengths is not None else 1, UNPACK3_K=UNPACK3[unpack3_k] if asm else 0,
         UNPACK3_V=UNPACK3[unpack3_v] if asm else 0, VT=vt, KWORDS=kwords, ROT_Q=bool(rotate_q),
-        LOG_D=block_d.bit_length() - 1, num_warps=num_warps, num_stages=num_stages,
+        LOG_D=block_d.bit_length() - 1, DQ16=bool(dq16), num_warps=num_warps, num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}))
     out = torch.empty(b, 1, hq, d, device=q.device, dtype=q.dtype)
     _launch_merge((b * hq,), po, pm, pl, out, out.stride(0), out.stride(2), hq, num_splits, float(out_scale), D=d,

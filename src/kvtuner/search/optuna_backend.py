@@ -100,6 +100,11 @@ def run_study(space: SearchSpace, quality: Callable[[KVPlan], float], *, max_bit
             if done.params == trial.params:
                 trial.set_user_attr("cached_from", done.number)
                 return tuple(done.values)
+        if plan.equivalent_bits > max_bits + 1e-9:
+            # constrained NSGA-II ranks infeasible trials by their violation alone, so measuring one
+            # would only spend time: its proxy error stands in, and it never enters the front
+            trial.set_user_attr("measured", False)
+            return space.proxy_error(choice), plan.equivalent_bits
         return quality(plan), plan.equivalent_bits
 
     done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
@@ -115,5 +120,6 @@ def run_study(space: SearchSpace, quality: Callable[[KVPlan], float], *, max_bit
                                      t.values[0], f"trial {t.number}"))
     info = {"study_name": study_name, "trials_complete": len(study.get_trials(states=(TrialState.COMPLETE,))),
             "trials_cached": sum(1 for t in study.trials if "cached_from" in t.user_attrs),
+            "trials_over_budget": sum(1 for t in study.trials if t.user_attrs.get("measured") is False),
             "sampler": "NSGAIISampler", "seed": seed, "population_size": population_size}
     return points, info
