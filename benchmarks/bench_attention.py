@@ -68,19 +68,22 @@ def sdpa_us(b: int, n: int) -> tuple[float, str]:
 
 def packed_case(b: int, n: int, kbits: int, vbits: int, g: int):
     kp_parts, vp_parts = [], []
-    for i in range(b):  # per sequence, so bf16 temporaries stay small
+    vt = g if VALUE_LAYOUT == "cache" and vbits in cache.TOKEN_BLOCK_BITS and g in cache.FAST_TOKEN_BLOCKS else 0
+    for i in range(b):  # per sequence, so bf16 temporaries and the re-layout's int32 codes stay small
         k = torch.randn(1, HKV, n, D, device="cuda", dtype=torch.bfloat16)
         k += torch.randn(1, 1, 1, D, device="cuda", dtype=torch.bfloat16) * 2
         v = torch.randn(1, HKV, n, D, device="cuda", dtype=torch.bfloat16)
-        kp_parts.append(triton_quant.quantize(k, kbits, "per_channel", g))
-        vp_parts.append(triton_quant.quantize(v, vbits, "per_token", g if g < D else None))
+        kp_i = triton_quant.quantize(k, kbits, "per_channel", g)
+        vp_i = triton_quant.quantize(v, vbits, "per_token", g if g < D else None)
+        if vt:  # the cache keeps these values in token blocks of one group on the GPU (cache.value_token_block)
+            vp_i = quant.in_token_blocks(vp_i, vt)
+            if kbits == 4:  # ... and 4-bit keys beside them in channel word order (cache.key_channel_words)
+                kp_i = quant.in_channel_words(kp_i)
+        kp_parts.append(kp_i)
+        vp_parts.append(vp_i)
         del k, v
     kp, vp = quant.cat(kp_parts, dim=0), quant.cat(vp_parts, dim=0)
-    vt = g if VALUE_LAYOUT == "cache" and vbits in cache.TOKEN_BLOCK_BITS and g in cache.FAST_TOKEN_BLOCKS else 0
-    if vt:  # the cache keeps these values in token blocks of one group on the GPU (cache.value_token_block)
-        vp = quant.in_token_blocks(vp, vt)
-        if kbits == 4:  # ... and 4-bit keys beside them in channel word order (cache.key_channel_words)
-            kp = quant.in_channel_words(kp)
+    del kp_parts, vp_parts
     kr = torch.randn(b, HKV, RESIDUAL, D, device="cuda", dtype=torch.bfloat16)
     vr = torch.randn_like(kr)
     q = torch.randn(b, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
