@@ -847,7 +847,7 @@ def default_block_n(kbits: int, vbits: int, block_d: int, key_group: int | None,
     (KIVI G = 32, the plans' default) at head_dim <= 128: 128-token tiles over several groups
     (the ``"groups"`` table entry's ``block_n``; without one, 64 for 8-bit keys, whose 128-token
     tile spilled, else 128). H100, 64 x 4k, graph µs: K4V2 351 -> 213, K2V2 361 -> 213, K4V4 348
-    -> 246, K8V8 573 -> 336 against one group per tile (benchmarks/results/kernel_experiments_h100.md,
+    -> 264, K8V8 573 -> 336 against one group per tile (benchmarks/results/kernel_experiments_h100.md,
     session 14). Otherwise one key group per tile (at least 32 tokens), or 64.
     """
     if value_block:
@@ -884,9 +884,9 @@ def launch_defaults(kbits: int, vbits: int, block_d: int, block_n: int, device: 
     their own entry if the table has one, else the pair's entry; swap_pv always (without it every
     token-blocked pair was 20-60 % slower: benchmarks/results/kernel_experiments_h100.md, session 11).
     ``groups``: several key groups per tile (:func:`default_block_n`); their own entry if the table
-    has one, else the pair's entry. Tiles of several groups dequantize in fp16 registers
-    (``dq16``; in fp32 they were 3-10 % slower at G = 32 with 32-token tiles, and the 128-token
-    tiles spilled).
+    has one, else the pair's entry. Tiles of several key groups, and values in several groups per
+    token, dequantize in fp16 registers (``dq16``; in fp32: 0-5 % slower with 32-token tiles at
+    G = 32, and 128-token tiles spilled).
     """
     layout = "tokens" if tokens else "groups" if groups else ""
     return dict(_launch_defaults(kbits, vbits, block_d, block_n, _ptx_ok(device), table, layout))
@@ -961,7 +961,8 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
     Keys and values must be in step (same quantized token count), as in every plan whose key and
     value specs share mode, group and residual window. The keyword-only arguments override the
     launch choices (tile, warps, stages, MMA orientation, PTX unpacking, how scales reach the dots,
-    register cap, split count) for benchmarks; ``None`` takes the measured default
+    register cap, split count, fp16 or fp32 dequantization of multi-group tiles: ``dq16``) for
+    benchmarks; ``None`` takes the measured default
     (:func:`launch_defaults`).
 
     ``lengths`` (CUDA-graph replay): an int32/int64 device tensor ``[quantized tokens / unit, residual
