@@ -151,6 +151,7 @@ def test_sink_length_round_trip_and_accounting():
     assert "sink_length" not in QuantSpec(2).to_dict()  # plans without sinks read and write as before
     assert QuantSpec.from_dict({"bits": 2}).sink_length == 0
     assert QuantSpec(16, sink_length=4).sink_length == 0  # full precision needs no sink
+    assert (spec.kept_sink(sliding=False), spec.kept_sink(sliding=True)) == (4, 0)  # one rule for cache and profile
     # 100 tokens: 4 sink + 32 residual window leave 64 = two whole 32-token groups to quantize
     assert spec.split("key", 100) == (64, 36) and spec.split("key", 67) == (0, 67)
     assert QuantSpec(2, "per_token", sink_length=4).split("key", 10) == (6, 4)

@@ -45,10 +45,9 @@ class _TensorStore:
     """
 
     def __init__(self, spec: QuantSpec, role: str, head_dim: int, capacity: int | None = None,
-                 value_spec: QuantSpec | None = None, sink: bool = True):
+                 value_spec: QuantSpec | None = None, sliding: bool = False):
         self.spec, self.role, self.head_dim = spec, role, head_dim
-        # full-precision attention-sink tokens at the residual's front (none at 16 bits or when not ``sink``)
-        self.sink = spec.sink_length if sink and spec.quantized else 0
+        self.sink = spec.kept_sink(sliding)  # full-precision attention-sink tokens at the residual's front
         self.value_spec = value_spec  # keys: the layer's value spec (key layout follows the value layout)
         self.granularity = spec.granularity(role)
         self.group = spec.group_size if self.granularity == "per_channel" else spec.channel_group(head_dim)
@@ -297,10 +296,10 @@ class QuantizedKVLayer(CacheLayerMixin):
         self._clear()
 
     def _clear(self) -> None:
-        # sliding layers keep no sink: their window drops the oldest tokens, sinks included
-        sink = not self.is_sliding
-        self._k = _TensorStore(self.spec.k, "key", self.head_dim, self.capacity, value_spec=self.spec.v, sink=sink)
-        self._v = _TensorStore(self.spec.v, "value", self.head_dim, self.capacity, sink=sink)
+        sliding = self.is_sliding
+        self._k = _TensorStore(self.spec.k, "key", self.head_dim, self.capacity, value_spec=self.spec.v,
+                               sliding=sliding)
+        self._v = _TensorStore(self.spec.v, "value", self.head_dim, self.capacity, sliding=sliding)
         self.cumulative_length = 0  # tokens seen
         self.start = 0  # absolute position of the oldest stored token (> 0 only for sliding layers)
         self.is_initialized = False

@@ -255,7 +255,7 @@ def profile(model: Any, tokenizer: Any, texts: str | Sequence[str], *, pairs: Se
             rec = records[layer]
             q, k, v, scale, win = rec["q"], rec["k"], rec["v"], rec["scaling"], rec["sliding_window"]
             ref = _attention(q, k, v, scale, first_query, win)
-            sink = 0 if win else sink_length  # sliding layers keep no sink (the cache's rule)
+            sink = QuantSpec(2, sink_length=sink_length).kept_sink(sliding=bool(win))  # the cache's rule
             for m in modes:
                 k_hat = {b: _simulate(k, b, m, "key", rotation, sink) for b in bits}
                 v_hat = {b: _simulate(v, b, m, "value", rotation, sink) for b in bits}

@@ -119,6 +119,11 @@ class QuantSpec:
     def quantized(self) -> bool:
         return self.bits < 16
 
+    def kept_sink(self, sliding: bool) -> int:
+        """Sink tokens a store of this spec keeps: none at 16 bits, and none in a sliding-window layer,
+        whose window drops the oldest tokens, sinks included."""
+        return 0 if sliding or not self.quantized else self.sink_length
+
     def packed_width(self, head_dim: int) -> int:
         """Bytes of codes per token of one head (all bit planes)."""
         return packed_width(head_dim, self.bits)
