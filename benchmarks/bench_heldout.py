@@ -55,20 +55,23 @@ def main() -> None:
     plans = [parse_plan(p.strip(), n, args.mode) for p in args.plans.split(",")]
     ev = Evaluator(model, tok, windows=args.windows, passkey_lengths=(), prompts=2, new_tokens=32)
     t0 = time.perf_counter()
-    rows = []
+    rows, reports = [], []
     for label, plan in plans:
         r = ev(plan)
+        reports.append(r)
         lo, hi = r.ppl_delta_interval()
-        rows.append(dict(label=label, lo=lo, hi=hi, **r.to_dict()))
+        ratio = r.kl_ratio_interval(reports[0]) if len(reports) > 1 else None
+        rows.append(dict(label=label, lo=lo, hi=hi, kl_ratio=ratio, **r.to_dict()))
         print(json.dumps({k: rows[-1][k] for k in ("label", "ppl", "full_ppl", "kl", "lo", "hi")}), flush=True)
     seconds = time.perf_counter() - t0
-    lines = ["| plan | eq. bits | bytes/token | PPL | vs full | +-2 s.e. over windows | KL | top-1 | "
-             "worst window |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| plan | eq. bits | bytes/token | PPL | vs full | +-2 s.e. over windows | KL | KL / first plan, paired | "
+             "top-1 | worst window |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         worst = max(r["window_nll_delta"])
+        ratio = "" if r["kl_ratio"] is None else "{:.2f} [{:.2f}, {:.2f}]".format(*r["kl_ratio"])
         lines.append(f"| {r['label']} | {r['equivalent_bits']:.2f} | {r['bytes_per_token']:.0f} | {r['ppl']:.3f} | "
                      f"{100 * (r['ppl'] / r['full_ppl'] - 1):+.2f} % | [{100 * r['lo']:+.2f}, {100 * r['hi']:+.2f}] % | "
-                     f"{r['kl']:.4f} | {r['top1']:.3f} | {100 * torch.tensor(worst).expm1().item():+.2f} % |")
+                     f"{r['kl']:.4f} | {ratio} | {r['top1']:.3f} | {100 * torch.tensor(worst).expm1().item():+.2f} % |")
     text = "\n".join([
         "# Held-out quality over many windows (SmolLM2)", "",
         f"Command: `python benchmarks/bench_heldout.py --windows {args.windows} --mode {args.mode} --plans "
@@ -77,6 +80,8 @@ def main() -> None:
         f"{len(rows)} plans in {seconds:.0f} s. kvtuner {kvtuner.__version__}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}, {torch.get_num_threads()} CPU threads.", "",
         "Interval: exp(mean +- 2 s.e.) - 1 of the per-window mean NLL differences (windows as samples). "
+        "KL / first plan: geometric mean of the per-window KL ratios to the first plan's, with exp(+- 2 s.e.) "
+        "of the log ratios (QualityReport.kl_ratio_interval). "
         "Worst window: the largest single-window PPL increase.", "", *lines])
     print(text)
     if args.out:

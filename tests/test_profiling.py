@@ -140,6 +140,18 @@ def test_evaluator_report():
     lo, hi = two.ppl_delta_interval()
     mean = math.expm1(sum(two.window_nll_delta) / 2)
     assert lo <= mean <= hi and lo < hi
+    # per-window KL: its token-weighted mean is the report's KL; paired ratios between two plans
+    assert len(two.window_kl) == 2 and sum(two.window_kl) / 2 == pytest.approx(two.kl, rel=1e-6)
+    ev2 = Evaluator(model, CharTokenizer(), TEXT, windows=2, prefill=32, decode=16, prompts=0, passkey_lengths=(),
+                    progress=False)
+    k4 = ev2(KVPlan.uniform(2, 4, 4, "kivi", group_size=8, residual_length=8))
+    k2 = ev2(KVPlan.uniform(2, 2, 2, "kivi", group_size=8, residual_length=8))
+    ratio, rlo, rhi = k2.kl_ratio_interval(k4)
+    geo = math.exp(sum(math.log(a / b) for a, b in zip(k2.window_kl, k4.window_kl)) / 2)
+    assert ratio == pytest.approx(geo) and rlo <= ratio <= rhi and ratio > 1  # 2 bits lose more than 4
+    assert k4.kl_ratio_interval(k4)[0] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        low.kl_ratio_interval(low)
     with pytest.raises(ValueError, match="evaluation text has"):
         Evaluator(model, CharTokenizer(), "tiny", progress=False)
     # no generation prompts: quality is still measured, agreement is NaN (nothing compared), not a crash

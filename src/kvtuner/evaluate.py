@@ -88,6 +88,8 @@ class QualityReport:
     # per text window: mean NLL (nats/token) with the plan minus with full precision; their spread
     # is the noise floor of the PPL comparison (one window's PPL moves by percents on its own)
     window_nll_delta: list[float] = field(default_factory=list)
+    # per text window: mean KL(full || quantized), so that two plans can be compared window by window
+    window_kl: list[float] = field(default_factory=list)
 
     def ppl_delta_interval(self, z: float = 2.0) -> tuple[float, float]:
         """PPL ratio - 1 at mean(window deltas) -/+ ``z`` standard errors (windows as samples)."""
@@ -96,6 +98,17 @@ class QualityReport:
             raise ValueError(f"{len(d)} windows is invalid for an interval; allowed: at least 2")
         half = z * d.std().item() / math.sqrt(len(d))
         return math.expm1(d.mean().item() - half), math.expm1(d.mean().item() + half)
+
+    def kl_ratio_interval(self, other: QualityReport, z: float = 2.0) -> tuple[float, float, float]:
+        """KL of this report over ``other``'s, window by window (the same windows): the geometric mean
+        of the per-window ratios and its ``z``-standard-error interval (windows as samples)."""
+        if len(self.window_kl) != len(other.window_kl) or len(self.window_kl) < 2:
+            raise ValueError(f"{len(self.window_kl)} and {len(other.window_kl)} windows are invalid for a paired "
+                             "ratio; allowed: the same count, at least 2")
+        d = torch.tensor(self.window_kl, dtype=torch.float64).clamp_min(1e-12).log() \
+            - torch.tensor(other.window_kl, dtype=torch.float64).clamp_min(1e-12).log()
+        half = z * d.std().item() / math.sqrt(len(d))
+        return math.exp(d.mean().item()), math.exp(d.mean().item() - half), math.exp(d.mean().item() + half)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -185,7 +198,8 @@ class Evaluator:
         win_f = [-lp.gather(1, t.unsqueeze(1)).sum().item() for lp, t in zip(ref.logprobs, targets)]
         nll_q, nll_f = sum(win_q), sum(win_f)
         n = sum(len(t) for t in targets)
-        kl = sum(kl_sum(f, q) for f, q in zip(ref.logprobs, logprobs)) / n
+        win_kl = [kl_sum(f, q) for f, q in zip(ref.logprobs, logprobs)]
+        kl = sum(win_kl) / n
         top1 = sum((f.argmax(-1) == q.argmax(-1)).sum().item() for f, q in zip(ref.logprobs, logprobs)) / n
         same = [torch.equal(a, b) for a, b in zip(ref.generations, generations)]
         prefix = [_common_prefix(a, b) for a, b in zip(ref.generations, generations)]
@@ -198,7 +212,8 @@ class Evaluator:
             generation_agreement=sum(same) / len(same) if same else math.nan,
             generation_prefix=sum(prefix) / len(prefix) if prefix else math.nan,
             passkey=passkey, full_passkey=ref.passkey,
-            window_nll_delta=[(q - f) / len(t) for q, f, t in zip(win_q, win_f, targets)])
+            window_nll_delta=[(q - f) / len(t) for q, f, t in zip(win_q, win_f, targets)],
+            window_kl=[max(0.0, k) / len(t) for k, t in zip(win_kl, targets)])
 
 
 def evaluate(model: Any, tokenizer: Any, plan: KVPlan, texts: str | None = None, **kwargs: Any) -> QualityReport:
