@@ -233,7 +233,7 @@ def profile(model: Any, tokenizer: Any, texts: str | Sequence[str], *, pairs: Se
             raise PlanError(f"mode={m!r} is invalid; allowed: {' or '.join(MODES)}")
     for p in (*pairs, *kl_pairs):
         QuantSpec(p[0]), QuantSpec(p[1])  # validates bits
-    QuantSpec(2, sink_length=sink_length)  # validates the sink
+    sink_spec = QuantSpec(2, sink_length=sink_length)  # validates the sink
     for m in modes:
         probe = QuantSpec(2, m, sink_length=sink_length)
         n_q, _ = probe.split("key", seq_len)
@@ -255,7 +255,7 @@ def profile(model: Any, tokenizer: Any, texts: str | Sequence[str], *, pairs: Se
             rec = records[layer]
             q, k, v, scale, win = rec["q"], rec["k"], rec["v"], rec["scaling"], rec["sliding_window"]
             ref = _attention(q, k, v, scale, first_query, win)
-            sink = QuantSpec(2, sink_length=sink_length).kept_sink(sliding=bool(win))  # the cache's rule
+            sink = sink_spec.kept_sink(sliding=bool(win))  # the cache's rule
             for m in modes:
                 k_hat = {b: _simulate(k, b, m, "key", rotation, sink) for b in bits}
                 v_hat = {b: _simulate(v, b, m, "value", rotation, sink) for b in bits}

@@ -847,7 +847,7 @@ def default_block_n(kbits: int, vbits: int, block_d: int, key_group: int | None,
     (KIVI G = 32, the plans' default) at head_dim <= 128: 128-token tiles over several groups
     (the ``"groups"`` table entry's ``block_n``; without one, 64 for 8-bit keys, whose 128-token
     tile spilled, else 128). H100, 64 x 4k, graph µs: K4V2 351 -> 213, K2V2 361 -> 213, K4V4 348
-    -> 264, K8V8 573 -> 336 against one group per tile (benchmarks/results/kernel_experiments_h100.md,
+    -> 264, K8V8 573 -> 317 against one group per tile (benchmarks/results/kernel_experiments_h100.md,
     session 14). Otherwise one key group per tile (at least 32 tokens), or 64.
     """
     if value_block:
@@ -1028,8 +1028,8 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
         kc = ks = kz = vc = vs = vz = None
         kbits = vbits = 8
         k_per_channel, gk_eff, gv_eff, vt, kwords = True, 32, block_d, 0, False
-    if block_n is None:
-        block_n = default_block_n(kbits, vbits, block_d, gk_eff if k_per_channel else None, vt)
+    if block_n is None:  # an empty history runs only the residual split: its placeholder bits/group pick no entry
+        block_n = default_block_n(kbits, vbits, block_d, gk_eff if k_per_channel else None, vt) if n_q else gk_eff
     if k_per_channel and block_n % gk_eff and gk_eff % block_n:
         raise ValueError(f"block_n={block_n} is invalid; allowed: a multiple or divisor of the key group {gk_eff}")
     if vt and block_n != vt:
