@@ -400,7 +400,7 @@ gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (CI has none; run th
 
 GPU_MATRIX = ([(128, 4, k, v) for k in (2, 4, 8) for v in (2, 4, 8)]  # every pair at the common shape
               + [(d, g, k, v) for d in (64, 256) for g in (1, 8) for k, v in ((2, 2), (4, 2), (8, 4), (8, 8))]
-              + [(d, 4, k, v) for d in (64, 128) for k, v in ((3, 3), (4, 3), (3, 2), (6, 4), (6, 6))])
+              + [(d, 4, k, v) for d in (64, 128) for k, v in ((3, 3), (4, 3), (3, 2), (2, 3), (6, 4), (6, 6))])
 # values in token blocks (what the cache stores on the GPU for KIVI values of 2-4 bits)
 GPU_BLOCKED = [(d, g, k, v) for d in (64, 128, 256) for g in (1, 4, 8) for k, v in ((4, 2), (2, 2), (4, 4), (4, 3))] \
     + [(128, 4, k, v) for k, v in ((3, 3), (3, 2), (8, 4), (8, 3), (3, 4), (6, 4), (2, 3))]
