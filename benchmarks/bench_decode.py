@@ -12,7 +12,9 @@ is busy and how much is attention.
 
 Configurations: bf16 DynamicCache, KIVI KV8, KV4, K4V2 and KVTuner's published 3.25-bit
 Llama-3.1-8B KIVI plan (KVTuner-C3.25: K8V4 {13,17}; KV4 {1-3,7,29,31}; K4V2 {5,6,8-12,14-16,
-18-24,26,28,30}; KV2 {0,4,25,27}); no search was run on a real Llama here.
+18-24,26,28,30}; KV2 {0,4,25,27}); no search was run on a real Llama here. ``--plan-file NAME=PATH``
+adds a plan file's per-layer specs (bits, rotation, sink; e.g. a plan ``kvtuner tune`` searched for
+SmolLM2) transplanted onto this shape, which needs ``--layers`` equal to its layer count.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 import time
 
 import torch
@@ -37,6 +40,21 @@ def plans(n: int) -> dict[str, KVPlan | None]:
     c325 = KVPlan.from_pairs([C325.get(i, (4, 2)) for i in range(n)], "kivi")
     return {"bf16": None, "KV8": KVPlan.uniform(n, 8, 8, "kivi"), "KV4": KVPlan.uniform(n, 4, 4, "kivi"),
             "K4V2": KVPlan.uniform(n, 4, 2, "kivi"), f"C{c325.equivalent_bits:.2f}": c325}
+
+
+def plan_files(items: list[str], layers: int) -> dict[str, KVPlan]:
+    """``NAME=PATH`` plan files, their layer specs without the model fingerprint of the model they were
+    searched for (speed depends on the bits, rotation and sink of each layer, not on that model)."""
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not (sep and name and path):
+            raise SystemExit(f"--plan-file {item!r} is invalid; allowed: NAME=PATH")
+        plan = KVPlan.load(path)
+        if plan.num_layers != layers:
+            raise SystemExit(f"--plan-file {path}: {plan.num_layers} layers; allowed: --layers {plan.num_layers}")
+        out[name] = KVPlan(plan.layers, model_id=plan.model_id, provenance=plan.provenance)
+    return out
 
 
 def build(layers: int) -> LlamaForCausalLM:
@@ -59,12 +77,16 @@ def fill(model, plan: KVPlan | None, batch: int, ctx: int, reserve: int, static:
     else:
         cache = DynamicCache(config=cfg)
     g = torch.Generator(device="cuda").manual_seed(0)
-    pos = torch.arange(ctx, device="cuda")
+    # quantized plans take the context in chunks: a rotated layer's write holds fp32 copies of its
+    # chunk, which at the largest batches made one 4096-token write run out of memory
+    chunk = ctx if plan is None else min(ctx, 1024)
     for layer in range(cfg.num_hidden_layers):
-        k = torch.randn(batch, 8, ctx, 128, device="cuda", dtype=torch.bfloat16, generator=g)
-        v = torch.randn(batch, 8, ctx, 128, device="cuda", dtype=torch.bfloat16, generator=g)
-        cache.update(k, v, layer, {"cache_position": pos})
-        del k, v
+        for start in range(0, ctx, chunk):
+            n = min(chunk, ctx - start)
+            k = torch.randn(batch, 8, n, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+            v = torch.randn(batch, 8, n, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+            cache.update(k, v, layer, {"cache_position": torch.arange(start, start + n, device="cuda")})
+            del k, v
     return cache
 
 
@@ -226,6 +248,8 @@ def main() -> None:
                     help="graph: decode steps replayed from a CUDA graph (kvtuner.generation.StaticDecoder; bf16 "
                          "on a StaticCache), the faster of graph and eager counts where both run; eager: model(...)"
                          " steps only")
+    ap.add_argument("--plan-file", action="append", default=[], metavar="NAME=PATH",
+                    help="also run this plan file under NAME (repeatable; its layer count must equal --layers)")
     ap.add_argument("--plot", help="only draw the plot from this JSON result file (no GPU needed)")
     ap.add_argument("--cprofile", metavar="CONFIG:BATCH:CONTEXT",
                     help="only profile the Python side of decode steps (cProfile), e.g. C3.25:64:4096")
@@ -241,10 +265,14 @@ def main() -> None:
     weights = torch.cuda.memory_allocated()
     cfg = model.config
     named = plans(args.layers)
+    extra = plan_files(args.plan_file, args.layers)
+    if set(extra) & set(named):
+        raise SystemExit(f"--plan-file names {sorted(set(extra) & set(named))} are taken; allowed: other names")
+    named.update(extra)
     reserve = 2 * args.steps + 16  # eager steps, then graph steps on the same cache
     result = dict(gpu=torch.cuda.get_device_properties(0).name, torch=torch.__version__, triton=triton.__version__,
                   transformers=transformers.__version__, layers=args.layers, steps=args.steps,
-                  budget_gib=args.budget_gib, mode=args.mode, rows=[], sdpa=[], profile=[], agreement={})
+                  budget_gib=args.budget_gib, mode=args.mode, argv=sys.argv[1:], rows=[], sdpa=[], profile=[], agreement={})
     rows = result["rows"]
 
     def kv_bytes(plan, batch, ctx):
@@ -356,7 +384,7 @@ def save(result: dict, args, t_start: float) -> None:
 def report(r: dict, args) -> str:
     lines = [f"# End-to-end decode, Llama-3.1-8B shape ({r['layers']} layers), random bf16 weights", "",
              f"GPU: {r['gpu']}; torch {r['torch']}, triton {r['triton']}, transformers {r['transformers']}. "
-             f"Command: `PYTHONPATH=src python benchmarks/bench_decode.py --out {args.out}` (--steps {r['steps']}, "
+             f"Command: `PYTHONPATH=src python benchmarks/bench_decode.py {' '.join(r.get('argv') or ['--out', args.out])}` (--steps {r['steps']}, "
              f"--budget-gib {r['budget_gib']:g}, --mode {r.get('mode', 'eager')}); {r['seconds']:.0f} s in all. KV "
              "caches filled through Cache.update, then timed one-token greedy decode steps: eager = model(...) per "
              "step (bf16 on a DynamicCache with the fastest SDPA backend measured at B=64, L=4096: "

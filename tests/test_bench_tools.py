@@ -1,0 +1,27 @@
+"""Helpers of the benchmark scripts that decide what they measure (CPU)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvtuner import KVPlan
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+bench_decode = pytest.importorskip("bench_decode")
+
+
+def test_plan_files_transplant_layer_specs(tmp_path):
+    plan = KVPlan.from_pairs([(3, 3), (4, 3)], "kivi")
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=1, head_dim=16, vocab_size=32)
+    path = plan.for_model(cfg).save(tmp_path / "p.json")
+    got = bench_decode.plan_files([f"mine={path}"], 2)["mine"]
+    assert got.layers == plan.layers and not got.model  # the searched model's shape is not imposed
+    with pytest.raises(SystemExit, match="allowed: --layers 2"):
+        bench_decode.plan_files([f"mine={path}"], 32)
+    with pytest.raises(SystemExit, match="NAME=PATH"):
+        bench_decode.plan_files([str(path)], 2)
