@@ -180,13 +180,15 @@ def write_table(path: str, rows: list[dict], command: str) -> None:
             continue  # an earlier sweep measured a faster choice
         entry = {k: x for k, x in r["variant"].items() if k != "block_n"}
         entry.setdefault("maxnreg", None)
-        for small in ("splits_per_sm_small", "maxnreg_small"):  # measured at another shape (ab_decode_variants.py): keep
+        # measured at another shape (ab_decode_variants.py): keep
+        for small in ("splits_per_sm_small", "maxnreg_small", "num_stages_small"):
             if old and old.get(small):
                 entry[small] = old[small]
         table["pairs"][f"{pair[0]},{pair[1]}"] = {**entry, "us_64x4096": round(r["us"], 1)}
     table.update(gpu=torch.cuda.get_device_name(0), triton=triton.__version__, command=command,
                  note="written by benchmarks/sweep_decode_kernel.py; shape Hq=32 Hkv=8 D=128 bf16, KIVI G=128; "
-                      "splits_per_sm_small/maxnreg_small entries come from benchmarks/ab_decode_variants.py at 1x131072")
+                      "splits_per_sm_small/maxnreg_small/num_stages_small entries come from "
+                      "benchmarks/ab_decode_variants.py at 1x131072")
     table["pairs"] = dict(sorted(table["pairs"].items()))
     with open(path, "w") as f:
         json.dump(table, f, indent=1)

@@ -513,6 +513,12 @@ def test_few_long_rows_take_their_own_split_and_register_cap():
     few = dict(zip(triton_decode._GIVEN, triton_decode._launch_choices(4, 3, 128, 128, True, True, given, "tokens")))
     assert (many["maxnreg"], many["splits_per_sm"]) == (entry["maxnreg"], entry["splits_per_sm"])
     assert (few["maxnreg"], few["splits_per_sm"]) == (entry["maxnreg_small"], entry["splits_per_sm_small"])
+    # KV4 at G = 32: 3 stages for many rows, 2 for few long rows (H100: 246 us at 64 x 4k; 3 stages
+    # cost 107 -> 125 us at 1 x 128k)
+    g44 = triton_decode.launch_table()[4, 4, "groups"]
+    many44, few44 = (dict(zip(triton_decode._GIVEN, triton_decode._launch_choices(4, 4, 128, 128, True, small, given,
+                                                                                  "groups"))) for small in (False, True))
+    assert (many44["num_stages"], few44["num_stages"]) == (g44["num_stages"], g44["num_stages_small"]) == (3, 2)
     cpu = dict(zip(triton_decode._GIVEN, triton_decode._launch_choices(4, 3, 128, 128, False, True, given, "tokens")))
     assert cpu["maxnreg"] is None  # no register caps without PTX
     pinned = dict(zip(triton_decode._GIVEN, triton_decode._launch_choices(

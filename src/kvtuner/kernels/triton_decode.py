@@ -878,8 +878,8 @@ def launch_defaults(kbits: int, vbits: int, block_d: int, block_n: int, device: 
 
     The table (measured at D = 128, 128-token tiles) overrides every choice for that tile shape and
     the fold choices for any shape; PTX unpacking stays off where it cannot run. Its
-    ``splits_per_sm_small`` and ``maxnreg_small`` (measured at B = 1, L = 128k) replace ``splits_per_sm``
-    and ``maxnreg`` when there are fewer (batch x KV head) rows than SMs (few long rows need fewer
+    ``splits_per_sm_small``, ``maxnreg_small`` and ``num_stages_small`` (measured at B = 1, L = 128k)
+    replace ``splits_per_sm``, ``maxnreg`` and ``num_stages`` when there are fewer (batch x KV head) rows than SMs (few long rows need fewer
     programs per SM, so a register cap that buys occupancy at B = 64 only adds spills there). ``tokens``: values in token blocks (``quant.to_token_blocks``);
     their own entry if the table has one, else the pair's entry; swap_pv always (without it every
     token-blocked pair was 20-60 % slower: benchmarks/results/kernel_experiments_h100.md, session 11).
@@ -898,7 +898,7 @@ def _launch_defaults(kbits: int, vbits: int, block_d: int, block_n: int, ptx: bo
     out = dict(num_warps=4, num_stages=3 if block_d * block_n <= 128 * 128 else 2,
                swap_qk=False, swap_pv=vbits in (2, 4) or layout == "tokens", asm=ptx,
                fold_k="reg" if kbits == 8 else "plain", fold_v="norm" if vbits == 8 else "reg",
-               maxnreg=None, splits_per_sm=4, splits_per_sm_small=None, maxnreg_small=None,
+               maxnreg=None, splits_per_sm=4, splits_per_sm_small=None, maxnreg_small=None, num_stages_small=None,
                unpack3_k="words" if ptx else "planes", unpack3_v="planes", dq16=True)
     entries = launch_table() if table else {}
     entry = entries.get((kbits, vbits, layout)) or entries.get((kbits, vbits, ""))
@@ -923,6 +923,7 @@ def _launch_choices(kbits: int, vbits: int, block_d: int, block_n: int, ptx: boo
     if small:  # few long rows: their own measured split and register cap
         launch["splits_per_sm"] = launch["splits_per_sm_small"] or launch["splits_per_sm"]
         launch["maxnreg"] = launch["maxnreg_small"] or launch["maxnreg"]
+        launch["num_stages"] = launch["num_stages_small"] or launch["num_stages"]
     launch.update({k: v for k, v in zip(_GIVEN, given) if v is not None})
     for name, allowed in (("fold_k", FOLDS), ("fold_v", FOLDS), ("unpack3_k", UNPACK3), ("unpack3_v", UNPACK3)):
         if launch[name] not in allowed:
