@@ -44,6 +44,15 @@ def test_hadamard_rotation_is_orthonormal_and_preserves_dot_products(dim):
         quant.hadamard(96)
 
 
+def test_rotation_in_row_chunks_matches_one_matmul(monkeypatch):
+    x = torch.randn(3, 2, 37, 64, dtype=torch.bfloat16)[:, :, 5:]  # a non-contiguous view
+    whole = quant.rotate(x)
+    monkeypatch.setattr(quant, "ROTATE_CHUNK", 64 * 10)  # 10 rows per chunk, with a short last chunk
+    chunked = quant.rotate(x)
+    assert chunked.shape == x.shape and chunked.dtype == x.dtype and torch.equal(chunked, whole)
+    assert torch.equal(quant.rotate(x, torch.float32), (x.float() @ quant.hadamard(64)))
+
+
 def test_rotation_spreads_channel_outliers():
     x = torch.randn(4, 256, 64)
     x[..., 3] *= 30  # one outlier channel, as keys have

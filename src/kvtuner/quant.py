@@ -336,10 +336,28 @@ def hadamard(dim: int, device: torch.device | str = "cpu", dtype: torch.dtype = 
     return _HADAMARD[key]
 
 
+ROTATE_CHUNK = 1 << 24  # elements rotated per fp32 matmul (64 MiB per fp32 temporary)
+
+
 def rotate(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``x @ H`` over the last dim, computed in fp32, returned in ``dtype`` (default ``x.dtype``).
-    ``H`` is its own inverse, so the same call rotates back."""
-    return (x.float() @ hadamard(x.shape[-1], x.device)).to(dtype or x.dtype)
+    ``H`` is its own inverse, so the same call rotates back.
+
+    Large inputs go through in chunks of rows (``ROTATE_CHUNK`` elements): the fp32 copy and product
+    of a whole prefill (e.g. 230 sequences x 4,096 tokens of one layer) needed 8 bytes per element on
+    top of the input and output, which ran a benchmark's cache write out of GPU memory."""
+    h = hadamard(x.shape[-1], x.device)
+    out_dtype = dtype or x.dtype
+    d = x.shape[-1]
+    rows = x.numel() // d if d else 0
+    step = max(1, ROTATE_CHUNK // max(d, 1))
+    if rows <= step:
+        return (x.float() @ h).to(out_dtype)
+    flat = x.reshape(rows, d)
+    out = torch.empty(rows, d, dtype=out_dtype, device=x.device)
+    for i in range(0, rows, step):
+        out[i:i + step] = flat[i:i + step].float() @ h
+    return out.view(x.shape)
 
 
 # ---------------------------------------------------------------------- grouping helpers
