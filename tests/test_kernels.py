@@ -460,16 +460,17 @@ def test_launch_table_applies_per_tile_shape():
     assert table, "the committed launch table (src/kvtuner/kernels/launch_table.json) is missing or empty"
     assert {layout for _, _, layout in table} == set(triton_decode.LAYOUTS)
     (kb, vb, layout), entry = next(iter(table.items()))
-    tokens = layout == "tokens"
     cpu = torch.device("cpu")
-    tuned = triton_decode.launch_defaults(kb, vb, 128, 128, cpu, tokens=tokens)
-    rules = triton_decode.launch_defaults(kb, vb, 128, 128, cpu, table=False, tokens=tokens)
+    tuned = triton_decode.launch_defaults(kb, vb, 128, 128, cpu, layout=layout)
+    rules = triton_decode.launch_defaults(kb, vb, 128, 128, cpu, table=False, layout=layout)
     assert set(tuned) == set(rules)  # bookkeeping fields of the table never reach the launch
     assert all(tuned[k] == entry[k] for k in ("fold_k", "fold_v", "num_stages", "splits_per_sm", "swap_pv"))
     assert tuned["asm"] is False and tuned["maxnreg"] is None  # GPU-only choices stay off on the CPU
-    other = triton_decode.launch_defaults(kb, vb, 64, 64, cpu, tokens=tokens)  # another tile: only the folds carry over
+    other = triton_decode.launch_defaults(kb, vb, 64, 64, cpu, layout=layout)  # another tile: only the folds carry over
     assert (other["fold_k"], other["fold_v"]) == (entry["fold_k"], entry["fold_v"])
     assert other["num_stages"] == rules["num_stages"] and other["splits_per_sm"] == rules["splits_per_sm"]
+    with pytest.raises(ValueError, match="layout='blocks' is invalid"):
+        triton_decode.launch_defaults(kb, vb, 128, 128, cpu, layout="blocks")
 
 
 def test_tiles_span_several_short_key_groups():
@@ -489,7 +490,7 @@ def test_tiles_span_several_short_key_groups():
     assert triton_decode.default_block_n(4, 2, 128, 32, value_block=128) == 128
     assert triton_decode.default_block_n(4, 4, 128, None) == 64  # per-token keys
     cpu = torch.device("cpu")
-    grouped = triton_decode.launch_defaults(4, 4, 128, 128, cpu, groups=True)
+    grouped = triton_decode.launch_defaults(4, 4, 128, 128, cpu, layout="groups")
     assert grouped["num_stages"] == table[4, 4, "groups"]["num_stages"] and grouped["dq16"] is True
 
 

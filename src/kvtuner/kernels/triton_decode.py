@@ -859,7 +859,7 @@ def default_block_n(kbits: int, vbits: int, block_d: int, key_group: int | None,
 
 
 def launch_defaults(kbits: int, vbits: int, block_d: int, block_n: int, device: torch.device, *,
-                    table: bool = True, tokens: bool = False, groups: bool = False) -> dict:
+                    table: bool = True, layout: str = "") -> dict:
     """Launch choices per bit pair: rules from the H100 sweeps, then the measured table's entry.
 
     Rules (benchmarks/results/decode_kernel_sweep_h100.md, sweep_fold_h100.md):
@@ -880,15 +880,18 @@ def launch_defaults(kbits: int, vbits: int, block_d: int, block_n: int, device: 
     the fold choices for any shape; PTX unpacking stays off where it cannot run. Its
     ``splits_per_sm_small``, ``maxnreg_small`` and ``num_stages_small`` (measured at B = 1, L = 128k)
     replace ``splits_per_sm``, ``maxnreg`` and ``num_stages`` when there are fewer (batch x KV head) rows than SMs (few long rows need fewer
-    programs per SM, so a register cap that buys occupancy at B = 64 only adds spills there). ``tokens``: values in token blocks (``quant.to_token_blocks``);
+    programs per SM, so a register cap that buys occupancy at B = 64 only adds spills there).
+
+    ``layout`` (one of :data:`LAYOUTS`): ``"tokens"``, values in token blocks (``quant.to_token_blocks``);
     their own entry if the table has one, else the pair's entry; swap_pv always (without it every
     token-blocked pair was 20-60 % slower: benchmarks/results/kernel_experiments_h100.md, session 11).
-    ``groups``: several key groups per tile (:func:`default_block_n`); their own entry if the table
+    ``"groups"``: several key groups per tile (:func:`default_block_n`); their own entry if the table
     has one, else the pair's entry. Tiles of several key groups, and values in several groups per
     token, dequantize in fp16 registers (``dq16``; in fp32: 0-5 % slower with 32-token tiles at
     G = 32, and 128-token tiles spilled).
     """
-    layout = "tokens" if tokens else "groups" if groups else ""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is invalid; allowed: {LAYOUTS}")
     return dict(_launch_defaults(kbits, vbits, block_d, block_n, _ptx_ok(device), table, layout))
 
 
