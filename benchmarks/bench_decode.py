@@ -272,7 +272,8 @@ def main() -> None:
     reserve = 2 * args.steps + 16  # eager steps, then graph steps on the same cache
     result = dict(gpu=torch.cuda.get_device_properties(0).name, torch=torch.__version__, triton=triton.__version__,
                   transformers=transformers.__version__, layers=args.layers, steps=args.steps,
-                  budget_gib=args.budget_gib, mode=args.mode, argv=sys.argv[1:], rows=[], sdpa=[], profile=[], agreement={})
+                  budget_gib=args.budget_gib, mode=args.mode, argv=sys.argv[1:], rows=[], sdpa=[], profile=[],
+                  agreement={})
     rows = result["rows"]
 
     def kv_bytes(plan, batch, ctx):
@@ -384,7 +385,8 @@ def save(result: dict, args, t_start: float) -> None:
 def report(r: dict, args) -> str:
     lines = [f"# End-to-end decode, Llama-3.1-8B shape ({r['layers']} layers), random bf16 weights", "",
              f"GPU: {r['gpu']}; torch {r['torch']}, triton {r['triton']}, transformers {r['transformers']}. "
-             f"Command: `PYTHONPATH=src python benchmarks/bench_decode.py {' '.join(r.get('argv') or ['--out', args.out])}` (--steps {r['steps']}, "
+             "Command: `PYTHONPATH=src python benchmarks/bench_decode.py "
+             f"{' '.join(r.get('argv') or ['--out', args.out])}` (--steps {r['steps']}, "
              f"--budget-gib {r['budget_gib']:g}, --mode {r.get('mode', 'eager')}); {r['seconds']:.0f} s in all. KV "
              "caches filled through Cache.update, then timed one-token greedy decode steps: eager = model(...) per "
              "step (bf16 on a DynamicCache with the fastest SDPA backend measured at B=64, L=4096: "

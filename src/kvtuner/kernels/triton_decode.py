@@ -879,8 +879,9 @@ def launch_defaults(kbits: int, vbits: int, block_d: int, block_n: int, device: 
     The table (measured at D = 128, 128-token tiles) overrides every choice for that tile shape and
     the fold choices for any shape; PTX unpacking stays off where it cannot run. Its
     ``splits_per_sm_small``, ``maxnreg_small`` and ``num_stages_small`` (measured at B = 1, L = 128k)
-    replace ``splits_per_sm``, ``maxnreg`` and ``num_stages`` when there are fewer (batch x KV head) rows than SMs (few long rows need fewer
-    programs per SM, so a register cap that buys occupancy at B = 64 only adds spills there).
+    replace ``splits_per_sm``, ``maxnreg`` and ``num_stages`` when there are fewer (batch x KV head)
+    rows than SMs (few long rows need fewer programs per SM, so a register cap that buys occupancy at
+    B = 64 only adds spills there; KIVI G = 32 KV4 ran 3 stages faster at B = 64, 2 at B = 1).
 
     ``layout`` (one of :data:`LAYOUTS`): ``"tokens"``, values in token blocks (``quant.to_token_blocks``);
     their own entry if the table has one, else the pair's entry; swap_pv always (without it every
