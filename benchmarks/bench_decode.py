@@ -77,8 +77,9 @@ def fill(model, plan: KVPlan | None, batch: int, ctx: int, reserve: int, static:
     else:
         cache = DynamicCache(config=cfg)
     g = torch.Generator(device="cuda").manual_seed(0)
-    # quantized plans take the context in chunks: a rotated layer's write holds fp32 copies of its
-    # chunk, which at the largest batches made one 4096-token write run out of memory
+    # quantized plans take the context in chunks: one 4096-token write per layer ran out of memory at
+    # the largest batches (its fp32 rotation, before quant.rotate worked in row chunks); the results
+    # files were measured with this fill
     chunk = ctx if plan is None else min(ctx, 1024)
     for layer in range(cfg.num_hidden_layers):
         for start in range(0, ctx, chunk):

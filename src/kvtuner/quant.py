@@ -346,11 +346,11 @@ def rotate(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     Large inputs go through in chunks of rows (``ROTATE_CHUNK`` elements): the fp32 copy and product
     of a whole prefill (e.g. 230 sequences x 4,096 tokens of one layer) needed 8 bytes per element on
     top of the input and output, which ran a benchmark's cache write out of GPU memory."""
-    h = hadamard(x.shape[-1], x.device)
-    out_dtype = dtype or x.dtype
     d = x.shape[-1]
-    rows = x.numel() // d if d else 0
-    step = max(1, ROTATE_CHUNK // max(d, 1))
+    h = hadamard(d, x.device)  # raises unless d is a power of two (so d >= 1)
+    out_dtype = dtype or x.dtype
+    rows = x.numel() // d
+    step = max(1, ROTATE_CHUNK // d)
     if rows <= step:
         return (x.float() @ h).to(out_dtype)
     flat = x.reshape(rows, d)
