@@ -914,6 +914,7 @@ def _launch_defaults(kbits: int, vbits: int, block_d: int, block_n: int, ptx: bo
     return out
 
 
+_SMALL = ("splits_per_sm", "maxnreg", "num_stages")  # each may have a "<name>_small" entry for few long rows
 _GIVEN = ("num_warps", "num_stages", "swap_qk", "swap_pv", "asm", "fold_k", "fold_v", "maxnreg", "splits_per_sm",
           "unpack3_k", "unpack3_v", "dq16")
 
@@ -924,10 +925,9 @@ def _launch_choices(kbits: int, vbits: int, block_d: int, block_n: int, ptx: boo
     """The launch choices in ``_GIVEN`` order: the defaults, with the split for few long rows when
     ``small``, overridden by the non-``None`` values of ``given``."""
     launch = dict(_launch_defaults(kbits, vbits, block_d, block_n, ptx, True, layout))
-    if small:  # few long rows: their own measured split and register cap
-        launch["splits_per_sm"] = launch["splits_per_sm_small"] or launch["splits_per_sm"]
-        launch["maxnreg"] = launch["maxnreg_small"] or launch["maxnreg"]
-        launch["num_stages"] = launch["num_stages_small"] or launch["num_stages"]
+    if small:  # few long rows: their own measured split, register cap and stages
+        for name in _SMALL:
+            launch[name] = launch[name + "_small"] or launch[name]
     launch.update({k: v for k, v in zip(_GIVEN, given) if v is not None})
     for name, allowed in (("fold_k", FOLDS), ("fold_v", FOLDS), ("unpack3_k", UNPACK3), ("unpack3_v", UNPACK3)):
         if launch[name] not in allowed:
