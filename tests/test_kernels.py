@@ -505,6 +505,35 @@ def test_decode_tiles_over_key_groups(kbits, vbits, gv, block_n, dq16):
     assert err32 < 5e-3
 
 
+def test_fewer_rows_than_sms_never_exceed_the_program_slots():
+    # H100 at B = 16 (128 rows, 132 SMs): rounding the splits per row up gave per_sm + 1 of them, a
+    # second wave for a few programs (KV4 446 -> 342 us at 16 x 32k with one wave). CPU counts 8 SMs.
+    cpu = torch.device("cpu")
+    tiles = 1000
+    splits, per = triton_decode._splits(6, tiles * 64, 64, cpu, 4)  # 32 slots over 6 rows
+    assert splits == 5 and 6 * splits <= 4 * 8 and splits * per >= tiles * 64
+    assert triton_decode._splits(4, tiles * 64, 64, cpu, 4)[0] == 8  # divides evenly: all 32 slots
+    # rows >= SMs keep rounding up (the launch table's many-row entries were measured that way)
+    assert triton_decode._splits(12, tiles * 64, 64, cpu, 4)[0] == 3
+    assert triton_decode._splits(6, 3 * 64, 64, cpu, 4) == (3, 64)  # never more splits than tiles
+
+
+def test_small_splits_fill_whole_waves_of_programs():
+    # with fewer rows than SMs the split rounds down to per_sm programs per SM; per_sm must then be a
+    # multiple of the programs whose registers fit on an SM, or the rest idle (H100, session 16: K4V4
+    # with 128 registers 130 -> 104 us at 1 x 128k going from 3 to 4, K3V2 with 168 147 -> 109 from 4 to 3)
+    checked = 0
+    for key, entry in triton_decode.launch_table().items():
+        cap = entry.get("maxnreg_small") or entry.get("maxnreg")
+        if cap is None:  # uncapped: the register count is the compiler's, not the table's
+            continue
+        fit = 65536 // (cap * 32 * entry.get("num_warps", 4))
+        per_sm = entry.get("splits_per_sm_small") or entry["splits_per_sm"]
+        assert per_sm % fit == 0, (key, cap, per_sm, fit)
+        checked += 1
+    assert checked >= 25
+
+
 def test_few_long_rows_take_their_own_split_and_register_cap():
     # K4V3 with token-blocked values: a 128-register cap at B = 64, 168 registers for few long rows
     # (H100: 116 -> 99 us at 1 x 128k, and 191 vs 198 us at 64 x 4k with 128)

@@ -801,11 +801,21 @@ def _num_sm(device: torch.device) -> int:
 
 
 def _splits(batch_heads: int, n_q: int, block_n: int, device: torch.device, per_sm: int = 4) -> tuple[int, int]:
-    """(quantized splits, tokens per split): about ``per_sm`` programs per SM, whole tiles per split."""
+    """(quantized splits, tokens per split): about ``per_sm`` programs per SM, whole tiles per split.
+
+    With fewer rows (batch x KV heads) than SMs the split count per row rounds down, so that the
+    programs never exceed ``per_sm`` per SM: rounding up put B = 16 (128 rows on 132 SMs) at
+    ``per_sm + 1`` splits per row, a second wave of programs for the few that did not fit (H100, 16 x
+    32k, G = 128: KV4 443 -> 341 µs, KV2 475 -> 344; benchmarks/results/kernel_experiments_h100.md,
+    session 16). Where a row needs many splits (B = 1) the two roundings differ by one split in about
+    50, which whole tiles absorb. The table's ``splits_per_sm_small`` is therefore the number of
+    programs that fit per SM (4 at 128 registers, 3 at 168) or a multiple of it.
+    """
     tiles = -(-n_q // block_n)
     if tiles == 0:
         return 0, block_n
-    want = max(1, -(-per_sm * _num_sm(device) // batch_heads))
+    slots = per_sm * _num_sm(device)
+    want = max(1, slots // batch_heads if batch_heads < _num_sm(device) else -(-slots // batch_heads))
     per = -(-tiles // min(want, tiles))
     return -(-tiles // per), per * block_n
 
