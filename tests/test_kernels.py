@@ -518,6 +518,18 @@ def test_fewer_rows_than_sms_never_exceed_the_program_slots():
     assert triton_decode._splits(6, 3 * 64, 64, cpu, 4) == (3, 64)  # never more splits than tiles
 
 
+def test_split_count_moves_to_fill_whole_waves():
+    # CPU counts 8 SMs; 3 programs fit per SM -> waves of 24. 12 rows at per_sm 4 ask for 3 splits per
+    # row: 36 programs, 1.5 waves; 2 splits fill one wave (H100, B = 24-96: 5-26 % faster)
+    cpu, tiles = torch.device("cpu"), 1000
+    assert triton_decode._splits(12, tiles * 64, 64, cpu, 4)[0] == 3  # no register cap known: unchanged
+    assert triton_decode._splits(12, tiles * 64, 64, cpu, 4, fit=3)[0] == 2
+    # past 2.5 waves the count stays (moving measured slower at B = 64 and 128)
+    assert triton_decode._splits(40, tiles * 64, 64, cpu, 8, fit=3)[0] == 2
+    # whole tiles decide the count launched: 3 tiles cannot make more than 3 splits
+    assert triton_decode._splits(12, 3 * 64, 64, cpu, 4, fit=3)[0] <= 3
+
+
 def test_small_splits_fill_whole_waves_of_programs():
     # with fewer rows than SMs the split rounds down to per_sm programs per SM; per_sm must then be a
     # multiple of the programs whose registers fit on an SM, or the rest idle (H100, session 16: K4V4

@@ -800,7 +800,8 @@ def _num_sm(device: torch.device) -> int:
     return _num_sm_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _splits(batch_heads: int, n_q: int, block_n: int, device: torch.device, per_sm: int = 4) -> tuple[int, int]:
+def _splits(batch_heads: int, n_q: int, block_n: int, device: torch.device, per_sm: int = 4,
+            fit: int | None = None) -> tuple[int, int]:
     """(quantized splits, tokens per split): about ``per_sm`` programs per SM, whole tiles per split.
 
     With fewer rows (batch x KV heads) than SMs the split count per row rounds down, so that the
@@ -810,14 +811,42 @@ def _splits(batch_heads: int, n_q: int, block_n: int, device: torch.device, per_
     session 16). Where a row needs many splits (B = 1) the two roundings differ by one split in about
     50, which whole tiles absorb. The table's ``splits_per_sm_small`` is therefore the number of
     programs that fit per SM (4 at 128 registers, 3 at 168) or a multiple of it.
+
+    With as many rows as SMs or more, ``fit`` (programs per SM under the launch's register cap) lets
+    :func:`_whole_waves` move the count to one that fills whole waves: the many-row splits were
+    measured at B = 64 and left a partial last wave at other batch sizes.
     """
     tiles = -(-n_q // block_n)
     if tiles == 0:
         return 0, block_n
-    slots = per_sm * _num_sm(device)
-    want = max(1, slots // batch_heads if batch_heads < _num_sm(device) else -(-slots // batch_heads))
+    sms = _num_sm(device)
+    slots = per_sm * sms
+    want = max(1, slots // batch_heads if batch_heads < sms else -(-slots // batch_heads))
+    if fit and batch_heads >= sms:  # programs that fit per SM known: prefer a count that fills whole waves
+        want = _whole_waves(batch_heads, tiles, want, fit * sms)
     per = -(-tiles // min(want, tiles))
     return -(-tiles // per), per * block_n
+
+
+def _whole_waves(rows: int, tiles: int, want: int, slots: int) -> int:
+    """The split count per row near ``want`` whose programs fill whole waves of ``slots`` best.
+
+    Time per row ~ waves x tokens per split ~ ceil(rows x s / slots) / s. A count moves only when
+    that is 3 % better, and then to the best count up to ``2 want + 1`` (the nearest to ``want`` on
+    ties): the table's splits were measured with ``want``, which the model cannot rank among equals.
+    Only up to 2.5 waves: with more, moving measured 1-7 % slower (H100, B = 64 and 128 at G = 32),
+    and from 1 to 2.5 waves 5-26 % faster (B = 24-96; kernel_experiments_h100.md, session 16).
+    """
+    def count(s: int) -> int:  # whole tiles per split: the split count really launched
+        return -(-tiles // -(-tiles // s))
+
+    def cost(s: int) -> float:
+        return -(-rows * count(s) // slots) / count(s)
+
+    if rows * count(want) > 2.5 * slots:
+        return want
+    best = min(range(1, min(2 * want + 1, tiles) + 1), key=lambda s: (cost(s), abs(s - want)))
+    return best if cost(best) < 0.97 * cost(want) else want
 
 
 def _ptx_ok(device: torch.device) -> bool:
@@ -1055,7 +1084,8 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
     (num_warps, num_stages, swap_qk, swap_pv, asm, fold_k, fold_v, maxnreg, splits_per_sm, unpack3_k,
      unpack3_v, dq16) = _launch_choices(kbits, vbits, block_d, block_n, ptx, b * hkv < _num_sm(q.device), given,
                                         "tokens" if vt else "groups" if k_per_channel and block_n > gk_eff else "")
-    n_split_q, per_split = _splits(b * hkv, n_q, block_n, q.device, splits_per_sm)
+    fit = 65536 // (maxnreg * 32 * num_warps) if maxnreg else None  # programs per SM under the register cap
+    n_split_q, per_split = _splits(b * hkv, n_q, block_n, q.device, splits_per_sm, fit)
     num_splits = n_split_q + 1
     rows = b * hq * num_splits
     partial = torch.empty(rows * (block_d + 2), device=q.device, dtype=torch.float32)  # one allocation
