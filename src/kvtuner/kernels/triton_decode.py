@@ -828,6 +828,7 @@ def _splits(batch_heads: int, n_q: int, block_n: int, device: torch.device, per_
     return -(-tiles // per), per * block_n
 
 
+@functools.lru_cache(maxsize=4096)  # on the decode path per layer and step; its arguments change per tile
 def _whole_waves(rows: int, tiles: int, want: int, slots: int) -> int:
     """The split count per row near ``want`` whose programs fill whole waves of ``slots`` best.
 
