@@ -1085,7 +1085,9 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
     (num_warps, num_stages, swap_qk, swap_pv, asm, fold_k, fold_v, maxnreg, splits_per_sm, unpack3_k,
      unpack3_v, dq16) = _launch_choices(kbits, vbits, block_d, block_n, ptx, b * hkv < _num_sm(q.device), given,
                                         "tokens" if vt else "groups" if k_per_channel and block_n > gk_eff else "")
-    fit = 65536 // (maxnreg * 32 * num_warps) if maxnreg else None  # programs per SM under the register cap
+    # programs per SM under the register cap (65,536 registers per SM); shared memory is not counted: every
+    # capped table entry was register-bound (e.g. KV8 at 168 registers and 72 KB: 3 programs either way)
+    fit = 65536 // (maxnreg * 32 * num_warps) if maxnreg else None
     n_split_q, per_split = _splits(b * hkv, n_q, block_n, q.device, splits_per_sm, fit)
     num_splits = n_split_q + 1
     rows = b * hq * num_splits
