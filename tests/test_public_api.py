@@ -10,7 +10,7 @@ def test_public_names():
     assert sorted(kvtuner.__all__) == sorted([
         "Evaluator", "KVPlan", "LayerSpec", "MixedPrecisionCache", "ModelDims", "PlanError", "QualityReport",
         "QuantSpec", "QuantizedKVLayer", "SensitivityTable", "__version__", "default_texts", "evaluate", "load_model",
-        "perplexity", "profile", "get_backend", "set_backend", "greedy_generate", "StaticDecoder"])
+        "perplexity", "profile", "get_backend", "set_backend", "greedy_generate", "StaticDecoder", "with_cache"])
     for name in kvtuner.__all__:
         assert getattr(kvtuner, name) is not None
 

@@ -16,6 +16,7 @@ _LAZY = {
     "MixedPrecisionCache": "cache",
     "QuantizedKVLayer": "cache",
     "load_model": "models",
+    "with_cache": "models",
     "default_texts": "data",
     "perplexity": "evaluate",
     "evaluate": "evaluate",
@@ -50,6 +51,7 @@ __all__ = [
     "perplexity",
     "profile",
     "set_backend",
+    "with_cache",
 ]
 
 if TYPE_CHECKING:
@@ -59,7 +61,7 @@ if TYPE_CHECKING:
     from .evaluate import Evaluator, QualityReport, evaluate, perplexity
     from .generation import StaticDecoder, greedy_generate
     from .profiling import SensitivityTable, profile
-    from .models import load_model
+    from .models import load_model, with_cache
 
 
 def __getattr__(name: str) -> Any:

@@ -19,7 +19,7 @@ reference path); the fused GPU kernel reads the packed storage directly.
 Example:
     >>> plan = KVPlan.uniform(model.config.num_hidden_layers, 4, 2, mode="kivi")
     >>> cache = MixedPrecisionCache(plan, model.config)
-    >>> out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+    >>> out = model.generate(**inputs, **kvtuner.with_cache(model, cache), max_new_tokens=64)
     >>> cache.nbytes()
 """
 

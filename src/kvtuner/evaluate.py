@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from .models import with_cache
 from .spec import KVPlan
 
 
@@ -42,7 +43,7 @@ def stream_logits(model: Any, input_ids: torch.Tensor, plan: KVPlan | None, *, p
     bounds = [0, *range(min(n, prefill), n, chunk_size), n]
     out = []
     for start, stop in zip(bounds[:-1], bounds[1:]):
-        out.append(model(ids[:, start:stop], past_key_values=cache, use_cache=True).logits[0])
+        out.append(model(ids[:, start:stop], **with_cache(model, cache), use_cache=True).logits[0])
         if on_step is not None:
             on_step()
     return torch.cat(out)
@@ -171,13 +172,13 @@ class Evaluator:
             logprobs.append(torch.log_softmax(logits[self.prefill - 1:].float(), -1))
         generations = []
         for prompt in self.prompts:
-            out = model.generate(prompt.to(model.device), past_key_values=make_cache(model, plan),
+            out = model.generate(prompt.to(model.device), **with_cache(model, make_cache(model, plan)),
                                  max_new_tokens=self.new_tokens, do_sample=False, min_new_tokens=self.new_tokens)
             generations.append(out[0, prompt.shape[1]:].cpu())
             bar.update(1)
         hits: dict[int, list[bool]] = {}
         for length, ids, answer in self.passkeys:
-            out = model.generate(ids.to(model.device), past_key_values=make_cache(model, plan), max_new_tokens=8,
+            out = model.generate(ids.to(model.device), **with_cache(model, make_cache(model, plan)), max_new_tokens=8,
                                  do_sample=False)
             text = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
             hits.setdefault(length, []).append(answer in text)

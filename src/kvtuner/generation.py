@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from .models import with_cache
+
 
 @dataclass
 class _Step:
@@ -84,7 +86,7 @@ class StaticDecoder:
     def _forward(self) -> None:
         io = self.io
         logits = self.model(input_ids=io.ids, attention_mask=io.attention_mask, position_ids=io.position_ids,
-                            past_key_values=self.cache, cache_position=io.cache_position, use_cache=True).logits
+                            **with_cache(self.model, self.cache), cache_position=io.cache_position, use_cache=True).logits
         io.ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
         io.position_ids.add_(1)
         io.cache_position.add_(1)
@@ -106,7 +108,7 @@ def greedy_generate(model: Any, input_ids: torch.Tensor, cache: Any, max_new_tok
     """Greedy continuation of ``input_ids`` ``[B, P]``: returns the new tokens ``[B, max_new_tokens]``.
 
     Args:
-        model: a transformers causal LM whose forward accepts ``past_key_values``,
+        model: a transformers causal LM whose forward accepts a cache (``cache`` or ``past_key_values``),
             ``position_ids`` and ``cache_position``.
         cache: an empty :class:`~kvtuner.cache.MixedPrecisionCache` (made static after the prefill)
             or a transformers ``StaticCache`` with room for ``P + max_new_tokens`` tokens.
@@ -126,7 +128,7 @@ def greedy_generate(model: Any, input_ids: torch.Tensor, cache: Any, max_new_tok
     b, p = input_ids.shape
     with torch.inference_mode():
         pos = _positions(attention_mask, b, p, device)
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, past_key_values=cache,
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, **with_cache(model, cache),
                     cache_position=torch.arange(p, device=device), use_cache=True, logits_to_keep=1)
         tokens = torch.empty(b, max_new_tokens, dtype=torch.long, device=device)
         tokens[:, 0] = out.logits[:, -1].argmax(-1)

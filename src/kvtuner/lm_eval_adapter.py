@@ -30,16 +30,17 @@ def kvtuner_lm(model: Any, tokenizer: Any, plan: KVPlan | None, **hflm_kwargs: A
     """An lm-eval ``HFLM`` that evaluates ``model`` with ``plan``'s cache (None: full precision)."""
     HFLM = _require_lm_eval()
     from .evaluate import make_cache
+    from .models import with_cache
 
     class KVTunerLM(HFLM):
         def _model_call(self, inps, attn_mask=None, labels=None):
             import torch
 
             with torch.no_grad():
-                return self.model(inps, past_key_values=make_cache(self.model, plan), use_cache=True).logits
+                return self.model(inps, **with_cache(self.model, make_cache(self.model, plan)), use_cache=True).logits
 
         def _model_generate(self, context, max_length, stop, **generation_kwargs):
-            generation_kwargs["past_key_values"] = make_cache(self.model, plan)
+            generation_kwargs.update(with_cache(self.model, make_cache(self.model, plan)))
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
     if plan is not None:

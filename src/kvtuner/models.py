@@ -3,7 +3,9 @@ local directories and ``.gguf`` files."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -76,3 +78,23 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: Any = None, device: 
     model.eval().to(device)
     model.kvtuner_model_id = name_or_path
     return model, tokenizer
+
+
+def with_cache(model: Any, cache: Any) -> dict[str, Any]:
+    """The keyword argument that hands ``cache`` to ``model``'s forward and ``generate``: ``cache``
+    where the forward takes it, else ``past_key_values``.
+
+    Why: transformers renamed the argument (5.24 takes ``cache`` and warns that ``past_key_values``
+    goes away from ``forward`` in 5.40 and from ``generate`` in 6.0), while earlier 5.x releases
+    only know ``past_key_values``.
+    """
+    return {_cache_keyword(type(model)): cache}
+
+
+@functools.lru_cache(maxsize=64)
+def _cache_keyword(cls: type) -> str:
+    try:
+        params = inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):  # no introspectable forward: the long-standing name
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"

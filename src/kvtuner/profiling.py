@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .models import with_cache
 from .spec import BITS, MODES, QUANTIZED_BITS, KVPlan, LayerSpec, ModelDims, PlanError, QuantSpec, atomic_write_json
 from .spec import _fail, check_header, read_json
 
@@ -321,7 +322,7 @@ def layer_kl(model: Any, batches: list[torch.Tensor], pairs: Sequence[tuple[int,
                 kl = 0.0
                 for ids, ref in zip(batches, full):
                     logp = torch.log_softmax(
-                        model(ids.to(model.device), past_key_values=make_cache(model, plan)).logits.float(), -1)
+                        model(ids.to(model.device), **with_cache(model, make_cache(model, plan))).logits.float(), -1)
                     kl += kl_sum(ref[0], logp[0]) / ref.shape[1]
                 values.append(max(0.0, kl / len(batches)))  # rounding can dip below 0
                 bar.update(1)

@@ -220,7 +220,7 @@ def generate(plan: Annotated[Path, typer.Option(help="Plan file for the cache.")
     import torch
 
     from ..cache import MixedPrecisionCache
-    from ..models import load_model
+    from ..models import load_model, with_cache
     from ..spec import KVPlan
 
     m, tok = load_model(model)
@@ -229,7 +229,7 @@ def generate(plan: Annotated[Path, typer.Option(help="Plan file for the cache.")
     cache = MixedPrecisionCache(p, m.config)
     ids = tok(prompt, return_tensors="pt").to(device)
     with torch.no_grad():
-        out = m.generate(**ids, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False)
+        out = m.generate(**ids, **with_cache(m, cache), max_new_tokens=max_new_tokens, do_sample=False)
     typer.echo(tok.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True))
     full = KVPlan.uniform(p.num_layers, 16, 16).expected_nbytes(m.config, cache.get_seq_length(),
                                                                 dtype_bytes=torch.finfo(m.dtype).bits // 8)
@@ -250,7 +250,7 @@ def bench(plan: Annotated[Path, typer.Option(help="Plan file to measure.")],
     from transformers import DynamicCache
 
     from ..cache import MixedPrecisionCache
-    from ..models import load_model
+    from ..models import load_model, with_cache
     from ..spec import KVPlan
 
     m, _ = load_model(model)
@@ -261,10 +261,10 @@ def bench(plan: Annotated[Path, typer.Option(help="Plan file to measure.")],
                        (f"plan {p.equivalent_bits:.2f} bits", lambda: MixedPrecisionCache(p, m.config))):
         cache = make()
         with torch.no_grad():
-            logits = m(ids, past_key_values=cache).logits[:, -1:]
+            logits = m(ids, **with_cache(m, cache)).logits[:, -1:]
             t0 = time.perf_counter()
             for _ in range(steps):
-                logits = m(logits.argmax(-1), past_key_values=cache).logits
+                logits = m(logits.argmax(-1), **with_cache(m, cache)).logits
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             dt = (time.perf_counter() - t0) / steps
