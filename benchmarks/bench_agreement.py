@@ -28,7 +28,7 @@ from bench_decode import agreement  # noqa: E402
 from bench_heldout import parse_plan  # noqa: E402
 
 import kvtuner  # noqa: E402
-from kvtuner import load_model, set_backend  # noqa: E402
+from kvtuner import load_model, set_backend, with_cache  # noqa: E402
 from kvtuner.data import default_texts  # noqa: E402
 
 
@@ -39,7 +39,7 @@ def graph_agreement(model, plan, ids: torch.Tensor, new_tokens: int, pad_token_i
 
     from kvtuner import MixedPrecisionCache, greedy_generate
 
-    ref = model.generate(ids, past_key_values=DynamicCache(config=model.config), max_new_tokens=new_tokens,
+    ref = model.generate(ids, **with_cache(model, DynamicCache(config=model.config)), max_new_tokens=new_tokens,
                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_token_id,
                          attention_mask=torch.ones_like(ids))[:, ids.shape[1]:]
     got = greedy_generate(model, ids, MixedPrecisionCache(plan, model.config), new_tokens)

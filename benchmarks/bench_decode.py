@@ -30,7 +30,7 @@ import transformers
 import triton
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
-from kvtuner import KVPlan, MixedPrecisionCache
+from kvtuner import KVPlan, MixedPrecisionCache, with_cache
 from kvtuner.generation import StaticDecoder
 
 C325 = {13: (8, 4), 17: (8, 4), **{i: (4, 4) for i in (1, 2, 3, 7, 29, 31)}, **{i: (2, 2) for i in (0, 4, 25, 27)}}
@@ -119,7 +119,7 @@ def sdpa_context(backend: str | None):
 def greedy_steps(model, cache, tok: torch.Tensor, steps: int) -> torch.Tensor:
     """``steps`` one-token greedy decode steps through ``model(...)``; returns the last token."""
     for _ in range(steps):
-        tok = model(tok, past_key_values=cache).logits[:, -1:].argmax(-1)
+        tok = model(tok, **with_cache(model, cache)).logits[:, -1:].argmax(-1)
     return tok
 
 
@@ -184,10 +184,10 @@ def agreement(model, plan: KVPlan | None, ids: torch.Tensor, new_tokens: int, ba
     prompts, prompt_len = ids.shape
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True,
               output_logits=True, pad_token_id=pad_token_id, attention_mask=torch.ones_like(ids))
-    ref = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kw)
+    ref = model.generate(ids, **with_cache(model, DynamicCache(config=model.config)), **kw)
     with sdpa_context(backend):
         cache = DynamicCache(config=model.config) if plan is None else MixedPrecisionCache(plan, model.config)
-        got = model.generate(ids, past_key_values=cache, **kw)
+        got = model.generate(ids, **with_cache(model, cache), **kw)
     a, b = ref.sequences[:, prompt_len:], got.sequences[:, prompt_len:]
     same = (a == b).int()
     prefix = same.cumprod(dim=1).sum(dim=1)  # tokens until the first difference

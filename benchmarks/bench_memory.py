@@ -21,7 +21,7 @@ import transformers
 from transformers import DynamicCache
 
 import kvtuner
-from kvtuner import KVPlan, MixedPrecisionCache, load_model
+from kvtuner import KVPlan, MixedPrecisionCache, load_model, with_cache
 from kvtuner.data import default_texts, token_ids
 
 PAIRS = [(8, 8), (8, 4), (4, 4), (4, 2), (2, 2)]
@@ -34,9 +34,9 @@ def dynamic_nbytes(cache: DynamicCache) -> int:
 
 @torch.no_grad()
 def fill(model, ids: torch.Tensor, cache, decode_steps: int):
-    model(ids[:, :-decode_steps], past_key_values=cache)
+    model(ids[:, :-decode_steps], **with_cache(model, cache))
     for i in range(ids.shape[1] - decode_steps, ids.shape[1]):
-        model(ids[:, i:i + 1], past_key_values=cache)
+        model(ids[:, i:i + 1], **with_cache(model, cache))
     return cache
 
 

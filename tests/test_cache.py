@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig
 
-from kvtuner import KVPlan, MixedPrecisionCache, PlanError, quant
+from kvtuner import KVPlan, MixedPrecisionCache, PlanError, quant, with_cache
 from kvtuner.testing import tiny_model
 
 MODELS = [("llama", 2), ("qwen2", 2), ("gemma3", 2), ("llama", 1)]  # (arch, kv heads): GQA and MQA
@@ -18,12 +18,12 @@ def _ids(batch=2, length=40, seed=0):
 
 def _decode_logits(model, cache, ids, mask, steps=32):
     """Prefill, then greedy-decode `steps` tokens one at a time; return every step's logits."""
-    out = model(ids, attention_mask=mask, past_key_values=cache)
+    out = model(ids, attention_mask=mask, **with_cache(model, cache))
     logits = [out.logits]
     for _ in range(steps):
         nxt = out.logits[:, -1:].argmax(-1)
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-        out = model(nxt, attention_mask=mask, past_key_values=cache)
+        out = model(nxt, attention_mask=mask, **with_cache(model, cache))
         logits.append(out.logits)
     return logits
 
@@ -45,7 +45,7 @@ def test_sixteen_bit_beam_search_matches_dynamic_cache():
     ids = _ids(batch=2, length=20)
     kw = dict(max_new_tokens=12, num_beams=3, do_sample=False)
     ref = model.generate(ids, **kw)
-    got = model.generate(ids, past_key_values=MixedPrecisionCache(KVPlan.uniform(4, 16, 16), model.config), **kw)
+    got = model.generate(ids, **with_cache(model, MixedPrecisionCache(KVPlan.uniform(4, 16, 16), model.config)), **kw)
     assert torch.equal(ref, got)
 
 
@@ -66,7 +66,7 @@ def test_generate_runs_with_quantized_plans(arch, plan_name, sampling):
     mask = torch.ones_like(ids)
     mask[1, :9] = 0
     cache = MixedPrecisionCache(PLANS[plan_name](4), model.config)
-    out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=30, do_sample=sampling,
+    out = model.generate(ids, attention_mask=mask, **with_cache(model, cache), max_new_tokens=30, do_sample=sampling,
                          top_k=5 if sampling else None)
     assert out.shape == (2, 80)
     assert cache.get_seq_length() == 79  # the last generated token is never fed back
@@ -77,7 +77,7 @@ def test_generate_runs_with_quantized_plans(arch, plan_name, sampling):
 def test_quantized_greedy_beam_search_runs():
     model = tiny_model("llama")
     cache = MixedPrecisionCache(PLANS["kivi-mixed"](4), model.config)
-    out = model.generate(_ids(length=30), past_key_values=cache, max_new_tokens=20, num_beams=2, do_sample=False)
+    out = model.generate(_ids(length=30), **with_cache(model, cache), max_new_tokens=20, num_beams=2, do_sample=False)
     assert out.shape == (2, 50)
 
 
@@ -200,7 +200,7 @@ def test_sliding_layers_stay_bounded():
     model = tiny_model("gemma3", sliding_window=16)
     plan = KVPlan.uniform(4, 4, 4, "kivi", group_size=8, residual_length=8)
     cache = MixedPrecisionCache(plan, model.config)
-    model.generate(_ids(length=60), past_key_values=cache, max_new_tokens=60, do_sample=False)
+    model.generate(_ids(length=60), **with_cache(model, cache), max_new_tokens=60, do_sample=False)
     sliding = [layer for layer in cache.layers if layer.is_sliding]
     full = [layer for layer in cache.layers if not layer.is_sliding]
     for layer in sliding:
@@ -220,11 +220,11 @@ def test_wrong_model_is_a_clear_error():
     big = tiny_model("llama", layers=4)
     cache = MixedPrecisionCache(KVPlan.uniform(2, 4, 4), small.config)
     with pytest.raises(PlanError, match="layer_idx=2 is outside this cache"):
-        big(_ids(), past_key_values=cache)
+        big(_ids(), **with_cache(big, cache))
     other = tiny_model("llama", layers=2, kv_heads=1)
     cache = MixedPrecisionCache(KVPlan.uniform(2, 4, 4), small.config)
     with pytest.raises(ValueError, match=r"does not fit this cache; allowed: \[batch, 2, tokens, 32\]"):
-        other(_ids(), past_key_values=cache)
+        other(_ids(), **with_cache(other, cache))
     assert cache.get_seq_length() == 0 and cache.nbytes() == 0  # nothing half-stored
 
 
@@ -240,7 +240,7 @@ def test_plan_file_path_is_accepted(tmp_path):
     path = KVPlan.uniform(4, 8, 4).save(tmp_path / "p.json")
     model = tiny_model("llama")
     cache = MixedPrecisionCache.from_plan(model.config, path)
-    model(_ids(), past_key_values=cache)
+    model(_ids(), **with_cache(model, cache))
     assert cache.get_seq_length() == 40 and "MixedPrecisionCache(4 layers" in repr(cache)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvtuner import KVPlan, MixedPrecisionCache, PlanError
+from kvtuner import KVPlan, MixedPrecisionCache, PlanError, with_cache
 from kvtuner.generation import greedy_generate
 from kvtuner.spec import LayerSpec, QuantSpec
 from kvtuner.testing import tiny_model
@@ -36,14 +36,14 @@ def _eager_tokens(model, plan, ids, mask, new):
     pos = (mask.long().cumsum(-1) - 1).clamp_min(0) if mask is not None else None
     out = []
     with torch.no_grad():
-        logits = model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache).logits[:, -1]
+        logits = model(ids, attention_mask=mask, position_ids=pos, **with_cache(model, cache)).logits[:, -1]
         out.append(logits.argmax(-1))
         full = mask
         for _ in range(new - 1):
             if full is not None:
                 full = torch.cat([full, torch.ones_like(full[:, :1])], 1)
             pos = pos[:, -1:] + 1 if pos is not None else None
-            logits = model(out[-1][:, None], attention_mask=full, position_ids=pos, past_key_values=cache).logits
+            logits = model(out[-1][:, None], attention_mask=full, position_ids=pos, **with_cache(model, cache)).logits
             out.append(logits[:, -1].argmax(-1))
     return torch.stack(out, 1), cache
 

@@ -28,7 +28,7 @@ if not CUDA:
                     allow_module_level=True)
 
 import kvtuner  # noqa: E402
-from kvtuner import KVPlan, MixedPrecisionCache, quant  # noqa: E402
+from kvtuner import KVPlan, MixedPrecisionCache, quant, with_cache  # noqa: E402
 from kvtuner.attention import decode_attention as reference  # noqa: E402
 from kvtuner.kernels import triton_decode, triton_quant  # noqa: E402
 from kvtuner.testing import tiny_model  # noqa: E402
@@ -341,11 +341,11 @@ def test_generate_fused_matches_reference_path(k, v, rot, blocks, monkeypatch):
             kvtuner.set_backend(backend)
             cache = MixedPrecisionCache(plan, model.config)
             with torch.no_grad():
-                logits = model(ids, past_key_values=cache).logits[:, -1:]
+                logits = model(ids, **with_cache(model, cache)).logits[:, -1:]
                 steps = [logits]
                 for t in range(12):
                     nxt = steps[-1].argmax(-1)
-                    steps.append(model(nxt, past_key_values=cache).logits)
+                    steps.append(model(nxt, **with_cache(model, cache)).logits)
             outs[backend] = (torch.cat(steps, 1), cache)
     finally:
         kvtuner.set_backend("auto")
@@ -377,12 +377,12 @@ def test_fused_decode_with_sink_tokens_and_padding_matches_reference(k, v, rot):
             cache = MixedPrecisionCache(plan, model.config)
             am, pos = mask, (mask.cumsum(-1) - 1).clamp_min(0)
             with torch.no_grad():
-                steps = [model(ids, attention_mask=am, position_ids=pos, past_key_values=cache).logits[:, -1:]]
+                steps = [model(ids, attention_mask=am, position_ids=pos, **with_cache(model, cache)).logits[:, -1:]]
                 for t in range(6):
                     am = torch.cat([am, torch.ones_like(am[:, :1])], 1)
                     pos = pos[:, -1:] + 1
                     steps.append(model(steps[-1].argmax(-1), attention_mask=am, position_ids=pos,
-                                       past_key_values=cache).logits)
+                                       **with_cache(model, cache)).logits)
             outs[backend] = (torch.cat(steps, 1), cache)
     finally:
         kvtuner.set_backend("auto")

@@ -116,6 +116,17 @@ def test_study_measures_only_plans_within_the_budget(tmp_path):
     assert info["trials_over_budget"] > 0  # the sampler proposed some; none was measured
     assert len(measured) == info["trials_complete"] - info["trials_over_budget"] - info["trials_cached"]
     assert all(p.equivalent_bits <= 3.0 for p in front.points)
+    # every trial carries its budget violation as the sampler's constraint (optuna 5: Trial.set_constraint;
+    # before: constraints_func), under the key the old list format used
+    import optuna
+
+    from kvtuner.search.optuna_backend import open_storage
+
+    study = optuna.load_study(study_name=info["study_name"], storage=open_storage(tmp_path / "s.db"))
+    trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert trials and all(set(t.constraints) == {"0"} for t in trials)
+    assert all(abs(t.constraints["0"] - (t.user_attrs["bits"] - 3.0)) < 1e-9 for t in trials)
+    assert any(t.constraints["0"] > 0 for t in trials) and any(t.constraints["0"] <= 0 for t in trials)
 
 
 WORKER = r"""

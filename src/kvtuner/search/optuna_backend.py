@@ -74,8 +74,11 @@ def run_study(space: SearchSpace, quality: Callable[[KVPlan], float], *, max_bit
     def constraints(trial):
         return [trial.user_attrs.get("bits", 99.0) - max_bits]
 
+    # optuna 5 deprecates constraints_func (removal in 7) for Trial.set_constraint; key "0" is where the
+    # old list format put the one constraint, so studies begun either way read the same
+    per_trial = hasattr(optuna.trial.Trial, "set_constraint")
     sampler = optuna.samplers.NSGAIISampler(population_size=population_size, seed=seed,
-                                            constraints_func=constraints)
+                                            **({} if per_trial else {"constraints_func": constraints}))
     study = optuna.create_study(study_name=study_name, storage=open_storage(storage), sampler=sampler,
                                 directions=["minimize", "minimize"], load_if_exists=True)
     names = [f"group{g}" for g in range(len(space.groups))]
@@ -95,6 +98,8 @@ def run_study(space: SearchSpace, quality: Callable[[KVPlan], float], *, max_bit
         choice = [trial.suggest_int(name, 0, len(space.group_candidates(g)) - 1) for g, name in enumerate(names)]
         plan = space.plan(choice)
         trial.set_user_attr("bits", plan.equivalent_bits)
+        if per_trial:
+            trial.set_constraint("0", plan.equivalent_bits - max_bits)
         trial.set_user_attr("proxy_error", space.proxy_error(choice))
         for done in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             if done.params == trial.params:
