@@ -40,8 +40,10 @@ def open_storage(url: str | os.PathLike[str]):
     import warnings
 
     retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
-    kwargs = ({"heartbeat_stale_trial_callback": retry(max_retry=1)} if retry is not None  # optuna >= 4.9
-              else {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=1)})
+    with warnings.catch_warnings():  # the callback, like heartbeats, is marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        kwargs = ({"heartbeat_stale_trial_callback": retry(max_retry=1)} if retry is not None  # optuna >= 4.9
+                  else {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=1)})
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     for attempt in range(5):
         try:
