@@ -539,7 +539,7 @@ def test_small_splits_fill_whole_waves_of_programs():
         cap = entry.get("maxnreg_small") or entry.get("maxnreg")
         if cap is None:  # uncapped: the register count is the compiler's, not the table's
             continue
-        fit = 65536 // (cap * 32 * entry.get("num_warps", 4))
+        fit = triton_decode.programs_per_sm(cap, entry.get("num_warps", 4))
         per_sm = entry.get("splits_per_sm_small") or entry["splits_per_sm"]
         assert per_sm % fit == 0, (key, cap, per_sm, fit)
         checked += 1
@@ -558,8 +558,9 @@ def test_few_long_rows_take_their_own_split_and_register_cap():
     # KV4 at G = 32: 3 stages for many rows, 2 for few long rows (H100: 246 us at 64 x 4k; 3 stages
     # cost 107 -> 125 us at 1 x 128k)
     g44 = triton_decode.launch_table()[4, 4, "groups"]
-    many44, few44 = (dict(zip(triton_decode._GIVEN, triton_decode._launch_choices(4, 4, 128, 128, True, small, given,
-                                                                                  "groups"))) for small in (False, True))
+    many44, few44 = (dict(zip(triton_decode._GIVEN,
+                              triton_decode._launch_choices(4, 4, 128, 128, True, small, given, "groups")))
+                     for small in (False, True))
     assert (many44["num_stages"], few44["num_stages"]) == (g44["num_stages"], g44["num_stages_small"]) == (3, 2)
     cpu = dict(zip(triton_decode._GIVEN, triton_decode._launch_choices(4, 3, 128, 128, False, True, given, "tokens")))
     assert cpu["maxnreg"] is None  # no register caps without PTX

@@ -72,6 +72,7 @@ class StaticDecoder:
             raise TypeError(f"{type(cache).__name__} cannot be captured; allowed: MixedPrecisionCache or a "
                             "transformers StaticCache")
         self.model, self.cache = model, cache
+        self._cache_arg = with_cache(model, cache)  # the keyword is fixed per model class: decide it once
         b = next_ids.shape[0]
         full_mask = None
         if self.quantized:
@@ -86,7 +87,7 @@ class StaticDecoder:
     def _forward(self) -> None:
         io = self.io
         logits = self.model(input_ids=io.ids, attention_mask=io.attention_mask, position_ids=io.position_ids,
-                            **with_cache(self.model, self.cache), cache_position=io.cache_position, use_cache=True).logits
+                            **self._cache_arg, cache_position=io.cache_position, use_cache=True).logits
         io.ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
         io.position_ids.add_(1)
         io.cache_position.add_(1)

@@ -828,6 +828,14 @@ def _splits(batch_heads: int, n_q: int, block_n: int, device: torch.device, per_
     return -(-tiles // per), per * block_n
 
 
+def programs_per_sm(maxnreg: int, num_warps: int) -> int:
+    """Programs of ``num_warps`` warps capped at ``maxnreg`` registers that fit on an SM (65,536 registers).
+
+    Shared memory is not counted: every capped launch-table entry is register-bound (e.g. KV8 at 168
+    registers and 72 KB: 3 programs either way)."""
+    return 65536 // (maxnreg * 32 * num_warps)
+
+
 @functools.lru_cache(maxsize=4096)  # on the decode path per layer and step; its arguments change per tile
 def _whole_waves(rows: int, tiles: int, want: int, slots: int) -> int:
     """The split count per row near ``want`` whose programs fill whole waves of ``slots`` best.
@@ -1085,9 +1093,7 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
     (num_warps, num_stages, swap_qk, swap_pv, asm, fold_k, fold_v, maxnreg, splits_per_sm, unpack3_k,
      unpack3_v, dq16) = _launch_choices(kbits, vbits, block_d, block_n, ptx, b * hkv < _num_sm(q.device), given,
                                         "tokens" if vt else "groups" if k_per_channel and block_n > gk_eff else "")
-    # programs per SM under the register cap (65,536 registers per SM); shared memory is not counted: every
-    # capped table entry was register-bound (e.g. KV8 at 168 registers and 72 KB: 3 programs either way)
-    fit = 65536 // (maxnreg * 32 * num_warps) if maxnreg else None
+    fit = programs_per_sm(maxnreg, num_warps) if maxnreg else None
     n_split_q, per_split = _splits(b * hkv, n_q, block_n, q.device, splits_per_sm, fit)
     num_splits = n_split_q + 1
     rows = b * hq * num_splits

@@ -40,23 +40,21 @@ def open_storage(url: str | os.PathLike[str]):
     import warnings
 
     retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
-    with warnings.catch_warnings():  # the callback, like heartbeats, is marked experimental
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    with warnings.catch_warnings():  # heartbeats and their retry callback are marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         kwargs = ({"heartbeat_stale_trial_callback": retry(max_retry=1)} if retry is not None  # optuna >= 4.9
                   else {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=1)})
-    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    for attempt in range(5):
-        try:
-            with warnings.catch_warnings():  # heartbeats are marked experimental
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        for attempt in range(5):
+            try:
                 return optuna.storages.RDBStorage(url, heartbeat_interval=5, grace_period=15, engine_kwargs=engine,
                                                   **kwargs)
-        except Exception as e:  # workers starting together race to create the schema; the loser retries
-            if attempt == 4 or "already exists" not in str(e) and "UniqueViolation" not in str(e):
-                raise
-            import time
+            except Exception as e:  # workers starting together race to create the schema; the loser retries
+                if attempt == 4 or "already exists" not in str(e) and "UniqueViolation" not in str(e):
+                    raise
+                import time
 
-            time.sleep(0.5 * (attempt + 1))
+                time.sleep(0.5 * (attempt + 1))
 
 
 def run_study(space: SearchSpace, quality: Callable[[KVPlan], float], *, max_bits: float, n_trials: int,
