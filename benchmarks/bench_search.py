@@ -26,7 +26,7 @@ import kvtuner
 from kvtuner import KVPlan, load_model, profile
 from kvtuner.data import default_texts
 from kvtuner.evaluate import Evaluator
-from kvtuner.profiling import calibration_batches, layer_kl
+from kvtuner.profiling import SensitivityTable, calibration_batches, layer_kl
 from kvtuner.search import search
 from kvtuner.search.objectives import KLObjective
 
@@ -49,6 +49,13 @@ def main() -> None:
                     help="uniform plans evaluated next to the searched ones (k then v bits); with --rotation each "
                          "also rotated")
     ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="equivalent-bit budgets, e.g. 3.25")
+    ap.add_argument("--refine", type=int, default=0, help="measured budget-keeping local-search trials per budget "
+                    "after NSGA-II (search(refine=...))")
+    ap.add_argument("--refine-width", type=int, default=4, help="moves measured per local-search round")
+    ap.add_argument("--objective-windows", type=int, default=2, help="calibration windows (384 prefill + 256 "
+                    "scored tokens each) of the measured KL")
+    ap.add_argument("--table", default="", help="a saved sensitivity table to search instead of profiling "
+                    "(bench_search writes smollm2<tag>.kvtable.json)")
     ap.add_argument("--tag", default="", help="suffix of the result files (search_smollm2<tag>.md, ...)")
     args = ap.parse_args()
     out = Path(args.out_dir)
@@ -58,12 +65,20 @@ def main() -> None:
     t0 = time.perf_counter()
     bits = [int(b) for b in args.bits.split(",")]
     pairs = [(k, v) for k in bits for v in bits]
-    table = profile(model, tok, calib, pairs=pairs, modes=["kivi"], num_sequences=args.sequences, seq_len=512,
-                    model_id="smollm2", rotation=args.rotation, sink_length=args.sink)
-    table.kl = layer_kl(model, calibration_batches(tok, calib, 1, args.kl_seq_len), pairs, ["kivi"],
-                        rotation=args.rotation, sink_length=args.sink)
+    if args.table:
+        table = SensitivityTable.load(args.table, config=model.config)
+        if getattr(table, "rotation", False) != args.rotation or getattr(table, "sink_length", 0) != args.sink:
+            raise SystemExit(f"{args.table} was profiled with rotation={table.rotation}, sink={table.sink_length}; "
+                             "pass the same --rotation/--sink")
+    else:
+        table = profile(model, tok, calib, pairs=pairs, modes=["kivi"], num_sequences=args.sequences, seq_len=512,
+                        model_id="smollm2", rotation=args.rotation, sink_length=args.sink)
+        table.kl = layer_kl(model, calibration_batches(tok, calib, 1, args.kl_seq_len), pairs, ["kivi"],
+                            rotation=args.rotation, sink_length=args.sink)
+        table.save(out / f"smollm2{args.tag}.kvtable.json")
     t_profile = time.perf_counter() - t0
-    windows = calibration_batches(tok, calib, 10, 640)[-2:]  # windows past the profiling tokens
+    # windows past the profiling tokens (the first two as before --objective-windows existed)
+    windows = calibration_batches(tok, calib, 8 + args.objective_windows, 640)[8:]
     objective = KLObjective(model, windows, prefill=384, chunk=16)
     # one-layer KL costs: DBSCAN's eps is in the cost's units, so cluster=False (30 groups; the solver is exact)
     fronts, proxy = {}, search(table, mode="kivi", progress=False, cluster=False)
@@ -71,7 +86,7 @@ def main() -> None:
     for budget in budgets:
         fronts[budget] = search(table, mode="kivi", max_bits=budget, quality=objective, n_trials=args.trials,
                                 storage=args.storage, study_name=f"smollm2-kivi-{budget}{args.tag}", progress=True,
-                                cluster=False)
+                                cluster=False, refine=args.refine, refine_width=args.refine_width)
         fronts[budget].save(out / f"smollm2{args.tag}.front-{budget}.json")
     t_search = time.perf_counter() - t1
     ev = Evaluator(model, tok, passkey_lengths=())
@@ -94,11 +109,16 @@ def main() -> None:
               f"{r['generation_agreement']:.2f} | {r['generation_prefix']:.1f} |" for r in rows]
     solver_at = {b: min((p for p in proxy.points if p.equivalent_bits <= b), key=lambda p: p.proxy_error) for b in budgets}
     info = {b: {k: v for k, v in fronts[b].info.items() if k != "candidates"} for b in budgets}
+    refined = {b: f"; {info[b].get('trials_refine', 0)} local-search trials, measured KL best / start "
+                  f"{info[b].get('refine_gain', 1.0):.3f}" if args.refine else "" for b in budgets}
     summary = [
         "# Search on SmolLM2 (KIVI)", "",
         f"Command: `python benchmarks/bench_search.py --out-dir {args.out_dir} --trials {args.trials} "
         f"--sequences {args.sequences} --kl-seq-len {args.kl_seq_len} --bits {args.bits}"
         f"{' --rotation' if args.rotation else ''}{f' --sink {args.sink}' if args.sink else ''} --baselines {args.baselines}"
+        f"{f' --refine {args.refine} --refine-width {args.refine_width}' if args.refine else ''}"
+        f"{f' --objective-windows {args.objective_windows}' if args.objective_windows != 2 else ''}"
+        f"{' --table ' + args.table if args.table else ''}"
         f"{' --tag=' + args.tag if args.tag else ''}"
         f"{' --budgets ' + args.budgets if budgets != list(BUDGETS) else ''}"
         f"{' --storage ' + args.storage if args.storage != STORAGE else ''}`. "
@@ -108,12 +128,14 @@ def main() -> None:
         f"{f', {args.sink} sink tokens in full precision' if args.sink else ''}, 30 layers, "
         f"{args.sequences} x 512 tokens, + one-layer KL {30 * len(pairs)} runs x "
         f"{args.kl_seq_len} tokens): {t_profile:.0f} s. Search ({len(budgets)} budgets x "
-        f"{args.trials} NSGA-II trials, KL on 2 x 256 calibration tokens): {t_search:.0f} s. "
+        f"{args.trials} NSGA-II trials{f' + {args.refine} local-search trials' if args.refine else ''}, KL on "
+        f"{args.objective_windows} x 256 calibration tokens): {t_search:.0f} s. "
         f"Profile + search: {t_profile + t_search:.0f} s.",
         f"* Layer groups (no clustering with KL costs): {len(proxy.info['groups'])} "
         f"(search space {proxy.info['search_space_size']} plans instead of {len(pairs)}^30).",
         *[f"* Budget {b}: {info[b]['trials_complete']} completed trials ({info[b]['trials_cached']} repeats served "
-          f"from the study, {info[b]['trials_over_budget']} over budget and not measured); measured front {[(round(p.equivalent_bits, 2), round(p.quality, 4)) for p in fronts[b].points]}; "
+          f"from the study, {info[b]['trials_over_budget']} over budget and not measured"
+          f"{refined[b]}); measured front {[(round(p.equivalent_bits, 2), round(p.quality, 4)) for p in fronts[b].points]}; "
           f"solver's proxy optimum at {solver_at[b].equivalent_bits:.2f} bits, chosen plan "
           f"{fronts[b].best(b).pairs}." for b in budgets],
         "", "Held-out evaluation (Evaluator: 2 windows of 384-token prefill + 256 teacher-forced decode steps; "

@@ -210,3 +210,60 @@ def test_kl_objective_is_zero_at_16_bits_and_positive_below():
     assert objective.reference[0].shape[0] == 80 - 48  # one prediction per token after the prefill
     assert objective(KVPlan.uniform(2, 16, 16)) == 0.0
     assert objective(KVPlan.uniform(2, 2, 2, "per_token")) > 0.0
+
+
+def test_budget_moves_are_every_one_and_two_step_neighbour_within_budget():
+    from kvtuner.search import build_space
+    from kvtuner.search.refine import budget_moves
+
+    space = build_space(synthetic_table(), "kivi", cluster=False)
+    sizes = [len(space.group_candidates(g)) for g in range(len(space.groups))]
+    bits = [p.equivalent_bits for p in (space.plan(list(c)) for c in itertools.product(*map(range, sizes)))]
+    assert min(bits) < 3.25 < max(bits)
+    _, _, choice = [f for f in space.solver_frontier() if f[0] <= 3.25][-1]
+    moves = budget_moves(space, choice, 3.25)
+    deltas = [d for d, _ in moves]
+    assert deltas == sorted(deltas)
+    base = space.proxy_error(choice)
+    expected = set()
+    for cand in itertools.product(*map(range, sizes)):
+        diff = [g for g in range(len(sizes)) if cand[g] != choice[g]]
+        one = len(diff) == 1
+        two = len(diff) == 2 and sorted(cand[g] - choice[g] for g in diff) == [-1, 1]
+        if (one or two) and space.plan(list(cand)).equivalent_bits <= 3.25 + 1e-9:
+            expected.add(cand)
+    assert {tuple(c) for _, c in moves} == expected and len(moves) == len(expected)
+    for d, c in moves:
+        assert d == pytest.approx(space.proxy_error(c) - base)
+    assert all(d >= -1e-12 for d in deltas)  # the solver's choice is the proxy optimum within the budget
+
+
+def test_refine_finds_a_better_plan_the_proxy_misses_and_resumes(tmp_path):
+    table = synthetic_table()
+    proxy = _proxy_quality(table)
+    solver_plan = search(table, progress=False, cluster=False).best(3.25)
+    trap = solver_plan.pairs[2]
+    measured = []
+
+    def score(plan):  # the proxy, plus an interaction it cannot see: its optimum's layer-2 pair is bad
+        return proxy(plan) + (1.0 if plan.pairs[2] == trap else 0.0)
+
+    def quality(plan):
+        measured.append(plan)
+        return score(plan)
+
+    kw = dict(max_bits=3.25, quality=quality, n_trials=1, storage=tmp_path / "r.db", cluster=False, progress=False)
+    plain = search(table, **kw, study_name="plain")
+    assert [p.plan.pairs for p in plain.points] == [solver_plan.pairs]  # one trial: the solver's optimum
+    front = search(table, **kw, study_name="refined", refine=12, refine_width=3)
+    info = front.info
+    assert info["trials_refine"] == 12 and info["refine_start"] != info["refine_best"]
+    best = front.best(3.25)
+    assert best.equivalent_bits <= 3.25 and best.pairs[2] != trap
+    assert score(best) < score(solver_plan) and info["refine_gain"] < 1.0
+    assert all(p.equivalent_bits <= 3.25 + 1e-9 for p in measured)
+    assert len({str(p.pairs) for p in measured[1:]}) == len(measured) - 1  # no plan measured twice
+    assert any(p.source.startswith("refine trial") for p in front.points)
+    count = len(measured)
+    again = search(table, **kw, study_name="refined", refine=12, refine_width=3)
+    assert len(measured) == count and again.best(3.25) == best  # the finished study is read, not rerun

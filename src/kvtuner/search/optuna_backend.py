@@ -59,8 +59,10 @@ def open_storage(url: str | os.PathLike[str]):
 
 def run_study(space: SearchSpace, quality: Callable[[KVPlan], float], *, max_bits: float, n_trials: int,
               storage: str | os.PathLike[str], study_name: str, seed: int = 0, warm_start: int = 12,
-              population_size: int = 20, progress: bool = True) -> tuple[list[FrontPoint], dict[str, Any]]:
-    """Run (or continue) a study until it holds ``n_trials`` completed trials; return its points.
+              population_size: int = 20, progress: bool = True, refine: int = 0,
+              refine_width: int = 4) -> tuple[list[FrontPoint], dict[str, Any]]:
+    """Run (or continue) a study until it holds ``n_trials`` completed NSGA-II trials, then up to
+    ``refine`` measured local-search trials (:func:`refine_study`); return its points.
 
     Workers pointed at the same storage and study name share the work. Identical parameter sets
     are measured once: a repeat reuses the stored values.
@@ -112,19 +114,84 @@ def run_study(space: SearchSpace, quality: Callable[[KVPlan], float], *, max_bit
             return space.proxy_error(choice), plan.equivalent_bits
         return quality(plan), plan.equivalent_bits
 
-    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    remaining = max(0, n_trials - done)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    refined = sum(1 for t in complete if "refine_from" in t.user_attrs)
+    remaining = max(0, n_trials - (len(complete) - refined))
     if remaining:
         study.optimize(objective, n_trials=remaining, show_progress_bar=progress,
-                       callbacks=[MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,))])
+                       callbacks=[MaxTrialsCallback(n_trials + refined, states=(TrialState.COMPLETE,))])
+    refine_info = refine_study(study, space, quality, names, max_bits=max_bits, budget=refine, width=refine_width,
+                               progress=progress) if refine else {}
     points = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         if t.user_attrs.get("bits", 99) <= max_bits + 1e-9:
             choice = [t.params[n] for n in names]
+            kind = "refine trial" if "refine_from" in t.user_attrs else "trial"
             points.append(FrontPoint(space.plan(choice, {"trial": t.number}), t.values[1], t.user_attrs["proxy_error"],
-                                     t.values[0], f"trial {t.number}"))
+                                     t.values[0], f"{kind} {t.number}"))
     info = {"study_name": study_name, "trials_complete": len(study.get_trials(states=(TrialState.COMPLETE,))),
             "trials_cached": sum(1 for t in study.trials if "cached_from" in t.user_attrs),
             "trials_over_budget": sum(1 for t in study.trials if t.user_attrs.get("measured") is False),
-            "sampler": "NSGAIISampler", "seed": seed, "population_size": population_size}
+            "sampler": "NSGAIISampler", "seed": seed, "population_size": population_size, **refine_info}
     return points, info
+
+
+def _measured(study, names: list[str], max_bits: float) -> dict[tuple[int, ...], float]:
+    """Measured objective of every distinct plan within the budget."""
+    from optuna.trial import TrialState
+
+    out = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.user_attrs.get("bits", 99.0) <= max_bits + 1e-9 and t.user_attrs.get("measured") is not False:
+            out.setdefault(tuple(t.params[n] for n in names), t.values[0])
+    return out
+
+
+def refine_study(study, space: SearchSpace, quality: Callable[[KVPlan], float], names: list[str], *,
+                 max_bits: float, budget: int, width: int = 4, progress: bool = True) -> dict[str, Any]:
+    """Local search from the best measured plan within ``max_bits``, until the study holds ``budget``
+    refine trials.
+
+    Each round measures the next ``width`` unmeasured :func:`~kvtuner.search.refine.budget_moves` of the
+    current best (best proxy change first); a better measured plan becomes the new centre. Every
+    measurement is stored as a completed trial of the same study (user attribute ``refine_from``), so a
+    rerun resumes where it stopped, other workers read it, and NSGA-II sees it when the study is
+    continued. It stops early when every move of the centre has been measured (a local optimum).
+    """
+    import inspect
+
+    from tqdm.auto import tqdm
+
+    optuna = _optuna()
+    from .refine import budget_moves
+
+    def spent() -> int:
+        return sum(1 for t in study.get_trials(deepcopy=False) if "refine_from" in t.user_attrs)
+
+    measured = _measured(study, names, max_bits)
+    if not measured:
+        return {"trials_refine": 0, "refine_note": "no measured plan within the budget to start from"}
+    dists = {n: optuna.distributions.IntDistribution(0, len(space.group_candidates(g)) - 1)
+             for g, n in enumerate(names)}
+    per_trial = "constraints" in inspect.signature(optuna.trial.create_trial).parameters
+    start = best = min(measured, key=measured.get)
+    bar = tqdm(total=budget, initial=min(budget, spent()), desc=f"refine <= {max_bits:g} bits", disable=not progress)
+    while spent() < budget:
+        batch = [tuple(c) for _, c in budget_moves(space, list(best), max_bits) if tuple(c) not in measured]
+        if not batch:
+            break
+        for choice in batch[:min(width, budget - spent())]:
+            plan = space.plan(list(choice))
+            bits, violation = plan.equivalent_bits, plan.equivalent_bits - max_bits
+            # the budget constraint as the sampler stores it: optuna 5 per trial, before it constraints_func's list
+            constraint = {"constraints": {"0": violation}} if per_trial else {"system_attrs": {"constraints": [violation]}}
+            study.add_trial(optuna.trial.create_trial(
+                params=dict(zip(names, choice)), distributions=dists, values=[quality(plan), bits],
+                user_attrs={"bits": bits, "proxy_error": space.proxy_error(list(choice)), "refine_from": list(best)},
+                **constraint))
+            bar.update()
+        measured = _measured(study, names, max_bits)
+        best = min(measured, key=measured.get)
+    bar.close()
+    return {"trials_refine": spent(), "refine_start": list(start), "refine_best": list(best),
+            "refine_gain": measured[best] / measured[start] if measured[start] else 1.0}
