@@ -67,11 +67,11 @@ def test_tune_end_to_end_on_tiny_model(tiny_dir, tmp_path):
 
 def test_tune_rotation_per_layer(tiny_dir, tmp_path):
     """--rotation per-layer: a plain and a rotated table; the search's candidates hold both kinds.
-    --sink 2: both tables are profiled with two full-precision sink tokens, and the plan keeps them."""
+    --refine 3: three measured local-search trials after NSGA-II. --sink 2: both tables are profiled with two full-precision sink tokens, and the plan keeps them."""
     out = tmp_path / "rot"
     r = _run("tune", "--model", str(tiny_dir), "--out", str(out), "--budget-bits", "3.25", "--trials", "2",
              "--sequences", "1", "--seq-len", "96", "--eval-prefill", "48", "--eval-decode", "16",
-             "--rotation", "per-layer", "--sink", "2", "--quiet")
+             "--rotation", "per-layer", "--sink", "2", "--refine", "3", "--quiet")
     assert r.returncode == 0, r.stderr
     from kvtuner import KVPlan
     from kvtuner.profiling import SensitivityTable
@@ -83,6 +83,7 @@ def test_tune_rotation_per_layer(tiny_dir, tmp_path):
     assert any(len(p) == 3 for c in cands for p in c) and any(len(p) == 2 and p != [16, 16] for c in cands for p in c)
     plan = KVPlan.load(out / "plan-3.25.json")
     assert plan.equivalent_bits <= 3.25 and plan.provenance["rotation"] == "per_layer"
+    assert plan.provenance["refine_trials"] == 3  # measured local-search trials, stored in the study
     assert plan.provenance["sink"] == 2 and {(lay.k.sink_length, lay.v.sink_length) for lay in plan.layers} <= {(2, 2),
                                                                                                         (0, 0)}
     assert any(lay.k.sink_length == 2 for lay in plan.layers)
@@ -95,6 +96,8 @@ def test_tune_rotation_per_layer(tiny_dir, tmp_path):
     (("--budget-bits", "1.5"), "budget-bits=1.5"),
     (("--budget-bits", "17"), "budget-bits=17"),
     (("--sink", "-1"), "sink=-1"),
+    (("--refine", "-1"), "refine=-1"),
+    (("--trials", "0", "--refine", "4"), "refine=4"),
 ])
 def test_tune_user_errors(tmp_path, args, needle):
     r = _run("tune", "--out", str(tmp_path / "o"), *args, timeout=120)

@@ -30,6 +30,8 @@ class TuneSettings:
     seq_len: int = 512
     kl_seq_len: int = 256
     trials: int = 8
+    # measured budget-keeping local-search trials per budget after NSGA-II (search(refine=...))
+    refine: int = 0
     eval_prefill: int = 256
     eval_decode: int = 128
     eval_windows: int = 1
@@ -54,6 +56,12 @@ class TuneSettings:
         for b in self.bits:
             if b not in PLANE_WIDTHS:
                 raise PlanError(f"bits={b} is invalid; allowed: 2, 3, 4, 6 or 8")
+        for name in ("trials", "refine"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise PlanError(f"{name}={value!r} is invalid; allowed: a non-negative number of trials")
+        if self.refine and not self.trials:
+            raise PlanError(f"refine={self.refine} starts from measured trials; allowed: refine=0, or trials > 0")
         if self.mode not in ("kivi", "per_token"):
             raise PlanError(f"mode={self.mode!r} is invalid; allowed: 'kivi' or 'per_token'")
         if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
@@ -156,11 +164,12 @@ def run_tune(model: Any, tokenizer: Any, calibration: str, evaluation: str, out:
         fronts[b] = search(table, mode=s.mode, max_bits=b, quality=objective, n_trials=s.trials, storage=storage,
                            study_name=f"{model_id or 'model'}-{s.mode}-{b:g}{_ROT_TAG[s.rotation]}"
                                       + (f"-sink{s.sink}" if s.sink else ""), seed=s.seed,
-                           progress=progress, cluster=False, rotated=rotated)
+                           progress=progress, cluster=False, rotated=rotated, refine=s.refine)
         plan = fronts[b].best(b)
         plan = KVPlan(plan.layers, model_id=model_id, model=dims.fingerprint(),
                       provenance={"source": "kvtuner tune", "budget_bits": b, "mode": s.mode, "rotation": s.rotation,
-                                  "sink": s.sink, "front_metric": fronts[b].metric})
+                                  "sink": s.sink, "front_metric": fronts[b].metric, "trials": s.trials,
+                                  "refine_trials": fronts[b].info.get("trials_refine", 0)})
         path = plan.save(out / f"plan-{b:g}.json")
         result.plans[b] = path
         result.files.append(path)

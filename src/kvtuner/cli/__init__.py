@@ -28,7 +28,7 @@ ModeOpt = Annotated[str, typer.Option(help="Quantization mode: 'kivi' or 'per_to
 
 
 TUNE_DEFAULTS = dict(model="smollm2", text="pydoc", budget_bits=[3.25, 4.0], mode="kivi", out="kvtuner-out",
-                     storage="", trials=8, seed=0, device="cpu", sequences=4, seq_len=512, eval_prefill=256,
+                     storage="", trials=8, refine=0, seed=0, device="cpu", sequences=4, seq_len=512, eval_prefill=256,
                      eval_decode=128, bits="2,4,8", rotation="off", sink=0)
 
 
@@ -56,6 +56,9 @@ def tune(model: Annotated[str | None, typer.Option(help="'smollm2' (built in), a
          out: Annotated[str | None, typer.Option("--out", "-o", help="Output directory (reused on reruns).")] = None,
          storage: Annotated[str | None, typer.Option(help="Optuna storage URL/path (default: OUT/study.db).")] = None,
          trials: Annotated[int | None, typer.Option(help="NSGA-II trials per budget (0 = solver only).")] = None,
+         refine: Annotated[int | None, typer.Option(
+             help="Measured local-search trials per budget after NSGA-II: single- and paired-layer moves that "
+                  "keep the budget, best proxy first (0: none).")] = None,
          seed: Annotated[int | None, typer.Option(help="Sampler seed.")] = None,
          device: Annotated[str | None, typer.Option(help="'cpu' or 'cuda'.")] = None,
          sequences: Annotated[int | None, typer.Option(help="Calibration windows to profile.")] = None,
@@ -78,8 +81,8 @@ def tune(model: Annotated[str | None, typer.Option(help="'smollm2' (built in), a
     from ..pipeline import TuneSettings, load_config_file, read_texts, run_tune
 
     given = dict(model=model, text=text, budget_bits=budget_bits, mode=mode, out=out, storage=storage, trials=trials,
-                 seed=seed, device=device, sequences=sequences, seq_len=seq_len, eval_prefill=eval_prefill,
-                 eval_decode=eval_decode, bits=bits, rotation=rotation, sink=sink)
+                 refine=refine, seed=seed, device=device, sequences=sequences, seq_len=seq_len,
+                 eval_prefill=eval_prefill, eval_decode=eval_decode, bits=bits, rotation=rotation, sink=sink)
     file_opts = load_config_file(config) if config else {}
     unknown = set(file_opts) - set(TUNE_DEFAULTS)
     if unknown:
@@ -87,7 +90,8 @@ def tune(model: Annotated[str | None, typer.Option(help="'smollm2' (built in), a
     o = {k: (v if v not in (None, []) else file_opts.get(k, TUNE_DEFAULTS[k])) for k, v in given.items()}
     budgets = o["budget_bits"] if isinstance(o["budget_bits"], list) else [o["budget_bits"]]
     settings = TuneSettings(mode=o["mode"], budgets=tuple(sorted({float(b) for b in budgets})),
-                            sequences=int(o["sequences"]), seq_len=int(o["seq_len"]), trials=int(o["trials"]),
+                            sequences=int(o["sequences"]), seq_len=int(o["seq_len"]),
+                            trials=_int_option("trials", o["trials"]), refine=_int_option("refine", o["refine"]),
                             seed=int(o["seed"]), eval_prefill=int(o["eval_prefill"]),
                             eval_decode=int(o["eval_decode"]), kl_seq_len=min(256, int(o["seq_len"])),
                             bits=_bits(o["bits"]), rotation=o["rotation"], sink=_int_option("sink", o["sink"]))
@@ -181,6 +185,7 @@ def search(table: Annotated[Path, typer.Argument(help="A sensitivity table from 
            mode: ModeOpt = "kivi",
            model: Annotated[str, typer.Option(help="Model for measured trials (as in `tune`).")] = "smollm2",
            trials: Annotated[int, typer.Option(help="Completed NSGA-II trials; 0 = solver only.")] = 24,
+           refine: Annotated[int, typer.Option(help="Measured local-search trials after NSGA-II (needs trials).")] = 0,
            storage: Annotated[str, typer.Option(help="Optuna storage: a .db/.journal path or an RDB URL.")] = "",
            study: Annotated[str, typer.Option(help="Study name shared by workers.")] = "",
            output: Annotated[Path, typer.Option("--output", "-o", help="Front file to write.")] = Path(
@@ -191,6 +196,8 @@ def search(table: Annotated[Path, typer.Argument(help="A sensitivity table from 
 
     if not 2 <= budget_bits <= 16:
         raise CLIError(f"--budget-bits={budget_bits} is invalid; allowed: 2..16")
+    if refine < 0 or (refine and trials <= 0):
+        raise CLIError(f"--refine={refine} is invalid; allowed: 0, or a positive count with --trials > 0")
     tab = SensitivityTable.load(table)
     quality = None
     if trials > 0:
@@ -203,7 +210,7 @@ def search(table: Annotated[Path, typer.Argument(help="A sensitivity table from 
         tab.check_config(m.config)
         quality = KLObjective(m, calibration_batches(tok, default_texts("calibration"), 10, 640)[-2:])
     front = run_search(tab, mode=mode, max_bits=budget_bits, quality=quality, n_trials=trials,
-                       storage=storage or None, study_name=study or None)
+                       storage=storage or None, study_name=study or None, refine=refine)
     front.save(output)
     plan = front.best(budget_bits)
     typer.echo(f"wrote {output}: {len(front.points)} points ({front.metric}); best within {budget_bits} bits: "
