@@ -48,3 +48,5 @@ def test_search_solver_only_and_budget_check(tmp_path):
     assert "best within 3.25 bits" in out.stdout and (tmp_path / "f.json").is_file()
     out = _run("search", str(table), "--budget-bits", "1", "--trials", "0")
     assert out.returncode == 2 and out.stderr.strip() == "error: --budget-bits=1.0 is invalid; allowed: 2..16"
+    out = _run("search", str(table), "--budget-bits", "3.25", "--trials", "0", "--refine", "4")
+    assert out.returncode == 2 and "--refine=4 is invalid" in out.stderr and "Traceback" not in out.stderr
