@@ -252,7 +252,8 @@ def test_refine_finds_a_better_plan_the_proxy_misses_and_resumes(tmp_path):
         measured.append(plan)
         return score(plan)
 
-    kw = dict(max_bits=3.25, quality=quality, n_trials=1, storage=tmp_path / "r.db", cluster=False, progress=False)
+    kw = {"max_bits": 3.25, "quality": quality, "n_trials": 1, "storage": tmp_path / "r.db", "cluster": False,
+          "progress": False}
     plain = search(table, **kw, study_name="plain")
     assert [p.plan.pairs for p in plain.points] == [solver_plan.pairs]  # one trial: the solver's optimum
     front = search(table, **kw, study_name="refined", refine=12, refine_width=3)
