@@ -67,7 +67,7 @@ def main() -> None:
     pairs = [(k, v) for k in bits for v in bits]
     if args.table:
         table = SensitivityTable.load(args.table, config=model.config)
-        if getattr(table, "rotation", False) != args.rotation or getattr(table, "sink_length", 0) != args.sink:
+        if table.rotation != args.rotation or table.sink_length != args.sink:
             raise SystemExit(f"{args.table} was profiled with rotation={table.rotation}, sink={table.sink_length}; "
                              "pass the same --rotation/--sink")
     else:

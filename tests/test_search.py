@@ -268,3 +268,5 @@ def test_refine_finds_a_better_plan_the_proxy_misses_and_resumes(tmp_path):
     count = len(measured)
     again = search(table, **kw, study_name="refined", refine=12, refine_width=3)
     assert len(measured) == count and again.best(3.25) == best  # the finished study is read, not rerun
+    with pytest.raises(ValueError, match="refine=3 is invalid"):  # nothing to measure the moves with
+        search(table, progress=False, refine=3)

@@ -67,7 +67,8 @@ def test_tune_end_to_end_on_tiny_model(tiny_dir, tmp_path):
 
 def test_tune_rotation_per_layer(tiny_dir, tmp_path):
     """--rotation per-layer: a plain and a rotated table; the search's candidates hold both kinds.
-    --refine 3: three measured local-search trials after NSGA-II. --sink 2: both tables are profiled with two full-precision sink tokens, and the plan keeps them."""
+    --refine 3: three measured local-search trials after NSGA-II. --sink 2: both tables are profiled
+    with two full-precision sink tokens, and the plan keeps them."""
     out = tmp_path / "rot"
     r = _run("tune", "--model", str(tiny_dir), "--out", str(out), "--budget-bits", "3.25", "--trials", "2",
              "--sequences", "1", "--seq-len", "96", "--eval-prefill", "48", "--eval-decode", "16",

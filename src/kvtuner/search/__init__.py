@@ -29,6 +29,8 @@ def search(table, *, mode: str = "kivi", max_bits: float = 16.0, quality: Callab
     between plain and rotated storage (:func:`build_space`). ``refine`` adds that many measured trials of
     budget-keeping local search around the best measured plan (:func:`~.optuna_backend.refine_study`).
     """
+    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0 or (refine and quality is None):
+        raise ValueError(f"refine={refine!r} is invalid; allowed: 0, or a positive count of trials with a quality")
     space = build_space(table, mode, eps=eps, cluster=cluster, rotated=rotated)
     solver = [FrontPoint(space.plan(c, {"source": "solver", "proxy_error": e}), bits, e) for bits, e, c in
               space.solver_frontier()]

@@ -8,24 +8,14 @@ one-layer costs) is additive, so it ranks the moves; the measured objective deci
 
 from __future__ import annotations
 
-from .pareto import pair_cost
 from .space import SearchSpace
-
-
-def _group_costs(space: SearchSpace) -> list[list[float]]:
-    return [[pair_cost(p) * len(layers) for p in space.group_candidates(g)] for g, layers in enumerate(space.groups)]
-
-
-def _group_errors(space: SearchSpace) -> list[list[float]]:
-    return [[sum(space.errors[layer][p] for layer in layers) for p in space.group_candidates(g)]
-            for g, layers in enumerate(space.groups)]
 
 
 def budget_moves(space: SearchSpace, choice: list[int], max_bits: float) -> list[tuple[float, list[int]]]:
     """``[(proxy change, neighbour)]``, best first: every plan within ``max_bits`` that differs from
     ``choice`` in one group's option, or in two groups' options moved one step each in opposite
     directions (one group gains precision, the other pays for it)."""
-    costs, errs = _group_costs(space), _group_errors(space)
+    costs, errs = space.group_costs(), space.group_errors()
     limit = max_bits * 2 * space.num_layers + 1e-9  # pair costs are in k + v bit units
     total = sum(costs[g][c] for g, c in enumerate(choice))
     moves: dict[tuple[int, ...], float] = {}

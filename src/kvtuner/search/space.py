@@ -52,12 +52,19 @@ class SearchSpace:
         return sum(self.errors[layer][self.group_candidates(g)[choice[g]]]
                    for g, layers in enumerate(self.groups) for layer in layers)
 
+    def group_costs(self) -> list[list[int]]:
+        """``[g][option]``: the option's k + v bits summed over the group's layers."""
+        return [[pair_cost(p) * len(layers) for p in self.group_candidates(g)] for g, layers in enumerate(self.groups)]
+
+    def group_errors(self) -> list[list[float]]:
+        """``[g][option]``: the option's profiled error summed over the group's layers."""
+        return [[sum(self.errors[layer][p] for layer in layers) for p in self.group_candidates(g)]
+                for g, layers in enumerate(self.groups)]
+
     def solver_frontier(self) -> list[tuple[float, float, list[int]]]:
         """``[(equivalent_bits, proxy_error, choice)]``: the exact proxy optimum for every budget."""
-        costs = [[pair_cost(p) * len(layers) for p in self.group_candidates(g)] for g, layers in enumerate(self.groups)]
-        errs = [[sum(self.errors[layer][p] for layer in layers) for p in self.group_candidates(g)]
-                for g, layers in enumerate(self.groups)]
-        return [(total / (2 * self.num_layers), err, choice) for total, err, choice in solve_frontier(costs, errs)]
+        return [(total / (2 * self.num_layers), err, choice)
+                for total, err, choice in solve_frontier(self.group_costs(), self.group_errors())]
 
 
 def build_space(table, mode: str = "kivi", *, eps: float = 0.05, min_samples: int = 2,
