@@ -375,12 +375,13 @@ def _unpack_tokens(base, d, dmask, t0, end, stride_t, D: tl.constexpr, BLOCK_N: 
 
 
 @triton.jit
-def _unpack3_asm(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constexpr):
+def _unpack3_asm(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constexpr, VEC: tl.constexpr = 16):
     """3-bit codes ``[len(t), BLOCK_D]`` as fp16 from both planes in one PTX call per two words
     (:data:`_ASM3`): each word is 8 channels' 16 low-plane bits (loaded as uint16) and their 8
-    high bits. Needs ``D % 16 == 0``, so that every row and plane offset is even."""
+    high bits. Needs ``D % 16 == 0``, so that every row and plane offset is even. ``VEC``: words per
+    thread along the row (16: a whole 128-channel row, 4: four threads share it)."""
     NW: tl.constexpr = BLOCK_D // 8
-    j = tl.arange(0, NW)
+    j = tl.max_contiguous(tl.arange(0, NW), VEC)
     m = tmask[:, None] & (j < D // 8)[None, :]
     row = base + t.to(tl.int64)[:, None] * stride_t
     lo = tl.load(row.to(tl.pointer_type(tl.uint16)) + j[None, :], mask=m, other=0)
@@ -413,7 +414,8 @@ def _unpack3n_asm(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constex
 
 @triton.jit
 def _unpack(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constexpr, W0: tl.constexpr,
-            W1: tl.constexpr, ASM: tl.constexpr, UNPACK3: tl.constexpr = 0, WORDS: tl.constexpr = False):
+            W1: tl.constexpr, ASM: tl.constexpr, UNPACK3: tl.constexpr = 0, WORDS: tl.constexpr = False,
+            UNITS3: tl.constexpr = 16):
     """Codes ``[len(t), BLOCK_D]`` as fp16 from one token row per ``t`` (layout: ``quant.py``).
 
     ``W0``/``W1`` are the bit planes of the code width (``quant.PLANES``; ``W1 = 0``: one plane):
@@ -423,7 +425,7 @@ def _unpack(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constexpr, W0
     """
     col1: tl.constexpr = (D + 8 // W0 - 1) // (8 // W0)  # bytes of the first plane per token
     if ASM and UNPACK3 == 1 and W0 == 2 and W1 == 1 and D % 16 == 0 and not WORDS:
-        return _unpack3_asm(base, t, tmask, stride_t, D, BLOCK_D)
+        return _unpack3_asm(base, t, tmask, stride_t, D, BLOCK_D, UNITS3)
     if ASM and UNPACK3 == 2 and W0 == 2 and W1 == 1 and D % 8 == 0 and not WORDS:
         return _unpack3n_asm(base, t, tmask, stride_t, D, BLOCK_D)
     if ASM:
@@ -641,6 +643,10 @@ def _decode_split_kernel(
         vc = VC + b * svc_b + h * svc_h
         vs = VS + b * svs_b + h * svs_h
         vz = VZ + b * svs_b + h * svs_h
+        # 3-bit rows loaded 4 units (32 channels) per thread: values packed along head_dim are transposed
+        # through shared memory, and with a whole row per thread each fp16 went there alone (STS.U16);
+        # keys follow when the values are 3-bit too (their tile shares the layout), else stay whole rows
+        KEY_UNITS3: tl.constexpr = 4 if (VT == 0 and VW0 == 2 and VW1 == 1) else 16
         span = tokens_per_split
         if DEV_LEN:  # splits sized for the capacity: stop at the filled length
             span = tl.maximum(tl.minimum(end - start, tokens_per_split), 0)
@@ -649,7 +655,7 @@ def _decode_split_kernel(
             t = t0 + tl.arange(0, BLOCK_N)
             tmask = t < end
             # ---- scores = q . k^T, k = codes * scale + zero
-            kcode = _unpack(kc, t, tmask, skc_t, D, BLOCK_D, KW0, KW1, ASM, UNPACK3_K, KWORDS)  # [BLOCK_N, BLOCK_D] fp16
+            kcode = _unpack(kc, t, tmask, skc_t, D, BLOCK_D, KW0, KW1, ASM, UNPACK3_K, KWORDS, KEY_UNITS3)  # [BLOCK_N, BLOCK_D] fp16
             if K_PER_CHANNEL:
                 if GK % BLOCK_N == 0:  # the tile lies in one key group: fold its [D] scale/zero into q
                     g = (t0 // GK).to(tl.int64)
@@ -700,7 +706,7 @@ def _decode_split_kernel(
             if VT > 0:  # token-blocked values: a [D, N] tile unpacked along the dot's depth (tokens)
                 vcode = _unpack_tokens(vc, d, dmask, t0, end, svc_t, D, BLOCK_N, VW0, VW1, VT, ASM)
             else:
-                vcode = _unpack(vc, t, tmask, svc_t, D, BLOCK_D, VW0, VW1, ASM, UNPACK3_V)
+                vcode = _unpack(vc, t, tmask, svc_t, D, BLOCK_D, VW0, VW1, ASM, UNPACK3_V, UNITS3=4)
             if NGV == 1:
                 s_v = tl.load(vs + t.to(tl.int64) * svs_t, mask=tmask, other=0.0).to(tl.float32)
                 z_v = tl.load(vz + t.to(tl.int64) * svs_t, mask=tmask, other=0.0).to(tl.float32)
