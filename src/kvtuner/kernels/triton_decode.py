@@ -238,6 +238,9 @@ def _asm3_pairs() -> str:
 
 
 _ASM3P = tl.constexpr(_asm3_pairs())
+# 8-channel words of a 3-bit row per thread (:func:`_unpack3_asm`): values packed along head_dim are
+# transposed through shared memory, and with a whole row per thread each fp16 went there alone (STS.U16)
+_ROW_UNITS3 = tl.constexpr(4)
 _ASM1X4 = tl.constexpr(_asm1_times4())
 _ASM3N = tl.constexpr(_asm3_nibble())
 _ASM3 = tl.constexpr(_asm3())
@@ -375,13 +378,15 @@ def _unpack_tokens(base, d, dmask, t0, end, stride_t, D: tl.constexpr, BLOCK_N: 
 
 
 @triton.jit
-def _unpack3_asm(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constexpr, VEC: tl.constexpr = 16):
+def _unpack3_asm(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constexpr, UNITS: tl.constexpr = 0):
     """3-bit codes ``[len(t), BLOCK_D]`` as fp16 from both planes in one PTX call per two words
     (:data:`_ASM3`): each word is 8 channels' 16 low-plane bits (loaded as uint16) and their 8
-    high bits. Needs ``D % 16 == 0``, so that every row and plane offset is even. ``VEC``: words per
-    thread along the row (16: a whole 128-channel row, 4: four threads share it)."""
+    high bits. Needs ``D % 16 == 0``, so that every row and plane offset is even. ``UNITS``: words per
+    thread along the row (:data:`_ROW_UNITS3`; 0: Triton's choice, a whole row per thread)."""
     NW: tl.constexpr = BLOCK_D // 8
-    j = tl.max_contiguous(tl.arange(0, NW), VEC)
+    j = tl.arange(0, NW)
+    if UNITS > 0:
+        j = tl.max_contiguous(j, UNITS)
     m = tmask[:, None] & (j < D // 8)[None, :]
     row = base + t.to(tl.int64)[:, None] * stride_t
     lo = tl.load(row.to(tl.pointer_type(tl.uint16)) + j[None, :], mask=m, other=0)
@@ -415,7 +420,7 @@ def _unpack3n_asm(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constex
 @triton.jit
 def _unpack(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constexpr, W0: tl.constexpr,
             W1: tl.constexpr, ASM: tl.constexpr, UNPACK3: tl.constexpr = 0, WORDS: tl.constexpr = False,
-            UNITS3: tl.constexpr = 16):
+            UNITS3: tl.constexpr = 0):
     """Codes ``[len(t), BLOCK_D]`` as fp16 from one token row per ``t`` (layout: ``quant.py``).
 
     ``W0``/``W1`` are the bit planes of the code width (``quant.PLANES``; ``W1 = 0``: one plane):
@@ -643,10 +648,9 @@ def _decode_split_kernel(
         vc = VC + b * svc_b + h * svc_h
         vs = VS + b * svs_b + h * svs_h
         vz = VZ + b * svs_b + h * svs_h
-        # 3-bit rows loaded 4 units (32 channels) per thread: values packed along head_dim are transposed
-        # through shared memory, and with a whole row per thread each fp16 went there alone (STS.U16);
-        # keys follow when the values are 3-bit too (their tile shares the layout), else stay whole rows
-        KEY_UNITS3: tl.constexpr = 4 if (VT == 0 and VW0 == 2 and VW1 == 1) else 16
+        # 3-bit keys load like 3-bit values packed along head_dim beside them (:data:`_ROW_UNITS3`; their
+        # tiles share the layout); otherwise whole rows, which measured no worse
+        KEY_UNITS3: tl.constexpr = _ROW_UNITS3 if (VT == 0 and VW0 == 2 and VW1 == 1) else 0
         span = tokens_per_split
         if DEV_LEN:  # splits sized for the capacity: stop at the filled length
             span = tl.maximum(tl.minimum(end - start, tokens_per_split), 0)
@@ -706,7 +710,7 @@ def _decode_split_kernel(
             if VT > 0:  # token-blocked values: a [D, N] tile unpacked along the dot's depth (tokens)
                 vcode = _unpack_tokens(vc, d, dmask, t0, end, svc_t, D, BLOCK_N, VW0, VW1, VT, ASM)
             else:
-                vcode = _unpack(vc, t, tmask, svc_t, D, BLOCK_D, VW0, VW1, ASM, UNPACK3_V, UNITS3=4)
+                vcode = _unpack(vc, t, tmask, svc_t, D, BLOCK_D, VW0, VW1, ASM, UNPACK3_V, UNITS3=_ROW_UNITS3)
             if NGV == 1:
                 s_v = tl.load(vs + t.to(tl.int64) * svs_t, mask=tmask, other=0.0).to(tl.float32)
                 z_v = tl.load(vz + t.to(tl.int64) * svs_t, mask=tmask, other=0.0).to(tl.float32)
