@@ -89,21 +89,38 @@ def sass_summary(compiled) -> tuple[str, collections.Counter, str]:
     return sass, ops, usage.group(0) if usage else res.strip()
 
 
+def main_loop(sass: str) -> collections.Counter:
+    """Opcode counts of the longest loop in ``sass`` (from a label to the last branch back to it):
+    the token loop, whose length per tile decides decode time once the kernel is issue-bound."""
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^\s*(\.L_x_\d+):", line))}
+    best = (0, 0)
+    for i, line in enumerate(lines):
+        m = re.search(r"\bBRA\b.*?(\.L_x_\d+)", line)
+        if m and m.group(1) in labels and labels[m.group(1)] < i and i - labels[m.group(1)] > best[1] - best[0]:
+            best = (labels[m.group(1)], i)
+    body = "\n".join(lines[best[0]:best[1] + 1])
+    return collections.Counter(m.group(1) for m in SASS_OP.finditer(body) if not m.group(1).startswith("."))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", default="44,33")
     ap.add_argument("--launch", default="{}", help="JSON overrides of decode_attention's launch choices")
     ap.add_argument("--token-block", type=int, default=0, help="values in token blocks of this many tokens")
     ap.add_argument("--key-words", action="store_true", help="keys in channel word order (quant.to_channel_words)")
+    ap.add_argument("--group", type=int, default=128, help="KIVI group size G (the plans' default is 32)")
     ap.add_argument("--dump", default=None, help="directory for each variant's ttgir and SASS")
     args = ap.parse_args()
     for pair in args.pairs.split(","):
-        a, kw = launch_args(int(pair[0]), int(pair[1]), token_block=args.token_block, key_words=args.key_words, **json.loads(args.launch))
+        a, kw = launch_args(int(pair[0]), int(pair[1]), token_block=args.token_block, key_words=args.key_words,
+                            kv_group=args.group, **json.loads(args.launch))
         ck = compile_sm90(a, kw)
         sass, ops, usage = sass_summary(ck)
         smem = sum(v for k, v in ops.items() if k.startswith(("STS", "LDS", "STSM", "LDSM")))
+        loop = main_loop(sass)
         print(f"K{pair[0]}V{pair[1]} {args.launch} token_block={args.token_block} key_words={args.key_words}: {usage} (dynamic shared {ck.metadata.shared} B), "
-              f"{sum(ops.values())} SASS instructions, {smem} shared-memory ones: "
+              f"{sum(ops.values())} SASS instructions ({sum(loop.values())} in the token loop), {smem} shared-memory ones: "
               + ", ".join(f"{k} {v}" for k, v in sorted(ops.items()) if k.startswith(("STS", "LDS", "STL", "LDL"))))
         if args.dump:
             Path(args.dump).mkdir(parents=True, exist_ok=True)
