@@ -219,17 +219,19 @@ def test_decode_token_blocked_values(case):
         triton_decode.decode_attention(*blocked, *args, block_n=case["vt"] // 2)
 
 
-@pytest.mark.parametrize("kbits,vbits,k_gran,gk,vt", [(4, 4, "per_channel", 32, 32), (2, 2, "per_channel", 32, 0),
-                                                   (4, 2, "per_token", None, 0), (3, 4, "per_channel", 64, 64),
-                                                   (6, 3, "per_channel", 32, 0)])
-def test_decode_keys_in_channel_word_order(kbits, vbits, k_gran, gk, vt):
-    case = dict(b=2, hkv=2, group=4, d=64, n_q=128, n_r=5, kbits=kbits, vbits=vbits, k_gran=k_gran, gk=gk, vt=vt)
+@pytest.mark.parametrize("kbits,vbits,k_gran,gk,vt,d", [(4, 4, "per_channel", 32, 32, 64), (2, 2, "per_channel", 32, 0, 64),
+                                                     (4, 2, "per_token", None, 0, 64), (3, 4, "per_channel", 64, 64, 64),
+                                                     (3, 3, "per_channel", 32, 0, 64), (3, 2, "per_channel", 32, 0, 40),
+                                                     (3, 8, "per_token", None, 0, 64), (6, 3, "per_channel", 32, 0, 64)])
+def test_decode_keys_in_channel_word_order(kbits, vbits, k_gran, gk, vt, d):
+    # 3-bit keys in word order are contiguous 24-bit words (quant.to_channel_words), read by their own unpacker
+    case = dict(b=2, hkv=2, group=4, d=d, n_q=128, n_r=5, kbits=kbits, vbits=vbits, k_gran=k_gran, gk=gk, vt=vt)
     worded = make_case(**case, key_words=True)
     assert worded[1].channel_words
     check(worded)
-    args = (64 ** -0.5,)
+    args = (d ** -0.5,)
     assert rel(triton_decode.decode_attention(*worded, *args), triton_decode.decode_attention(*make_case(**case), *args)) < 2e-3
-    if not vt:  # values packed along head_dim cannot be in word order: the kernel reads that for keys only
+    if not vt and d == 64:  # values packed along head_dim cannot be in word order: the kernel reads that for keys only
         q, kp, kr, vp, vr = worded
         vw = quant.in_channel_words(vp)
         with pytest.raises(ValueError, match="keys only"):
@@ -325,12 +327,14 @@ def test_int64_offsets_bound():
 
 # ------------------------------------------------------------------ through generate()
 @pytest.mark.parametrize("k,v,rot,blocks", [(4, 2, False, None), (8, 4, False, None), (4, 3, True, None),
-                                           (4, 2, False, True), (2, 3, True, True)])
+                                           (4, 2, False, True), (2, 3, True, True), (3, 2, True, None)])
 def test_generate_fused_matches_reference_path(k, v, rot, blocks, monkeypatch):
-    # blocks=True: values in token blocks and 4-bit keys in word order on both paths (cache.VALUE_TOKEN_BLOCKS)
+    # blocks=True: values in token blocks and 4-bit keys in word order on both paths (cache.VALUE_TOKEN_BLOCKS);
+    # 3-bit keys as contiguous words on both paths (cache.KEY_WORDS3)
     from kvtuner import cache as cache_mod
 
     monkeypatch.setattr(cache_mod, "VALUE_TOKEN_BLOCKS", blocks)
+    monkeypatch.setattr(cache_mod, "KEY_WORDS3", k == 3)
     model = tiny_model("llama", layers=2, heads=4, kv_heads=2, head_dim=32 if not CUDA else 64).to(DEV)
     model.set_attn_implementation("sdpa")
     plan = KVPlan.uniform(2, k, v, "kivi", rotation=rot)
@@ -358,6 +362,8 @@ def test_generate_fused_matches_reference_path(k, v, rot, blocks, monkeypatch):
     assert c_fused.nbytes() == c_ref.nbytes() == plan.expected_nbytes(model.config, 70 + 12, batch_size=2, dtype_bytes=4)
     if blocks:  # the layouts were really used, on the fused path too
         assert c_fused.layers[0]._v.token_block == 32 and c_fused.layers[0]._k.channel_words == (k == 4)
+    if k == 3:
+        assert c_fused.layers[0]._k.channel_words and c_ref.layers[0]._k.channel_words
 
 
 @pytest.mark.parametrize("k,v,rot", [(4, 2, False), (2, 3, True)])
@@ -419,8 +425,18 @@ def test_gpu_token_blocked_values(d, group, kbits, vbits):
     for n_q, n_r, gk, dtype in ((32 * 7, 19, 32, torch.float16), (128 * 3, 33, 128, torch.bfloat16),
                                 (64 * 5, 0, 64, torch.float16)):
         check(make_case(3, 2, group, d, n_q, n_r, kbits, vbits, gk=gk, dtype=dtype, vt=gk))
-        if kbits == 4:  # what the cache stores beside token-blocked values: 4-bit keys in channel word order
+        if kbits in (3, 4):  # 4-bit keys in channel word order, as the cache stores them here; 3-bit contiguous
             check(make_case(3, 2, group, d, n_q, n_r, kbits, vbits, gk=gk, dtype=dtype, vt=gk, key_words=True))
+
+
+@gpu
+@pytest.mark.parametrize("d,vbits,gk", [(128, 2, 32), (128, 3, 32), (128, 4, 128), (64, 3, 128), (40, 4, 32),
+                                        (256, 3, 32), (80, 2, 128)])
+def test_gpu_contiguous_three_bit_keys(d, vbits, gk):
+    # 3-bit keys in word order: contiguous 24-bit words through the PTX unpacker (_ASM3C), 16-bit loads where
+    # head_dim % 16 == 0 and byte loads otherwise (head_dim 40)
+    for n_q, n_r, dtype in ((gk * 5, 19, torch.float16), (gk * 3, 0, torch.bfloat16)):
+        check(make_case(3, 2, 4, d, n_q, n_r, 3, vbits, gk=gk, dtype=dtype, key_words=True))
 
 
 @gpu

@@ -110,3 +110,13 @@ def test_emulator_refuses_unknown_instructions():
 def test_ptx_three_bit_nibbles_exact():
     # byte + nibble: 4 codes per 16-bit element, two elements packed in one operand
     _three_bit_lanes(td._ASM3N.value, 4, 8, lambda e0, e1: [e0 | e1 << 16])
+
+
+def test_ptx_contiguous_three_bit_words_exact():
+    # 3-bit keys in word order (quant.to_channel_words): 8 codes contiguous in 24 bits, one word per operand
+    codes = RNG.integers(0, 8, size=(400, 2, 8))
+    codes[0], codes[1] = 0, 7
+    for c in codes:
+        regs = emulate(td._ASM3C.value, [sum(int(c[e, k]) << 3 * k for k in range(8)) for e in range(2)])
+        for k in range(8):
+            assert outputs(regs, k, 2) == [c[0, k], c[1, k]]

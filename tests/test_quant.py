@@ -286,7 +286,7 @@ def test_token_blocks_reject_bad_shapes_and_slices():
         quant.in_channel_words(tb)
 
 
-@pytest.mark.parametrize("bits,dim", [(2, 64), (3, 64), (4, 8), (4, 64), (6, 32), (8, 16)])
+@pytest.mark.parametrize("bits,dim", [(2, 64), (3, 64), (3, 24), (4, 8), (4, 64), (6, 32), (8, 16)])
 def test_channel_words_round_trip_and_layout(bits, dim):
     qt = quant.quantize(torch.randn(2, 3, 40, dim), bits, "per_channel", 32)
     worded = quant.to_channel_words(qt.codes, bits, dim)
@@ -296,6 +296,11 @@ def test_channel_words_round_trip_and_layout(bits, dim):
     assert torch.equal(quant.dequantize(wq), quant.dequantize(qt)) and wq.nbytes() == qt.nbytes()
     codes = quant.unpack(qt.codes, bits, dim)[0, 0, 0].tolist()
     row = worded[0, 0, 0].tolist()
+    if bits == 3:  # contiguous 24-bit words: low 16 bits in the 2-bit plane's bytes, high 8 in the 1-bit plane's
+        for u in range(dim // 8):
+            word = row[2 * u] | row[2 * u + 1] << 8 | row[dim // 4 + u] << 16
+            assert [(word >> 3 * k) & 7 for k in range(8)] == codes[8 * u:8 * u + 8]
+        return
     col, shift = 0, 0
     for w in quant.PLANES[bits]:  # code f of byte k of each word holds channel 4f + k of the word
         plane = row[col:col + dim * w // 8]

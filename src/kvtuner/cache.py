@@ -659,14 +659,25 @@ def value_token_block(spec: QuantSpec, role: str, head_dim: int, device: torch.d
     return unit if possible and wanted else 0
 
 
+# 3-bit keys as contiguous 24-bit words (quant.to_channel_words, 3 bits), read with one mask and one packed
+# FMA per 2 codes instead of two planes' four. Off until timed on a GPU: offline sm_90 SASS has the token
+# loop 9-12 % shorter for every 3-bit-key pair at G = 32 and G = 128 with no more registers
+# (benchmarks/results/kernel_experiments_h100.md, session 20). True: wherever possible (tests, A/B runs).
+KEY_WORDS3 = False
+
+
 def key_channel_words(spec: QuantSpec, value_spec: QuantSpec | None, role: str, head_dim: int,
                       device: torch.device) -> bool:
     """Whether a key store keeps its codes in channel word order (``quant.to_channel_words``).
 
     4-bit keys next to token-blocked values: the fused kernel then skips the fp16-pair repacking of
-    the key tile (H100, 64 x 4k: K4V4 184 -> 176 µs, K4V2 180 -> 174). Not for 2- or 3-bit keys (they
-    got 50-60 % slower: more registers) nor next to values packed along head_dim (K4V8 262 -> 286).
+    the key tile (H100, 64 x 4k: K4V4 184 -> 176 µs, K4V2 180 -> 174). Not for 2-bit keys (50-60 %
+    slower: more registers) nor for 4-bit keys next to values packed along head_dim (K4V8 262 -> 286).
+    3-bit keys: contiguous words where :data:`KEY_WORDS3` says so (the plane word order of session 12
+    was 50 % slower and is gone).
     """
+    if role == "key" and spec.bits == 3:
+        return KEY_WORDS3 and head_dim % 8 == 0
     return (role == "key" and spec.bits == 4 and value_spec is not None and head_dim % 8 == 0
             and value_token_block(value_spec, "value", head_dim, device) > 0)
 

@@ -272,14 +272,31 @@ def to_channel_words(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     Why: the PTX unpackers return code ``f`` of two adjacent bytes in one fp16x2 register; in this
     order that register holds two adjacent channels, as the key MMA operand wants them, instead of
     channels ``2j`` and ``2j + 2`` that the kernel must repack (``PRMT``).
+
+    3-bit codes in word order are *contiguous* instead: the 8 codes of channels ``8 u .. 8 u + 7``
+    form one 24-bit word ``sum_k c_k << 3 k``, whose low 16 bits take the 2 bytes that the 2-bit
+    plane gives those channels (little end first) and whose high 8 bits take the 1-bit plane's byte.
+    The same bytes, but every code lies whole in one 16-bit window of its word, so the kernel
+    unpacks it with one mask and one packed FMA per 2 codes, not two planes' four
+    (``triton_decode._asm3_contiguous``).
     """
     _check_words(bits, dim)
+    if PLANES[bits] == (2, 1):
+        codes = unpack(packed, bits, dim).to(torch.int32).reshape(*packed.shape[:-1], dim // 8, 8)
+        word = (codes << torch.arange(0, 24, 3, dtype=torch.int32, device=codes.device)).sum(-1)
+        lo = torch.stack([word & 0xFF, (word >> 8) & 0xFF], dim=-1).flatten(-2)
+        return torch.cat([lo, word >> 16], dim=-1).to(torch.uint8)
     return torch.cat(_pack_planes(unpack(packed, bits, dim), bits, _to_words), dim=-1)
 
 
 def from_channel_words(worded: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Inverse of :func:`to_channel_words`."""
     _check_words(bits, dim)
+    if PLANES[bits] == (2, 1):
+        b = worded.to(torch.int32)
+        word = b[..., 0:dim // 4:2] | b[..., 1:dim // 4:2] << 8 | b[..., dim // 4:] << 16
+        codes = (word[..., None] >> torch.arange(0, 24, 3, dtype=torch.int32, device=b.device)) & 7
+        return pack(codes.flatten(-2).to(torch.uint8), bits)
     codes = _unpack_planes(worded, bits, lambda w: dim * w // 8, lambda b, w: _from_words(_unpack_plane(b, w, dim), w))
     return pack(codes.contiguous(), bits)
 
@@ -303,7 +320,8 @@ def _check_plain(qt: QuantizedTensor) -> None:
 
 def _check_words(bits: int, dim: int) -> None:
     _check_bits(bits)
-    need = max(32 // w for w in PLANES[bits])  # channels per 32-bit word of the narrowest plane
+    # channels per 32-bit word of the narrowest plane; 3 bits: per contiguous 24-bit word
+    need = 8 if PLANES[bits] == (2, 1) else max(32 // w for w in PLANES[bits])
     if dim % need:
         raise ValueError(f"head_dim {dim} is invalid for {bits}-bit codes in word order; allowed: a multiple of {need}")
 

@@ -237,6 +237,31 @@ def _asm3_pairs() -> str:
     return "\n".join(lines + ["}"])
 
 
+def _asm3_contiguous() -> str:
+    """PTX for 3-bit codes stored contiguously (``quant.to_channel_words``, 3 bits): input word ``w`` =
+    the 24 bits of 8 channels, code ``k`` at bits ``3k .. 3k + 2``; two words per call (fp16x2 lanes:
+    lane 0 from ``$8``, lane 1 from ``$9``); output ``k`` = code ``k``.
+
+    Three byte moves put the 16 bits starting at bit 0, 8 and 16 of each word into its lane, so that
+    every code lies whole inside the fp16 mantissa (codes 0-2 at bits 0, 3, 6; codes 3-5 at 1, 4, 7;
+    codes 6-7 at 2, 5); then one ``lop3`` (mask and exponent ``0x6400``: fp16 ``1024 + c 2^s``) and one
+    packed ``fma`` by ``2^-s`` (``sub`` for ``s = 0``) per output: 2 instructions per 2 codes, against
+    4 for the two planes (:func:`_asm3`)."""
+    lines = ["{", ".reg .b32 x0, x1, x2, m, s, o;", "mov.b32 m, 0x64006400;",
+             "prmt.b32 x0, $8, $9, 0x5410;", "prmt.b32 x1, $8, $9, 0x6521;", "prmt.b32 x2, $8, $9, 0x7632;"]
+    for k in range(8):
+        src, shift = (("x0", 3 * k) if k < 3 else ("x1", 3 * k - 8) if k < 6 else ("x2", 3 * k - 16))
+        mask = 7 << shift
+        lines.append(f"lop3.b32 ${k}, {src}, 0x{mask:04x}{mask:04x}, m, 0xea;")
+        if shift == 0:
+            lines.append(f"sub.f16x2 ${k}, ${k}, m;")
+        else:
+            lines += [f"mov.b32 s, {_f16x2(2.0 ** -shift)};", f"mov.b32 o, {_f16x2(-1024 * 2.0 ** -shift)};",
+                      f"fma.rn.f16x2 ${k}, ${k}, s, o;"]
+    return "\n".join(lines + ["}"])
+
+
+_ASM3C = tl.constexpr(_asm3_contiguous())
 _ASM3P = tl.constexpr(_asm3_pairs())
 # 8-channel words of a 3-bit row per thread (:func:`_unpack3_asm`): values packed along head_dim are
 # transposed through shared memory, and with a whole row per thread each fp16 went there alone (STS.U16)
@@ -399,6 +424,35 @@ def _unpack3_asm(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constexp
 
 
 @triton.jit
+def _unpack3c(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constexpr, ASM: tl.constexpr,
+              UNITS: tl.constexpr = 0):
+    """Contiguous 3-bit codes (``quant.to_channel_words``, 3 bits) ``[len(t), BLOCK_D]`` as fp16: per 8
+    channels a 24-bit word, its low 16 bits where the 2-bit plane's 2 bytes are and its high 8 where
+    the 1-bit plane's byte is (``D % 8 == 0``). The low 16 bits load as one uint16 where ``D % 16 == 0``
+    (every offset even), else as two bytes."""
+    NW: tl.constexpr = BLOCK_D // 8
+    j = tl.arange(0, NW)
+    if UNITS > 0:
+        j = tl.max_contiguous(j, UNITS)
+    m = tmask[:, None] & (j < D // 8)[None, :]
+    row = base + t.to(tl.int64)[:, None] * stride_t
+    if ASM and D % 16 == 0:
+        lo = tl.load(row.to(tl.pointer_type(tl.uint16)) + j[None, :], mask=m, other=0).to(tl.uint32)
+    else:
+        lo = (tl.load(row + 2 * j[None, :], mask=m, other=0).to(tl.uint32)
+              | (tl.load(row + 2 * j[None, :] + 1, mask=m, other=0).to(tl.uint32) << 8))
+    w = lo | (tl.load(row + D // 4 + j[None, :], mask=m, other=0).to(tl.uint32) << 16)
+    if ASM:
+        c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
+            _ASM3C, _ASM3_CONSTRAINTS, [w], dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
+                                                   tl.float16, tl.float16, tl.float16), is_pure=True, pack=2)
+        return _channels8(c0, c1, c2, c3, c4, c5, c6, c7)
+    c = _channels8(w & 7, (w >> 3) & 7, (w >> 6) & 7, (w >> 9) & 7, (w >> 12) & 7, (w >> 15) & 7, (w >> 18) & 7,
+                   (w >> 21) & 7).to(tl.uint16)
+    return (c | tl.full([1, 1], 0x6400, tl.uint16)).to(tl.float16, bitcast=True) - 1024.0
+
+
+@triton.jit
 def _unpack3n_asm(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constexpr):
     """3-bit codes ``[len(t), BLOCK_D]`` as fp16, both planes per PTX call (:data:`_ASM3N`): each
     low-plane byte (4 channels) is paired with the matching nibble of the high plane, so the codes
@@ -429,6 +483,8 @@ def _unpack(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constexpr, W0
     (``quant.to_channel_words``), put back in channel order by relabelling registers.
     """
     col1: tl.constexpr = (D + 8 // W0 - 1) // (8 // W0)  # bytes of the first plane per token
+    if W0 == 2 and W1 == 1 and WORDS:  # 3-bit codes in word order are contiguous 24-bit words
+        return _unpack3c(base, t, tmask, stride_t, D, BLOCK_D, ASM, UNITS3)
     if ASM and UNPACK3 == 1 and W0 == 2 and W1 == 1 and D % 16 == 0 and not WORDS:
         return _unpack3_asm(base, t, tmask, stride_t, D, BLOCK_D, UNITS3)
     if ASM and UNPACK3 == 2 and W0 == 2 and W1 == 1 and D % 8 == 0 and not WORDS:
