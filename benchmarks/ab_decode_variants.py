@@ -8,7 +8,8 @@ current default) is checked against the fp32 reference and timed eagerly (do_ben
 CUDA graph (do_bench_cudagraph). Two keys change the cases instead of the launch:
 ``"token_block": G`` stores the values in token blocks of G tokens (quant.in_token_blocks, as the
 cache does on the GPU for KIVI values of 2-4 bits at G = 128; otherwise they are packed along
-head_dim), ``"key_words": true`` the keys in channel word order (quant.in_channel_words).
+head_dim), ``"key_words": true`` the keys in channel word order (quant.in_channel_words), ``"value_words":
+true`` the values (3 bits, packed along head_dim: contiguous words).
 Results: benchmarks/results/kernel_experiments_h100.md.
 """
 
@@ -58,6 +59,8 @@ for shape in args.shapes.split(","):
                 kpx = kp
                 if launch.pop("key_words", False):  # keys in channel word order (quant.to_channel_words)
                     kpx = quant.in_channel_words(kp)
+                if launch.pop("value_words", False):  # 3-bit values as contiguous words (quant.to_channel_words)
+                    vpx = quant.in_channel_words(vpx)
                 fn = lambda: td.decode_attention(q, kpx, kr, vpx, vr, D**-0.5, **launch)  # noqa: E731
                 err = ((fn().float() - r).norm() / r.norm()).item()
                 g = tt.do_bench_cudagraph(fn, rep=100) * 1e3

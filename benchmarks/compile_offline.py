@@ -43,7 +43,8 @@ class _Capture:
 
 
 def launch_args(kbits: int, vbits: int, b: int = 64, n: int = 4096, hkv: int = 8, group: int = 4, d: int = 128,
-                token_block: int = 0, key_words: bool = False, kv_group: int = 128, **launch) -> tuple[tuple, dict]:
+                token_block: int = 0, key_words: bool = False, kv_group: int = 128, value_words: bool = False,
+                **launch) -> tuple[tuple, dict]:
     k = torch.randn(1, hkv, 256, d, dtype=torch.bfloat16)  # as the benchmarks: bf16 model (scales/zeros in fp16, quant.meta_dtype)
     # KIVI with G = kv_group: keys per channel over G tokens, values per token over G channels
     kp = quant.quantize(k, kbits, "per_channel", kv_group).map(lambda x: x.repeat(b, 1, n // 256, 1))
@@ -51,6 +52,7 @@ def launch_args(kbits: int, vbits: int, b: int = 64, n: int = 4096, hkv: int = 8
         lambda x: x.repeat(b, 1, n // 256, 1))
     vp.token_block = token_block  # the layout of the codes changes nothing the compiler sees but VT
     kp.channel_words = key_words  # ... and KWORDS
+    vp.channel_words = value_words  # ... and VWORDS
     kr = torch.randn(b, hkv, 32, d, dtype=torch.bfloat16)
     q = torch.randn(b, hkv * group, 1, d, dtype=torch.bfloat16)
     cap = _Capture()
@@ -110,16 +112,18 @@ def main() -> None:
     ap.add_argument("--token-block", type=int, default=0, help="values in token blocks of this many tokens")
     ap.add_argument("--key-words", action="store_true", help="keys in channel word order (quant.to_channel_words)")
     ap.add_argument("--group", type=int, default=128, help="KIVI group size G (the plans' default is 32)")
+    ap.add_argument("--value-words", action="store_true", help="3-bit values as contiguous words (quant.to_channel_words)")
     ap.add_argument("--dump", default=None, help="directory for each variant's ttgir and SASS")
     args = ap.parse_args()
     for pair in args.pairs.split(","):
         a, kw = launch_args(int(pair[0]), int(pair[1]), token_block=args.token_block, key_words=args.key_words,
-                            kv_group=args.group, **json.loads(args.launch))
+                            kv_group=args.group, value_words=args.value_words, **json.loads(args.launch))
         ck = compile_sm90(a, kw)
         sass, ops, usage = sass_summary(ck)
         smem = sum(v for k, v in ops.items() if k.startswith(("STS", "LDS", "STSM", "LDSM")))
         loop = main_loop(sass)
-        print(f"K{pair[0]}V{pair[1]} {args.launch} token_block={args.token_block} key_words={args.key_words}: {usage} (dynamic shared {ck.metadata.shared} B), "
+        print(f"K{pair[0]}V{pair[1]} {args.launch} token_block={args.token_block} key_words={args.key_words} "
+              f"value_words={args.value_words}: {usage} (dynamic shared {ck.metadata.shared} B), "
               f"{sum(ops.values())} SASS instructions ({sum(loop.values())} in the token loop), {smem} shared-memory ones: "
               + ", ".join(f"{k} {v}" for k, v in sorted(ops.items()) if k.startswith(("STS", "LDS", "STL", "LDL"))))
         if args.dump:

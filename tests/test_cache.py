@@ -375,22 +375,28 @@ def test_sink_length_must_match_between_keys_and_values_and_skips_sliding_layers
 
 
 @pytest.mark.parametrize("mode,group", [("kivi", 32), ("per_token", 32)])
-def test_contiguous_three_bit_keys_hold_the_same_cache(monkeypatch, mode, group):
-    # cache.KEY_WORDS3: 3-bit keys stored as contiguous 24-bit words (quant.to_channel_words); forced here on
-    # the CPU, where the reference path reads them back: same tensors out, same bytes
+def test_contiguous_three_bit_codes_hold_the_same_cache(monkeypatch, mode, group):
+    # cache.WORDS3: 3-bit keys and values stored as contiguous 24-bit words (quant.to_channel_words); forced
+    # here on the CPU, where the reference path reads them back: same tensors out, same bytes
     from kvtuner import cache as cache_mod
 
     plan = KVPlan.uniform(2, 3, 3, mode, group_size=group)
     runs = {}
     for flag in (False, True):
-        monkeypatch.setattr(cache_mod, "KEY_WORDS3", flag)
+        monkeypatch.setattr(cache_mod, "WORDS3", flag)
         cache = MixedPrecisionCache(plan, CFG)
         outs = [cache.update(*_kv(100), layer) for layer in range(2)]
         outs += [cache.update(*_kv(1, seed=s), 0) for s in range(40)]
         runs[flag] = (cache, outs)
     (plain, outs_p), (worded, outs_w) = runs[False], runs[True]
-    assert worded.layers[0]._k.channel_words and worded.layers[0]._k.packed.channel_words
-    assert not worded.layers[0]._v.channel_words and not plain.layers[0]._k.channel_words
-    assert not torch.equal(worded.layers[0]._k.packed.codes, plain.layers[0]._k.packed.codes)  # really re-laid
+    for store in ("_k", "_v"):
+        w, p = getattr(worded.layers[0], store), getattr(plain.layers[0], store)
+        assert w.channel_words and w.packed.channel_words and not p.channel_words
+        assert not torch.equal(w.packed.codes, p.packed.codes)  # really re-laid
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(outs_p, outs_w))
     assert worded.nbytes() == plain.nbytes()
+    monkeypatch.setattr(cache_mod, "VALUE_TOKEN_BLOCKS", True)  # values in token blocks keep their own layout
+    blocked = MixedPrecisionCache(KVPlan.uniform(2, 3, 3, "kivi", group_size=32), CFG)
+    blocked.update(*_kv(100), 0)
+    assert blocked.layers[0]._k.channel_words and blocked.layers[0]._v.token_block == 32
+    assert not blocked.layers[0]._v.channel_words

@@ -41,7 +41,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def make_case(b, hkv, group, d, n_q, n_r, kbits, vbits, *, k_gran="per_channel", gk=32, gv=None,
-              dtype=torch.float16, seed=0, vt=0, key_words=False):
+              dtype=torch.float16, seed=0, vt=0, key_words=False, value_words=False):
     g = torch.Generator(device="cpu").manual_seed(seed)
     k = torch.randn(b, hkv, n_q + n_r, d, generator=g).to(DEV, dtype)
     k = k + torch.randn(1, 1, 1, d, generator=g).to(DEV, dtype) * 3  # channel outliers, as in real keys
@@ -53,6 +53,8 @@ def make_case(b, hkv, group, d, n_q, n_r, kbits, vbits, *, k_gran="per_channel",
         vp = quant.in_token_blocks(vp, vt)
     if key_words and kp is not None:  # keys in channel word order, as the cache keeps 4-bit keys beside them
         kp = quant.in_channel_words(kp)
+    if value_words and vp is not None:  # 3-bit values as contiguous words (cache.WORDS3)
+        vp = quant.in_channel_words(vp)
     kr = k[..., n_q:, :] if n_r else None
     vr = v[..., n_q:, :] if n_r else None
     return q, kp, kr, vp, vr
@@ -231,11 +233,26 @@ def test_decode_keys_in_channel_word_order(kbits, vbits, k_gran, gk, vt, d):
     check(worded)
     args = (d ** -0.5,)
     assert rel(triton_decode.decode_attention(*worded, *args), triton_decode.decode_attention(*make_case(**case), *args)) < 2e-3
-    if not vt and d == 64:  # values packed along head_dim cannot be in word order: the kernel reads that for keys only
+    if not vt and d == 64 and vbits != 3:  # word order for values: 3-bit values packed along head_dim only
         q, kp, kr, vp, vr = worded
         vw = quant.in_channel_words(vp)
-        with pytest.raises(ValueError, match="keys only"):
+        with pytest.raises(ValueError, match="3-bit values packed along head_dim"):
             triton_decode.decode_attention(q, kp, kr, vw, vr, *args)
+
+
+@pytest.mark.parametrize("kbits,gv,d", [(3, 32, 64), (4, None, 64), (2, None, 40), (3, 16, 64), (4, None, 48)])
+def test_decode_three_bit_values_in_contiguous_words(kbits, gv, d):
+    # 3-bit values packed along head_dim as contiguous 24-bit words (quant.to_channel_words, cache.WORDS3)
+    case = dict(b=2, hkv=2, group=4, d=d, n_q=96, n_r=5, kbits=kbits, vbits=3, gk=32, gv=gv)
+    worded = make_case(**case, value_words=True, key_words=kbits == 3)
+    assert worded[3].channel_words
+    check(worded)
+    args = (d ** -0.5,)
+    assert rel(triton_decode.decode_attention(*worded, *args), triton_decode.decode_attention(*make_case(**case), *args)) < 2e-3
+    blocked = make_case(**dict(case, gv=None, d=64), vt=32)
+    q, kp, kr, vp, vr = blocked
+    with pytest.raises(ValueError, match="already re-laid"):  # token blocks and words do not combine
+        quant.in_channel_words(vp)
 
 
 @pytest.mark.parametrize("k_rot,v_rot", [(True, True), (True, False), (False, True)])
@@ -330,11 +347,11 @@ def test_int64_offsets_bound():
                                            (4, 2, False, True), (2, 3, True, True), (3, 2, True, None)])
 def test_generate_fused_matches_reference_path(k, v, rot, blocks, monkeypatch):
     # blocks=True: values in token blocks and 4-bit keys in word order on both paths (cache.VALUE_TOKEN_BLOCKS);
-    # 3-bit keys as contiguous words on both paths (cache.KEY_WORDS3)
+    # 3-bit keys and values packed along head_dim as contiguous words on both paths (cache.WORDS3)
     from kvtuner import cache as cache_mod
 
     monkeypatch.setattr(cache_mod, "VALUE_TOKEN_BLOCKS", blocks)
-    monkeypatch.setattr(cache_mod, "KEY_WORDS3", k == 3)
+    monkeypatch.setattr(cache_mod, "WORDS3", k == 3 or v == 3)
     model = tiny_model("llama", layers=2, heads=4, kv_heads=2, head_dim=32 if not CUDA else 64).to(DEV)
     model.set_attn_implementation("sdpa")
     plan = KVPlan.uniform(2, k, v, "kivi", rotation=rot)
@@ -364,6 +381,8 @@ def test_generate_fused_matches_reference_path(k, v, rot, blocks, monkeypatch):
         assert c_fused.layers[0]._v.token_block == 32 and c_fused.layers[0]._k.channel_words == (k == 4)
     if k == 3:
         assert c_fused.layers[0]._k.channel_words and c_ref.layers[0]._k.channel_words
+    if v == 3 and not blocks:
+        assert c_fused.layers[0]._v.channel_words and c_ref.layers[0]._v.channel_words
 
 
 @pytest.mark.parametrize("k,v,rot", [(4, 2, False), (2, 3, True)])
@@ -430,13 +449,16 @@ def test_gpu_token_blocked_values(d, group, kbits, vbits):
 
 
 @gpu
-@pytest.mark.parametrize("d,vbits,gk", [(128, 2, 32), (128, 3, 32), (128, 4, 128), (64, 3, 128), (40, 4, 32),
-                                        (256, 3, 32), (80, 2, 128)])
-def test_gpu_contiguous_three_bit_keys(d, vbits, gk):
-    # 3-bit keys in word order: contiguous 24-bit words through the PTX unpacker (_ASM3C), 16-bit loads where
-    # head_dim % 16 == 0 and byte loads otherwise (head_dim 40)
+@pytest.mark.parametrize("d,kbits,vbits,gk", [(128, 3, 2, 32), (128, 3, 3, 32), (128, 3, 4, 128), (64, 3, 3, 128),
+                                              (40, 3, 4, 32), (256, 3, 3, 32), (80, 3, 2, 128), (128, 4, 3, 32),
+                                              (128, 2, 3, 32), (48, 4, 3, 32)])
+def test_gpu_contiguous_three_bit_codes(d, kbits, vbits, gk):
+    # 3-bit keys and values in word order: contiguous 24-bit words through the PTX unpacker (_ASM3C), 16-bit
+    # loads where head_dim % 16 == 0 and byte loads otherwise (head_dim 40, 48); values in KIVI's G-channel groups
     for n_q, n_r, dtype in ((gk * 5, 19, torch.float16), (gk * 3, 0, torch.bfloat16)):
-        check(make_case(3, 2, 4, d, n_q, n_r, 3, vbits, gk=gk, dtype=dtype, key_words=True))
+        gv = gk if gk < d and not d & (d - 1) else None  # value groups only where head_dim is a power of two
+        check(make_case(3, 2, 4, d, n_q, n_r, kbits, vbits, gk=gk, gv=gv, dtype=dtype,
+                        key_words=kbits == 3, value_words=vbits == 3))
 
 
 @gpu

@@ -54,7 +54,7 @@ class _TensorStore:
         self.unit = spec.flush_unit(role)
         self.capacity = capacity
         self.token_block = 0  # decided at the first write (value_token_block)
-        self.channel_words = False  # decided at the first write (key_channel_words)
+        self.channel_words = False  # decided at the first write (channel_words)
         self._buf: quant.QuantizedTensor | None = None
         self._n = 0
         self.residual: torch.Tensor | None = None
@@ -106,7 +106,7 @@ class _TensorStore:
 
     def _choose_layout(self, device: torch.device) -> None:
         self.token_block = value_token_block(self.spec, self.role, self.head_dim, device)
-        self.channel_words = key_channel_words(self.spec, self.value_spec, self.role, self.head_dim, device)
+        self.channel_words = channel_words(self.spec, self.value_spec, self.role, self.head_dim, device)
 
     def _reserve(self, want: int, like: quant.QuantizedTensor) -> None:
         """Reallocate packed storage for ``want`` tokens (shapes/dtypes from ``like``), keeping what is filled."""
@@ -659,25 +659,27 @@ def value_token_block(spec: QuantSpec, role: str, head_dim: int, device: torch.d
     return unit if possible and wanted else 0
 
 
-# 3-bit keys as contiguous 24-bit words (quant.to_channel_words, 3 bits), read with one mask and one packed
-# FMA per 2 codes instead of two planes' four. Off until timed on a GPU: offline sm_90 SASS has the token
-# loop 9-12 % shorter for every 3-bit-key pair at G = 32 and G = 128 with no more registers
-# (benchmarks/results/kernel_experiments_h100.md, session 20). True: wherever possible (tests, A/B runs).
-KEY_WORDS3 = False
+# 3-bit codes packed along head_dim as contiguous 24-bit words (quant.to_channel_words, 3 bits): keys, and values
+# not in token blocks, read with one mask and one packed FMA per 2 codes instead of two planes' four. Off until
+# timed on a GPU: offline sm_90 SASS has the token loop 9-12 % shorter for 3-bit keys and 7-11 % for 3-bit
+# values, with no more registers (benchmarks/results/kernel_experiments_h100.md, session 20). True: wherever
+# possible (tests, A/B runs).
+WORDS3 = False
 
 
-def key_channel_words(spec: QuantSpec, value_spec: QuantSpec | None, role: str, head_dim: int,
-                      device: torch.device) -> bool:
-    """Whether a key store keeps its codes in channel word order (``quant.to_channel_words``).
+def channel_words(spec: QuantSpec, value_spec: QuantSpec | None, role: str, head_dim: int,
+                  device: torch.device) -> bool:
+    """Whether a store keeps its codes in channel word order (``quant.to_channel_words``).
 
     4-bit keys next to token-blocked values: the fused kernel then skips the fp16-pair repacking of
     the key tile (H100, 64 x 4k: K4V4 184 -> 176 µs, K4V2 180 -> 174). Not for 2-bit keys (50-60 %
     slower: more registers) nor for 4-bit keys next to values packed along head_dim (K4V8 262 -> 286).
-    3-bit keys: contiguous words where :data:`KEY_WORDS3` says so (the plane word order of session 12
-    was 50 % slower and is gone).
+    3-bit codes (keys, and values not in token blocks): contiguous words where :data:`WORDS3` says so
+    (the plane word order of session 12 was 50 % slower and is gone).
     """
-    if role == "key" and spec.bits == 3:
-        return KEY_WORDS3 and head_dim % 8 == 0
+    if spec.bits == 3:
+        return (WORDS3 and head_dim % 8 == 0
+                and (role == "key" or value_token_block(spec, role, head_dim, device) == 0))
     return (role == "key" and spec.bits == 4 and value_spec is not None and head_dim % 8 == 0
             and value_token_block(value_spec, "value", head_dim, device) > 0)
 

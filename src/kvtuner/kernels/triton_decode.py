@@ -666,7 +666,8 @@ def _decode_split_kernel(
         GV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, HAS_MASK: tl.constexpr,
         SWAP_QK: tl.constexpr, SWAP_PV: tl.constexpr, ASM: tl.constexpr, FOLD_K: tl.constexpr,
         FOLD_V: tl.constexpr, DEV_LEN: tl.constexpr, QUNIT: tl.constexpr, UNPACK3_K: tl.constexpr,
-        UNPACK3_V: tl.constexpr, VT: tl.constexpr, KWORDS: tl.constexpr, ROT_Q: tl.constexpr = False,
+        UNPACK3_V: tl.constexpr, VT: tl.constexpr, KWORDS: tl.constexpr, VWORDS: tl.constexpr,
+        ROT_Q: tl.constexpr = False,
         LOG_D: tl.constexpr = 0, DQ16: tl.constexpr = False):
     if DEV_LEN:  # lengths live on the device (CUDA-graph replay): n_q/n_r passed in are capacities
         # the quantized length is stored in units of QUNIT (the key group in KIVI mode), so the
@@ -766,7 +767,7 @@ def _decode_split_kernel(
             if VT > 0:  # token-blocked values: a [D, N] tile unpacked along the dot's depth (tokens)
                 vcode = _unpack_tokens(vc, d, dmask, t0, end, svc_t, D, BLOCK_N, VW0, VW1, VT, ASM)
             else:
-                vcode = _unpack(vc, t, tmask, svc_t, D, BLOCK_D, VW0, VW1, ASM, UNPACK3_V, UNITS3=_ROW_UNITS3)
+                vcode = _unpack(vc, t, tmask, svc_t, D, BLOCK_D, VW0, VW1, ASM, UNPACK3_V, VWORDS, _ROW_UNITS3)
             if NGV == 1:
                 s_v = tl.load(vs + t.to(tl.int64) * svs_t, mask=tmask, other=0.0).to(tl.float32)
                 z_v = tl.load(vz + t.to(tl.int64) * svs_t, mask=tmask, other=0.0).to(tl.float32)
@@ -1137,8 +1138,10 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
         if (gv != d and (d % gv or block_d != d)):
             raise ValueError(f"value groups of {gv} channels need head_dim a power of two multiple")
         vt, kwords = v_packed.token_block, k_packed.channel_words
-        if v_packed.channel_words:
-            raise ValueError("values in channel word order are not read by the kernel; allowed: keys only")
+        vwords = v_packed.channel_words
+        if vwords and (vbits != 3 or v_packed.token_block):
+            raise ValueError(f"{vbits}-bit values in channel word order are not read by the kernel; allowed: keys, "
+                             "and 3-bit values packed along head_dim (contiguous words)")
         if vt and (d % 8 or vt % 32):
             raise ValueError(f"token-blocked values need head_dim a multiple of 8 and the block ({vt}) of 32")
         gk_eff = block_d if (not k_per_channel and gk == d) else gk
@@ -1146,7 +1149,7 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
     else:
         kc = ks = kz = vc = vs = vz = None
         kbits = vbits = 8
-        k_per_channel, gk_eff, gv_eff, vt, kwords = True, 32, block_d, 0, False
+        k_per_channel, gk_eff, gv_eff, vt, kwords, vwords = True, 32, block_d, 0, False, False
     if block_n is None:  # an empty history runs only the residual split: its placeholder bits/group pick no entry
         block_n = default_block_n(kbits, vbits, block_d, gk_eff if k_per_channel else None, vt) if n_q else gk_eff
     if k_per_channel and block_n % gk_eff and gk_eff % block_n:
@@ -1188,7 +1191,7 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
         BLOCK_R=32, HAS_MASK=mask is not None, SWAP_QK=bool(swap_qk), SWAP_PV=bool(swap_pv), ASM=bool(asm),
         FOLD_K=FOLDS[fold_k], FOLD_V=FOLDS[fold_v], DEV_LEN=lengths is not None,
         QUNIT=length_unit(k_packed) if lengths is not None else 1, UNPACK3_K=UNPACK3[unpack3_k] if asm else 0,
-        UNPACK3_V=UNPACK3[unpack3_v] if asm else 0, VT=vt, KWORDS=kwords, ROT_Q=bool(rotate_q),
+        UNPACK3_V=UNPACK3[unpack3_v] if asm else 0, VT=vt, KWORDS=kwords, VWORDS=vwords, ROT_Q=bool(rotate_q),
         LOG_D=block_d.bit_length() - 1, DQ16=bool(dq16), num_warps=num_warps, num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}))
     out = torch.empty(b, 1, hq, d, device=q.device, dtype=q.dtype)
