@@ -77,8 +77,13 @@ def packed_case(b: int, n: int, kbits: int, vbits: int, g: int):
         vp_i = triton_quant.quantize(v, vbits, "per_token", g if g < D else None)
         if vt:  # the cache keeps these values in token blocks of one group on the GPU (cache.value_token_block)
             vp_i = quant.in_token_blocks(vp_i, vt)
-            if kbits == 4:  # ... and 4-bit keys beside them in channel word order (cache.key_channel_words)
+            if kbits == 4:  # ... and 4-bit keys beside them in channel word order (cache.channel_words)
                 kp_i = quant.in_channel_words(kp_i)
+        if VALUE_LAYOUT == "cache" and cache.WORDS3:  # 3-bit codes packed along D as contiguous words (cache.WORDS3)
+            if kbits == 3:
+                kp_i = quant.in_channel_words(kp_i)
+            if vbits == 3 and not vt:
+                vp_i = quant.in_channel_words(vp_i)
         kp_parts.append(kp_i)
         vp_parts.append(vp_i)
         del k, v
@@ -139,6 +144,8 @@ def main() -> None:
                     "(default: the kernel's launch defaults, from sweep_decode_kernel.py)")
     ap.add_argument("--mixed", action="store_true", help="also time KVTuner-C3.25's 32 layers back to back at "
                     "B=64, L=4096 against the sum of its layers' single-layer times")
+    ap.add_argument("--words3", action="store_true", help="3-bit keys and values packed along head_dim as contiguous "
+                    "words, as the cache stores them with kvtuner.cache.WORDS3 set")
     ap.add_argument("--value-layout", default="cache", choices=["cache", "channels"],
                     help="cache: codes as the cache stores them on the GPU (token blocks for KIVI values of 2-4 "
                     "bits at G=128, 4-bit keys beside them in word order); channels: codes always packed along "
@@ -146,6 +153,7 @@ def main() -> None:
     args = ap.parse_args()
     global VALUE_LAYOUT
     VALUE_LAYOUT = args.value_layout
+    cache.WORDS3 = cache.WORDS3 or args.words3
     pairs = [(int(x[0]), int(x[1])) for x in args.pairs.split(",")]
     t_start = time.time()
     props = torch.cuda.get_device_properties(0)
@@ -234,11 +242,14 @@ def write(args, props, rows, t_start) -> None:
             f"{' --quick' if args.quick else ''} --pairs {args.pairs} --groups {args.groups}"
             f"{' --shapes ' + args.shapes if args.shapes else ''}{' --rotation' if args.rotation else ''}"
             f"{' --cudagraph' if args.cudagraph else ''}{' --tune' if args.tune else ''}"
-            f"{' --mixed' if args.mixed else ''}{' --value-layout ' + args.value_layout}` "
+            f"{' --mixed' if args.mixed else ''}{' --words3' if args.words3 else ''}"
+            f"{' --value-layout ' + args.value_layout}` "
             f"({time.time() - t_start:.0f} s).",
             "Values: " + ("as the cache stores them on the GPU: KIVI values of 2-4 bits in token blocks of one "
                           "group (quant.to_token_blocks) when G = 128, 4-bit keys beside them in channel word order "
-                          "(quant.to_channel_words); otherwise packed along head_dim."
+                          "(quant.to_channel_words); otherwise packed along head_dim"
+                          + ("; 3-bit keys and values packed along head_dim as contiguous words (cache.WORDS3)."
+                             if cache.WORDS3 else ".")
                           if args.value_layout == "cache" else "packed along head_dim for every pair."),
             "KIVI layout: keys per channel in groups of G tokens, values per token (G=128: one scale/zero per "
             "token and head; G=32: four), plus a 32-token bf16 residual window read by the same launch. "

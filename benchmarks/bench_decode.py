@@ -31,6 +31,7 @@ import triton
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
 from kvtuner import KVPlan, MixedPrecisionCache, with_cache
+from kvtuner import cache as kv_cache
 from kvtuner.generation import StaticDecoder
 
 C325 = {13: (8, 4), 17: (8, 4), **{i: (4, 4) for i in (1, 2, 3, 7, 29, 31)}, **{i: (2, 2) for i in (0, 4, 25, 27)}}
@@ -251,10 +252,14 @@ def main() -> None:
                          " steps only")
     ap.add_argument("--plan-file", action="append", default=[], metavar="NAME=PATH",
                     help="also run this plan file under NAME (repeatable; its layer count must equal --layers)")
+    ap.add_argument("--words3", action="store_true", help="3-bit keys and values packed along head_dim as "
+                    "contiguous words (sets kvtuner.cache.WORDS3)")
     ap.add_argument("--plot", help="only draw the plot from this JSON result file (no GPU needed)")
     ap.add_argument("--cprofile", metavar="CONFIG:BATCH:CONTEXT",
                     help="only profile the Python side of decode steps (cProfile), e.g. C3.25:64:4096")
     args = ap.parse_args()
+    if args.words3:
+        kv_cache.WORDS3 = True
     if args.plot:
         plot(json.loads(open(args.plot).read()), args.plot.replace(".json", ".png"))
         return
