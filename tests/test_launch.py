@@ -146,13 +146,9 @@ def test_offline_compiler_captures_the_split_launch():
     assert kwargs["ASM"] is True  # the launch as on a GPU (PTX unpacking), not the interpreter's
 
 
-@pytest.mark.parametrize("pair", ["33", "43", "23"])
-def test_three_bit_values_along_head_dim_use_wide_shared_stores(pair):
-    """3-bit values packed along head_dim (KIVI G = 32) are transposed through shared memory for the
-    ``V^T P^T`` MMA. With a whole token row per thread Triton stored that tile one fp16 at a time
-    (128 ``STS.U16`` per tile; H200, 64 x 4k: KV3 262.5 vs 243.4 µs, K2V3 248.4 vs 219.6 with four units
-    per thread). Compiled offline for an H100 (sm_90) with Triton's bundled ptxas, as on the GPU; in a
-    subprocess, since these tests run the kernels in Triton's interpreter."""
+def _offline_sm90(code: str):
+    """Run ``code`` (``compile_offline`` imported as ``co``) in a subprocess without Triton's interpreter, so
+    the kernel compiles for an H100 (sm_90) with Triton's bundled ptxas as on the GPU; the JSON it prints last."""
     import json
     import os
     import subprocess
@@ -160,17 +156,25 @@ def test_three_bit_values_along_head_dim_use_wide_shared_stores(pair):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    code = (
-        "import json, sys; sys.path.insert(0, 'benchmarks'); import compile_offline as co\n"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), env.get("PYTHONPATH", "")])
+    head = "import json, sys; sys.path.insert(0, 'benchmarks'); import compile_offline as co\n"
+    out = subprocess.run([sys.executable, "-c", head + code], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("pair", ["33", "43", "23"])
+def test_three_bit_values_along_head_dim_use_wide_shared_stores(pair):
+    """3-bit values packed along head_dim (KIVI G = 32) are transposed through shared memory for the
+    ``V^T P^T`` MMA. With a whole token row per thread Triton stored that tile one fp16 at a time
+    (128 ``STS.U16`` per tile; H200, 64 x 4k: KV3 262.5 vs 243.4 µs, K2V3 248.4 vs 219.6 with four units
+    per thread). Compiled offline for sm_90 (:func:`_offline_sm90`)."""
+    result = _offline_sm90(
         f"a, kw = co.launch_args({pair[0]}, {pair[1]}, b=2, n=256, kv_group=32)\n"
         "_, ops, usage = co.sass_summary(co.compile_sm90(a, kw))\n"
         "print(json.dumps({'ops': ops, 'usage': usage}))\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=300, check=False)
-    assert out.returncode == 0, out.stderr[-2000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
     ops = result["ops"]
     assert sum(ops.values()) > 1000, result["usage"]  # a real kernel was disassembled
     assert ops.get("STS.U16", 0) == 0, (ops.get("STS.U16"), result["usage"])
@@ -180,29 +184,16 @@ def test_three_bit_values_along_head_dim_use_wide_shared_stores(pair):
 def test_contiguous_three_bit_codes_shorten_the_token_loop(pair, words):
     """3-bit keys, and values packed along head_dim, as contiguous words (``quant.to_channel_words``,
     ``cache.WORDS3``) unpack with half the instructions of the two planes: the offline evidence for the
-    layout until it is timed on a GPU. KIVI G = 32, compiled for sm_90 as on the GPU (subprocess: these
-    tests run the interpreter); the value tile keeps its wide shared stores (no ``STS.U16``)."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    code = (
-        "import json, sys; sys.path.insert(0, 'benchmarks'); import compile_offline as co\n"
+    layout until it is timed on a GPU. KIVI G = 32, compiled offline for sm_90 (:func:`_offline_sm90`); the
+    value tile keeps its wide shared stores (no ``STS.U16``)."""
+    result = _offline_sm90(
         "out = {}\n"
         "for on in (False, True):\n"
         f"    a, kw = co.launch_args({pair[0]}, {pair[1]}, b=2, n=256, kv_group=32, {words}=on)\n"
         "    sass, ops, usage = co.sass_summary(co.compile_sm90(a, kw))\n"
         "    out[str(on)] = (sum(co.main_loop(sass).values()), usage, ops.get('STS.U16', 0))\n"
         "print(json.dumps(out))\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(root / "src"), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=300, check=False)
-    assert out.returncode == 0, out.stderr[-2000:]
-    (planes, planes_usage, _), (worded, usage, narrow) = json.loads(out.stdout.strip().splitlines()[-1]).values()
+    (planes, planes_usage, _), (worded, usage, narrow) = result.values()
     assert planes > 1000, planes_usage  # a real token loop was found
     assert worded < 0.95 * planes, (worded, planes, usage, planes_usage)
     stack = lambda u: int(u.split("STACK:")[1].split()[0])  # noqa: E731

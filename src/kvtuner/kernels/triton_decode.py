@@ -229,12 +229,16 @@ def _asm3_pairs() -> str:
             r = f"${4 * u + f}"
             lines += [f"lop3.b32 t, l{u}, 0x{3 << 2 * f:04x}{3 << 2 * f:04x}, m, 0xea;",
                       f"lop3.b32 {r}, h{u}, 0x{4 << 2 * f:04x}{4 << 2 * f:04x}, t, 0xea;"]
-            if f == 0:
-                lines.append(f"sub.f16x2 {r}, {r}, m;")
-            else:
-                lines += [f"mov.b32 s, {_f16x2(4.0 ** -f)};", f"mov.b32 o, {_f16x2(-1024 * 4.0 ** -f)};",
-                          f"fma.rn.f16x2 {r}, {r}, s, o;"]
+            lines += _to_code(r, 4.0 ** -f)
     return "\n".join(lines + ["}"])
+
+
+def _to_code(r: str, scale: float) -> list[str]:
+    """PTX turning fp16 ``1024 + c / scale`` in both lanes of ``r`` into ``c``: one ``sub`` of ``m``
+    (``0x64006400``) where ``scale == 1``, else one packed FMA by ``scale`` (registers ``s``, ``o``)."""
+    if scale == 1:
+        return [f"sub.f16x2 {r}, {r}, m;"]
+    return [f"mov.b32 s, {_f16x2(scale)};", f"mov.b32 o, {_f16x2(-1024 * scale)};", f"fma.rn.f16x2 {r}, {r}, s, o;"]
 
 
 def _asm3_contiguous() -> str:
@@ -252,12 +256,7 @@ def _asm3_contiguous() -> str:
     for k in range(8):
         src, shift = (("x0", 3 * k) if k < 3 else ("x1", 3 * k - 8) if k < 6 else ("x2", 3 * k - 16))
         mask = 7 << shift
-        lines.append(f"lop3.b32 ${k}, {src}, 0x{mask:04x}{mask:04x}, m, 0xea;")
-        if shift == 0:
-            lines.append(f"sub.f16x2 ${k}, ${k}, m;")
-        else:
-            lines += [f"mov.b32 s, {_f16x2(2.0 ** -shift)};", f"mov.b32 o, {_f16x2(-1024 * 2.0 ** -shift)};",
-                      f"fma.rn.f16x2 ${k}, ${k}, s, o;"]
+        lines += [f"lop3.b32 ${k}, {src}, 0x{mask:04x}{mask:04x}, m, 0xea;", *_to_code(f"${k}", 2.0 ** -shift)]
     return "\n".join(lines + ["}"])
 
 
@@ -403,20 +402,33 @@ def _unpack_tokens(base, d, dmask, t0, end, stride_t, D: tl.constexpr, BLOCK_N: 
 
 
 @triton.jit
-def _unpack3_asm(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constexpr, UNITS: tl.constexpr = 0):
-    """3-bit codes ``[len(t), BLOCK_D]`` as fp16 from both planes in one PTX call per two words
-    (:data:`_ASM3`): each word is 8 channels' 16 low-plane bits (loaded as uint16) and their 8
-    high bits. Needs ``D % 16 == 0``, so that every row and plane offset is even. ``UNITS``: words per
-    thread along the row (:data:`_ROW_UNITS3`; 0: Triton's choice, a whole row per thread)."""
+def _words3(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constexpr, UNITS: tl.constexpr,
+            WIDE: tl.constexpr):
+    """The 3 bytes of each 8-channel unit of a 3-bit row as uint32 ``[len(t), BLOCK_D // 8]``: the 2 bytes
+    at the start of the row (unit ``j``: bytes ``2j, 2j + 1``) | the byte at ``D / 4 + j`` << 16. ``WIDE``:
+    the 2 bytes as one uint16 (needs ``D % 16 == 0``: every offset even). ``UNITS``: units per thread along
+    the row (:data:`_ROW_UNITS3`; 0: Triton's choice, a whole row per thread)."""
     NW: tl.constexpr = BLOCK_D // 8
     j = tl.arange(0, NW)
     if UNITS > 0:
         j = tl.max_contiguous(j, UNITS)
     m = tmask[:, None] & (j < D // 8)[None, :]
     row = base + t.to(tl.int64)[:, None] * stride_t
-    lo = tl.load(row.to(tl.pointer_type(tl.uint16)) + j[None, :], mask=m, other=0)
+    if WIDE:
+        lo = tl.load(row.to(tl.pointer_type(tl.uint16)) + j[None, :], mask=m, other=0)
+    else:
+        lo = (tl.load(row + 2 * j[None, :], mask=m, other=0).to(tl.uint16)
+              | (tl.load(row + 2 * j[None, :] + 1, mask=m, other=0).to(tl.uint16) << 8))
     hi = tl.load(row + D // 4 + j[None, :], mask=m, other=0)
-    w = lo.to(tl.uint32) | (hi.to(tl.uint32) << 16)
+    return lo.to(tl.uint32) | (hi.to(tl.uint32) << 16)
+
+
+@triton.jit
+def _unpack3_asm(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constexpr, UNITS: tl.constexpr = 0):
+    """3-bit codes ``[len(t), BLOCK_D]`` as fp16 from both planes in one PTX call per two words
+    (:data:`_ASM3`): each word is 8 channels' 16 low-plane bits and their 8 high bits (:func:`_words3`).
+    Needs ``D % 16 == 0``, so that every row and plane offset is even."""
+    w = _words3(base, t, tmask, stride_t, D, BLOCK_D, UNITS, True)
     c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
         _ASM3, _ASM3_CONSTRAINTS, [w], dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
                                               tl.float16, tl.float16, tl.float16), is_pure=True, pack=2)
@@ -427,21 +439,9 @@ def _unpack3_asm(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constexp
 def _unpack3c(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constexpr, ASM: tl.constexpr,
               UNITS: tl.constexpr = 0):
     """Contiguous 3-bit codes (``quant.to_channel_words``, 3 bits) ``[len(t), BLOCK_D]`` as fp16: per 8
-    channels a 24-bit word, its low 16 bits where the 2-bit plane's 2 bytes are and its high 8 where
-    the 1-bit plane's byte is (``D % 8 == 0``). The low 16 bits load as one uint16 where ``D % 16 == 0``
-    (every offset even), else as two bytes."""
-    NW: tl.constexpr = BLOCK_D // 8
-    j = tl.arange(0, NW)
-    if UNITS > 0:
-        j = tl.max_contiguous(j, UNITS)
-    m = tmask[:, None] & (j < D // 8)[None, :]
-    row = base + t.to(tl.int64)[:, None] * stride_t
-    if ASM and D % 16 == 0:
-        lo = tl.load(row.to(tl.pointer_type(tl.uint16)) + j[None, :], mask=m, other=0).to(tl.uint32)
-    else:
-        lo = (tl.load(row + 2 * j[None, :], mask=m, other=0).to(tl.uint32)
-              | (tl.load(row + 2 * j[None, :] + 1, mask=m, other=0).to(tl.uint32) << 8))
-    w = lo | (tl.load(row + D // 4 + j[None, :], mask=m, other=0).to(tl.uint32) << 16)
+    channels a 24-bit word (:func:`_words3`: its low 16 bits where the 2-bit plane's 2 bytes are, its high
+    8 where the 1-bit plane's byte is; ``D % 8 == 0``), code ``k`` at bits ``3k``."""
+    w = _words3(base, t, tmask, stride_t, D, BLOCK_D, UNITS, ASM and D % 16 == 0)
     if ASM:
         c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
             _ASM3C, _ASM3_CONSTRAINTS, [w], dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
