@@ -71,6 +71,27 @@ def test_static_decode_matches_eager_cache(k, v, mode, rot, residual, sink):
         assert cache.nbytes() == eager_cache.nbytes()
 
 
+@pytest.mark.parametrize("k,v,mode,rot", [(3, 3, "kivi", False), (3, 4, "per_token", True), (4, 3, "kivi", True)])
+def test_static_decode_with_contiguous_three_bit_codes(k, v, mode, rot, monkeypatch):
+    # cache.WORDS3: 3-bit keys and values as contiguous words in the static buffers too; the same tokens and
+    # bytes as the eager cache in that layout, and the same tokens as the plane layout
+    from kvtuner import cache as cache_mod
+
+    model = _model()
+    plan = _plan(k, v, mode, rot, residual=4)
+    ids = torch.randint(3, 128, (2, 21), generator=torch.Generator().manual_seed(5)).to(DEV)
+    planes, _ = _eager_tokens(model, plan, ids, None, 30)
+    monkeypatch.setattr(cache_mod, "WORDS3", True)
+    want, eager_cache = _eager_tokens(model, plan, ids, None, 30)
+    cache = MixedPrecisionCache(plan, model.config)
+    got = greedy_generate(model, ids, cache, 30, cuda_graph=False)
+    model.config._attn_implementation = "sdpa"
+    assert torch.equal(got, want) and torch.equal(want, planes)
+    three = [s for lay in cache.layers for s, bits in ((lay._k, k), (lay._v, v)) if bits == 3]
+    assert three and all(s.channel_words and s.packed.channel_words for s in three)
+    assert cache.nbytes() == eager_cache.nbytes()
+
+
 @pytest.mark.parametrize("arch,kv_heads", [("qwen2", 2), ("llama", 1)])  # Qwen2 (q/k/v bias), MQA
 def test_static_decode_other_models(arch, kv_heads):
     model = tiny_model(arch, layers=2, heads=4, kv_heads=kv_heads, head_dim=32, vocab=128).to(DEV)
