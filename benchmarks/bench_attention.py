@@ -23,6 +23,7 @@ import triton.testing
 
 from kvtuner import cache, quant
 from kvtuner.attention import rotated_decode
+from kvtuner.spec import QuantSpec
 from kvtuner.kernels import triton_decode, triton_quant
 
 HQ, HKV, D = 32, 8, 128
@@ -66,24 +67,32 @@ def sdpa_us(b: int, n: int) -> tuple[float, str]:
     return best
 
 
+def cache_layout(kbits: int, vbits: int, g: int) -> tuple[int, bool, bool]:
+    """(values' token block, keys in word order, values in word order) as MixedPrecisionCache decides them on
+    the GPU for a KIVI layer of this pair and group (cache.value_token_block, cache.channel_words)."""
+    if VALUE_LAYOUT != "cache":
+        return 0, False, False
+    kspec, vspec = QuantSpec(kbits, "kivi", g, RESIDUAL), QuantSpec(vbits, "kivi", g, RESIDUAL)
+    dev = torch.device("cuda")
+    return (cache.value_token_block(vspec, "value", D, dev), cache.channel_words(kspec, vspec, "key", D, dev),
+            cache.channel_words(vspec, None, "value", D, dev))
+
+
 def packed_case(b: int, n: int, kbits: int, vbits: int, g: int):
     kp_parts, vp_parts = [], []
-    vt = g if VALUE_LAYOUT == "cache" and vbits in cache.TOKEN_BLOCK_BITS and g in cache.FAST_TOKEN_BLOCKS else 0
+    vt, kwords, vwords = cache_layout(kbits, vbits, g)
     for i in range(b):  # per sequence, so bf16 temporaries and the re-layout's int32 codes stay small
         k = torch.randn(1, HKV, n, D, device="cuda", dtype=torch.bfloat16)
         k += torch.randn(1, 1, 1, D, device="cuda", dtype=torch.bfloat16) * 2
         v = torch.randn(1, HKV, n, D, device="cuda", dtype=torch.bfloat16)
         kp_i = triton_quant.quantize(k, kbits, "per_channel", g)
         vp_i = triton_quant.quantize(v, vbits, "per_token", g if g < D else None)
-        if vt:  # the cache keeps these values in token blocks of one group on the GPU (cache.value_token_block)
+        if vt:
             vp_i = quant.in_token_blocks(vp_i, vt)
-            if kbits == 4:  # ... and 4-bit keys beside them in channel word order (cache.channel_words)
-                kp_i = quant.in_channel_words(kp_i)
-        if VALUE_LAYOUT == "cache" and cache.WORDS3:  # 3-bit codes packed along D as contiguous words (cache.WORDS3)
-            if kbits == 3:
-                kp_i = quant.in_channel_words(kp_i)
-            if vbits == 3 and not vt:
-                vp_i = quant.in_channel_words(vp_i)
+        if kwords:
+            kp_i = quant.in_channel_words(kp_i)
+        if vwords:
+            vp_i = quant.in_channel_words(vp_i)
         kp_parts.append(kp_i)
         vp_parts.append(vp_i)
         del k, v

@@ -485,9 +485,9 @@ def _unpack(base, t, tmask, stride_t, D: tl.constexpr, BLOCK_D: tl.constexpr, W0
     col1: tl.constexpr = (D + 8 // W0 - 1) // (8 // W0)  # bytes of the first plane per token
     if W0 == 2 and W1 == 1 and WORDS:  # 3-bit codes in word order are contiguous 24-bit words
         return _unpack3c(base, t, tmask, stride_t, D, BLOCK_D, ASM, UNITS3)
-    if ASM and UNPACK3 == 1 and W0 == 2 and W1 == 1 and D % 16 == 0 and not WORDS:
+    if ASM and UNPACK3 == 1 and W0 == 2 and W1 == 1 and D % 16 == 0:
         return _unpack3_asm(base, t, tmask, stride_t, D, BLOCK_D, UNITS3)
-    if ASM and UNPACK3 == 2 and W0 == 2 and W1 == 1 and D % 8 == 0 and not WORDS:
+    if ASM and UNPACK3 == 2 and W0 == 2 and W1 == 1 and D % 8 == 0:
         return _unpack3n_asm(base, t, tmask, stride_t, D, BLOCK_D)
     if ASM:
         c = _unpack_plane_asm(base, t, tmask, stride_t, 0, D, BLOCK_D, W0)
@@ -716,7 +716,8 @@ def _decode_split_kernel(
             t = t0 + tl.arange(0, BLOCK_N)
             tmask = t < end
             # ---- scores = q . k^T, k = codes * scale + zero
-            kcode = _unpack(kc, t, tmask, skc_t, D, BLOCK_D, KW0, KW1, ASM, UNPACK3_K, KWORDS, KEY_UNITS3)  # [BLOCK_N, BLOCK_D] fp16
+            # [BLOCK_N, BLOCK_D] fp16
+            kcode = _unpack(kc, t, tmask, skc_t, D, BLOCK_D, KW0, KW1, ASM, UNPACK3_K, KWORDS, KEY_UNITS3)
             if K_PER_CHANNEL:
                 if GK % BLOCK_N == 0:  # the tile lies in one key group: fold its [D] scale/zero into q
                     g = (t0 // GK).to(tl.int64)
