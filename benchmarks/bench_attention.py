@@ -153,8 +153,8 @@ def main() -> None:
                     "(default: the kernel's launch defaults, from sweep_decode_kernel.py)")
     ap.add_argument("--mixed", action="store_true", help="also time KVTuner-C3.25's 32 layers back to back at "
                     "B=64, L=4096 against the sum of its layers' single-layer times")
-    ap.add_argument("--words3", action="store_true", help="3-bit keys and values packed along head_dim as contiguous "
-                    "words, as the cache stores them with kvtuner.cache.WORDS3 set")
+    ap.add_argument("--planes3", action="store_true", help="3-bit codes in two bit planes (kvtuner.cache.WORDS3 = "
+                    "False), the layout before session 21; default: as the cache stores them (contiguous words)")
     ap.add_argument("--value-layout", default="cache", choices=["cache", "channels"],
                     help="cache: codes as the cache stores them on the GPU (token blocks for KIVI values of 2-4 "
                     "bits at G=128, 4-bit keys beside them in word order); channels: codes always packed along "
@@ -162,7 +162,8 @@ def main() -> None:
     args = ap.parse_args()
     global VALUE_LAYOUT
     VALUE_LAYOUT = args.value_layout
-    cache.WORDS3 = cache.WORDS3 or args.words3
+    if args.planes3:
+        cache.WORDS3 = False
     pairs = [(int(x[0]), int(x[1])) for x in args.pairs.split(",")]
     t_start = time.time()
     props = torch.cuda.get_device_properties(0)
@@ -251,14 +252,14 @@ def write(args, props, rows, t_start) -> None:
             f"{' --quick' if args.quick else ''} --pairs {args.pairs} --groups {args.groups}"
             f"{' --shapes ' + args.shapes if args.shapes else ''}{' --rotation' if args.rotation else ''}"
             f"{' --cudagraph' if args.cudagraph else ''}{' --tune' if args.tune else ''}"
-            f"{' --mixed' if args.mixed else ''}{' --words3' if args.words3 else ''}"
+            f"{' --mixed' if args.mixed else ''}{' --planes3' if args.planes3 else ''}"
             f"{' --value-layout ' + args.value_layout}` "
             f"({time.time() - t_start:.0f} s).",
             "Values: " + ("as the cache stores them on the GPU: KIVI values of 2-4 bits in token blocks of one "
                           "group (quant.to_token_blocks) when G = 128, 4-bit keys beside them in channel word order "
                           "(quant.to_channel_words); otherwise packed along head_dim"
                           + ("; 3-bit keys and values packed along head_dim as contiguous words (cache.WORDS3)."
-                             if cache.WORDS3 else ".")
+                             if cache.WORDS3 is not False else "; 3-bit codes in two bit planes (--planes3).")
                           if args.value_layout == "cache" else "packed along head_dim for every pair."),
             "KIVI layout: keys per channel in groups of G tokens, values per token (G=128: one scale/zero per "
             "token and head; G=32: four), plus a 32-token bf16 residual window read by the same launch. "

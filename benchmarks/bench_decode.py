@@ -252,14 +252,14 @@ def main() -> None:
                          " steps only")
     ap.add_argument("--plan-file", action="append", default=[], metavar="NAME=PATH",
                     help="also run this plan file under NAME (repeatable; its layer count must equal --layers)")
-    ap.add_argument("--words3", action="store_true", help="3-bit keys and values packed along head_dim as "
-                    "contiguous words (sets kvtuner.cache.WORDS3)")
+    ap.add_argument("--planes3", action="store_true", help="3-bit codes in two bit planes (sets "
+                    "kvtuner.cache.WORDS3 = False), the layout before session 21; default: contiguous words")
     ap.add_argument("--plot", help="only draw the plot from this JSON result file (no GPU needed)")
     ap.add_argument("--cprofile", metavar="CONFIG:BATCH:CONTEXT",
                     help="only profile the Python side of decode steps (cProfile), e.g. C3.25:64:4096")
     args = ap.parse_args()
-    if args.words3:
-        kv_cache.WORDS3 = True
+    if args.planes3:
+        kv_cache.WORDS3 = False
     if args.plot:
         plot(json.loads(open(args.plot).read()), args.plot.replace(".json", ".png"))
         return

@@ -660,11 +660,12 @@ def value_token_block(spec: QuantSpec, role: str, head_dim: int, device: torch.d
 
 
 # 3-bit codes packed along head_dim as contiguous 24-bit words (quant.to_channel_words, 3 bits): keys, and values
-# not in token blocks, read with one mask and one packed FMA per 2 codes instead of two planes' four. Off until
-# timed on a GPU: offline sm_90 SASS has the token loop 9-12 % shorter for 3-bit keys and 7-11 % for 3-bit
-# values, with no more registers (benchmarks/results/kernel_experiments_h100.md, session 20). True: wherever
-# possible (tests, A/B runs).
-WORDS3 = False
+# not in token blocks, read with one mask and one packed FMA per 2 codes instead of two planes' four. None: on
+# the fused-kernel path, where measured faster on an H100 (benchmarks/results/kernel_experiments_h100.md,
+# session 21; graph µs at 64 x 4k, G = 32: K3V3 238 -> 225, K3V2 223 -> 219, K3V4 216 -> 211, K4V3 212 -> 207;
+# G = 128 token-blocked values, 3-bit keys: K3V2 196 -> 185, K3V3 206 -> 197). The CPU reference path keeps the
+# planes (same bytes either way). True/False force the layout wherever it is possible (tests, A/B runs).
+WORDS3: bool | None = None
 
 
 def channel_words(spec: QuantSpec, value_spec: QuantSpec | None, role: str, head_dim: int,
@@ -674,11 +675,12 @@ def channel_words(spec: QuantSpec, value_spec: QuantSpec | None, role: str, head
     4-bit keys next to token-blocked values: the fused kernel then skips the fp16-pair repacking of
     the key tile (H100, 64 x 4k: K4V4 184 -> 176 µs, K4V2 180 -> 174). Not for 2-bit keys (50-60 %
     slower: more registers) nor for 4-bit keys next to values packed along head_dim (K4V8 262 -> 286).
-    3-bit codes (keys, and values not in token blocks): contiguous words where :data:`WORDS3` says so
+    3-bit codes (keys, and values not in token blocks): contiguous words on the fused-kernel path (:data:`WORDS3`)
     (the plane word order of session 12 was 50 % slower and is gone).
     """
     if spec.bits == 3:
-        return (WORDS3 and head_dim % 8 == 0
+        wanted = kernels.use_triton(device) if WORDS3 is None else WORDS3
+        return (wanted and head_dim % 8 == 0
                 and (role == "key" or value_token_block(spec, role, head_dim, device) == 0))
     return (role == "key" and spec.bits == 4 and value_spec is not None and head_dim % 8 == 0
             and value_token_block(value_spec, "value", head_dim, device) > 0)
