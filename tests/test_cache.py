@@ -374,6 +374,34 @@ def test_sink_length_must_match_between_keys_and_values_and_skips_sliding_layers
     assert sinks == {True: 0, False: 2}
 
 
+def test_three_bit_words_by_default_on_the_fused_path_only():
+    # cache.WORDS3 = None: 3-bit codes packed along head_dim as contiguous words wherever the fused kernel reads
+    # the cache (timed faster on the GPU), bit planes on the reference path; token-blocked values keep theirs
+    import kvtuner
+    from kvtuner import cache as cache_mod
+    from kvtuner.spec import QuantSpec
+
+    assert cache_mod.WORDS3 is None
+    cpu = torch.device("cpu")
+    g32, g128, v4 = QuantSpec(3, "kivi", 32), QuantSpec(3, "kivi", 128), QuantSpec(4, "kivi", 32)
+    layouts = {}
+    for backend in ("torch", "triton"):
+        kvtuner.set_backend(backend)
+        try:
+            layouts[backend] = [cache_mod.channel_words(g32, g32, "key", 64, cpu),
+                                cache_mod.channel_words(g32, None, "value", 64, cpu),
+                                cache_mod.channel_words(g128, g128, "key", 64, cpu),
+                                cache_mod.channel_words(g128, None, "value", 64, cpu),
+                                cache_mod.channel_words(g32, None, "value", 12, cpu),  # needs head_dim % 8
+                                cache_mod.channel_words(v4, v4, "key", 64, cpu)]
+        finally:
+            kvtuner.set_backend("auto")
+    assert layouts["torch"] == [False] * 6
+    # G = 128 values go in token blocks on the fused path, so only their keys are words; 4-bit keys beside
+    # values packed along head_dim keep the plain order
+    assert layouts["triton"] == [True, True, True, False, False, False]
+
+
 @pytest.mark.parametrize("mode,group", [("kivi", 32), ("per_token", 32)])
 def test_contiguous_three_bit_codes_hold_the_same_cache(monkeypatch, mode, group):
     # cache.WORDS3: 3-bit keys and values stored as contiguous 24-bit words (quant.to_channel_words); forced
