@@ -2,6 +2,7 @@
 # Session 21, after cache.WORDS3 became the GPU default: launch variants for 3-bit pairs with token-blocked
 # values (G = 128), whole decode steps per plan in both 3-bit layouts, then the GPU test suite (pytest-xdist
 # from wheels/, carried: the device has no PyPI). Output under $OUT (or benchmarks/results/words3_check).
+# wheels/ is not committed: first `pip download --no-deps -d wheels pytest-xdist execnet` here, then carry it.
 set -u
 export PYTHONPATH=$PWD/src
 O=${OUT:-benchmarks/results/words3_check}; mkdir -p $O
