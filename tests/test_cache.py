@@ -382,18 +382,19 @@ def test_three_bit_words_by_default_on_the_fused_path_only():
     from kvtuner.spec import QuantSpec
 
     assert cache_mod.WORDS3 is None
-    cpu = torch.device("cpu")
+    # the fused path: a GPU, or on a CPU-only machine Triton's interpreter (tests/conftest.py)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     g32, g128, v4 = QuantSpec(3, "kivi", 32), QuantSpec(3, "kivi", 128), QuantSpec(4, "kivi", 32)
     layouts = {}
     for backend in ("torch", "triton"):
         kvtuner.set_backend(backend)
         try:
-            layouts[backend] = [cache_mod.channel_words(g32, g32, "key", 64, cpu),
-                                cache_mod.channel_words(g32, None, "value", 64, cpu),
-                                cache_mod.channel_words(g128, g128, "key", 64, cpu),
-                                cache_mod.channel_words(g128, None, "value", 64, cpu),
-                                cache_mod.channel_words(g32, None, "value", 12, cpu),  # needs head_dim % 8
-                                cache_mod.channel_words(v4, v4, "key", 64, cpu)]
+            layouts[backend] = [cache_mod.channel_words(g32, g32, "key", 64, dev),
+                                cache_mod.channel_words(g32, None, "value", 64, dev),
+                                cache_mod.channel_words(g128, g128, "key", 64, dev),
+                                cache_mod.channel_words(g128, None, "value", 64, dev),
+                                cache_mod.channel_words(g32, None, "value", 12, dev),  # needs head_dim % 8
+                                cache_mod.channel_words(v4, v4, "key", 64, dev)]
         finally:
             kvtuner.set_backend("auto")
     assert layouts["torch"] == [False] * 6
