@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python benchmarks/ab_decode_step.py --layers 30 --batch 64 --context 4096 \
         --plan-file searched3.25=benchmarks/results/smollm2-rot3-sink1-kl512.plan-3.25.json \
-        --out benchmarks/results/decode_step_words3_h100.md
+        --out benchmarks/results/words3_check_h200/decode_step_words3.md
 
 Llama-3.1-8B shape with random bf16 weights (bench_decode.build), each cache filled with random keys and
 values through ``Cache.update`` (bench_decode.fill), then ``--steps`` graph-replayed decode steps

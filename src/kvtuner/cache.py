@@ -678,11 +678,12 @@ def channel_words(spec: QuantSpec, value_spec: QuantSpec | None, role: str, head
     3-bit codes (keys, and values not in token blocks): contiguous words on the fused-kernel path (:data:`WORDS3`)
     (the plane word order of session 12 was 50 % slower and is gone).
     """
+    if spec.bits not in (3, 4) or head_dim % quant.word_channels(spec.bits):  # the only widths kept in word order
+        return False
     if spec.bits == 3:
         wanted = kernels.use_triton(device) if WORDS3 is None else WORDS3
-        return (wanted and head_dim % 8 == 0
-                and (role == "key" or value_token_block(spec, role, head_dim, device) == 0))
-    return (role == "key" and spec.bits == 4 and value_spec is not None and head_dim % 8 == 0
+        return wanted and (role == "key" or value_token_block(spec, role, head_dim, device) == 0)
+    return (role == "key" and value_spec is not None
             and value_token_block(value_spec, "value", head_dim, device) > 0)
 
 

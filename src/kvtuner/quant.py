@@ -318,10 +318,15 @@ def _check_plain(qt: QuantizedTensor) -> None:
         raise ValueError("codes already re-laid (token_block or channel_words); allowed: codes packed along D")
 
 
-def _check_words(bits: int, dim: int) -> None:
+def word_channels(bits: int) -> int:
+    """Channels per word in word order (:func:`to_channel_words`); head_dim must be a multiple of it:
+    the 8 channels of a contiguous 24-bit word for 3 bits, else a 32-bit word of the narrowest plane."""
     _check_bits(bits)
-    # channels per 32-bit word of the narrowest plane; 3 bits: per contiguous 24-bit word
-    need = 8 if PLANES[bits] == (2, 1) else max(32 // w for w in PLANES[bits])
+    return 8 if PLANES[bits] == (2, 1) else max(32 // w for w in PLANES[bits])
+
+
+def _check_words(bits: int, dim: int) -> None:
+    need = word_channels(bits)
     if dim % need:
         raise ValueError(f"head_dim {dim} is invalid for {bits}-bit codes in word order; allowed: a multiple of {need}")
 
