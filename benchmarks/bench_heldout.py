@@ -24,7 +24,7 @@ import transformers
 
 import kvtuner
 from kvtuner import KVPlan, load_model
-from kvtuner.evaluate import Evaluator
+from kvtuner.evaluation import Evaluator
 
 UNIFORM = re.compile(r"^K(\d+)?V(\d+)(r?)(?:s(\d+))?$")
 

@@ -19,7 +19,7 @@ import transformers
 
 import kvtuner
 from kvtuner import KVPlan, load_model
-from kvtuner.evaluate import Evaluator
+from kvtuner.evaluation import Evaluator
 
 PAIRS = [(8, 8), (8, 4), (4, 8), (4, 4), (4, 2), (2, 4), (2, 2)]
 

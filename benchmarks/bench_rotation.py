@@ -19,7 +19,7 @@ import transformers
 
 import kvtuner
 from kvtuner import KVPlan, load_model
-from kvtuner.evaluate import Evaluator
+from kvtuner.evaluation import Evaluator
 
 PAIRS = [(4, 4), (4, 3), (3, 3), (4, 2), (2, 2)]
 

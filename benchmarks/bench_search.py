@@ -25,7 +25,7 @@ import transformers
 import kvtuner
 from kvtuner import KVPlan, load_model, profile
 from kvtuner.data import default_texts
-from kvtuner.evaluate import Evaluator
+from kvtuner.evaluation import Evaluator
 from kvtuner.profiling import SensitivityTable, calibration_batches, layer_kl
 from kvtuner.search import search
 from kvtuner.search.objectives import KLObjective

@@ -16,7 +16,6 @@ import collections
 import json
 import re
 from pathlib import Path
-from unittest import mock
 
 import torch
 import triton
@@ -25,21 +24,12 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
 from kvtuner import quant
-from kvtuner.kernels import triton_decode as td
+from kvtuner.kernels import Target, plan_launch
+from kvtuner.kernels.decode_kernel import split_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
 SASS_OP = re.compile(r"^\s*(?:[-\w:]+\s+)?(?:/\*[0-9a-f]+\*/\s+)?(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)\b",
                      re.MULTILINE)
-
-
-class _Capture:
-    """Stands in for a kernel's launcher (``launch(grid, *args, **kwargs)``): records the arguments."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, grid, *args, **kwargs):
-        self.calls.append((args, kwargs))
 
 
 def launch_args(kbits: int, vbits: int, b: int = 64, n: int = 4096, hkv: int = 8, group: int = 4, d: int = 128,
@@ -55,18 +45,13 @@ def launch_args(kbits: int, vbits: int, b: int = 64, n: int = 4096, hkv: int = 8
     vp.channel_words = value_words  # ... and VWORDS
     kr = torch.randn(b, hkv, 32, d, dtype=torch.bfloat16)
     q = torch.randn(b, hkv * group, 1, d, dtype=torch.bfloat16)
-    cap = _Capture()
-    with mock.patch.object(td, "_launch_split", cap), mock.patch.object(td, "_launch_merge", _Capture()), \
-            mock.patch.object(td, "_ptx_ok", lambda device: True), mock.patch.object(td, "_num_sm", lambda device: 132):
-        td._launch_defaults.cache_clear()
-        td.decode_attention(q, kp, kr, vp, kr, d**-0.5, **launch)
-    td._launch_defaults.cache_clear()
-    return cap.calls[0]
+    launch = plan_launch(q, kp, kr, vp, kr, d**-0.5, target=Target(132, True, "h100"), **launch)
+    return launch.split_args, launch.split_kwargs
 
 
 def compile_sm90(args: tuple, kwargs: dict):
     """The split kernel compiled as Triton would for these arguments on an H100."""
-    kernel = td._decode_split_kernel
+    kernel = split_kernel
     backend = make_backend(TARGET)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, spec, _ = binder(*args, **kwargs)

@@ -1,15 +1,31 @@
-"""Shared fixtures. Run everything with `python -m pytest`; skip the SmolLM2 tests with `-m "not slow"`."""
+"""Shared fixtures. Run everything with `python -m pytest`; skip the SmolLM2 tests with `-m "not slow"`.
 
+Tests marked ``gpu`` need a CUDA GPU and Triton; elsewhere they are skipped with that reason.
+"""
+
+import importlib.util
 import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
+CUDA = torch.cuda.is_available()
+TRITON = importlib.util.find_spec("triton") is not None
+
+if not CUDA:
     # Triton reads this when it is first imported (transformers may import it early): the kernel
     # tests then run in the interpreter. It changes nothing else: CPU tensors take the kernels only
-    # under kvtuner.set_backend("triton").
+    # under KernelPolicy(backend="triton").
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if CUDA and TRITON:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU and Triton")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

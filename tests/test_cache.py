@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig
 
-from kvtuner import KVPlan, MixedPrecisionCache, PlanError, quant, with_cache
+from kvtuner import KernelPolicy, KVPlan, MixedPrecisionCache, PlanError, quant, with_cache
 from kvtuner.testing import tiny_model
 
 MODELS = [("llama", 2), ("qwen2", 2), ("gemma3", 2), ("llama", 1)]  # (arch, kv heads): GQA and MQA
@@ -271,18 +271,15 @@ def test_rotation_needs_power_of_two_head_dim():
 
 
 @pytest.mark.parametrize("vbits,blocked", [(2, True), (3, True), (4, True), (8, False)])
-def test_values_in_token_blocks_hold_the_same_cache(monkeypatch, vbits, blocked):
+def test_values_in_token_blocks_hold_the_same_cache(vbits, blocked):
     # on the GPU, KIVI values of 2-4 bits are kept in token blocks for the fused kernel (and 4-bit keys
     # beside them in channel word order); forced here on the CPU: same tensors out, same bytes, same
     # crop semantics (cuts fall on whole blocks)
-    from kvtuner import cache as cache_mod
-
     plan = KVPlan.uniform(2, 4, vbits, "kivi")
     k, v = _kv(100)
     runs = {}
     for flag in (False, True):
-        monkeypatch.setattr(cache_mod, "VALUE_TOKEN_BLOCKS", flag)
-        cache = MixedPrecisionCache(plan, CFG)
+        cache = MixedPrecisionCache(plan, CFG, policy=KernelPolicy(value_token_blocks="on" if flag else "off"))
         outs = [cache.update(k, v, layer) for layer in range(2)]
         outs += [cache.update(*_kv(1, seed=s), 0) for s in range(40)]  # two more flushes in layer 0
         runs[flag] = (cache, outs)
@@ -375,45 +372,37 @@ def test_sink_length_must_match_between_keys_and_values_and_skips_sliding_layers
 
 
 def test_three_bit_words_by_default_on_the_fused_path_only():
-    # cache.WORDS3 = None: 3-bit codes packed along head_dim as contiguous words wherever the fused kernel reads
+    # words3="auto": 3-bit codes packed along head_dim as contiguous words wherever the fused kernel reads
     # the cache (timed faster on the GPU), bit planes on the reference path; token-blocked values keep theirs
-    import kvtuner
-    from kvtuner import cache as cache_mod
     from kvtuner.spec import QuantSpec
 
-    assert cache_mod.WORDS3 is None
     # the fused path: a GPU, or on a CPU-only machine Triton's interpreter (tests/conftest.py)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     g32, g128, v4 = QuantSpec(3, "kivi", 32), QuantSpec(3, "kivi", 128), QuantSpec(4, "kivi", 32)
     layouts = {}
     for backend in ("torch", "triton"):
-        kvtuner.set_backend(backend)
-        try:
-            layouts[backend] = [cache_mod.channel_words(g32, g32, "key", 64, dev),
-                                cache_mod.channel_words(g32, None, "value", 64, dev),
-                                cache_mod.channel_words(g128, g128, "key", 64, dev),
-                                cache_mod.channel_words(g128, None, "value", 64, dev),
-                                cache_mod.channel_words(g32, None, "value", 12, dev),  # needs head_dim % 8
-                                cache_mod.channel_words(v4, v4, "key", 64, dev)]
-        finally:
-            kvtuner.set_backend("auto")
+        policy = KernelPolicy(backend)
+        lay = [policy.layout(s, s, d, dev) for s, d in ((g32, 64), (g128, 64), (g32, 12), (v4, 64))]
+        layouts[backend] = [lay[0].key_words, lay[0].value_words, lay[1].key_words, lay[1].value_words,
+                            lay[2].value_words, lay[3].key_words]  # head_dim 12: words need head_dim % 8
     assert layouts["torch"] == [False] * 6
     # G = 128 values go in token blocks on the fused path, so only their keys are words; 4-bit keys beside
     # values packed along head_dim keep the plain order
     assert layouts["triton"] == [True, True, True, False, False, False]
+    with pytest.raises(ValueError, match="words3='yes' is invalid; allowed: auto, on, off"):
+        KernelPolicy(words3="yes")
+    with pytest.raises(ValueError, match="backend='cuda' is invalid"):
+        KernelPolicy("cuda")
 
 
 @pytest.mark.parametrize("mode,group", [("kivi", 32), ("per_token", 32)])
-def test_contiguous_three_bit_codes_hold_the_same_cache(monkeypatch, mode, group):
-    # cache.WORDS3: 3-bit keys and values stored as contiguous 24-bit words (quant.to_channel_words); forced
+def test_contiguous_three_bit_codes_hold_the_same_cache(mode, group):
+    # words3: 3-bit keys and values stored as contiguous 24-bit words (quant.to_channel_words); forced
     # here on the CPU, where the reference path reads them back: same tensors out, same bytes
-    from kvtuner import cache as cache_mod
-
     plan = KVPlan.uniform(2, 3, 3, mode, group_size=group)
     runs = {}
     for flag in (False, True):
-        monkeypatch.setattr(cache_mod, "WORDS3", flag)
-        cache = MixedPrecisionCache(plan, CFG)
+        cache = MixedPrecisionCache(plan, CFG, policy=KernelPolicy(words3="on" if flag else "off"))
         outs = [cache.update(*_kv(100), layer) for layer in range(2)]
         outs += [cache.update(*_kv(1, seed=s), 0) for s in range(40)]
         runs[flag] = (cache, outs)
@@ -424,8 +413,8 @@ def test_contiguous_three_bit_codes_hold_the_same_cache(monkeypatch, mode, group
         assert not torch.equal(w.packed.codes, p.packed.codes)  # really re-laid
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(outs_p, outs_w))
     assert worded.nbytes() == plain.nbytes()
-    monkeypatch.setattr(cache_mod, "VALUE_TOKEN_BLOCKS", True)  # values in token blocks keep their own layout
-    blocked = MixedPrecisionCache(KVPlan.uniform(2, 3, 3, "kivi", group_size=32), CFG)
+    blocks = KernelPolicy(value_token_blocks="on", words3="on")  # values in token blocks keep their own layout
+    blocked = MixedPrecisionCache(KVPlan.uniform(2, 3, 3, "kivi", group_size=32), CFG, policy=blocks)
     blocked.update(*_kv(100), 0)
     assert blocked.layers[0]._k.channel_words and blocked.layers[0]._v.token_block == 32
     assert not blocked.layers[0]._v.channel_words

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvtuner import KVPlan, MixedPrecisionCache, PlanError, with_cache
+from kvtuner import KernelPolicy, KVPlan, MixedPrecisionCache, PlanError, with_cache
 from kvtuner.generation import greedy_generate
 from kvtuner.spec import LayerSpec, QuantSpec
 from kvtuner.testing import tiny_model
@@ -31,8 +31,8 @@ def _plan(k, v, mode="kivi", rot=False, group=8, residual=4, sink=0):
     return KVPlan([spec, spec])
 
 
-def _eager_tokens(model, plan, ids, mask, new):
-    cache = MixedPrecisionCache(plan, model.config)
+def _eager_tokens(model, plan, ids, mask, new, policy=KernelPolicy()):
+    cache = MixedPrecisionCache(plan, model.config, policy=policy)
     pos = (mask.long().cumsum(-1) - 1).clamp_min(0) if mask is not None else None
     out = []
     with torch.no_grad():
@@ -72,18 +72,16 @@ def test_static_decode_matches_eager_cache(k, v, mode, rot, residual, sink):
 
 
 @pytest.mark.parametrize("k,v,mode,rot", [(3, 3, "kivi", False), (3, 4, "per_token", True), (4, 3, "kivi", True)])
-def test_static_decode_with_contiguous_three_bit_codes(k, v, mode, rot, monkeypatch):
-    # cache.WORDS3: 3-bit keys and values as contiguous words in the static buffers too; the same tokens and
+def test_static_decode_with_contiguous_three_bit_codes(k, v, mode, rot):
+    # words3: 3-bit keys and values as contiguous words in the static buffers too; the same tokens and
     # bytes as the eager cache in that layout, and the same tokens as the plane layout
-    from kvtuner import cache as cache_mod
-
+    words = KernelPolicy(words3="on")
     model = _model()
     plan = _plan(k, v, mode, rot, residual=4)
     ids = torch.randint(3, 128, (2, 21), generator=torch.Generator().manual_seed(5)).to(DEV)
-    planes, _ = _eager_tokens(model, plan, ids, None, 30)
-    monkeypatch.setattr(cache_mod, "WORDS3", True)
-    want, eager_cache = _eager_tokens(model, plan, ids, None, 30)
-    cache = MixedPrecisionCache(plan, model.config)
+    planes, _ = _eager_tokens(model, plan, ids, None, 30, KernelPolicy(words3="off"))
+    want, eager_cache = _eager_tokens(model, plan, ids, None, 30, words)
+    cache = MixedPrecisionCache(plan, model.config, policy=words)
     got = greedy_generate(model, ids, cache, 30, cuda_graph=False)
     model.config._attn_implementation = "sdpa"
     assert torch.equal(got, want) and torch.equal(want, planes)
@@ -168,7 +166,7 @@ def test_static_mode_rejects_what_it_cannot_hold():
     model.config._attn_implementation = "sdpa"
 
 
-@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU (CI has none; run through the device tool)")
+@pytest.mark.gpu  # CUDA graphs
 @pytest.mark.parametrize("k,v,rot,sink", [(4, 2, False, 0), (8, 8, False, 0), (4, 3, True, 0), (4, 2, True, 1)])
 def test_gpu_graph_replay_matches_static_eager(k, v, rot, sink):
     model = tiny_model("llama", layers=2, heads=8, kv_heads=2, head_dim=64, vocab=128, dtype=torch.float16).to(DEV)

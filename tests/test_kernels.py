@@ -28,12 +28,16 @@ if not CUDA:
                     allow_module_level=True)
 
 import kvtuner  # noqa: E402
-from kvtuner import KVPlan, MixedPrecisionCache, quant, with_cache  # noqa: E402
+from kvtuner import KernelPolicy, KVPlan, MixedPrecisionCache, quant, with_cache  # noqa: E402
 from kvtuner.attention import decode_attention as reference  # noqa: E402
-from kvtuner.kernels import triton_decode, triton_quant  # noqa: E402
+from kvtuner import kernels  # noqa: E402
+from kvtuner.kernels import launch_config  # noqa: E402
+from kvtuner.kernels.decode import split_launcher  # noqa: E402
+from kvtuner.kernels.decode_kernel import split_kernel  # noqa: E402
 from kvtuner.testing import tiny_model  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
+gpu = pytest.mark.gpu  # conftest skips these without a CUDA GPU and Triton
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -53,7 +57,7 @@ def make_case(b, hkv, group, d, n_q, n_r, kbits, vbits, *, k_gran="per_channel",
         vp = quant.in_token_blocks(vp, vt)
     if key_words and kp is not None:  # keys in channel word order, as the cache keeps 4-bit keys beside them
         kp = quant.in_channel_words(kp)
-    if value_words and vp is not None:  # 3-bit values as contiguous words (cache.WORDS3)
+    if value_words and vp is not None:  # 3-bit values as contiguous words (KernelPolicy.words3)
         vp = quant.in_channel_words(vp)
     kr = k[..., n_q:, :] if n_r else None
     vr = v[..., n_q:, :] if n_r else None
@@ -77,7 +81,7 @@ def check(case, mask=None, slack=2.0, **launch):
     d = q.shape[-1]
     ref32 = reference(q.float(), kp, None if kr is None else kr.float(), vp, None if vr is None else vr.float(),
                       d**-0.5, mask)
-    out = triton_decode.decode_attention(q, kp, kr, vp, vr, d**-0.5, mask, **launch)
+    out = kernels.decode_attention(q, kp, kr, vp, vr, d**-0.5, mask, **launch)
     assert out.shape == ref32.shape and out.dtype == q.dtype
     assert torch.isfinite(out).all()
     base = rel(torch_same_precision(q, kp, kr, vp, vr, d**-0.5, mask), ref32)
@@ -97,7 +101,7 @@ QUANT_CASES = [(bits, gran, g, dt) for bits in (2, 4, 8)
 def test_quantize_matches_reference_exactly(bits, gran, group, dtype):
     x = (torch.randn(2, 3, 64, 64) * 3).to(DEV, dtype)
     a = quant.quantize(x, bits, gran, group)
-    b = triton_quant.quantize(x, bits, gran, group)
+    b = kernels.quantize(x, bits, gran, group)
     assert (a.group_size, a.granularity) == (b.group_size, b.granularity)
     assert a.codes.shape == b.codes.shape and a.scale.shape == b.scale.shape
     # Exact on the interpreter. On an H100 (Triton 3.6) this test FAILS: 0.5-6.9 % of the stored
@@ -117,7 +121,7 @@ def test_quantize_matches_reference_exactly(bits, gran, group, dtype):
 def test_quantize_metadata_dtype_and_saturation_match_reference(meta, gran, group):
     x = (torch.randn(1, 2, 64, 64) * 3).to(DEV, torch.bfloat16)
     x[0, 0, 3, 5], x[0, 1, 40, 7] = -2e5, 3e5  # past fp16's range: fp16 metadata saturates
-    a, b = quant.quantize(x, 4, gran, group, meta), triton_quant.quantize(x, 4, gran, group, meta)
+    a, b = quant.quantize(x, 4, gran, group, meta), kernels.quantize(x, 4, gran, group, meta)
     assert a.scale.dtype == b.scale.dtype == (meta or torch.float16)
     for pa, pb in ((a.scale, b.scale), (a.zero, b.zero)):
         assert torch.isfinite(pb.float()).all()
@@ -128,7 +132,7 @@ def test_quantize_metadata_dtype_and_saturation_match_reference(meta, gran, grou
 
 def test_quantize_falls_back_on_tails():
     x = torch.randn(1, 1, 40, 64).to(DEV, torch.float16)  # 40 tokens: a short key group
-    a, b = quant.quantize(x, 4, "per_channel", 32), triton_quant.quantize(x, 4, "per_channel", 32)
+    a, b = quant.quantize(x, 4, "per_channel", 32), kernels.quantize(x, 4, "per_channel", 32)
     assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale)
 
 
@@ -169,15 +173,15 @@ def test_decode_scale_folds_agree(case, launch):
     check(make_case(**case), **launch)
 
 
-@pytest.mark.skipif(not CUDA, reason="inline PTX unpacking needs a CUDA GPU (not Triton's interpreter)")
+@gpu  # inline PTX unpacking: not in the interpreter
 @pytest.mark.parametrize("asm", [False, True])
 @pytest.mark.parametrize("kbits,vbits", [(2, 2), (4, 4), (8, 8), (3, 6), (6, 3), (2, 8)])
 def test_gpu_ptx_unpack_matches(kbits, vbits, asm):
     check(make_case(2, 2, 4, 128, 300, 9, kbits, vbits, gk=128), asm=asm)
 
 
-@pytest.mark.skipif(not CUDA, reason="inline PTX unpacking needs a CUDA GPU (not Triton's interpreter)")
-@pytest.mark.parametrize("how", sorted(triton_decode.UNPACK3))
+@gpu  # inline PTX unpacking: not in the interpreter
+@pytest.mark.parametrize("how", sorted(launch_config.UNPACK3))
 @pytest.mark.parametrize("d,kbits,vbits", [(48, 3, 3), (64, 3, 2), (128, 3, 3), (128, 4, 3), (256, 3, 8), (80, 3, 3),
                                            (40, 3, 3)])
 def test_gpu_three_bit_unpackers(d, kbits, vbits, how):
@@ -189,14 +193,14 @@ def test_gpu_three_bit_unpackers(d, kbits, vbits, how):
 def test_decode_rejects_bad_launch():
     q, kp, kr, vp, vr = make_case(1, 2, 4, 64, 64, 4, 4, 4)
     with pytest.raises(ValueError, match="at most one"):
-        triton_decode.decode_attention(q, kp, kr, vp, vr, 0.1, swap_qk=True, swap_pv=True)
+        kernels.decode_attention(q, kp, kr, vp, vr, 0.1, swap_qk=True, swap_pv=True)
     with pytest.raises(ValueError, match="fold_k='fast' is invalid"):
-        triton_decode.decode_attention(q, kp, kr, vp, vr, 0.1, fold_k="fast")
+        kernels.decode_attention(q, kp, kr, vp, vr, 0.1, fold_k="fast")
     with pytest.raises(ValueError, match="unpack3_v='bytes' is invalid"):
-        triton_decode.decode_attention(q, kp, kr, vp, vr, 0.1, unpack3_v="bytes")
+        kernels.decode_attention(q, kp, kr, vp, vr, 0.1, unpack3_v="bytes")
     if not CUDA:
         with pytest.raises(ValueError, match="inline PTX"):
-            triton_decode.decode_attention(q, kp, kr, vp, vr, 0.1, asm=True)
+            kernels.decode_attention(q, kp, kr, vp, vr, 0.1, asm=True)
 
 
 TOKEN_BLOCKED = [
@@ -214,11 +218,11 @@ def test_decode_token_blocked_values(case):
     check(blocked)
     plain = make_case(**{**case, "vt": 0})
     args = (blocked[0].shape[-1] ** -0.5,)
-    out_b = triton_decode.decode_attention(*blocked, *args)
-    out_p = triton_decode.decode_attention(*plain, *args, block_n=case["vt"])
+    out_b = kernels.decode_attention(*blocked, *args)
+    out_p = kernels.decode_attention(*plain, *args, block_n=case["vt"])
     assert rel(out_b, out_p) < 2e-3
     with pytest.raises(ValueError, match="token blocks of"):
-        triton_decode.decode_attention(*blocked, *args, block_n=case["vt"] // 2)
+        kernels.decode_attention(*blocked, *args, block_n=case["vt"] // 2)
 
 
 @pytest.mark.parametrize("kbits,vbits,k_gran,gk,vt,d", [(4, 4, "per_channel", 32, 32, 64), (2, 2, "per_channel", 32, 0, 64),
@@ -232,12 +236,12 @@ def test_decode_keys_in_channel_word_order(kbits, vbits, k_gran, gk, vt, d):
     assert worded[1].channel_words
     check(worded)
     args = (d ** -0.5,)
-    assert rel(triton_decode.decode_attention(*worded, *args), triton_decode.decode_attention(*make_case(**case), *args)) < 2e-3
+    assert rel(kernels.decode_attention(*worded, *args), kernels.decode_attention(*make_case(**case), *args)) < 2e-3
     if not vt and d == 64 and vbits != 3:  # word order for values: 3-bit values packed along head_dim only
         q, kp, kr, vp, vr = worded
         vw = quant.in_channel_words(vp)
         with pytest.raises(ValueError, match="3-bit values packed along head_dim"):
-            triton_decode.decode_attention(q, kp, kr, vw, vr, *args)
+            kernels.decode_attention(q, kp, kr, vw, vr, *args)
 
 
 @pytest.mark.parametrize("kbits,gv,d", [(3, 32, 64), (4, None, 64), (2, None, 40), (3, 16, 64), (4, None, 48)])
@@ -248,7 +252,7 @@ def test_decode_three_bit_values_in_contiguous_words(kbits, gv, d):
     assert worded[3].channel_words
     check(worded)
     args = (d ** -0.5,)
-    assert rel(triton_decode.decode_attention(*worded, *args), triton_decode.decode_attention(*make_case(**case), *args)) < 2e-3
+    assert rel(kernels.decode_attention(*worded, *args), kernels.decode_attention(*make_case(**case), *args)) < 2e-3
     blocked = make_case(**dict(case, gv=None, d=64), vt=32)
     q, kp, kr, vp, vr = blocked
     with pytest.raises(ValueError, match="already re-laid"):  # token blocks and words do not combine
@@ -264,19 +268,19 @@ def test_rotation_in_the_kernel_matches_the_matmuls(k_rot, v_rot):
     q, kp, kr, vp, vr = make_case(2, 2, 4, 64, 64, 9, 4, 2)
 
     def unfused(*a, **kw):  # the same kernel without fuses_rotation: rotated_decode does the matmuls
-        return triton_decode.decode_attention(*a, **kw)
+        return kernels.decode_attention(*a, **kw)
 
-    fused = rotated_decode(triton_decode.decode_attention, q, kp, kr, vp, vr, 0.125, None, k_rot, v_rot)
+    fused = rotated_decode(kernels.decode_attention, q, kp, kr, vp, vr, 0.125, None, k_rot, v_rot)
     plain = rotated_decode(unfused, q, kp, kr, vp, vr, 0.125, None, k_rot, v_rot)
     ref = rotated_decode(reference, q.float(), kp, kr.float(), vp, vr.float(), 0.125, None, k_rot, v_rot)
     assert rel(fused, plain) < 2e-3 and rel(fused, ref) < 5e-3
     d = q.shape[-1]  # both transforms in the kernels
-    both = triton_decode.decode_attention(q, kp, kr, vp, vr, 0.125 / d ** 0.5 if k_rot else 0.125,
+    both = kernels.decode_attention(q, kp, kr, vp, vr, 0.125 / d ** 0.5 if k_rot else 0.125,
                                           out_scale=d ** -0.5 if v_rot else 1.0, rotate_q=k_rot, rotate_out=v_rot)
     assert rel(both, plain) < 2e-3
     with pytest.raises(ValueError, match="power-of-two"):
         q48, kp48, kr48, vp48, vr48 = make_case(1, 1, 4, 48, 32, 3, 4, 4)
-        triton_decode.decode_attention(q48, kp48, kr48, vp48, vr48, 0.1, rotate_q=True)
+        kernels.decode_attention(q48, kp48, kr48, vp48, vr48, 0.1, rotate_q=True)
 
 
 def test_decode_ragged_batch_mask():
@@ -318,40 +322,37 @@ def test_decode_device_lengths_match_sliced(k_gran, n_q, n_r, vt):
     lengths = torch.tensor([n_q // unit, n_r], dtype=torch.int32, device=DEV)
     mask = torch.ones(2, cap_q + cap_r, dtype=torch.bool, device=DEV)
     mask[1, :3] = False
-    want = triton_decode.decode_attention(q, kp if n_q else None, kr, vp if n_q else None, vr, 0.125,
+    want = kernels.decode_attention(q, kp if n_q else None, kr, vp if n_q else None, vr, 0.125,
                                           mask[:, : n_q + n_r])
-    got = triton_decode.decode_attention(q, kb, kres, vb, vres, 0.125, mask, lengths=lengths)
+    got = kernels.decode_attention(q, kb, kres, vb, vres, 0.125, mask, lengths=lengths)
     ref = reference(q, kb, kres, vb, vres, 0.125, mask, lengths=lengths)
     assert rel(got, want) < 1e-3, rel(got, want)
     assert rel(ref, want) < 1e-2
     with pytest.raises(ValueError, match="lengths"):
-        triton_decode.decode_attention(q, kb, kres, vb, vres, 0.125, lengths=lengths.float())
+        kernels.decode_attention(q, kb, kres, vb, vres, 0.125, lengths=lengths.float())
 
 
 def test_decode_rejects_bad_input():
     q, kp, kr, vp, vr = make_case(1, 2, 4, 64, 64, 4, 4, 4)
     with pytest.raises(ValueError, match="one decode token"):
-        triton_decode.decode_attention(q.expand(1, 8, 2, 64), kp, kr, vp, vr, 0.1)
+        kernels.decode_attention(q.expand(1, 8, 2, 64), kp, kr, vp, vr, 0.1)
     with pytest.raises(ValueError, match="differ"):
-        triton_decode.decode_attention(q, kp, kr, quant.slice_tokens(vp, 0, 32), vr, 0.1)
+        kernels.decode_attention(q, kp, kr, quant.slice_tokens(vp, 0, 32), vr, 0.1)
 
 
 def test_int64_offsets_bound():
     # 128 sequences x 8 heads x 34k tokens x 64 bytes passes 2^31: the kernel's offsets must be int64
-    assert triton_decode.max_int32_offset(128, 8, 34_000, 64)
-    assert not triton_decode.max_int32_offset(1, 8, 4096, 64)
+    assert kernels.max_int32_offset(128, 8, 34_000, 64)
+    assert not kernels.max_int32_offset(1, 8, 4096, 64)
 
 
 # ------------------------------------------------------------------ through generate()
 @pytest.mark.parametrize("k,v,rot,blocks", [(4, 2, False, None), (8, 4, False, None), (4, 3, True, None),
                                            (4, 2, False, True), (2, 3, True, True), (3, 2, True, None)])
-def test_generate_fused_matches_reference_path(k, v, rot, blocks, monkeypatch):
-    # blocks=True: values in token blocks and 4-bit keys in word order on both paths (cache.VALUE_TOKEN_BLOCKS);
-    # 3-bit keys and values packed along head_dim as contiguous words on both paths (cache.WORDS3)
-    from kvtuner import cache as cache_mod
-
-    monkeypatch.setattr(cache_mod, "VALUE_TOKEN_BLOCKS", blocks)
-    monkeypatch.setattr(cache_mod, "WORDS3", k == 3 or v == 3)
+def test_generate_fused_matches_reference_path(k, v, rot, blocks):
+    # blocks=True: values in token blocks and 4-bit keys in word order on both paths (value_token_blocks);
+    # 3-bit keys and values packed along head_dim as contiguous words on both paths (words3)
+    layouts = dict(value_token_blocks="on" if blocks else "auto", words3="on" if 3 in (k, v) else "auto")
     model = tiny_model("llama", layers=2, heads=4, kv_heads=2, head_dim=32 if not CUDA else 64).to(DEV)
     model.set_attn_implementation("sdpa")
     plan = KVPlan.uniform(2, k, v, "kivi", rotation=rot)
@@ -359,8 +360,7 @@ def test_generate_fused_matches_reference_path(k, v, rot, blocks, monkeypatch):
     outs = {}
     try:
         for backend in ("torch", "triton"):
-            kvtuner.set_backend(backend)
-            cache = MixedPrecisionCache(plan, model.config)
+            cache = MixedPrecisionCache(plan, model.config, policy=KernelPolicy(backend, **layouts))
             with torch.no_grad():
                 logits = model(ids, **with_cache(model, cache)).logits[:, -1:]
                 steps = [logits]
@@ -369,7 +369,6 @@ def test_generate_fused_matches_reference_path(k, v, rot, blocks, monkeypatch):
                     steps.append(model(nxt, **with_cache(model, cache)).logits)
             outs[backend] = (torch.cat(steps, 1), cache)
     finally:
-        kvtuner.set_backend("auto")
         model.config._attn_implementation = "sdpa"
     (ref, c_ref), (fused, c_fused) = outs["torch"], outs["triton"]
     assert model.config._attn_implementation == "sdpa"
@@ -398,8 +397,7 @@ def test_fused_decode_with_sink_tokens_and_padding_matches_reference(k, v, rot):
     outs = {}
     try:
         for backend in ("torch", "triton"):
-            kvtuner.set_backend(backend)
-            cache = MixedPrecisionCache(plan, model.config)
+            cache = MixedPrecisionCache(plan, model.config, policy=KernelPolicy(backend))
             am, pos = mask, (mask.cumsum(-1) - 1).clamp_min(0)
             with torch.no_grad():
                 steps = [model(ids, attention_mask=am, position_ids=pos, **with_cache(model, cache)).logits[:, -1:]]
@@ -410,7 +408,6 @@ def test_fused_decode_with_sink_tokens_and_padding_matches_reference(k, v, rot):
                                        **with_cache(model, cache)).logits)
             outs[backend] = (torch.cat(steps, 1), cache)
     finally:
-        kvtuner.set_backend("auto")
         model.config._attn_implementation = "sdpa"
     (ref, c_ref), (fused, c_fused) = outs["torch"], outs["triton"]
     layer = c_fused.layers[0]
@@ -420,7 +417,6 @@ def test_fused_decode_with_sink_tokens_and_padding_matches_reference(k, v, rot):
 
 
 # ------------------------------------------------------------------ GPU matrix
-gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (CI has none; run through the device tool)")
 
 
 GPU_MATRIX = ([(128, 4, k, v) for k in (2, 4, 8) for v in (2, 4, 8)]  # every pair at the common shape
@@ -479,7 +475,7 @@ def test_gpu_past_int32_offsets():
     b, hkv, t, d = 130, 8, 33_024, 64  # 8-bit codes: 2.2e9 bytes in one buffer
     if torch.cuda.get_device_properties(0).total_memory < 16 * 2**30:
         pytest.skip("needs >= 16 GiB of GPU memory")
-    assert triton_decode.max_int32_offset(b, hkv, t, d)
+    assert kernels.max_int32_offset(b, hkv, t, d)
     codes = torch.randint(0, 256, (b, hkv, t, d), dtype=torch.uint8, device=DEV)
     scale = torch.rand(b, hkv, t // 32, d, device=DEV, dtype=torch.float16) * 0.01
     zero = -torch.rand(b, hkv, t // 32, d, device=DEV, dtype=torch.float16)
@@ -487,48 +483,48 @@ def test_gpu_past_int32_offsets():
     kp = quant.QuantizedTensor(codes, scale, zero, 8, "per_channel", 32, d)
     vp = quant.QuantizedTensor(codes, vscale, -vscale * 128, 8, "per_token", d, d)
     q = torch.randn(b, hkv * 4, 1, d, device=DEV, dtype=torch.float16)
-    out = triton_decode.decode_attention(q, kp, None, vp, None, d**-0.5)
+    out = kernels.decode_attention(q, kp, None, vp, None, d**-0.5)
     last = slice(b - 1, b)
     ref = reference(q[last].float(), kp.map(lambda x: x[last]), None, vp.map(lambda x: x[last]), None, d**-0.5)
     assert rel(out[last], ref) < 5e-3
 
 
 def test_launch_table_applies_per_tile_shape():
-    table = triton_decode.launch_table()
+    table = kernels.launch_table()
     assert table, "the committed launch table (src/kvtuner/kernels/launch_table.json) is missing or empty"
-    assert {layout for _, _, layout in table} == set(triton_decode.LAYOUTS)
+    assert {layout for _, _, layout in table} == set(kernels.LAYOUTS)
     (kb, vb, layout), entry = next(iter(table.items()))
-    cpu = torch.device("cpu")
-    tuned = triton_decode.launch_defaults(kb, vb, 128, 128, cpu, layout=layout)
-    rules = triton_decode.launch_defaults(kb, vb, 128, 128, cpu, table=False, layout=layout)
+    cpu = kernels.Target(8, False)
+    tuned = kernels.launch_defaults(kb, vb, 128, 128, cpu, layout=layout)
+    rules = kernels.launch_defaults(kb, vb, 128, 128, cpu, table=False, layout=layout)
     assert set(tuned) == set(rules)  # bookkeeping fields of the table never reach the launch
     assert all(tuned[k] == entry[k] for k in ("fold_k", "fold_v", "num_stages", "splits_per_sm", "swap_pv"))
     assert tuned["asm"] is False and tuned["maxnreg"] is None  # GPU-only choices stay off on the CPU
-    other = triton_decode.launch_defaults(kb, vb, 64, 64, cpu, layout=layout)  # another tile: only the folds carry over
+    other = kernels.launch_defaults(kb, vb, 64, 64, cpu, layout=layout)  # another tile: only the folds carry over
     assert (other["fold_k"], other["fold_v"]) == (entry["fold_k"], entry["fold_v"])
     assert other["num_stages"] == rules["num_stages"] and other["splits_per_sm"] == rules["splits_per_sm"]
     with pytest.raises(ValueError, match="layout='blocks' is invalid"):
-        triton_decode.launch_defaults(kb, vb, 128, 128, cpu, layout="blocks")
+        kernels.launch_defaults(kb, vb, 128, 128, cpu, layout="blocks")
 
 
 def test_tiles_span_several_short_key_groups():
     # KIVI G = 32 (the plans' default): 128-token tiles over 4 key groups (64 for most 8-bit-key pairs,
     # the table's "groups" entries), measured 1.3-1.7x faster on an H100 than one group per tile
-    table = triton_decode.launch_table()
+    table = kernels.launch_table()
     for (kb, vb, layout), entry in table.items():
         if layout == "groups":
-            assert triton_decode.default_block_n(kb, vb, 128, 32) == entry["block_n"]
-    assert triton_decode.default_block_n(4, 4, 128, 32) == 128
-    assert triton_decode.default_block_n(8, 4, 128, 32) == 64  # 8-bit keys: 64-token tiles (128 spilled)...
-    assert triton_decode.default_block_n(8, 3, 128, 32) == 64  # ... also by the rule where no entry exists
-    assert triton_decode.default_block_n(4, 4, 64, 64) == 128  # SmolLM2's head_dim, G = 64
-    assert triton_decode.default_block_n(4, 4, 128, 128) == 128  # one group per tile
-    assert triton_decode.default_block_n(4, 4, 256, 32) == 32  # a 128-token tile of head_dim 256 is too big
-    assert triton_decode.default_block_n(4, 4, 128, 48) == 48  # 48 does not divide 128
-    assert triton_decode.default_block_n(4, 2, 128, 32, value_block=128) == 128
-    assert triton_decode.default_block_n(4, 4, 128, None) == 64  # per-token keys
-    cpu = torch.device("cpu")
-    grouped = triton_decode.launch_defaults(4, 4, 128, 128, cpu, layout="groups")
+            assert kernels.default_block_n(kb, vb, 128, 32) == entry["block_n"]
+    assert kernels.default_block_n(4, 4, 128, 32) == 128
+    assert kernels.default_block_n(8, 4, 128, 32) == 64  # 8-bit keys: 64-token tiles (128 spilled)...
+    assert kernels.default_block_n(8, 3, 128, 32) == 64  # ... also by the rule where no entry exists
+    assert kernels.default_block_n(4, 4, 64, 64) == 128  # SmolLM2's head_dim, G = 64
+    assert kernels.default_block_n(4, 4, 128, 128) == 128  # one group per tile
+    assert kernels.default_block_n(4, 4, 256, 32) == 32  # a 128-token tile of head_dim 256 is too big
+    assert kernels.default_block_n(4, 4, 128, 48) == 48  # 48 does not divide 128
+    assert kernels.default_block_n(4, 2, 128, 32, value_block=128) == 128
+    assert kernels.default_block_n(4, 4, 128, None) == 64  # per-token keys
+    cpu = kernels.Target(8, False)
+    grouped = kernels.launch_defaults(4, 4, 128, 128, cpu, layout="groups")
     assert grouped["num_stages"] == table[4, 4, "groups"]["num_stages"] and grouped["dq16"] is True
 
 
@@ -546,26 +542,26 @@ def test_decode_tiles_over_key_groups(kbits, vbits, gv, block_n, dq16):
 def test_fewer_rows_than_sms_never_exceed_the_program_slots():
     # H100 at B = 16 (128 rows, 132 SMs): rounding the splits per row up gave per_sm + 1 of them, a
     # second wave for a few programs (KV4 446 -> 342 us at 16 x 32k with one wave). CPU counts 8 SMs.
-    cpu = torch.device("cpu")
+    cpu = 8  # SMs, as Target.of counts a CPU device
     tiles = 1000
-    splits, per = triton_decode._splits(6, tiles * 64, 64, cpu, 4)  # 32 slots over 6 rows
+    splits, per = kernels.split_count(6, tiles * 64, 64, cpu, 4)  # 32 slots over 6 rows
     assert splits == 5 and 6 * splits <= 4 * 8 and splits * per >= tiles * 64
-    assert triton_decode._splits(4, tiles * 64, 64, cpu, 4)[0] == 8  # divides evenly: all 32 slots
+    assert kernels.split_count(4, tiles * 64, 64, cpu, 4)[0] == 8  # divides evenly: all 32 slots
     # rows >= SMs keep rounding up (the launch table's many-row entries were measured that way)
-    assert triton_decode._splits(12, tiles * 64, 64, cpu, 4)[0] == 3
-    assert triton_decode._splits(6, 3 * 64, 64, cpu, 4) == (3, 64)  # never more splits than tiles
+    assert kernels.split_count(12, tiles * 64, 64, cpu, 4)[0] == 3
+    assert kernels.split_count(6, 3 * 64, 64, cpu, 4) == (3, 64)  # never more splits than tiles
 
 
 def test_split_count_moves_to_fill_whole_waves():
     # CPU counts 8 SMs; 3 programs fit per SM -> waves of 24. 12 rows at per_sm 4 ask for 3 splits per
     # row: 36 programs, 1.5 waves; 2 splits fill one wave (H100, B = 24-96: 5-26 % faster)
-    cpu, tiles = torch.device("cpu"), 1000
-    assert triton_decode._splits(12, tiles * 64, 64, cpu, 4)[0] == 3  # no register cap known: unchanged
-    assert triton_decode._splits(12, tiles * 64, 64, cpu, 4, fit=3)[0] == 2
+    cpu, tiles = 8, 1000
+    assert kernels.split_count(12, tiles * 64, 64, cpu, 4)[0] == 3  # no register cap known: unchanged
+    assert kernels.split_count(12, tiles * 64, 64, cpu, 4, fit=3)[0] == 2
     # past 2.5 waves the count stays (moving measured slower at B = 64 and 128)
-    assert triton_decode._splits(40, tiles * 64, 64, cpu, 8, fit=3)[0] == 2
+    assert kernels.split_count(40, tiles * 64, 64, cpu, 8, fit=3)[0] == 2
     # whole tiles decide the count launched: 3 tiles cannot make more than 3 splits
-    assert triton_decode._splits(12, 3 * 64, 64, cpu, 4, fit=3)[0] <= 3
+    assert kernels.split_count(12, 3 * 64, 64, cpu, 4, fit=3)[0] <= 3
 
 
 def test_small_splits_fill_whole_waves_of_programs():
@@ -573,11 +569,11 @@ def test_small_splits_fill_whole_waves_of_programs():
     # multiple of the programs whose registers fit on an SM, or the rest idle (H100, session 16: K4V4
     # with 128 registers 130 -> 104 us at 1 x 128k going from 3 to 4, K3V2 with 168 147 -> 109 from 4 to 3)
     checked = 0
-    for key, entry in triton_decode.launch_table().items():
+    for key, entry in kernels.launch_table().items():
         cap = entry.get("maxnreg_small") or entry.get("maxnreg")
         if cap is None:  # uncapped: the register count is the compiler's, not the table's
             continue
-        fit = triton_decode.programs_per_sm(cap, entry.get("num_warps", 4))
+        fit = kernels.programs_per_sm(cap, entry.get("num_warps", 4))
         per_sm = entry.get("splits_per_sm_small") or entry["splits_per_sm"]
         assert per_sm % fit == 0, (key, cap, per_sm, fit)
         checked += 1
@@ -587,23 +583,24 @@ def test_small_splits_fill_whole_waves_of_programs():
 def test_few_long_rows_take_their_own_split_and_register_cap():
     # K4V3 with token-blocked values: a 128-register cap at B = 64, 168 registers for few long rows
     # (H100: 116 -> 99 us at 1 x 128k, and 191 vs 198 us at 64 x 4k with 128)
-    entry = triton_decode.launch_table()[4, 3, "tokens"]
-    given = (None,) * len(triton_decode._GIVEN)
-    many = dict(zip(triton_decode._GIVEN, triton_decode._launch_choices(4, 3, 128, 128, True, False, given, "tokens")))
-    few = dict(zip(triton_decode._GIVEN, triton_decode._launch_choices(4, 3, 128, 128, True, True, given, "tokens")))
+    entry = kernels.launch_table()[4, 3, "tokens"]
+    H100 = kernels.Target(132, True, "h100")
+    given = (None,) * len(kernels.LAUNCH_KEYS)
+    many = dict(zip(kernels.LAUNCH_KEYS, kernels.launch_choices(4, 3, 128, 128, H100, False, given, "tokens")))
+    few = dict(zip(kernels.LAUNCH_KEYS, kernels.launch_choices(4, 3, 128, 128, H100, True, given, "tokens")))
     assert (many["maxnreg"], many["splits_per_sm"]) == (entry["maxnreg"], entry["splits_per_sm"])
     assert (few["maxnreg"], few["splits_per_sm"]) == (entry["maxnreg_small"], entry["splits_per_sm_small"])
     # KV4 at G = 32: 3 stages for many rows, 2 for few long rows (H100: 246 us at 64 x 4k; 3 stages
     # cost 107 -> 125 us at 1 x 128k)
-    g44 = triton_decode.launch_table()[4, 4, "groups"]
-    many44, few44 = (dict(zip(triton_decode._GIVEN,
-                              triton_decode._launch_choices(4, 4, 128, 128, True, small, given, "groups")))
+    g44 = kernels.launch_table()[4, 4, "groups"]
+    many44, few44 = (dict(zip(kernels.LAUNCH_KEYS,
+                              kernels.launch_choices(4, 4, 128, 128, H100, small, given, "groups")))
                      for small in (False, True))
     assert (many44["num_stages"], few44["num_stages"]) == (g44["num_stages"], g44["num_stages_small"]) == (3, 2)
-    cpu = dict(zip(triton_decode._GIVEN, triton_decode._launch_choices(4, 3, 128, 128, False, True, given, "tokens")))
+    cpu = dict(zip(kernels.LAUNCH_KEYS, kernels.launch_choices(4, 3, 128, 128, kernels.Target(8, False), True, given, "tokens")))
     assert cpu["maxnreg"] is None  # no register caps without PTX
-    pinned = dict(zip(triton_decode._GIVEN, triton_decode._launch_choices(
-        4, 3, 128, 128, True, True, given[:7] + (96,) + given[8:], "tokens")))
+    pinned = dict(zip(kernels.LAUNCH_KEYS, kernels.launch_choices(
+        4, 3, 128, 128, H100, True, given[:7] + (96,) + given[8:], "tokens")))
     assert pinned["maxnreg"] == 96  # an explicit cap wins
 
 
@@ -626,28 +623,28 @@ def test_gpu_growing_residual_compiles_once():
         kr, vr = k[..., 256:256 + n_r, :].contiguous(), v[..., 256:256 + n_r, :].contiguous()
         mask = torch.ones(2, 256 + n_r, dtype=torch.bool, device=DEV)
         check((q, kp, kr, vp, vr), mask=mask)
-        counts.append(_compiled_variants(triton_decode._decode_split_kernel))
+        counts.append(_compiled_variants(split_kernel))
     assert counts[-1] == counts[0], f"compiled variants grew from {counts[0]} to {counts[-1]}"
 
 
-@pytest.mark.skipif(not CUDA, reason="the cached launch calls compiled CUDA binaries (not Triton's interpreter)")
+@gpu  # the cached launch calls compiled CUDA binaries, not the interpreter
 def test_gpu_cached_launch_runs_the_same_binaries():
     q, kp, kr, vp, vr = make_case(2, 2, 4, 128, 300, 9, 4, 2, gk=128)
-    launcher = triton_decode._launch_split
+    launcher = split_launcher
     launcher.cache.clear()
-    first = triton_decode.decode_attention(q, kp, kr, vp, vr, 0.1)  # Triton's own launch, remembered
+    first = kernels.decode_attention(q, kp, kr, vp, vr, 0.1)  # Triton's own launch, remembered
     hits = launcher.hits
-    again = triton_decode.decode_attention(q, kp, kr, vp, vr, 0.1)
+    again = kernels.decode_attention(q, kp, kr, vp, vr, 0.1)
     assert launcher.enabled and launcher.hits == hits + 1
     assert torch.equal(first, again)
     # a query that is no longer 16-byte aligned needs another binary: a new key, then correct results
     q_odd = torch.empty(q.numel() + 1, device=DEV, dtype=q.dtype)[1:].view_as(q).copy_(q)
-    out = triton_decode.decode_attention(q_odd, kp, kr, vp, vr, 0.1)
+    out = kernels.decode_attention(q_odd, kp, kr, vp, vr, 0.1)
     assert launcher.hits == hits + 1 and len(launcher.cache) == 2
     torch.testing.assert_close(out, first, rtol=0, atol=0)
     # one more residual token changes only unspecialised integers: the same binary, directly
     k2 = torch.cat([kr, kr[:, :, :1]], 2)
     v2 = torch.cat([vr, vr[:, :, :1]], 2)
-    triton_decode.decode_attention(q, kp, k2, vp, v2, 0.1)
+    kernels.decode_attention(q, kp, k2, vp, v2, 0.1)
     assert launcher.hits == hits + 2
     check((q, kp, k2, vp, v2))

@@ -6,7 +6,9 @@ import inspect
 import pytest
 import torch
 
-from kvtuner.kernels import launch
+pytest.importorskip("triton", reason="needs Triton (pip install 'kvtuner[dev]')")
+
+from kvtuner.kernels import launcher as launch  # noqa: E402
 
 
 def key(*args, **kw):
@@ -125,8 +127,8 @@ def test_launcher_passes_unsupported_arguments_to_triton(launcher):
 
 
 def test_offline_compiler_captures_the_split_launch():
-    """benchmarks/compile_offline.py screens kernel variants on a CPU machine; it must still capture
-    the launch the wrapper makes (it broke silently once, when launches moved to CachedLauncher)."""
+    """benchmarks/compile_offline.py screens kernel variants on a CPU machine; the launch it builds
+    (``kernels.plan_launch``) must bind every kernel parameter, as the GPU launch does."""
     import importlib.util
     import inspect
     from pathlib import Path
@@ -136,9 +138,9 @@ def test_offline_compiler_captures_the_split_launch():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     args, kwargs = mod.launch_args(4, 2, b=2, n=256)
-    from kvtuner.kernels import triton_decode as td
+    from kvtuner.kernels.decode_kernel import split_kernel
 
-    params = inspect.signature(td._decode_split_kernel.fn).parameters
+    params = inspect.signature(split_kernel.fn).parameters
     launch_only = {"num_warps", "num_stages", "maxnreg"}
     # positional arguments first, then every remaining kernel parameter by name, each exactly once
     assert set(kwargs) - launch_only == set(list(params)[len(args):])
@@ -183,9 +185,9 @@ def test_three_bit_values_along_head_dim_use_wide_shared_stores(pair):
 @pytest.mark.parametrize("pair,words", [("32", "key_words"), ("43", "value_words")])
 def test_contiguous_three_bit_codes_shorten_the_token_loop(pair, words):
     """3-bit keys, and values packed along head_dim, as contiguous words (``quant.to_channel_words``,
-    ``cache.WORDS3``) unpack with half the instructions of the two planes (timed on an H100, 64 x 4k: K3V2
-    222.7 -> 219.0 µs, K4V3 212.2 -> 206.9; benchmarks/results/kernel_experiments_h100.md, session 21). KIVI G = 32, compiled offline for sm_90 (:func:`_offline_sm90`); the
-    value tile keeps its wide shared stores (no ``STS.U16``)."""
+    ``KernelPolicy.words3``) unpack with half the instructions of the two planes (timed on an H100, 64 x 4k: K3V2
+    222.7 -> 219.0 µs, K4V3 212.2 -> 206.9; docs/kernels.md). KIVI G = 32, compiled offline for sm_90
+    (:func:`_offline_sm90`); the value tile keeps its wide shared stores (no ``STS.U16``)."""
     result = _offline_sm90(
         "out = {}\n"
         "for on in (False, True):\n"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvtuner import KVPlan, LayerSpec, PlanError
-from kvtuner.evaluate import Evaluator
+from kvtuner.evaluation import Evaluator
 from kvtuner.profiling import SensitivityTable, capture_attention, profile, spearman
 from kvtuner.testing import tiny_model
 

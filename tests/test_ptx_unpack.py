@@ -10,7 +10,9 @@ import re
 import numpy as np
 import pytest
 
-from kvtuner.kernels import triton_decode as td
+pytest.importorskip("triton", reason="needs Triton (pip install 'kvtuner[dev]')")
+
+from kvtuner.kernels import ptx  # noqa: E402
 
 
 def _f16(bits: int) -> float:
@@ -73,13 +75,13 @@ WORDS = [int(x) for x in RNG.integers(0, 2**32, size=64, dtype=np.uint64)] + [0,
 @pytest.mark.parametrize("word", WORDS[:24] + WORDS[-2:])
 def test_ptx_byte_planes(word):
     data = [(word >> 8 * i) & 0xFF for i in range(4)]  # four packed bytes per call, byte i -> element i
-    assert outputs(emulate(td._ASM8.value, [word]), 0, 4) == data
-    r4 = emulate(td._ASM4.value, [word])
+    assert outputs(emulate(ptx.ASM8.value, [word]), 0, 4) == data
+    r4 = emulate(ptx.ASM4.value, [word])
     assert outputs(r4, 0, 4) == [b & 15 for b in data] and outputs(r4, 2, 4) == [b >> 4 for b in data]
-    r2 = emulate(td._ASM2.value, [word])
+    r2 = emulate(ptx.ASM2.value, [word])
     for p in range(4):  # code position p of every byte
         assert outputs(r2, 2 * p, 4) == [(b >> 2 * p) & 3 for b in data]
-    r1 = emulate(td._ASM1X4.value, [word])
+    r1 = emulate(ptx.ASM1X4.value, [word])
     for k in range(8):  # the high plane of 3-bit codes: bit k of every byte, times 4
         assert outputs(r1, 2 * k, 4) == [4 * ((b >> k) & 1) for b in data]
 
@@ -99,7 +101,7 @@ def _three_bit_lanes(asm: str, n: int, high_at: int, inputs) -> None:
 
 def test_ptx_three_bit_codes_exact():
     # words: 8 codes' low bits in 16 bits, their high bits in the byte above; one word per operand
-    _three_bit_lanes(td._ASM3.value, 8, 16, lambda w0, w1: [w0, w1])
+    _three_bit_lanes(ptx.ASM3.value, 8, 16, lambda w0, w1: [w0, w1])
 
 
 def test_emulator_refuses_unknown_instructions():
@@ -109,7 +111,7 @@ def test_emulator_refuses_unknown_instructions():
 
 def test_ptx_three_bit_nibbles_exact():
     # byte + nibble: 4 codes per 16-bit element, two elements packed in one operand
-    _three_bit_lanes(td._ASM3N.value, 4, 8, lambda e0, e1: [e0 | e1 << 16])
+    _three_bit_lanes(ptx.ASM3N.value, 4, 8, lambda e0, e1: [e0 | e1 << 16])
 
 
 def test_ptx_contiguous_three_bit_words_exact():
@@ -117,6 +119,6 @@ def test_ptx_contiguous_three_bit_words_exact():
     codes = RNG.integers(0, 8, size=(400, 2, 8))
     codes[0], codes[1] = 0, 7
     for c in codes:
-        regs = emulate(td._ASM3C.value, [sum(int(c[e, k]) << 3 * k for k in range(8)) for e in range(2)])
+        regs = emulate(ptx.ASM3C.value, [sum(int(c[e, k]) << 3 * k for k in range(8)) for e in range(2)])
         for k in range(8):
             assert outputs(regs, k, 2) == [c[0, k], c[1, k]]

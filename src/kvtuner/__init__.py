@@ -18,14 +18,13 @@ _LAZY = {
     "load_model": "models",
     "with_cache": "models",
     "default_texts": "data",
-    "perplexity": "evaluate",
-    "evaluate": "evaluate",
-    "Evaluator": "evaluate",
-    "QualityReport": "evaluate",
+    "perplexity": "evaluation",
+    "evaluate": "evaluation",
+    "Evaluator": "evaluation",
+    "QualityReport": "evaluation",
     "profile": "profiling",
     "SensitivityTable": "profiling",
-    "set_backend": "kernels",
-    "get_backend": "kernels",
+    "KernelPolicy": "policy",
     "greedy_generate": "generation",
     "StaticDecoder": "generation",
 }
@@ -33,6 +32,7 @@ _LAZY = {
 __all__ = [
     "Evaluator",
     "KVPlan",
+    "KernelPolicy",
     "LayerSpec",
     "MixedPrecisionCache",
     "ModelDims",
@@ -45,20 +45,18 @@ __all__ = [
     "__version__",
     "default_texts",
     "evaluate",
-    "get_backend",
     "greedy_generate",
     "load_model",
     "perplexity",
     "profile",
-    "set_backend",
     "with_cache",
 ]
 
 if TYPE_CHECKING:
     from .cache import MixedPrecisionCache, QuantizedKVLayer
     from .data import default_texts
-    from .kernels import get_backend, set_backend
-    from .evaluate import Evaluator, QualityReport, evaluate, perplexity
+    from .policy import KernelPolicy
+    from .evaluation import Evaluator, QualityReport, evaluate, perplexity
     from .generation import StaticDecoder, greedy_generate
     from .profiling import SensitivityTable, profile
     from .models import load_model, with_cache

@@ -1,7 +1,7 @@
 """Decode attention over a packed cache layer: the PyTorch reference and the transformers plug-in.
 
 :func:`decode_attention` is the specification of the fused GPU kernel
-(``kernels/triton_decode.py`` has the same signature): one new query token per sequence attends to
+(``kvtuner.kernels.decode_attention`` has the same signature): one new query token per sequence attends to
 the quantized history (packed codes + scales/zeros) followed by the full-precision residual window.
 
 The plug-in is a transformers attention function registered as ``"kvtuner"``. During decode on a

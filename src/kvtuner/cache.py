@@ -32,236 +32,10 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import kernels, quant
+from . import quant
+from .policy import DEFAULT_POLICY, KernelPolicy, LayerLayout
 from .spec import KVPlan, LayerSpec, PlanError, QuantSpec
-
-
-class _TensorStore:
-    """Packed history plus full-precision residual for the keys *or* the values of one layer.
-
-    Packed storage lives in buffers with spare capacity that grow geometrically (or are sized once
-    from ``capacity``), so a flush writes only the new block in place instead of copying the whole
-    history as ``torch.cat`` would. ``packed`` is a view of the filled part.
-    """
-
-    def __init__(self, spec: QuantSpec, role: str, head_dim: int, capacity: int | None = None,
-                 value_spec: QuantSpec | None = None, sliding: bool = False):
-        self.spec, self.role, self.head_dim = spec, role, head_dim
-        self.sink = spec.kept_sink(sliding)  # full-precision attention-sink tokens at the residual's front
-        self.value_spec = value_spec  # keys: the layer's value spec (key layout follows the value layout)
-        self.granularity = spec.granularity(role)
-        self.group = spec.group_size if self.granularity == "per_channel" else spec.channel_group(head_dim)
-        self.unit = spec.flush_unit(role)
-        self.capacity = capacity
-        self.token_block = 0  # decided at the first write (value_token_block)
-        self.channel_words = False  # decided at the first write (channel_words)
-        self._buf: quant.QuantizedTensor | None = None
-        self._n = 0
-        self.residual: torch.Tensor | None = None
-
-    @property
-    def packed(self) -> quant.QuantizedTensor | None:
-        return None if self._buf is None or self._n == 0 else quant.slice_tokens(self._buf, 0, self._n)
-
-    @packed.setter
-    def packed(self, value: quant.QuantizedTensor | None) -> None:
-        self._buf, self._n = value, (0 if value is None else value.num_tokens)
-
-    @property
-    def num_quantized(self) -> int:
-        return self._n
-
-    @property
-    def num_residual(self) -> int:
-        return 0 if self.residual is None else self.residual.shape[-2]
-
-    def __len__(self) -> int:
-        return self.num_quantized + self.num_residual
-
-    @property
-    def held_sink(self) -> int:
-        """Sink tokens at the residual's front that come before the packed tokens in sequence order
-        (0 while nothing is packed: the residual alone is then in sequence order)."""
-        return self.sink if self._n else 0
-
-    def _meta_rows(self, tokens: int) -> int:
-        return -(-tokens // self.group) if self.granularity == "per_channel" else tokens
-
-    def _write(self, block: quant.QuantizedTensor) -> None:
-        if self._buf is None:
-            self._choose_layout(block.codes.device)
-        if self.channel_words:
-            block = quant.in_channel_words(block)
-        if self.token_block:
-            block = quant.in_token_blocks(block, self.token_block)
-        n, m = self._n, block.num_tokens
-        cap = 0 if self._buf is None else self._buf.num_tokens
-        if n + m > cap:
-            if self.static is not None:  # a captured graph holds the buffer's address
-                raise RuntimeError(f"static cache full: {n + m} quantized tokens > capacity {cap}; allowed: at most "
-                                   "the max_len given to make_static")
-            self._reserve(max(n + m, 2 * cap, 256, self.capacity or 0), block)
-        self._copy_in(block, n)
-        self._n = n + m
-
-    def _choose_layout(self, device: torch.device) -> None:
-        self.token_block = value_token_block(self.spec, self.role, self.head_dim, device)
-        self.channel_words = channel_words(self.spec, self.value_spec, self.role, self.head_dim, device)
-
-    def _reserve(self, want: int, like: quant.QuantizedTensor) -> None:
-        """Reallocate packed storage for ``want`` tokens (shapes/dtypes from ``like``), keeping what is filled."""
-        if self.granularity == "per_channel":
-            want = -(-want // self.group) * self.group
-        old = self.packed
-
-        def grow(t: torch.Tensor, rows: int) -> torch.Tensor:
-            return t.new_empty(*t.shape[:-2], rows, t.shape[-1])
-
-        rows = self._meta_rows(want)
-        self._buf = quant.QuantizedTensor(grow(like.codes, want), grow(like.scale, rows), grow(like.zero, rows),
-                                          like.bits, like.granularity, like.group_size, like.head_dim,
-                                          self.token_block, self.channel_words)
-        if old is not None:
-            self._copy_in(old, 0)
-
-    # ---------------------------------------------- static buffers (CUDA-graph decode)
-    # A captured graph replays fixed addresses and launch arguments, so in static mode the packed
-    # buffer is sized once, the residual lives in ``residual_length + flush_unit`` fixed slots, and
-    # the counts the kernel needs sit in a device tensor the caller keeps. Decode steps write into
-    # the slot that tensor names; flushes run between steps, eagerly (once per flush unit).
-    static = None  # the fixed residual buffer [B, H, residual_length + unit, D] once static
-
-    def make_static(self, tokens: int, like: torch.Tensor) -> None:
-        """Room for ``tokens`` stored tokens in fixed buffers; ``like`` gives batch, heads, dtype."""
-        b, h, _, d = like.shape
-        cap = -(-tokens // self.unit) * self.unit
-        if self._buf is None or self._buf.num_tokens < cap:
-            if self._buf is None:
-                self._choose_layout(like.device)
-            template = _quantize(like.new_zeros(b, h, self.unit, d), self.spec.bits, self.granularity, self.group)
-            self._reserve(cap, template)
-        slots = self.sink + self.spec.residual_length + self.unit
-        if self.num_residual > slots:
-            raise RuntimeError(f"{self.num_residual} residual tokens exceed the {slots} static slots")
-        buf = like.new_zeros(b, h, slots, d)
-        if self.num_residual:
-            buf[..., : self.num_residual, :].copy_(self.residual)
-        self.static = buf
-        self.residual = buf[..., : self.num_residual, :]
-
-    def static_write(self, x: torch.Tensor, slot: torch.Tensor) -> None:
-        """Put one decode token per sequence into residual slot ``slot`` (a device index: capturable)."""
-        if self.spec.rotation:
-            x = quant.rotate(x)
-        self.static.index_copy_(2, slot, x.to(self.static.dtype))
-
-    def static_flush_due(self) -> bool:
-        """Before a step: whether the oldest unit must be quantized for the cache to match ``append``.
-
-        ``append`` flushes once ``residual_length + unit`` tokens wait, the new one included; with a
-        residual window of at least one token the flushed unit holds only older tokens, so flushing
-        it before the step gives the same storage. Without a window the unit waits one step longer.
-        """
-        n = self.num_residual - self.sink
-        return n >= self.unit and n + 1 >= self.spec.residual_length + self.unit
-
-    def static_flush(self) -> None:
-        n, u, s = self.num_residual, self.unit, self.sink
-        self._write(_quantize(self.static[..., s:s + u, :], self.spec.bits, self.granularity, self.group))
-        self.static[..., s:n - u, :].copy_(self.static[..., s + u:n, :].clone())
-        self.residual = self.static[..., : n - u, :]
-
-    def static_count(self, added: int) -> None:
-        """Host bookkeeping for ``added`` decode tokens the device already wrote."""
-        self.residual = self.static[..., : self.num_residual + added, :]
-
-    def _copy_in(self, block: quant.QuantizedTensor, at: int) -> None:
-        m, r0 = block.num_tokens, self._meta_rows(at)
-        self._buf.codes[..., at:at + m, :].copy_(block.codes)
-        self._buf.scale[..., r0:r0 + block.scale.shape[-2], :].copy_(block.scale)
-        self._buf.zero[..., r0:r0 + block.zero.shape[-2], :].copy_(block.zero)
-
-    def append(self, x: torch.Tensor) -> None:
-        if self.spec.rotation:  # everything this store holds, residual included, lives in rotated space
-            x = quant.rotate(x)
-        self.residual = x if self.residual is None else torch.cat([self.residual, x], dim=-2)
-        if not self.spec.quantized:
-            return
-        s = self.sink
-        n = max(0, (self.num_residual - s - self.spec.residual_length) // self.unit * self.unit)
-        if n:
-            self._write(_quantize(self.residual[..., s:s + n, :], self.spec.bits, self.granularity, self.group))
-            # a copy, not a view: a view would keep the whole prefill tensor alive behind nbytes()
-            rest = self.residual[..., s + n:, :]
-            self.residual = torch.cat([self.residual[..., :s, :], rest], dim=-2) if s else rest.clone()
-
-    def reserved_nbytes(self) -> int:
-        """Bytes allocated, spare capacity included (``nbytes`` counts only what is filled)."""
-        total = 0 if self._buf is None else self._buf.nbytes()
-        res = self.static if self.static is not None else self.residual
-        if res is not None:
-            total += res.numel() * res.element_size()
-        return total
-
-    def materialize(self, dtype: torch.dtype) -> torch.Tensor:
-        """Everything stored, in sequence order (sink, packed, newest), in ``dtype``."""
-        h = self.held_sink
-        if h:
-            res = self.residual
-            out = torch.cat([res[..., :h, :].to(dtype), quant.materialize(self.packed, res[..., h:, :], dtype)], dim=-2)
-        else:
-            out = quant.materialize(self.packed, self.residual, dtype)
-        return quant.rotate(out, dtype) if self.spec.rotation else out
-
-    def drop_front(self, n: int) -> None:
-        """Forget the ``n`` oldest tokens (per-channel stores: ``n`` is a multiple of the group)."""
-        k = min(n, self.num_quantized)
-        if k:
-            self.packed = None if k == self.num_quantized else quant.slice_tokens(self.packed, k, self.num_quantized)
-        if n > k:
-            self.residual = self.residual[..., n - k:, :]
-
-    def drop_back(self, n: int) -> None:
-        """Forget the ``n`` newest tokens.
-
-        When the cut falls inside a per-channel key group (or a token block of values), the surviving
-        part of that group is dequantized back into the residual (its values are the ones attention
-        already saw) and is quantized again on the next flush: the one case where tokens are
-        re-quantized. Sink tokens go last, after every packed token.
-        """
-        h = self.held_sink
-        k = min(n, self.num_residual - h)
-        if k:
-            self.residual = self.residual[..., : self.num_residual - k, :]
-        m = n - k
-        if not m:
-            return
-        if m >= self.num_quantized:  # every packed token, then sink tokens from the newest
-            self.residual = self.residual[..., : h - (m - self.num_quantized), :]
-            self.packed = None
-            return
-        keep = self.num_quantized - m
-        whole = self.granularity == "per_channel" or self.token_block  # stored in whole units
-        cut = keep // self.unit * self.unit if whole else keep
-        tail = None
-        if cut < keep:
-            tail = quant.dequantize(quant.slice_tokens(self.packed, cut, self.num_quantized),
-                                    self.residual.dtype)[..., : keep - cut, :]
-        self.packed = quant.slice_tokens(self.packed, 0, cut) if cut else None
-        if tail is not None:  # the residual holds only the sink here: the tail follows it
-            self.residual = torch.cat([self.residual, tail], dim=-2)
-
-    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        if self.packed is not None:
-            self.packed = self.packed.map(fn)
-        if self.residual is not None:
-            self.residual = fn(self.residual)
-
-    def nbytes(self) -> int:
-        total = 0 if self.packed is None else self.packed.nbytes()
-        if self.residual is not None:
-            total += self.residual.numel() * self.residual.element_size()
-        return total
+from .store import TensorStore
 
 
 class QuantizedKVLayer(CacheLayerMixin):
@@ -272,6 +46,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         num_kv_heads, head_dim: the shape the model will hand to ``update``; other shapes are an
             error (a cache used with the wrong model).
         layer_idx: for error messages.
+        policy: backend and storage layouts; the layer asks it once, at its first update.
         sliding_window: set for sliding-window attention layers; tokens older than the window are
             dropped, in whole key groups for KIVI keys (the mask is told via ``get_mask_sizes``).
     """
@@ -280,8 +55,10 @@ class QuantizedKVLayer(CacheLayerMixin):
     is_croppable = True
 
     def __init__(self, spec: LayerSpec, *, num_kv_heads: int, head_dim: int, layer_idx: int = 0,
-                 sliding_window: int | None = None, capacity: int | None = None):
+                 sliding_window: int | None = None, capacity: int | None = None,
+                 policy: KernelPolicy = DEFAULT_POLICY):
         super().__init__()
+        self.policy = policy
         self.spec, self.num_kv_heads, self.head_dim, self.layer_idx = spec, num_kv_heads, head_dim, layer_idx
         self.sliding_window, self.capacity = sliding_window, capacity
         if (spec.k.rotation or spec.v.rotation) and head_dim & (head_dim - 1):
@@ -297,9 +74,9 @@ class QuantizedKVLayer(CacheLayerMixin):
 
     def _clear(self) -> None:
         sliding = self.is_sliding
-        self._k = _TensorStore(self.spec.k, "key", self.head_dim, self.capacity, value_spec=self.spec.v,
-                               sliding=sliding)
-        self._v = _TensorStore(self.spec.v, "value", self.head_dim, self.capacity, sliding=sliding)
+        self._k = TensorStore(self.spec.k, "key", self.head_dim, self.capacity, sliding=sliding)
+        self._v = TensorStore(self.spec.v, "value", self.head_dim, self.capacity, sliding=sliding)
+        self.layout: LayerLayout | None = None  # decided at the first update, from the device
         self.cumulative_length = 0  # tokens seen
         self.start = 0  # absolute position of the oldest stored token (> 0 only for sliding layers)
         self.is_initialized = False
@@ -310,6 +87,11 @@ class QuantizedKVLayer(CacheLayerMixin):
     # ------------------------------------------------------------------ CacheLayerMixin
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
+        if self.layout is None:
+            lay = self.policy.layout(self.spec.k, self.spec.v, self.head_dim, self.device)
+            self._k.set_layout(lay.triton, 0, lay.key_words)
+            self._v.set_layout(lay.triton, lay.value_block, lay.value_words)
+            self.layout = lay
         self.batch_size = key_states.shape[0]
         self.is_initialized = True
 
@@ -358,7 +140,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         selected, a full-attention layer, quantized keys and values flushed in step."""
         k, v = self.spec.k, self.spec.v
         return (self.fused_attention and not self.is_sliding and k.quantized and v.quantized
-                and self._k.num_quantized == self._v.num_quantized and kernels.use_triton(key_states.device))
+                and self._k.num_quantized == self._v.num_quantized and self.layout.triton)
 
     def stored_tokens(self) -> int:
         return len(self._k)
@@ -369,7 +151,7 @@ class QuantizedKVLayer(CacheLayerMixin):
 
         if self._k.static is not None:
             return self._static_decode(query, scaling)
-        from .kernels.triton_decode import decode_attention
+        from .kernels import decode_attention
 
         h, n_q = self._k.held_sink, self._k.num_quantized
         if kv_mask is not None and h:  # sequence order [sink, packed, newest] -> the kernel's [packed, sink, newest]
@@ -415,8 +197,8 @@ class QuantizedKVLayer(CacheLayerMixin):
         from .attention import decode_attention as reference
         from .attention import rotated_decode
 
-        if kernels.use_triton(query.device):
-            from .kernels.triton_decode import decode_attention
+        if self.layout.triton:
+            from .kernels import decode_attention
         else:
             decode_attention = reference
         out = rotated_decode(decode_attention, query, self._k._buf, self._k.static, self._v._buf, self._v.static,
@@ -505,7 +287,7 @@ class QuantizedKVLayer(CacheLayerMixin):
 class MixedPrecisionCache(Cache):
     """A ``transformers.Cache`` with a (key bits, value bits) pair per layer, from a :class:`KVPlan`.
 
-    On a CUDA device (backend ``"auto"`` or ``"triton"``, see :func:`kvtuner.set_backend`) the cache
+    On a CUDA device (``policy.backend`` ``"auto"`` or ``"triton"``, see :class:`kvtuner.KernelPolicy`) the cache
     quantizes with Triton kernels and, during decode, hands attention to the fused kernel that reads
     the packed storage: at the first update it selects the registered ``"kvtuner"`` attention
     function in ``config`` (SDPA for prefill, the fused kernel for one-token steps) when the model
@@ -516,18 +298,20 @@ class MixedPrecisionCache(Cache):
         config: the model's config (``model.config``); the plan is validated against it.
         max_cache_len: tokens to reserve packed storage for up front (optional; otherwise buffers
             grow geometrically).
+        policy: backend and storage layouts (:class:`kvtuner.KernelPolicy`; default: all ``"auto"``).
     """
 
-    def __init__(self, plan: KVPlan | str | os.PathLike[str], config: Any, max_cache_len: int | None = None):
+    def __init__(self, plan: KVPlan | str | os.PathLike[str], config: Any, max_cache_len: int | None = None,
+                 policy: KernelPolicy = DEFAULT_POLICY):
         if not isinstance(plan, KVPlan):
             plan = KVPlan.load(plan)
         dims = plan.check_config(config)
         layers = [QuantizedKVLayer(spec, num_kv_heads=dims.num_kv_heads, head_dim=dims.head_dim, layer_idx=i,
                                    sliding_window=dims.sliding_window if kind == "sliding_attention" else None,
-                                   capacity=max_cache_len)
+                                   capacity=max_cache_len, policy=policy)
                   for i, (spec, kind) in enumerate(zip(plan.layers, dims.layer_types))]
         super().__init__(layers=layers)
-        self.plan, self.dims, self.config = plan, dims, config
+        self.plan, self.dims, self.config, self.policy = plan, dims, config, policy
 
     @classmethod
     def from_plan(cls, config: Any, plan: KVPlan | str | os.PathLike[str]) -> MixedPrecisionCache:
@@ -546,7 +330,7 @@ class MixedPrecisionCache(Cache):
         from .attention import ATTN_NAME, register
 
         impl = getattr(self.config, "_attn_implementation", None)
-        fused = kernels.use_triton(device) and impl in ("sdpa", "eager", ATTN_NAME)
+        fused = self.policy.use_triton(device) and impl in ("sdpa", "eager", ATTN_NAME)
         if fused and impl != ATTN_NAME:
             self.config._attn_implementation = register()
         for layer in self.layers:
@@ -630,77 +414,17 @@ class MixedPrecisionCache(Cache):
                 f"bits, {self.get_seq_length()} tokens, {self.nbytes()} bytes)")
 
 
-# Values in token blocks (quant.to_token_blocks) on the Triton path. None: where measured faster on an
-# H100 (benchmarks/results/kernel_experiments_h100.md, session 11): KIVI values of 2-4 bits with a
-# 128-token group (one block per 128-token tile: KV4 197 -> 184 µs, K4V2 199 -> 181, KV2 214 -> 187
-# per layer at 64 x 4k). With 32-token groups they were slower (K4V2 351 -> 380, KV2 361 -> 524,
-# K4V3 434 -> 674 µs; end to end K4V2 54.9 -> 65.0 ms/step), and 8-bit values were slower at any
-# group. True/False force the layout wherever it is possible (tests, A/B runs).
-VALUE_TOKEN_BLOCKS: bool | None = None
-TOKEN_BLOCK_BITS = (2, 3, 4)
-FAST_TOKEN_BLOCKS = (128,)  # groups (flush units) at which the fused kernel reads token blocks faster
-
-
-def value_token_block(spec: QuantSpec, role: str, head_dim: int, device: torch.device) -> int:
-    """Tokens per block in which a store keeps its packed codes (0: packed along head_dim).
-
-    Possible for KIVI values of 2-4 bits whose flush unit (the group) is a multiple of 32 tokens:
-    one block per flush unit. Chosen automatically on the fused-kernel path for the groups in
-    ``FAST_TOKEN_BLOCKS``; everything else, and the CPU reference path, keeps codes packed along
-    head_dim (same bytes either way).
-    """
-    unit = spec.flush_unit(role)
-    possible = (role == "value" and spec.mode == "kivi" and spec.bits in TOKEN_BLOCK_BITS and unit % 32 == 0
-                and head_dim % 8 == 0)
-    if VALUE_TOKEN_BLOCKS is None:
-        wanted = unit in FAST_TOKEN_BLOCKS and kernels.use_triton(device)
-    else:
-        wanted = VALUE_TOKEN_BLOCKS
-    return unit if possible and wanted else 0
-
-
-# 3-bit codes packed along head_dim as contiguous 24-bit words (quant.to_channel_words, 3 bits): keys, and values
-# not in token blocks, read with one mask and one packed FMA per 2 codes instead of two planes' four. None: on
-# the fused-kernel path, where measured faster on an H100 (benchmarks/results/kernel_experiments_h100.md,
-# session 21; graph µs at 64 x 4k, G = 32: K3V3 238 -> 225, K3V2 223 -> 219, K3V4 216 -> 211, K4V3 212 -> 207;
-# G = 128 token-blocked values, 3-bit keys: K3V2 196 -> 185, K3V3 206 -> 197). The CPU reference path keeps the
-# planes (same bytes either way). True/False force the layout wherever it is possible (tests, A/B runs).
-WORDS3: bool | None = None
-
-
-def channel_words(spec: QuantSpec, value_spec: QuantSpec | None, role: str, head_dim: int,
-                  device: torch.device) -> bool:
-    """Whether a store keeps its codes in channel word order (``quant.to_channel_words``).
-
-    4-bit keys next to token-blocked values: the fused kernel then skips the fp16-pair repacking of
-    the key tile (H100, 64 x 4k: K4V4 184 -> 176 µs, K4V2 180 -> 174). Not for 2-bit keys (50-60 %
-    slower: more registers) nor for 4-bit keys next to values packed along head_dim (K4V8 262 -> 286).
-    3-bit codes (keys, and values not in token blocks): contiguous words on the fused-kernel path (:data:`WORDS3`)
-    (the plane word order of session 12 was 50 % slower and is gone).
-    """
-    if spec.bits not in (3, 4) or head_dim % quant.word_channels(spec.bits):  # the only widths kept in word order
-        return False
-    if spec.bits == 3:
-        wanted = kernels.use_triton(device) if WORDS3 is None else WORDS3
-        return wanted and (role == "key" or value_token_block(spec, role, head_dim, device) == 0)
-    return (role == "key" and value_spec is not None
-            and value_token_block(value_spec, "value", head_dim, device) > 0)
-
-
-def _quantize(x: torch.Tensor, bits: int, granularity: str, group: int) -> quant.QuantizedTensor:
-    if kernels.use_triton(x.device):
-        from .kernels import triton_quant
-
-        return triton_quant.quantize(x, bits, granularity, group)
-    return quant.quantize(x, bits, granularity, group)
-
-
-def simulate_cache(x: torch.Tensor, spec: QuantSpec, role: str) -> torch.Tensor:
+def simulate_cache(x: torch.Tensor, spec: QuantSpec, role: str, policy: KernelPolicy = DEFAULT_POLICY
+                   ) -> torch.Tensor:
     """What attention sees after ``x`` ``[B, H, T, D]`` is written to a cache layer in one prefill.
 
     Runs the cache's own storage rules (residual window, whole flush units, groups), so offline
     profiling measures exactly the quantization the online cache applies.
     """
-    store = _TensorStore(spec, role, x.shape[-1])
+    store = TensorStore(spec, role, x.shape[-1])
+    if spec.quantized:
+        lay = policy.layout(spec, spec, x.shape[-1], x.device)
+        store.set_layout(lay.triton, lay.value_block if role == "value" else 0,
+                         lay.key_words if role == "key" else lay.value_words)
     store.append(x)
     return store.materialize(x.dtype)

@@ -29,7 +29,7 @@ def _require_lm_eval():
 def kvtuner_lm(model: Any, tokenizer: Any, plan: KVPlan | None, **hflm_kwargs: Any):
     """An lm-eval ``HFLM`` that evaluates ``model`` with ``plan``'s cache (None: full precision)."""
     HFLM = _require_lm_eval()
-    from .evaluate import make_cache
+    from .evaluation import make_cache
     from .models import with_cache
 
     class KVTunerLM(HFLM):

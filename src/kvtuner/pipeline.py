@@ -107,7 +107,7 @@ def run_tune(model: Any, tokenizer: Any, calibration: str, evaluation: str, out:
     """Run the whole pipeline on ``model``; see the module docstring."""
     import hashlib
 
-    from .evaluate import Evaluator
+    from .evaluation import Evaluator
     from .profiling import SensitivityTable, calibration_batches
     from .search import search
     from .search.objectives import KLObjective

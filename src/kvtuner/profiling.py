@@ -306,7 +306,7 @@ def layer_kl(model: Any, batches: list[torch.Tensor], pairs: Sequence[tuple[int,
     the pair's unrotated name, ``K4V2``, whatever ``rotation``)."""
     from tqdm.auto import tqdm
 
-    from .evaluate import kl_sum, make_cache
+    from .evaluation import kl_sum, make_cache
 
     L = ModelDims.from_config(model.config).num_layers
     full = [torch.log_softmax(model(ids.to(model.device)).logits.float(), -1) for ids in batches]

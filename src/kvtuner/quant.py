@@ -278,7 +278,7 @@ def to_channel_words(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     plane gives those channels (little end first) and whose high 8 bits take the 1-bit plane's byte.
     The same bytes, but every code lies whole in one 16-bit window of its word, so the kernel
     unpacks it with one mask and one packed FMA per 2 codes, not two planes' four
-    (``triton_decode._asm3_contiguous``).
+    (``kernels.ptx.asm3_contiguous``).
     """
     _check_words(bits, dim)
     if PLANES[bits] == (2, 1):

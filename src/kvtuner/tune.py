@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .evaluate import perplexity
+from .evaluation import perplexity
 from .spec import KVPlan, ModelDims, PlanError
 
 KEY_FIRST_PAIRS = ((8, 8), (8, 4), (4, 4), (4, 2), (2, 2))

@@ -145,7 +145,7 @@ def evaluate(model: ModelArg = "smollm2",
              tokens: Annotated[int, typer.Option(help="Held-out tokens.")] = 1024) -> None:
     """Perplexity of a plan against full precision, through the real cache."""
     from ..data import default_texts, token_ids
-    from ..evaluate import perplexity
+    from ..evaluation import perplexity
     from ..models import load_model
     from ..spec import KVPlan
 

@@ -1,52 +1,38 @@
-"""Which implementation runs the cache's hot spots: the PyTorch reference or the Triton kernels.
+"""Triton kernels for the cache's hot spots (needs Triton; :class:`kvtuner.KernelPolicy` decides when they run).
 
-``"auto"`` (default) uses Triton for tensors on a CUDA device when Triton imports, the reference
-otherwise; ``set_backend("torch")`` forces the reference everywhere, ``set_backend("triton")``
-forces the kernels on CUDA tensors (CPU tensors take the reference, except under Triton's
-interpreter, see :func:`use_triton`). The environment variable ``KVTUNER_BACKEND`` sets the
-initial value.
+Modules, in the order a decode step meets them:
+
+* :mod:`.quantize`: quantize and pack a block of tokens on append (same results as ``quant.quantize``);
+* :mod:`.decode`: the entry point of the fused decode attention over the packed cache
+  (``decode_attention``; its specification is :func:`kvtuner.attention.decode_attention`);
+* :mod:`.launch_config`: tile, warps, register cap and split count per bit pair, from rules and a
+  measured table per GPU model (``tables/``);
+* :mod:`.decode_kernel`: the split and merge kernels;
+* :mod:`.unpack` and :mod:`.ptx`: packed codes to fp16 in registers;
+* :mod:`.launcher`: a cheaper launch path for kernels called once per layer and step.
 """
 
 from __future__ import annotations
 
-import functools
-import os
+from .decode import Launch, decode_attention, max_int32_offset, plan_launch
+from .launch_config import (LAUNCH_KEYS, LAYOUTS, Target, default_block_n, launch_choices, launch_defaults,
+                            launch_table, programs_per_sm, split_count, table_name)
+from .quantize import quantize
 
-BACKENDS = ("auto", "torch", "triton")
-_backend = os.environ.get("KVTUNER_BACKEND", "auto")
-
-
-def set_backend(name: str) -> None:
-    """Choose ``"auto"``, ``"torch"`` or ``"triton"`` for every cache from now on."""
-    global _backend
-    if name not in BACKENDS:
-        raise ValueError(f"backend={name!r} is invalid; allowed: {', '.join(BACKENDS)}")
-    if name == "triton" and not triton_available():
-        raise ImportError("backend 'triton' needs Triton; install the extra: pip install 'kvtuner[gpu]'")
-    _backend = name
-
-
-def get_backend() -> str:
-    return _backend
-
-
-@functools.cache
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def use_triton(device) -> bool:
-    """Whether tensors on ``device`` go through the Triton kernels under the current backend.
-
-    CPU tensors take the kernels only when the backend is forced to ``"triton"`` *and* Triton's
-    interpreter is on (``TRITON_INTERPRET=1``): that is how the kernels are tested without a GPU.
-    """
-    if _backend == "torch" or not triton_available():
-        return False
-    if getattr(device, "type", str(device)) == "cuda":
-        return True
-    return _backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+__all__ = [
+    "LAUNCH_KEYS",
+    "LAYOUTS",
+    "Launch",
+    "Target",
+    "decode_attention",
+    "default_block_n",
+    "launch_choices",
+    "launch_defaults",
+    "launch_table",
+    "max_int32_offset",
+    "plan_launch",
+    "programs_per_sm",
+    "quantize",
+    "split_count",
+    "table_name",
+]

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..evaluate import kl_sum, stream_logits
+from ..evaluation import kl_sum, stream_logits
 from ..spec import KVPlan
 
 
