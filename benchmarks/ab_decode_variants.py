@@ -3,14 +3,14 @@
     PYTHONPATH=src python benchmarks/ab_decode_variants.py --pairs 44,42 --shapes 64x4096,1x131072 \
         --variants '[{}, {"splits_per_sm": 3}]'
 
-For each pair and shape, every variant (overrides of triton_decode.launch_defaults; ``{}`` is the
+For each pair and shape, every variant (overrides of kvtuner.kernels.launch_defaults; ``{}`` is the
 current default) is checked against the fp32 reference and timed eagerly (do_bench) and inside a
 CUDA graph (do_bench_cudagraph). Two keys change the cases instead of the launch:
 ``"token_block": G`` stores the values in token blocks of G tokens (quant.in_token_blocks, as the
 cache does on the GPU for KIVI values of 2-4 bits at G = 128; otherwise they are packed along
 head_dim), ``"key_words": true`` the keys in channel word order (quant.in_channel_words), ``"value_words":
 true`` the values (3 bits, packed along head_dim: contiguous words).
-Results: benchmarks/results/kernel_experiments_h100.md.
+What each table entry was chosen from: docs/kernels.md.
 """
 
 import argparse
@@ -26,7 +26,7 @@ from bench_attention import D, packed_case  # noqa: E402
 
 from kvtuner import quant  # noqa: E402
 from kvtuner.attention import decode_attention as ref  # noqa: E402
-from kvtuner.kernels import triton_decode as td  # noqa: E402
+from kvtuner import KernelPolicy, kernels  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--pairs", default="44")
@@ -37,7 +37,7 @@ ap.add_argument("--group", type=int, default=128, help="KIVI group G (keys per c
 ap.add_argument("--scale-dtype", default=None, choices=["float16", "bfloat16"],
                 help="store the cases' scales/zeros in this dtype (default: quant.meta_dtype, fp16 for this bf16 model)")
 args = ap.parse_args()
-bench_attention.VALUE_LAYOUT = "channels"  # cases start packed along head_dim; a variant's token_block re-lays them
+bench_attention.POLICY = KernelPolicy("triton", value_token_blocks="off", words3="off")  # cases start packed along head_dim; a variant re-lays them
 for shape in args.shapes.split(","):
     b, n = (int(x) for x in shape.split("x"))
     for pair in args.pairs.split(","):
@@ -61,11 +61,12 @@ for shape in args.shapes.split(","):
                     kpx = quant.in_channel_words(kp)
                 if launch.pop("value_words", False):  # 3-bit values as contiguous words (quant.to_channel_words)
                     vpx = quant.in_channel_words(vpx)
-                fn = lambda: td.decode_attention(q, kpx, kr, vpx, vr, D**-0.5, **launch)  # noqa: E731
+                info = {}
+                fn = lambda: kernels.decode_attention(q, kpx, kr, vpx, vr, D**-0.5, **launch, launch_info=info)  # noqa: E731
                 err = ((fn().float() - r).norm() / r.norm()).item()
                 g = tt.do_bench_cudagraph(fn, rep=100) * 1e3
                 e = tt.do_bench(fn, warmup=10, rep=100) * 1e3
-                ck = td.last_compiled
+                ck = info["split"]
                 print(f"{shape} K{pair[0]}V{pair[1]} {v} graph {g:.1f} eager {e:.1f} err {err:.1e} "
                       f"regs {ck.n_regs} spills {ck.n_spills}", flush=True)
             except Exception as ex:  # a variant that does not compile or run is a result too

@@ -21,21 +21,22 @@ import torch
 import triton
 import triton.testing
 
-from kvtuner import cache, quant
+from kvtuner import KernelPolicy, quant
 from kvtuner.attention import rotated_decode
 from kvtuner.spec import QuantSpec
-from kvtuner.kernels import triton_decode, triton_quant
+from kvtuner import kernels
 
 HQ, HKV, D = 32, 8, 128
 PAIRS = [(8, 8), (8, 4), (4, 4), (4, 2), (2, 2)]
 RESIDUAL = 32
-VALUE_LAYOUT = "cache"  # "cache": values laid out as MixedPrecisionCache stores them on the GPU; "channels": never in token blocks
+LAST_LAUNCH: dict = {}  # the last split kernel compiled (registers, spills, shared memory)
+POLICY = KernelPolicy("triton")  # the layouts MixedPrecisionCache chooses on the GPU (--value-layout, --planes3 force others)
 
 
 def warm(fn, seconds: float = 0.25) -> None:
     """Run ``fn`` back to back for a while before timing it: after seconds of compiling on the CPU the
-    GPU has clocked down, and the first eager timing of a config then read up to 2x too slow (H100,
-    session 8: K4V4 305-442 µs right after its compile, 207-210 µs in every later measurement)."""
+    GPU has clocked down, and the first eager timing of a config then read up to 2x too slow (H100:
+    K4V4 305-442 µs right after its compile, 207-210 µs in every later measurement)."""
     fn()
     torch.cuda.synchronize()
     end = time.perf_counter() + seconds
@@ -68,14 +69,11 @@ def sdpa_us(b: int, n: int) -> tuple[float, str]:
 
 
 def cache_layout(kbits: int, vbits: int, g: int) -> tuple[int, bool, bool]:
-    """(values' token block, keys in word order, values in word order) as MixedPrecisionCache decides them on
-    the GPU for a KIVI layer of this pair and group (cache.value_token_block, cache.channel_words)."""
-    if VALUE_LAYOUT != "cache":
-        return 0, False, False
+    """(values' token block, keys in word order, values in word order) as a cache with :data:`POLICY` lays
+    out a KIVI layer of this pair and group on the GPU (``KernelPolicy.layout``)."""
     kspec, vspec = QuantSpec(kbits, "kivi", g, RESIDUAL), QuantSpec(vbits, "kivi", g, RESIDUAL)
-    dev = torch.device("cuda")
-    return (cache.value_token_block(vspec, "value", D, dev), cache.channel_words(kspec, vspec, "key", D, dev),
-            cache.channel_words(vspec, None, "value", D, dev))
+    lay = POLICY.layout(kspec, vspec, D, torch.device("cuda"))
+    return lay.value_block, lay.key_words, lay.value_words
 
 
 def packed_case(b: int, n: int, kbits: int, vbits: int, g: int):
@@ -85,8 +83,8 @@ def packed_case(b: int, n: int, kbits: int, vbits: int, g: int):
         k = torch.randn(1, HKV, n, D, device="cuda", dtype=torch.bfloat16)
         k += torch.randn(1, 1, 1, D, device="cuda", dtype=torch.bfloat16) * 2
         v = torch.randn(1, HKV, n, D, device="cuda", dtype=torch.bfloat16)
-        kp_i = triton_quant.quantize(k, kbits, "per_channel", g)
-        vp_i = triton_quant.quantize(v, vbits, "per_token", g if g < D else None)
+        kp_i = kernels.quantize(k, kbits, "per_channel", g)
+        vp_i = kernels.quantize(v, vbits, "per_token", g if g < D else None)
         if vt:
             vp_i = quant.in_token_blocks(vp_i, vt)
         if kwords:
@@ -112,7 +110,7 @@ def run_kernel(case, rotation: bool = False, cudagraph: bool = False, **kw) -> f
     q, kp, kr, vp, vr = case
 
     def kernel(*a, **call):  # what the cache calls; rotated layers pass rotate_q / rotate_out
-        return triton_decode.decode_attention(*a, **call, **kw)
+        return kernels.decode_attention(*a, **call, **kw, launch_info=LAST_LAUNCH)
 
     kernel.fuses_rotation = True
 
@@ -153,17 +151,16 @@ def main() -> None:
                     "(default: the kernel's launch defaults, from sweep_decode_kernel.py)")
     ap.add_argument("--mixed", action="store_true", help="also time KVTuner-C3.25's 32 layers back to back at "
                     "B=64, L=4096 against the sum of its layers' single-layer times")
-    ap.add_argument("--planes3", action="store_true", help="3-bit codes in two bit planes (kvtuner.cache.WORDS3 = "
-                    "False), the layout before session 21; default: as the cache stores them (contiguous words)")
+    ap.add_argument("--planes3", action="store_true", help="3-bit codes in two bit planes (KernelPolicy(words3="
+                    "'off')); default: as the cache stores them (contiguous words)")
     ap.add_argument("--value-layout", default="cache", choices=["cache", "channels"],
                     help="cache: codes as the cache stores them on the GPU (token blocks for KIVI values of 2-4 "
                     "bits at G=128, 4-bit keys beside them in word order); channels: codes always packed along "
-                    "head_dim (the layout before session 11)")
+                    "head_dim (KernelPolicy(value_token_blocks='off'))")
     args = ap.parse_args()
-    global VALUE_LAYOUT
-    VALUE_LAYOUT = args.value_layout
-    if args.planes3:
-        cache.WORDS3 = False
+    global POLICY
+    POLICY = KernelPolicy("triton", value_token_blocks="off" if args.value_layout == "channels" else "auto",
+                          words3="off" if args.planes3 else "auto")
     pairs = [(int(x[0]), int(x[1])) for x in args.pairs.split(",")]
     t_start = time.time()
     props = torch.cuda.get_device_properties(0)
@@ -192,7 +189,7 @@ def main() -> None:
                 for rot in ((False, True) if args.rotation else (False,)):
                     t = run_kernel(case, rotation=rot, **tuned[key])
                     t_graph = run_kernel(case, rotation=rot, cudagraph=True, **tuned[key]) if args.cudagraph else None
-                    ck = triton_decode.last_compiled
+                    ck = LAST_LAUNCH.get("split")
                     res = dict(regs=getattr(ck, "n_regs", None), spills=getattr(ck, "n_spills", None),
                                smem=getattr(getattr(ck, "metadata", None), "shared", None))
                     rows.append(dict(batch=b, context=n, config=f"K{kb}V{vb} G{g}" + (" rotated" if rot else ""),
@@ -225,7 +222,7 @@ def mixed_plan_row(b: int = 64, n: int = 4096) -> dict:
 
     def step():
         for q, kp, kr, vp, vr in cases:
-            triton_decode.decode_attention(q, kp, kr, vp, vr, D**-0.5, None)
+            kernels.decode_attention(q, kp, kr, vp, vr, D**-0.5, None)
 
     warm(step)
     t_step = triton.testing.do_bench(step, warmup=3, rep=200) * 1e3
@@ -258,15 +255,15 @@ def write(args, props, rows, t_start) -> None:
             "Values: " + ("as the cache stores them on the GPU: KIVI values of 2-4 bits in token blocks of one "
                           "group (quant.to_token_blocks) when G = 128, 4-bit keys beside them in channel word order "
                           "(quant.to_channel_words); otherwise packed along head_dim"
-                          + ("; 3-bit keys and values packed along head_dim as contiguous words (cache.WORDS3)."
-                             if cache.WORDS3 is not False else "; 3-bit codes in two bit planes (--planes3).")
+                          + ("; 3-bit keys and values packed along head_dim as contiguous words (KernelPolicy.words3)."
+                             if POLICY.words3 != "off" else "; 3-bit codes in two bit planes (--planes3).")
                           if args.value_layout == "cache" else "packed along head_dim for every pair."),
             "KIVI layout: keys per channel in groups of G tokens, values per token (G=128: one scale/zero per "
             "token and head; G=32: four), plus a 32-token bf16 residual window read by the same launch. "
             "µs = median of triton.testing.do_bench (L2 flushed), each config after 0.25 s of back-to-back calls "
             "(the GPU clocks down while the next config compiles); TB/s = bytes the step must read / time; "
             "speed-up vs the fastest bf16 SDPA backend at that shape. Launch: the kernel's defaults per pair "
-            "(triton_decode.launch_defaults), or with --tune a sweep per (pair, G) at the first shape.", "",
+            "(kernels.launch_defaults), or with --tune a sweep per (pair, G) at the first shape.", "",
             "µs in graph: the same call captured in a CUDA graph (do_bench_cudagraph), i.e. GPU time without "
             "Python launch gaps (--cudagraph).", "",
             "| batch | context | config | µs | µs in graph | eff. TB/s | vs bf16 SDPA | launch |",

@@ -30,8 +30,7 @@ import transformers
 import triton
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
-from kvtuner import KVPlan, MixedPrecisionCache, with_cache
-from kvtuner import cache as kv_cache
+from kvtuner import KernelPolicy, KVPlan, MixedPrecisionCache, with_cache
 from kvtuner.generation import StaticDecoder
 
 C325 = {13: (8, 4), 17: (8, 4), **{i: (4, 4) for i in (1, 2, 3, 7, 29, 31)}, **{i: (2, 2) for i in (0, 4, 25, 27)}}
@@ -68,11 +67,12 @@ def build(layers: int) -> LlamaForCausalLM:
     return model
 
 
-def fill(model, plan: KVPlan | None, batch: int, ctx: int, reserve: int, static: bool = False):
+def fill(model, plan: KVPlan | None, batch: int, ctx: int, reserve: int, static: bool = False,
+         policy: KernelPolicy = KernelPolicy()):
     """A cache holding ``ctx`` random tokens; bf16: DynamicCache, or StaticCache when ``static``."""
     cfg = model.config
     if plan is not None:
-        cache = MixedPrecisionCache(plan, cfg, max_cache_len=ctx + reserve)
+        cache = MixedPrecisionCache(plan, cfg, max_cache_len=ctx + reserve, policy=policy)
     elif static:
         cache = StaticCache(config=cfg, max_cache_len=ctx + reserve)
     else:
@@ -211,6 +211,10 @@ def agreement(model, plan: KVPlan | None, ids: torch.Tensor, new_tokens: int, ba
 
 
 @torch.no_grad()
+def policy_of(args) -> KernelPolicy:
+    return KernelPolicy(words3="off" if args.planes3 else "auto")
+
+
 def python_profile(args) -> None:
     """Where the host time of a decode step goes: cProfile over ``--steps`` steps, top functions."""
     import cProfile
@@ -220,7 +224,7 @@ def python_profile(args) -> None:
     batch, ctx = int(batch), int(ctx)
     model = build(args.layers)
     plan = plans(args.layers)[name]
-    cache = fill(model, plan, batch, ctx, args.steps + 8)
+    cache = fill(model, plan, batch, ctx, args.steps + 8, policy=policy_of(args))
     tok = greedy_steps(model, cache, torch.randint(0, 1000, (batch, 1), device="cuda"), 2)
     torch.cuda.synchronize()
     prof = cProfile.Profile()
@@ -252,14 +256,13 @@ def main() -> None:
                          " steps only")
     ap.add_argument("--plan-file", action="append", default=[], metavar="NAME=PATH",
                     help="also run this plan file under NAME (repeatable; its layer count must equal --layers)")
-    ap.add_argument("--planes3", action="store_true", help="3-bit codes in two bit planes (sets "
-                    "kvtuner.cache.WORDS3 = False), the layout before session 21; default: contiguous words")
+    ap.add_argument("--planes3", action="store_true", help="3-bit codes in two bit planes (KernelPolicy(words3="
+                    "'off')); default: contiguous words")
     ap.add_argument("--plot", help="only draw the plot from this JSON result file (no GPU needed)")
     ap.add_argument("--cprofile", metavar="CONFIG:BATCH:CONTEXT",
                     help="only profile the Python side of decode steps (cProfile), e.g. C3.25:64:4096")
     args = ap.parse_args()
-    if args.planes3:
-        kv_cache.WORDS3 = False
+    policy = policy_of(args)
     if args.plot:
         plot(json.loads(open(args.plot).read()), args.plot.replace(".json", ".png"))
         return
@@ -298,7 +301,7 @@ def main() -> None:
         dt_e = dt_g = prof = None
         try:
             if eager:
-                cache = fill(model, plan, batch, ctx, reserve)
+                cache = fill(model, plan, batch, ctx, reserve, policy=policy)
                 kv = torch.cuda.memory_allocated() - weights
                 dt_e = decode(model, cache, batch, args.steps, backend)
                 prof = where_time_goes(model, cache, batch, profile_steps, backend) if profile_steps else None
@@ -307,7 +310,7 @@ def main() -> None:
                     torch.cuda.empty_cache()
             if graph:
                 if cache is None:
-                    cache = fill(model, plan, batch, ctx, reserve, static=True)
+                    cache = fill(model, plan, batch, ctx, reserve, static=True, policy=policy)
                     kv = torch.cuda.memory_allocated() - weights
                 dt_g = decode_graph(model, cache, batch, args.steps)
         except torch.OutOfMemoryError:

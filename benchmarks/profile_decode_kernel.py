@@ -28,7 +28,9 @@ sys.path.insert(0, "benchmarks")
 from bench_attention import HKV, HQ, D, packed_case, warm
 from compile_offline import sass_summary
 
-from kvtuner.kernels import triton_decode as td
+from kvtuner import kernels
+
+LAST: dict = {}  # the last split kernel compiled
 
 
 def timed(fn, flush: str, reps: int = 50) -> float:
@@ -63,7 +65,7 @@ def sdpa_fn(b: int, n: int):
 
 def kernel_fn(b: int, n: int, pair: str):
     q, kp, kr, vp, vr = packed_case(b, n, int(pair[0]), int(pair[1]), 128)
-    return lambda: td.decode_attention(q, kp, kr, vp, vr, D**-0.5)
+    return lambda: kernels.decode_attention(q, kp, kr, vp, vr, D**-0.5, launch_info=LAST)
 
 
 def main() -> None:
@@ -88,7 +90,7 @@ def main() -> None:
             fn()
         torch.cuda.synchronize()
         if args.mode == "sass":
-            sass, ops, usage = sass_summary(td.last_compiled)
+            sass, ops, usage = sass_summary(LAST["split"])
             if args.sass_dir:
                 Path(args.sass_dir, f"K{pair[0]}V{pair[1]}.sass").write_text(sass)
             print(f"K{pair[0]}V{pair[1]} {usage}, instructions {sum(ops.values())}: "

@@ -1,7 +1,7 @@
 """Sweep the fused decode kernel's launch choices per bit pair: MMA orientation, PTX unpacking,
 warps, stages and tile, at Llama-3.1-8B shape (Hq=32, Hkv=8, D=128, bf16, KIVI G=128).
 
-    python benchmarks/sweep_decode_kernel.py --out benchmarks/results/decode_kernel_sweep_h100.md
+    python benchmarks/sweep_decode_kernel.py --out benchmarks/results/h100/decode_kernel_sweep.md
 
 Stage A times the 8 (swap_qk, swap_pv, asm) variants at 4 and 8 warps; stage B sweeps stages and
 tile for the best of them. Every variant is checked against the fp32 reference before it is timed
@@ -40,10 +40,12 @@ def child(pair: str, skip: set[str], stage: str = "launch") -> None:
 
     # the table's "k,v" entries are for codes packed along head_dim; token-blocked layouts have their
     # own "k,v,tokens" entries (measured with ab_decode_variants.py --variants '[{"token_block":128}]')
-    bench_attention.VALUE_LAYOUT = "channels"
+    from kvtuner import KernelPolicy
+
+    bench_attention.POLICY = KernelPolicy("triton", value_token_blocks="off")
 
     from kvtuner.attention import decode_attention as reference
-    from kvtuner.kernels import triton_decode
+    from kvtuner import kernels
 
     kb, vb = int(pair[0]), int(pair[1])
 
@@ -56,8 +58,9 @@ def child(pair: str, skip: set[str], stage: str = "launch") -> None:
             return None
         print("TRY " + json.dumps(dict(pair=pair, shape=shape, variant=v)), flush=True)
         q, kp, kr, vp, vr = case
+        info = {}
         try:
-            fn = lambda: triton_decode.decode_attention(q, kp, kr, vp, vr, D**-0.5, None, **v)  # noqa: E731
+            fn = lambda: kernels.decode_attention(q, kp, kr, vp, vr, D**-0.5, None, **v, launch_info=info)  # noqa: E731
             out = fn()
             torch.cuda.synchronize()
         except Exception as e:  # compile error or out of resources: a fact about the variant, not fatal
@@ -67,7 +70,7 @@ def child(pair: str, skip: set[str], stage: str = "launch") -> None:
             emit(pair=pair, shape=shape, variant=v, error=f"{type(e).__name__}: {str(e)[:120]}")
             return None
         err = ((out.float() - ref).norm() / ref.norm()).item()
-        ck = triton_decode.last_compiled
+        ck = info.get("split")
         us = triton.testing.do_bench(fn, warmup=10, rep=60) * 1e3 if err < 2e-3 else None
         row = dict(pair=pair, shape=shape, variant=v, us=us, rel_err=err, regs=getattr(ck, "n_regs", None),
                    spills=getattr(ck, "n_spills", None), smem=getattr(getattr(ck, "metadata", None), "shared", None))
@@ -123,9 +126,9 @@ def fold_stage(case, ref, measure, kb: int, vb: int) -> None:
     reach the dots (dequantized in registers, folded into q / p with or without a max-normalisation),
     then register caps, fewer stages and the split count for the best of them. The max-normalised
     folds of both (the old default) are the first row."""
-    from kvtuner.kernels import triton_decode
+    from kvtuner import kernels
 
-    base = {k: x for k, x in triton_decode.launch_defaults(kb, vb, 128, 128, case[0].device, table=False).items()
+    base = {k: x for k, x in kernels.launch_defaults(kb, vb, 128, 128, kernels.Target.of(case[0].device), table=False).items()
             if x is not None}
     base["block_n"] = 128
     rows = []
@@ -143,9 +146,9 @@ def fold_stage(case, ref, measure, kb: int, vb: int) -> None:
 def combine_stage(case, ref, measure, kb: int, vb: int) -> None:
     """Stage D (``--stage combine``), from the launch table's entry: stages x register cap x split
     target together (stage C varies one at a time), and both value orientations for 3-bit values."""
-    from kvtuner.kernels import triton_decode
+    from kvtuner import kernels
 
-    base = dict(triton_decode.launch_defaults(kb, vb, 128, 128, case[0].device), block_n=128)
+    base = dict(kernels.launch_defaults(kb, vb, 128, 128, kernels.Target.of(case[0].device)), block_n=128)
     swaps = (False, True) if vb == 3 else (base["swap_pv"],)
     for swap_pv, stages, maxnreg, per_sm in itertools.product(swaps, (2, 3), (None, 128, 168), (4, 8)):
         measure(case, ref, {**base, "swap_pv": swap_pv, "num_stages": stages, "maxnreg": maxnreg,
@@ -155,9 +158,9 @@ def combine_stage(case, ref, measure, kb: int, vb: int) -> None:
 def warps_stage(case, ref, measure, kb: int, vb: int) -> None:
     """Stage E (``--stage warps``), from the launch table's entry: 8 warps per program with register
     caps (more warps per SM to hide latency, where 4 warps leave two programs of 4 per SM)."""
-    from kvtuner.kernels import triton_decode
+    from kvtuner import kernels
 
-    base = dict(triton_decode.launch_defaults(kb, vb, 128, 128, case[0].device), block_n=128)
+    base = dict(kernels.launch_defaults(kb, vb, 128, 128, kernels.Target.of(case[0].device)), block_n=128)
     measure(case, ref, base, "64x4096")  # the table's choice, re-measured in this run
     for maxnreg, stages in itertools.product((None, 128, 96), (2, 3)):
         measure(case, ref, {**base, "num_warps": 8, "maxnreg": maxnreg, "num_stages": stages}, "64x4096")
@@ -176,19 +179,14 @@ def write_table(path: str, rows: list[dict], command: str) -> None:
                 best[r["pair"]] = r
     for pair, r in best.items():
         old = table["pairs"].get(f"{pair[0]},{pair[1]}")
-        if old and old.get("us_64x4096", float("inf")) <= r["us"]:
-            continue  # an earlier sweep measured a faster choice
         entry = {k: x for k, x in r["variant"].items() if k != "block_n"}
         entry.setdefault("maxnreg", None)
         # measured at another shape (ab_decode_variants.py): keep
         for small in ("splits_per_sm_small", "maxnreg_small", "num_stages_small"):
             if old and old.get(small):
                 entry[small] = old[small]
-        table["pairs"][f"{pair[0]},{pair[1]}"] = {**entry, "us_64x4096": round(r["us"], 1)}
-    table.update(gpu=torch.cuda.get_device_name(0), triton=triton.__version__, command=command,
-                 note="written by benchmarks/sweep_decode_kernel.py; shape Hq=32 Hkv=8 D=128 bf16, KIVI G=128; "
-                      "splits_per_sm_small/maxnreg_small/num_stages_small entries come from "
-                      "benchmarks/ab_decode_variants.py at 1x131072")
+        table["pairs"][f"{pair[0]},{pair[1]}"] = entry
+    table.update(gpu=torch.cuda.get_device_name(0), triton=triton.__version__, command=command)
     table["pairs"] = dict(sorted(table["pairs"].items()))
     with open(path, "w") as f:
         json.dump(table, f, indent=1)
@@ -277,7 +275,7 @@ def main() -> None:
     ap.add_argument("--child", default=None)
     ap.add_argument("--skip", default="[]")
     ap.add_argument("--table", default=None, help="with --stage fold/combine/warps: write the best variant per pair into this "
-                    "launch table (the kernel reads src/kvtuner/kernels/launch_table.json)")
+                    "launch table (the kernel reads src/kvtuner/kernels/tables/<gpu>.json, e.g. h100.json)")
     ap.add_argument("--stage", default="launch", choices=("launch", "fold", "combine", "warps"),
                     help="launch: orientation/unpack/warps/stages/tile; fold: scale folding, then register cap, stages, "
                     "splits one at a time; combine: stages x register cap x splits from the launch table; warps: 8 warps "

@@ -35,7 +35,7 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """The real SmolLM2-135M-Instruct (fp32) and its tokenizer, loaded once per session."""
+    """The real SmolLM2-135M-Instruct (fp32) and its tokenizer, loaded once per test run."""
     from kvtuner import load_model
 
     return load_model("smollm2")

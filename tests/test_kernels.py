@@ -18,7 +18,7 @@ if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton.jit decorates the kernels
 
 if importlib.util.find_spec("triton") is None:
-    pytest.skip("Triton is not installed (pip install 'kvtuner[gpu]' or triton for the interpreter)",
+    pytest.skip("needs Triton (pip install 'kvtuner[dev]' for its CPU interpreter, 'kvtuner[gpu]' on a GPU)",
                 allow_module_level=True)
 if not CUDA:
     import numpy
@@ -566,7 +566,7 @@ def test_split_count_moves_to_fill_whole_waves():
 
 def test_small_splits_fill_whole_waves_of_programs():
     # with fewer rows than SMs the split rounds down to per_sm programs per SM; per_sm must then be a
-    # multiple of the programs whose registers fit on an SM, or the rest idle (H100, session 16: K4V4
+    # multiple of the programs whose registers fit on an SM, or the rest idle (H100: K4V4
     # with 128 registers 130 -> 104 us at 1 x 128k going from 3 to 4, K3V2 with 168 147 -> 109 from 4 to 3)
     checked = 0
     for key, entry in kernels.launch_table().items():

@@ -164,21 +164,6 @@ def test_evaluator_report():
             Evaluator(model, CharTokenizer(), TEXT, progress=False, **bad)
 
 
-def test_tune_uniform_picks_cheapest_within_tolerance():
-    from kvtuner.tune import tune_uniform
-
-    model = tiny_model("llama", layers=2)
-    ids = torch.randint(3, 128, (1, 96), generator=torch.Generator().manual_seed(0))
-    loose = tune_uniform(model, ids, tolerance=10.0, prefill=32, chunk_size=16)
-    assert loose.plan.pairs == [(2, 2), (2, 2)] and loose.plan.provenance["met_tolerance"]
-    assert loose.plan.model["num_layers"] == 2 and len(loose.rows) == 5 and "plan" not in loose.rows[0]
-    strict = tune_uniform(model, ids, tolerance=0.0, prefill=32, chunk_size=16)
-    assert all(r["ppl_increase"] <= 0 for r in strict.rows if r["pair"] == strict.plan.layers[0].name) \
-        or not strict.plan.provenance["met_tolerance"]
-    with pytest.raises(PlanError, match="tolerance=-1"):
-        tune_uniform(model, ids, tolerance=-1)
-
-
 def test_head_errors_shape_and_order():
     from kvtuner.profiling import head_errors
     from kvtuner.testing import tiny_model

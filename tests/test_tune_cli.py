@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-pytest.importorskip("optuna", reason="needs the search extra: pip install 'kvtuner[search]'")
-pytest.importorskip("matplotlib", reason="needs the eval extra: pip install 'kvtuner[eval]'")
+pytest.importorskip("optuna", reason="needs the tune extra: pip install 'kvtuner[tune]'")
+pytest.importorskip("matplotlib", reason="needs the tune extra: pip install 'kvtuner[tune]'")
 
 
 def _run(*args, timeout=300):

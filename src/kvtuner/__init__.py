@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 from .spec import KVPlan, LayerSpec, ModelDims, PlanError, QuantSpec  # noqa: E402  (no torch import)
 

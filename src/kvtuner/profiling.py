@@ -128,7 +128,7 @@ class SensitivityTable:
                                 f"{getattr(dims, key)} (the table was profiled on another model)")
 
     def to_dict(self) -> dict[str, Any]:
-        from . import __version__
+        from ._version import __version__
 
         return {"_type": "SensitivityTable", "_version": TABLE_VERSION, "kvtuner_version": __version__,
                 "model_id": self.model_id, "model": self.model, "text_sha256": self.text_sha256,

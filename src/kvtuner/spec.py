@@ -404,7 +404,7 @@ class KVPlan:
 
     # ------------------------------------------------------------------ serialization
     def to_dict(self) -> dict[str, Any]:
-        from . import __version__
+        from ._version import __version__
 
         provenance = {"kvtuner_version": __version__, **self.provenance}
         return {"_type": "KVPlan", "_version": PLAN_VERSION, "model_id": self.model_id,

@@ -31,7 +31,7 @@ def _install():
 
 @pytest.fixture(scope="module")
 def postgres_url():
-    pytest.importorskip("psycopg2", reason="needs psycopg2-binary (pip install 'kvtuner[dev]')")
+    pytest.importorskip("psycopg", reason="needs psycopg 3 (pip install 'kvtuner[postgres]')")
     _install()
     bindir = _pg_bin()
     if bindir is None:
@@ -60,7 +60,7 @@ def postgres_url():
     try:
         r = run(f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "kvtuner")
         assert r.returncode == 0, r.stderr
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/kvtuner"
+        yield f"postgresql://postgres@127.0.0.1:{port}/kvtuner"  # the form the CLI help shows
     finally:
         run(f"{bindir}/pg_ctl", "-D", str(data), "-m", "immediate", "stop")
         shutil.rmtree(root, ignore_errors=True)

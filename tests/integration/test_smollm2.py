@@ -1,4 +1,4 @@
-"""The real SmolLM2-135M-Instruct (30 layers, 3 KV heads, head_dim 64), loaded once per session.
+"""The real SmolLM2-135M-Instruct (30 layers, 3 KV heads, head_dim 64), loaded once per test run.
 
 Run only these: `python -m pytest tests/integration -m slow`.
 """

@@ -27,9 +27,15 @@ ModelArg = Annotated[str, typer.Argument(help="'smollm2' (built in), a hub id, a
 ModeOpt = Annotated[str, typer.Option(help="Quantization mode: 'kivi' or 'per_token'.")]
 
 
-TUNE_DEFAULTS = dict(model="smollm2", text="pydoc", budget_bits=[3.25, 4.0], mode="kivi", out="kvtuner-out",
-                     storage="", trials=8, refine=0, seed=0, device="cpu", sequences=4, seq_len=512, eval_prefill=256,
-                     eval_decode=128, bits="2,4,8", rotation="off", sink=0)
+def tune_defaults() -> dict:
+    """``kvtuner tune``'s defaults: ``TuneSettings``' own, plus what only the command line has."""
+    from ..pipeline import TuneSettings
+
+    s = TuneSettings()
+    return dict(model="smollm2", text="pydoc", out="kvtuner-out", storage="", device="cpu",
+                budget_bits=list(s.budgets), mode=s.mode, trials=s.trials, refine=s.refine, seed=s.seed,
+                sequences=s.sequences, seq_len=s.seq_len, eval_prefill=s.eval_prefill, eval_decode=s.eval_decode,
+                bits=",".join(str(b) for b in sorted(s.bits)), rotation=s.rotation, sink=s.sink)
 
 
 def _int_option(name: str, value) -> int:
@@ -84,10 +90,11 @@ def tune(model: Annotated[str | None, typer.Option(help="'smollm2' (built in), a
                  refine=refine, seed=seed, device=device, sequences=sequences, seq_len=seq_len,
                  eval_prefill=eval_prefill, eval_decode=eval_decode, bits=bits, rotation=rotation, sink=sink)
     file_opts = load_config_file(config) if config else {}
-    unknown = set(file_opts) - set(TUNE_DEFAULTS)
+    defaults = tune_defaults()
+    unknown = set(file_opts) - set(defaults)
     if unknown:
-        raise CLIError(f"--config {config}: unknown option(s) {sorted(unknown)}; allowed: {sorted(TUNE_DEFAULTS)}")
-    o = {k: (v if v not in (None, []) else file_opts.get(k, TUNE_DEFAULTS[k])) for k, v in given.items()}
+        raise CLIError(f"--config {config}: unknown option(s) {sorted(unknown)}; allowed: {sorted(defaults)}")
+    o = {k: (v if v not in (None, []) else file_opts.get(k, defaults[k])) for k, v in given.items()}
     budgets = o["budget_bits"] if isinstance(o["budget_bits"], list) else [o["budget_bits"]]
     settings = TuneSettings(mode=o["mode"], budgets=tuple(sorted({float(b) for b in budgets})),
                             sequences=int(o["sequences"]), seq_len=int(o["seq_len"]),
@@ -98,7 +105,7 @@ def tune(model: Annotated[str | None, typer.Option(help="'smollm2' (built in), a
     settings.check()  # before the model loads: a bad budget fails in a second
     import importlib
 
-    for module, extra in (("optuna", "search"), ("matplotlib", "eval")):
+    for module, extra in (("optuna", "tune"), ("matplotlib", "tune")):
         if module == "optuna" and not settings.trials:
             continue
         try:

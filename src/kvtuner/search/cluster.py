@@ -21,7 +21,7 @@ def cluster_layers(candidates: Sequence[Sequence[tuple[int, int]]], vectors: Seq
     try:
         from sklearn.cluster import DBSCAN
     except ImportError as e:
-        raise ImportError("layer clustering needs scikit-learn; install the extra: pip install 'kvtuner[search]'") \
+        raise ImportError("layer clustering needs scikit-learn; install the extra: pip install 'kvtuner[tune]'") \
             from e
     import numpy as np
 

@@ -16,7 +16,7 @@ def _optuna():
     try:
         import optuna
     except ImportError as e:
-        raise ImportError("the multi-objective search needs optuna; install the extra: pip install 'kvtuner[search]'") \
+        raise ImportError("the multi-objective search needs optuna; install the extra: pip install 'kvtuner[tune]'") \
             from e
     return optuna
 
