@@ -1,6 +1,6 @@
 """One decode-attention layer at Llama-3.1-8B shape: fused Triton kernel over packed KV vs bf16 SDPA.
 
-    python benchmarks/bench_attention.py --out benchmarks/results/attention_h100.md
+    python benchmarks/bench_attention.py --out benchmarks/results/h100/attention_g32.md --groups 32
 
 Hq=32, Hkv=8, head_dim=128, bf16; batch {1, 16, 64} x context {4k, 32k, 128k} where it fits.
 KIVI layout (keys per channel in groups of G tokens, values per token), G = 128 (one value
@@ -20,11 +20,11 @@ import time
 import torch
 import triton
 import triton.testing
+from provenance import provenance
 
-from kvtuner import KernelPolicy, quant
+from kvtuner import KernelPolicy, kernels, quant
 from kvtuner.attention import rotated_decode
 from kvtuner.spec import QuantSpec
-from kvtuner import kernels
 
 HQ, HKV, D = 32, 8, 128
 PAIRS = [(8, 8), (8, 4), (4, 4), (4, 2), (2, 2)]
@@ -243,7 +243,7 @@ def mixed_plan_row(b: int = 64, n: int = 4096) -> dict:
 
 def write(args, props, rows, t_start) -> None:
     head = [f"# Decode attention, one layer, Llama-3.1-8B shape (Hq={HQ}, Hkv={HKV}, D={D}, bf16)", "",
-            f"GPU: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, triton "
+            f"{provenance()}; GPU: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, triton "
             f"{triton.__version__}, CUDA {torch.version.cuda}, python {platform.python_version()}.",
             f"Command: `python benchmarks/bench_attention.py --out {args.out}"
             f"{' --quick' if args.quick else ''} --pairs {args.pairs} --groups {args.groups}"

@@ -1,6 +1,6 @@
 """End-to-end batched decode on GPU at Llama-3.1-8B shape (random bf16 weights): kvtuner plans vs bf16.
 
-    python benchmarks/bench_decode.py --out benchmarks/results/decode_h100.md
+    python benchmarks/bench_decode.py --out benchmarks/results/h100/decode.md
 
 The model is built from a Llama-3.1-8B config with random weights (speed does not depend on the
 values). For each (batch, context) the cache is filled directly with random keys/values through

@@ -1,6 +1,6 @@
 """Per-head sensitivity spread on SmolLM2: would per-head bits pay off?
 
-    python benchmarks/bench_heads.py --out benchmarks/results/heads_smollm2.md
+    python benchmarks/bench_heads.py --out benchmarks/results/cpu/heads_smollm2.md
 
 `kvtuner.profiling.head_errors` on calibration text (``--sequences`` x 512 tokens, KIVI): the
 relative attention-output error of each of the 3 KV heads of every layer (over the 3 query heads

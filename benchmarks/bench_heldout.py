@@ -1,7 +1,7 @@
 """Held-out quality of plans over many text windows, with the window-to-window noise of the PPL ratio.
 
-    python benchmarks/bench_heldout.py --windows 8 --plans KV4,KV4r,benchmarks/results/smollm2.plan-4.0.json \
-        --out benchmarks/results/heldout_smollm2.md
+    python benchmarks/bench_heldout.py --windows 8 --plans KV4,K4V2,benchmarks/results/cpu/smollm2-3.25bit.plan.json \
+        --out benchmarks/results/cpu/heldout_smollm2.md
 
 A plan is a uniform name (``KV4``, ``K4V2``, ``K4V3r``: ``r`` = Hadamard-rotated, ``s1`` = one
 full-precision sink token as in ``KV3rs1``; ``--mode`` sets the grouping) or a plan JSON file. Protocol: `kvtuner.Evaluator` (``--windows`` windows of held-out pydoc
@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 
 import torch
-import transformers
+from provenance import provenance
 
-import kvtuner
 from kvtuner import KVPlan, load_model
 from kvtuner.evaluation import Evaluator
 
@@ -77,8 +76,7 @@ def main() -> None:
         f"Command: `python benchmarks/bench_heldout.py --windows {args.windows} --mode {args.mode} --plans "
         f"{args.plans}`. SmolLM2-135M-Instruct (fp32 weights from the Q4_1 GGUF), held-out pydoc text, "
         f"{args.windows} windows x 256 scored decode steps; full precision PPL {rows[0]['full_ppl']:.3f}. "
-        f"{len(rows)} plans in {seconds:.0f} s. kvtuner {kvtuner.__version__}, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, {torch.get_num_threads()} CPU threads.", "",
+        f"{len(rows)} plans in {seconds:.0f} s, {torch.get_num_threads()} CPU threads. {provenance()}.", "",
         "Interval: exp(mean +- 2 s.e.) - 1 of the per-window mean NLL differences (windows as samples). "
         "KL / first plan: geometric mean of the per-window KL ratios to the first plan's, with exp(+- 2 s.e.) "
         "of the log ratios (QualityReport.kl_ratio_interval). "

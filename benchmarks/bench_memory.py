@@ -4,7 +4,7 @@ Fills the cache with real text (prefill, then decode steps so that group flushes
 ``--tokens`` tokens and compares the measured ratio with the analytical one from the plan
 (codes + scales/zeros + residual window, ``KVPlan.expected_nbytes``).
 
-    python benchmarks/bench_memory.py --tokens 2048 --out benchmarks/results/memory_smollm2.md
+    python benchmarks/bench_memory.py --tokens 2048 --out benchmarks/results/cpu/memory_smollm2.md
 
 Prints a table, then one JSON line with all rows.
 """
@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import torch
-import transformers
+from provenance import provenance
 from transformers import DynamicCache
 
-import kvtuner
 from kvtuner import KVPlan, MixedPrecisionCache, load_model, with_cache
 from kvtuner.data import default_texts, token_ids
 
@@ -72,8 +70,7 @@ def main() -> None:
              f"{r['paper_ratio']:.4f} |" for r in rows]
     meta = (f"SmolLM2-135M-Instruct (30 layers, 3 KV heads, head_dim 64), bf16, {args.tokens} tokens of held-out "
             f"pydoc text ({args.tokens - args.decode_steps} prefill + {args.decode_steps} decode steps), batch 1. "
-            f"bf16 DynamicCache: {ref_bytes} bytes. kvtuner {kvtuner.__version__}, torch {torch.__version__}, "
-            f"transformers {transformers.__version__}, {platform.processor() or platform.machine()} CPU.")
+            f"bf16 DynamicCache: {ref_bytes} bytes. {provenance()}.")
     table = "\n".join([header, *lines])
     print(meta, table, sep="\n\n")
     if args.out:

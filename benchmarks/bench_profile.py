@@ -1,6 +1,6 @@
 """Profile SmolLM2's per-layer sensitivity and check it against end-to-end layer KL.
 
-    python benchmarks/bench_profile.py --out-dir benchmarks/results
+    python benchmarks/bench_profile.py --out-dir benchmarks/results/cpu
 
 1. `kvtuner.profile` over both modes, all 9 pairs, all 30 layers, 8 x 512 calibration tokens:
    wall time and the table (`smollm2.kvtable.json`).
@@ -27,7 +27,7 @@ from kvtuner.profiling import calibration_batches, layer_kl, profile, spearman
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out-dir", default="benchmarks/results")
+    ap.add_argument("--out-dir", default="benchmarks/results/cpu")
     ap.add_argument("--kl-sequences", type=int, default=2)
     args = ap.parse_args()
     out = Path(args.out_dir)

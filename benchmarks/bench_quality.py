@@ -1,6 +1,6 @@
 """Quality of uniform plans on SmolLM2 through the real cache, against full precision.
 
-    python benchmarks/bench_quality.py --out benchmarks/results/quality_smollm2.md
+    python benchmarks/bench_quality.py --out benchmarks/results/cpu/quality_smollm2.md
 
 Protocol (`kvtuner.Evaluator` defaults): 2 windows of held-out pydoc text, each a 384-token
 prefill then 256 teacher-forced one-token decode steps (512 scored tokens); 4 greedy

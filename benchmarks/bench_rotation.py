@@ -1,6 +1,6 @@
 """Does Hadamard rotation (and 3-/6-bit codes) help? Uniform plans on SmolLM2, with and without rotation.
 
-    python benchmarks/bench_rotation.py --out benchmarks/results/rotation_smollm2.md
+    python benchmarks/bench_rotation.py --out benchmarks/results/cpu/rotation_smollm2.md
 
 Protocol: `kvtuner.Evaluator` on held-out pydoc text, ``--windows`` (default 1) windows of
 384-token prefill + 256 teacher-forced one-token decode steps through the real cache (the first

@@ -1,6 +1,6 @@
 """Rotation as a per-layer choice: plain and rotated tables of SmolLM2, solved together.
 
-    python benchmarks/bench_rotation_choice.py --out-dir benchmarks/results
+    python benchmarks/bench_rotation_choice.py --out-dir benchmarks/results/cpu
 
 Profiles SmolLM2 (KIVI) twice, without and with Hadamard rotation, over every (k, v) pair of
 ``--bits``, with one-layer KL (``--kl-seq-len`` calibration tokens) as each (layer, pair) cost;
@@ -30,7 +30,7 @@ BUDGETS = (3.25, 4.0)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out-dir", default="benchmarks/results")
+    ap.add_argument("--out-dir", default="benchmarks/results/cpu")
     ap.add_argument("--bits", default="8,4,3,2")
     ap.add_argument("--kl-seq-len", type=int, default=256)
     ap.add_argument("--sequences", type=int, default=1, help="attention-error profiling windows (KL is the cost)")

@@ -1,6 +1,6 @@
 """Profile + search on SmolLM2 (KIVI mode), then evaluate the searched plans on held-out text.
 
-    python benchmarks/bench_search.py --out-dir benchmarks/results
+    python benchmarks/bench_search.py --out-dir benchmarks/results/cpu
 
 1. `kvtuner.profile` on calibration text (4 x 512 tokens, KIVI, 9 pairs), plus the one-layer
    end-to-end KL of every (layer, pair) on one 256-token window: the solver's per-layer costs
@@ -37,7 +37,7 @@ BASELINES = [(8, 4), (4, 4), (4, 2), (2, 4), (2, 2)]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out-dir", default="benchmarks/results")
+    ap.add_argument("--out-dir", default="benchmarks/results/cpu")
     ap.add_argument("--trials", type=int, default=24)
     ap.add_argument("--storage", default=STORAGE, help="Optuna storage; a study there with the same name is resumed")
     ap.add_argument("--sequences", type=int, default=4, help="profiling windows (kvtuner tune's default)")

@@ -3,7 +3,7 @@
     PYTHONPATH=src python benchmarks/compile_offline.py --pairs 44,33 [--launch '{"unpack3_k": "planes"}'] [--dump DIR]
 
 Registers, spills and shared-memory instruction widths decide this kernel's speed (Nsight Compute:
-benchmarks/results/kernel_profile_h100.md), and all three are fixed at compile time, so variants can
+docs/kernels.md), and all three are fixed at compile time, so variants can
 be screened here before spending GPU time. The launch arguments are the ones ``decode_attention``
 builds for B=64, L=4096, Llama-3.1-8B shape (CPU tensors stand in; their values are never read).
 Triton's bundled ptxas and nvdisasm do the rest.

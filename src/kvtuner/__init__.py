@@ -9,7 +9,6 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
-
 from .spec import KVPlan, LayerSpec, ModelDims, PlanError, QuantSpec  # noqa: E402  (no torch import)
 
 _LAZY = {
@@ -55,11 +54,11 @@ __all__ = [
 if TYPE_CHECKING:
     from .cache import MixedPrecisionCache, QuantizedKVLayer
     from .data import default_texts
-    from .policy import KernelPolicy
     from .evaluation import Evaluator, QualityReport, evaluate, perplexity
     from .generation import StaticDecoder, greedy_generate
-    from .profiling import SensitivityTable, profile
     from .models import load_model, with_cache
+    from .policy import KernelPolicy
+    from .profiling import SensitivityTable, profile
 
 
 def __getattr__(name: str) -> Any:

@@ -10,8 +10,7 @@ import torch
 
 from ..quant import PLANES, QuantizedTensor, length_unit
 from .decode_kernel import merge_kernel, split_kernel
-from .launch_config import (FOLDS, UNPACK3, Target, default_block_n, launch_choices, pow2, programs_per_sm,
-                            split_count)
+from .launch_config import FOLDS, UNPACK3, Target, default_block_n, launch_choices, pow2, programs_per_sm, split_count
 from .launcher import CachedLauncher
 
 LOG2E = 1.4426950408889634

@@ -1,9 +1,9 @@
 """A cheaper launch path for Triton kernels called once per layer and decode step.
 
 ``kernel[grid](...)`` re-binds every argument, specialises it and looks the binary up on each
-call: on an H100 host that took ~190 µs per :func:`~kvtuner.kernels.triton_decode.decode_attention`
-call (two launches) for ~7 µs of GPU work at batch 1 (``benchmarks/results/launch_overhead_h100.md``),
-so eager decoding at small batch was host-bound. :class:`CachedLauncher` keys each call by what
+call: on an H100 host that took ~190 µs per :func:`~kvtuner.kernels.decode_attention` call (two
+launches) for ~7 µs of GPU work at batch 1 (``docs/kernels.md``), so eager decoding at small batch
+was host-bound. :class:`CachedLauncher` keys each call by what
 Triton specialises on, at least as finely as Triton does, and calls the compiled binary directly
 when the key was seen; a new key (or any failure of the direct path) takes the ordinary launch,
 which compiles if needed and returns the binary to remember.

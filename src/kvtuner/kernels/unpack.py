@@ -7,8 +7,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .ptx import (ASM1_CONSTRAINTS, ASM1X4, ASM2, ASM3, ASM3_CONSTRAINTS, ASM3C, ASM3N, ASM3P, ASM4, ASM8,
-                  ROW_UNITS3)
+from .ptx import ASM1_CONSTRAINTS, ASM1X4, ASM2, ASM3, ASM3_CONSTRAINTS, ASM3C, ASM3N, ASM3P, ASM4, ASM8
+
 
 @triton.jit
 def _plane_bytes(base, t, tmask, stride_t, col0, D: tl.constexpr, BLOCK_D: tl.constexpr, W: tl.constexpr):

@@ -1,0 +1,27 @@
+"""One line saying which code, machine and versions produced a result (every results file carries it)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+
+
+def provenance() -> str:
+    import torch
+    import transformers
+
+    import kvtuner
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+        commit += " with uncommitted changes" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown (not a git checkout)"
+    machine = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+               else f"{os.cpu_count()}-core {platform.machine()} CPU")
+    return (f"kvtuner {kvtuner.__version__} at commit {commit}; {machine}; Python {platform.python_version()}, "
+            f"torch {torch.__version__}, transformers {transformers.__version__}")
