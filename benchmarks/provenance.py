@@ -13,14 +13,17 @@ def provenance() -> str:
 
     import kvtuner
 
+    commit = os.environ.get("KVTUNER_COMMIT")  # a copy of the tree without .git (a remote GPU machine) names it
     try:
+        if commit:
+            raise OSError
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                                text=True, check=True).stdout.strip()
         commit += " with uncommitted changes" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
-        commit = "unknown (not a git checkout)"
+        commit = commit or "unknown (not a git checkout)"
     machine = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
                else f"{os.cpu_count()}-core {platform.machine()} CPU")
     return (f"kvtuner {kvtuner.__version__} at commit {commit}; {machine}; Python {platform.python_version()}, "
