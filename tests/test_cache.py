@@ -166,15 +166,14 @@ def test_crop_reset_and_batch_operations():
     k, v = _kv(100)
     for layer in range(2):
         cache.update(k, v, layer)
-    cache.crop(-10)  # inside the residual
-    assert cache.get_seq_length() == 90 and cache.layers[0].token_counts()["key"] == (64, 26)
-    cache.crop(-30)  # cuts into a quantized key group: its kept part returns to the residual
-    assert cache.get_seq_length() == 60
-    assert cache.layers[0].token_counts()["key"] == (32, 28)
-    assert cache.layers[0].token_counts()["value"] == (60, 0)  # per-token values can be cut anywhere
-    cache.crop(50)  # positive: keep the first 50 tokens (legacy semantics)
-    assert cache.get_seq_length() == 50
-    assert cache.nbytes() == sum(layer.nbytes() for layer in cache.layers) > 0
+    spec = plan.layers[0].k
+    # a crop leaves the token counts and bytes of a fresh prefill of the remaining length: packed tokens
+    # past that split (and the kept part of a cut key group) are dequantized back into the residual
+    for crop, length in ((-10, 90), (-30, 60), (50, 50)):  # inside the residual, into a key group, keep 50
+        cache.crop(crop)
+        assert cache.get_seq_length() == length
+        assert cache.layers[0].token_counts() == {r: spec.split(r, length) for r in ("key", "value")}
+        assert cache.nbytes() == plan.expected_nbytes(CFG, length, batch_size=2, dtype_bytes=2)
     with pytest.raises(ValueError, match="at most 50"):
         cache.crop(-51)
 
@@ -293,9 +292,8 @@ def test_values_in_token_blocks_hold_the_same_cache(vbits, blocked):
     assert tb.nbytes() == plain.nbytes()
     for cache in (plain, tb):
         cache.crop(-60)  # cuts into a key group and, when blocked, into a value block
-    n_k = tb.layers[0].token_counts()["key"]
-    assert n_k == (64, 16)
-    assert tb.layers[0].token_counts()["value"] == (n_k if blocked else (sum(n_k), 0))
+    fresh = {r: plan.layers[0].k.split(r, 80) for r in ("key", "value")}  # a fresh 80-token prefill: (32, 48)
+    assert tb.layers[0].token_counts() == plain.layers[0].token_counts() == fresh
     for layer in range(2):  # the cut block's kept tokens now sit in the bf16 residual: bf16 rounding only
         a, b = plain.layers[layer], tb.layers[layer]
         torch.testing.assert_close(b._v.materialize(torch.float32), a._v.materialize(torch.float32), rtol=4e-3,
@@ -418,3 +416,58 @@ def test_contiguous_three_bit_codes_hold_the_same_cache(mode, group):
     blocked.update(*_kv(100), 0)
     assert blocked.layers[0]._k.channel_words and blocked.layers[0]._v.token_block == 32
     assert not blocked.layers[0]._v.channel_words
+
+
+@pytest.mark.parametrize("plan", [KVPlan.uniform(4, 4, 4, "kivi", group_size=8, residual_length=8),
+                                  KVPlan.uniform(4, 4, 2, "per_token"), KVPlan.uniform(4, 16, 16),
+                                  KVPlan.uniform(4, 4, 4, "kivi", group_size=8, residual_length=8, sink_length=2)],
+                         ids=["kivi", "per_token", "16bit", "kivi-sink"])
+def test_expected_nbytes_counts_sliding_layers_at_their_window(plan):
+    # a Gemma-3-style model: sliding layers hold their window (oldest tokens dropped in whole key groups,
+    # no sink), whether the tokens came in one prefill or one by one
+    model = tiny_model("gemma3", sliding_window=16)
+    ids = torch.randint(3, 100, (1, 70), generator=torch.Generator().manual_seed(2))
+    for length in (5, 16, 17, 30, 70):
+        prefill, stepped = MixedPrecisionCache(plan, model.config), MixedPrecisionCache(plan, model.config)
+        with torch.no_grad():
+            model(ids[:, :length], **with_cache(model, prefill))
+            model(ids[:, :3], **with_cache(model, stepped))
+            for t in range(3, length):
+                model(ids[:, t:t + 1], **with_cache(model, stepped))
+        want = plan.expected_nbytes(model.config, length, dtype_bytes=4)
+        assert prefill.nbytes() == stepped.nbytes() == want, length
+
+
+@pytest.mark.parametrize("bits", [16, 4])
+def test_assisted_decoding_on_sliding_window_models(bits):
+    # prompt-lookup decoding crops the cache after each draft: sliding layers defer eviction meanwhile
+    from transformers import DynamicCache
+
+    model = tiny_model("gemma3", sliding_window=16, vocab=128)
+    ids = torch.randint(3, 30, (1, 40), generator=torch.Generator().manual_seed(3))
+    ids[0, 20:30] = ids[0, 5:15]  # repeats, so that prompt lookup proposes drafts
+    plan = KVPlan.uniform(4, bits, bits, "kivi", group_size=8, residual_length=8)
+    kw = dict(max_new_tokens=30, do_sample=False)
+    plain = model.generate(ids, **with_cache(model, MixedPrecisionCache(plan, model.config)), **kw)
+    assisted = model.generate(ids, **with_cache(model, MixedPrecisionCache(plan, model.config)), **kw,
+                              prompt_lookup_num_tokens=3)
+    assert torch.equal(assisted, plain)
+    if bits == 16:
+        assert torch.equal(assisted, model.generate(ids, **with_cache(model, DynamicCache(config=model.config)), **kw))
+
+
+def test_crop_of_a_kivi_cache_holds_what_a_fresh_cache_of_that_length_holds():
+    model = tiny_model("llama", layers=2)
+    plan = KVPlan.uniform(2, 4, 4, "kivi")
+    ids = torch.randint(3, 100, (1, 100), generator=torch.Generator().manual_seed(4))
+    cropped, fresh = MixedPrecisionCache(plan, model.config), MixedPrecisionCache(plan, model.config)
+    with torch.no_grad():
+        model(ids, **with_cache(model, cropped))
+        cropped.crop(70)
+        model(ids[:, :70], **with_cache(model, fresh))
+        assert [lay.token_counts() for lay in cropped.layers] == [lay.token_counts() for lay in fresh.layers]
+        assert cropped.layers[0].token_counts()["key"] == (32, 38) and cropped.nbytes() == fresh.nbytes()
+        a = model(ids[:, 70:71], **with_cache(model, cropped)).logits
+        b = model(ids[:, 70:71], **with_cache(model, fresh)).logits
+    # the 32 tokens that had been quantized keep their quantized values: close, not identical
+    assert 0 < (a - b).abs().max() < 0.05 * b.abs().max()

@@ -69,7 +69,6 @@ class QuantizedKVLayer(CacheLayerMixin):
                             f"{spec.v.sink_length} differ; allowed: equal (keys and values flush in step)")
         self.fused_attention = False  # set by MixedPrecisionCache when the "kvtuner" attention is active
         self.is_sliding = sliding_window is not None
-        self.is_croppable = not self.is_sliding
         self._clear()
 
     def _clear(self) -> None:
@@ -79,6 +78,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.layout: LayerLayout | None = None  # decided at the first update, from the device
         self.cumulative_length = 0  # tokens seen
         self.start = 0  # absolute position of the oldest stored token (> 0 only for sliding layers)
+        self.record_past = False
         self.is_initialized = False
 
     def __repr__(self) -> str:
@@ -207,11 +207,15 @@ class QuantizedKVLayer(CacheLayerMixin):
             self._bump.add_(1)
         return out
 
-    def _evict(self) -> None:
-        # Mirrors DynamicSlidingWindowLayer (keep window - 1 tokens) but only drops whole key groups.
+    def _start_at(self, length: int) -> int:
+        """Absolute position of the oldest token a sliding layer keeps at ``length`` tokens: the window
+        minus one, as ``DynamicSlidingWindowLayer``, in whole key groups for KIVI keys."""
         unit = self._k.unit if self._k.granularity == "per_channel" else 1
-        new_start = max(0, (self.cumulative_length - self.sliding_window + 1) // unit * unit)
-        if new_start > self.start:
+        return max(0, (length - self.sliding_window + 1) // unit * unit)
+
+    def _evict(self) -> None:
+        new_start = self._start_at(self.cumulative_length)
+        if new_start > self.start and not self.record_past:
             self._k.drop_front(new_start - self.start)
             self._v.drop_front(new_start - self.start)
             self.start = new_start
@@ -229,19 +233,35 @@ class QuantizedKVLayer(CacheLayerMixin):
         self._clear()
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Drop the newest ``-tokens_to_remove`` tokens (negative), or keep the first ``n`` (positive)."""
+        """Drop the newest ``-tokens_to_remove`` tokens (negative), or keep the first ``n`` (positive).
+
+        Afterwards a full-attention layer holds the token counts and bytes of a fresh prefill of that
+        length (``TensorStore.drop_back``). A sliding-window layer can give back tokens as long as
+        none it would need again was evicted: during assisted decoding transformers turns on
+        :meth:`activate_past_recording`, which defers eviction until the next crop.
+        """
         n = -tokens_to_remove if tokens_to_remove <= 0 else max(0, self.cumulative_length - tokens_to_remove)
-        if n == 0 or not self.is_initialized:
+        if not self.is_initialized or (n == 0 and not self.is_sliding):
             return
-        if self.start > 0:
-            raise RuntimeError(f"layer {self.layer_idx}: cannot crop a sliding-window layer whose oldest tokens "
-                               "were already evicted")
         if n > self.cumulative_length:
             raise ValueError(f"crop({tokens_to_remove}) removes {n} tokens; allowed: at most "
                              f"{self.cumulative_length} (the cached length)")
-        self._k.drop_back(n)
-        self._v.drop_back(n)
+        if self.is_sliding and self._start_at(self.cumulative_length - n) < self.start:
+            raise RuntimeError(f"layer {self.layer_idx}: crop({tokens_to_remove}) needs sliding-window tokens that "
+                               "were already evicted; allowed: crops within the tokens added since "
+                               "activate_past_recording() (as assisted decoding does)")
+        self._k.drop_back(n, settle=not self.is_sliding)
+        self._v.drop_back(n, settle=not self.is_sliding)
         self.cumulative_length -= n
+        if self.is_sliding:
+            self._evict()
+
+    def activate_past_recording(self, **kwargs: Any) -> None:
+        """Keep sliding-window tokens past the window until the next :meth:`crop` (transformers calls this
+        for assisted decoding, then sets ``record_past = False`` when done)."""
+        self.record_past = True
+
+    record_past = False
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self._k.map(fn)

@@ -24,6 +24,8 @@ This module deliberately imports neither torch nor transformers: configs are rea
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import os
@@ -235,6 +237,19 @@ class LayerSpec:
             return f"KV{self.k.bits}{kr}"
         return f"K{self.k.bits}{kr}V{self.v.bits}{vr}"
 
+    def held_tokens(self, spec: QuantSpec, role: str, seq_len: int, window: int | None = None) -> tuple[int, int]:
+        """(quantized, full-precision) tokens this layer's ``spec`` (its key or value spec, ``role``)
+        holds after a prefill of ``seq_len`` tokens; ``window``: the sliding window, ``None`` for
+        full attention. A sliding layer keeps no sink and drops its oldest tokens in whole key groups
+        once the window is full (``QuantizedKVLayer._evict``), quantized ones first."""
+        if window is None:
+            return spec.split(role, seq_len)
+        n_q, n_fp = dataclasses.replace(spec, sink_length=0).split(role, seq_len)
+        unit = self.k.flush_unit("key") if self.k.granularity("key") == "per_channel" else 1
+        start = max(0, (seq_len - window + 1) // unit * unit)
+        dropped = min(start, n_q)
+        return n_q - dropped, n_fp - (start - dropped)
+
     def to_dict(self) -> dict[str, Any]:
         return {"k": self.k.to_dict(), "v": self.v.to_dict()}
 
@@ -360,19 +375,19 @@ class KVPlan:
         return per_head * dims.num_kv_heads
 
     def expected_nbytes(self, config: Any, seq_len: int, batch_size: int = 1, dtype_bytes: int = 2) -> int:
-        """Analytical cache size after ``seq_len`` tokens: codes + scales/zeros + residual.
+        """Analytical cache size after a prefill of ``seq_len`` tokens: codes + scales/zeros + residual.
 
         This is computed from the storage rules alone (``QuantSpec.split``), independently of the
-        cache implementation, so tests can hold :meth:`MixedPrecisionCache.nbytes` against it.
-        Full-attention layers only; sliding-window layers hold at most their window.
+        cache implementation, so tests can hold :meth:`MixedPrecisionCache.nbytes` against it. A
+        sliding-window layer counts what it holds: the newest tokens of its window, its oldest ones
+        dropped in whole key groups (KIVI), no sink tokens.
         """
         dims = self.check_config(config)
         total = 0
         for layer, kind in zip(self.layers, dims.layer_types):
-            if kind != "full_attention":
-                raise PlanError(f"expected_nbytes: layer type {kind!r} is not supported; allowed: 'full_attention'")
+            window = dims.sliding_window if kind == "sliding_attention" else None
             for spec, role in ((layer.k, "key"), (layer.v, "value")):
-                n_q, n_fp = spec.split(role, seq_len)
+                n_q, n_fp = layer.held_tokens(spec, role, seq_len, window)
                 total += spec.quantized_bytes(role, n_q, dims.head_dim, dtype_bytes)
                 total += n_fp * dims.head_dim * dtype_bytes
         return total * dims.num_kv_heads * batch_size

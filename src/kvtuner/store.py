@@ -204,35 +204,38 @@ class TensorStore:
         if n > k:
             self.residual = self.residual[..., n - k:, :]
 
-    def drop_back(self, n: int) -> None:
-        """Forget the ``n`` newest tokens.
+    def drop_back(self, n: int, settle: bool = True) -> None:
+        """Forget the ``n`` newest tokens, then (``settle``) hold what a fresh store of the remaining
+        length holds.
 
-        When the cut falls inside a per-channel key group (or a token block of values), the surviving
-        part of that group is dequantized back into the residual (its values are the ones attention
-        already saw) and is quantized again on the next flush: the one case where tokens are
-        re-quantized. Sink tokens go last, after every packed token.
+        Packed tokens past a fresh store's split (``QuantSpec.split``), and the surviving part of a
+        per-channel key group (or token block) the cut falls into, are dequantized back into the
+        residual: they keep the values attention already saw and are quantized again at the next
+        flush, the one case where a token is quantized twice. Token counts and bytes then equal a
+        fresh prefill's; values differ from one by those tokens' quantization error. Sink tokens go
+        last, after every packed token.
         """
         h = self.held_sink
         k = min(n, self.num_residual - h)
         if k:
             self.residual = self.residual[..., : self.num_residual - k, :]
         m = n - k
-        if not m:
-            return
-        if m >= self.num_quantized:  # every packed token, then sink tokens from the newest
+        if m >= self.num_quantized and m:  # every packed token, then sink tokens from the newest
             self.residual = self.residual[..., : h - (m - self.num_quantized), :]
             self.packed = None
             return
         keep = self.num_quantized - m
+        fresh = max(0, (len(self) - m - self.sink - self.spec.residual_length) // self.unit * self.unit)
+        fresh = fresh if settle else keep
         whole = self.granularity == "per_channel" or self.token_block  # stored in whole units
-        cut = keep // self.unit * self.unit if whole else keep
-        tail = None
-        if cut < keep:
-            tail = quant.dequantize(quant.slice_tokens(self.packed, cut, self.num_quantized),
-                                    self.residual.dtype)[..., : keep - cut, :]
+        cut = min(keep // self.unit * self.unit if whole else keep, fresh)
+        if cut == self.num_quantized:
+            return
+        tail = quant.dequantize(quant.slice_tokens(self.packed, cut, self.num_quantized),
+                                self.residual.dtype)[..., : keep - cut, :]
         self.packed = quant.slice_tokens(self.packed, 0, cut) if cut else None
-        if tail is not None:  # the residual holds only the sink here: the tail follows it
-            self.residual = torch.cat([self.residual, tail], dim=-2)
+        res = self.residual  # sequence order [sink, packed, newest]: the tail goes between sink and newest
+        self.residual = torch.cat([res[..., :h, :], tail, res[..., h:, :]], dim=-2)
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         if self.packed is not None:
