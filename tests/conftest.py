@@ -39,3 +39,33 @@ def smollm2():
     from kvtuner import load_model
 
     return load_model("smollm2")
+
+
+@pytest.fixture(scope="session")
+def saved_tiny_model(tmp_path_factory):
+    """``saved_tiny_model(arch, **tiny_model_kwargs)``: a directory holding a tiny random model and a 120-token
+    BPE tokenizer trained on the built-in text, saved like a hub checkpoint (what ``--model DIR`` loads)."""
+    made = {}
+
+    def make(arch: str = "llama", **kw):
+        key = (arch, tuple(sorted(kw.items())))
+        if key in made:
+            return made[key]
+        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+        from transformers import PreTrainedTokenizerFast
+
+        from kvtuner.data import default_texts
+        from kvtuner.testing import tiny_model
+
+        d = tmp_path_factory.mktemp(f"tiny-{arch}")
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.train_from_iterator([default_texts("calibration")[:20000]], trainers.BpeTrainer(
+            vocab_size=120, limit_alphabet=60, special_tokens=["<unk>", "<s>", "</s>"]))
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+        fast.save_pretrained(d)
+        tiny_model(arch, vocab=128, **kw).save_pretrained(d)
+        made[key] = d
+        return d
+
+    return make

@@ -20,23 +20,8 @@ def _run(*args, timeout=300):
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny random Llama plus a 120-token BPE tokenizer, saved like a hub checkpoint."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from kvtuner.data import default_texts
-    from kvtuner.testing import tiny_model
-
-    d = tmp_path_factory.mktemp("tiny")
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([default_texts("calibration")[:20000]],
-                            trainers.BpeTrainer(vocab_size=120, limit_alphabet=60, special_tokens=["<unk>", "<s>", "</s>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    fast.save_pretrained(d)
-    tiny_model("llama", layers=3, heads=4, kv_heads=2, head_dim=32, vocab=128).save_pretrained(d)
-    return d
+def tiny_dir(saved_tiny_model):
+    return saved_tiny_model("llama", layers=3, heads=4, kv_heads=2, head_dim=32)
 
 
 def test_tune_end_to_end_on_tiny_model(tiny_dir, tmp_path):

@@ -66,6 +66,11 @@ class TuneSettings:
             raise PlanError(f"mode={self.mode!r} is invalid; allowed: 'kivi' or 'per_token'")
         if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
             raise PlanError(f"sink={self.sink!r} is invalid; allowed: a non-negative number of tokens")
+        for name, least in (("sequences", 1), ("seq_len", 32), ("kl_seq_len", 32), ("eval_prefill", 1),
+                            ("eval_decode", 1), ("eval_windows", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise PlanError(f"{name.replace('_', '-')}={value!r} is invalid; allowed: a whole number >= {least}")
 
 
 ROTATIONS = ("off", "all", "per_layer")
@@ -108,46 +113,54 @@ def run_tune(model: Any, tokenizer: Any, calibration: str, evaluation: str, out:
     import hashlib
 
     from .evaluation import Evaluator
-    from .profiling import SensitivityTable, calibration_batches
+    from .profiling import calibration_batches
     from .search import search
     from .search.objectives import KLObjective
 
     s = settings or TuneSettings()
     s.check()
     out = Path(out)
+    check_out_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     dims = ModelDims.from_config(model.config)
+    # everything that can fail on the inputs fails here, before the first minute of profiling
+    ev = Evaluator(model, tokenizer, evaluation, windows=s.eval_windows, prefill=s.eval_prefill,
+                   decode=s.eval_decode, prompts=2, new_tokens=32, passkey_lengths=(), progress=progress)
+    windows = calibration_batches(tokenizer, calibration, s.sequences + 2, s.seq_len)[-1:]
+    storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    if s.trials:
+        from .search.optuna_backend import check_storage
+
+        check_storage(storage)
     key = _key(s, hashlib.sha256(calibration.encode()).hexdigest(), dims)
     result = TuneOutput(out, {}, [])
     manifest_path = out / "kvtuner-run.json"
-    if manifest_path.exists():
-        old = json.loads(manifest_path.read_text())
-        if old.get("model") != key["model"]:
-            raise OutDirError(f"--out {out} holds artefacts of another model ({old.get('model')}); allowed: an empty "
-                              "directory or one from the same model (use another --out)")
-        if old != key:
-            log(f"settings changed since the last run in {out}: profiling again")
-            for stale in ("table.json", "table-rotated.json", "quality.json"):
-                (out / stale).unlink(missing_ok=True)
+    old = _cached_json(manifest_path, log)
+    if old is not None and old.get("model") != key["model"]:
+        raise OutDirError(f"--out {out} holds artefacts of another model ({old.get('model')}); allowed: an empty "
+                          "directory or one from the same model (use another --out)")
+    if manifest_path.exists() and old != key:
+        log(f"settings changed since the last run in {out}: profiling again")
+        for stale in ("table.json", "table-rotated.json", "quality.json"):
+            (out / stale).unlink(missing_ok=True)
     atomic_write_json(manifest_path, key)
 
     # 1. profile (+ one-layer KL costs for the solver)
     table_path = out / "table.json"
-    if table_path.exists():
-        table = SensitivityTable.load(table_path, config=model.config)
+    table = _cached_table(table_path, model.config, log)
+    if table is not None:
         result.reused.append("table")
-        log(f"reusing {table_path}")
     else:
+        log(f"profiling {s.sequences} calibration windows of {s.seq_len} tokens")
         table = _profile(model, tokenizer, calibration, s, s.rotation == "all", model_id, progress)
         table.save(table_path)
     result.files.append(table_path)
     rotated = None
     if s.rotation == "per_layer":  # a second table, every quantized tensor rotated
         rotated_path = out / "table-rotated.json"
-        if rotated_path.exists():
-            rotated = SensitivityTable.load(rotated_path, config=model.config)
-            log(f"reusing {rotated_path}")
-        else:
+        rotated = _cached_table(rotated_path, model.config, log)
+        if rotated is None:
+            log("profiling rotated tensors")
             rotated = _profile(model, tokenizer, calibration, s, True, model_id, progress)
             rotated.save(rotated_path)
         result.files.append(rotated_path)
@@ -156,11 +169,10 @@ def run_tune(model: Any, tokenizer: Any, calibration: str, evaluation: str, out:
     proxy = search(table, mode=s.mode, progress=False, cluster=False, rotated=rotated)
     proxy.save(out / "front.json")
     result.files.append(out / "front.json")
-    windows = calibration_batches(tokenizer, calibration, s.sequences + 2, s.seq_len)[-1:]
     objective = KLObjective(model, windows, prefill=min(384, s.seq_len // 2), chunk=16) if s.trials else None
-    storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
     fronts = {}
     for b in s.budgets:
+        log(f"searching plans within {b:g} bits")
         fronts[b] = search(table, mode=s.mode, max_bits=b, quality=objective, n_trials=s.trials, storage=storage,
                            study_name=f"{model_id or 'model'}-{s.mode}-{b:g}{_ROT_TAG[s.rotation]}"
                                       + (f"-sink{s.sink}" if s.sink else ""), seed=s.seed,
@@ -181,13 +193,12 @@ def run_tune(model: Any, tokenizer: Any, calibration: str, evaluation: str, out:
                   for k, v in UNIFORM})
     signature = {name: [list(p) for p in plan.pairs] for name, plan in plans.items()}
     quality_path = out / "quality.json"
-    cached = json.loads(quality_path.read_text()) if quality_path.exists() else None
-    if cached and cached.get("signature") == signature:
+    cached = _cached_json(quality_path, log)
+    if cached and cached.get("signature") == signature and isinstance(cached.get("rows"), list):
         result.quality = cached["rows"]
         result.reused.append("evaluation")
     else:
-        ev = Evaluator(model, tokenizer, evaluation, windows=s.eval_windows, prefill=s.eval_prefill,
-                       decode=s.eval_decode, prompts=2, new_tokens=32, passkey_lengths=(), progress=progress)
+        log(f"evaluating {len(plans)} plans on held-out text")
         for name, plan in plans.items():
             r = ev(plan).to_dict()
             r["name"] = name
@@ -199,12 +210,52 @@ def run_tune(model: Any, tokenizer: Any, calibration: str, evaluation: str, out:
     # 4. report
     from .report import write_report
 
+    log("writing the report")
     result.files += write_report(out, table, s.mode, proxy, fronts, result.quality, model.config,
                                  model_id=model_id, dtype_bytes=2)  # caches are deployed in fp16/bf16
     return result
 
 
 _ROT_TAG = {"off": "", "all": "-rot", "per_layer": "-rotchoice"}  # one Optuna study per search space
+
+
+def check_out_dir(out: Path) -> None:
+    """``--out`` must be a directory this process can create files in (or one it can create)."""
+    if out.exists() and not out.is_dir():
+        raise OutDirError(f"--out {out} is a file; allowed: a directory (new or from an earlier run)")
+    probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutDirError(f"--out {out}: {probe} is not writable; allowed: a directory this user can write to")
+
+
+def _cached_json(path: Path, log) -> Any:
+    """A cached artefact's JSON, or ``None`` when it is missing or unreadable as JSON (then recomputed)."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        log(f"{path} is not valid JSON ({type(e).__name__}): computing it again")
+        return None
+    except OSError as e:
+        raise OutDirError(f"{path} cannot be read ({e.strerror}); allowed: a readable file (or remove it)") from None
+
+
+def _cached_table(path: Path, config: Any, log):
+    """A reusable sensitivity table, or ``None`` (missing, or not a valid table: profiled again)."""
+    from .profiling import SensitivityTable
+
+    if not path.exists():
+        return None
+    if not os.access(path, os.R_OK):
+        raise OutDirError(f"{path} cannot be read (permission denied); allowed: a readable file (or remove it)")
+    try:
+        table = SensitivityTable.load(path, config=config)
+    except PlanError as e:
+        log(f"{path} is not a usable table ({e}): profiling again")
+        return None
+    log(f"reusing {path}")
+    return table
 
 
 def _profile(model: Any, tokenizer: Any, calibration: str, s: TuneSettings, rotation: bool, model_id: str | None,
@@ -234,10 +285,17 @@ def read_texts(text: str | None) -> tuple[str, str]:
         if not files:
             raise FileNotFoundError(f"--text {text}: no .txt/.md/.rst files in the directory; allowed: a text "
                                     "file, a directory of them, or 'pydoc'")
-        body = "\n\n".join(f.read_text(errors="replace") for f in files)
+        parts = []
+        for f in files:
+            try:
+                parts.append(f.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, OSError) as e:
+                raise FileNotFoundError(f"--text {text}: {f} is not readable UTF-8 text ({e.__class__.__name__}); "
+                                        "allowed: a directory of .txt/.md/.rst text files") from e
+        body = "\n\n".join(parts)
     elif p.is_file():
         try:
-            body = p.read_text()
+            body = p.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError) as e:
             raise FileNotFoundError(f"--text {text} is not readable UTF-8 text ({e.__class__.__name__}); allowed: "
                                     "a text file, a directory of them, or 'pydoc'") from e

@@ -493,6 +493,8 @@ def check_header(data: Any, type_name: str, version: int) -> None:
 
 def read_json(path: str | os.PathLike[str]) -> Any:
     p = Path(path)
+    if p.is_dir():
+        raise PlanError(f"{p} is a directory; allowed: a JSON file")
     if not p.is_file():
         raise PlanError(f"{p}: no such file")
     try:
@@ -501,6 +503,14 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         raise PlanError(f"{p}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
     except UnicodeDecodeError:
         raise PlanError(f"{p}: not a UTF-8 text file") from None
+    except OSError as e:
+        raise PlanError(f"{p}: cannot be read ({e.strerror or type(e).__name__}); allowed: a readable file") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; set it straight back
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_json(path: str | os.PathLike[str], data: Any) -> Path:
@@ -509,6 +519,7 @@ def atomic_write_json(path: str | os.PathLike[str], data: Any) -> Path:
     text = json.dumps(data, indent=2) + "\n"  # serialize first: a bad object must not touch the file
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes the file 0600; a plain open() would obey the umask
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

@@ -11,7 +11,7 @@ import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Layer-wise mixed-precision KV cache quantization for transformers models.")
-_state = {"debug": False}
+_state = {"debug": False, "stage": "", "resume": "", "interrupted": False}
 
 
 class CLIError(Exception):
@@ -103,6 +103,11 @@ def tune(model: Annotated[str | None, typer.Option(help="'smollm2' (built in), a
                             eval_decode=int(o["eval_decode"]), kl_seq_len=min(256, int(o["seq_len"])),
                             bits=_bits(o["bits"]), rotation=o["rotation"], sink=_int_option("sink", o["sink"]))
     settings.check()  # before the model loads: a bad budget fails in a second
+    dev = _device(o["device"])
+    from ..pipeline import check_out_dir
+
+    check_out_dir(Path(o["out"]))
+    _state["resume"] = f"rerun the same command (same --out {o['out']}) to resume"
     import importlib
 
     for module, extra in (("optuna", "tune"), ("matplotlib", "tune")):
@@ -113,13 +118,18 @@ def tune(model: Annotated[str | None, typer.Option(help="'smollm2' (built in), a
         except ImportError as e:
             raise CLIError(f"kvtuner tune needs {module}, which is missing; fix: pip install 'kvtuner[{extra}]'") from e
     calibration, evaluation = read_texts(o["text"])
-    log = (lambda *a, **k: None) if quiet or json_out else (lambda msg: typer.echo(msg, err=True))
+    echo = (lambda *a, **k: None) if quiet or json_out else (lambda msg: typer.echo(msg, err=True))
+
+    def log(msg: str) -> None:
+        _stage(msg)
+        echo(msg)
+
     from ..models import load_model
 
     log(f"loading {o['model']} ...")
     m, tok = load_model(o["model"])
-    if o["device"] != "cpu":
-        m = m.to(o["device"])
+    if dev != "cpu":
+        m = m.to(dev)
     result = run_tune(m, tok, calibration, evaluation, o["out"], settings=settings, model_id=o["model"],
                       storage=o["storage"] or None, progress=not (quiet or json_out), log=log)
     if json_out:
@@ -207,6 +217,12 @@ def search(table: Annotated[Path, typer.Argument(help="A sensitivity table from 
         raise CLIError(f"--refine={refine} is invalid; allowed: 0, or a positive count with --trials > 0")
     tab = SensitivityTable.load(table)
     quality = None
+    if storage and trials > 0:
+        from ..search.optuna_backend import check_storage
+
+        check_storage(storage)
+    _state["resume"] = ("rerun the same command (same --storage and study) to resume" if storage else
+                        "pass --storage to make a search resumable")
     if trials > 0:
         from ..data import default_texts
         from ..models import load_model
@@ -216,6 +232,8 @@ def search(table: Annotated[Path, typer.Argument(help="A sensitivity table from 
         m, tok = load_model(model)
         tab.check_config(m.config)
         quality = KLObjective(m, calibration_batches(tok, default_texts("calibration"), 10, 640)[-2:])
+    _stage(f"searching plans within {budget_bits:g} bits")
+    typer.echo(f"searching plans within {budget_bits:g} bits ...", err=True)
     front = run_search(tab, mode=mode, max_bits=budget_bits, quality=quality, n_trials=trials,
                        storage=storage or None, study_name=study or None, refine=refine)
     front.save(output)
@@ -237,6 +255,8 @@ def generate(plan: Annotated[Path, typer.Option(help="Plan file for the cache.")
     from ..models import load_model, with_cache
     from ..spec import KVPlan
 
+    device = _device(device)
+    KVPlan.load(plan)  # a missing or broken plan fails before the model loads
     m, tok = load_model(model)
     m = m.to(device)
     p = KVPlan.load(plan, config=m.config)
@@ -267,6 +287,10 @@ def bench(plan: Annotated[Path, typer.Option(help="Plan file to measure.")],
     from ..models import load_model, with_cache
     from ..spec import KVPlan
 
+    device = _device(device)
+    KVPlan.load(plan)
+    _state["resume"] = "nothing to resume (bench keeps no state)"
+    _stage("loading the model")
     m, _ = load_model(model)
     m = m.to(device)
     p = KVPlan.load(plan, config=m.config)
@@ -274,6 +298,8 @@ def bench(plan: Annotated[Path, typer.Option(help="Plan file to measure.")],
     for name, make in (("full precision", lambda: DynamicCache(config=m.config)),
                        (f"plan {p.equivalent_bits:.2f} bits", lambda: MixedPrecisionCache(p, m.config))):
         cache = make()
+        _stage(f"timing {name}")
+        typer.echo(f"timing {name} ...", err=True)
         with torch.no_grad():
             logits = m(ids, **with_cache(m, cache)).logits[:, -1:]
             t0 = time.perf_counter()
@@ -287,28 +313,102 @@ def bench(plan: Annotated[Path, typer.Option(help="Plan file to measure.")],
         typer.echo(f"{name:<22} {1e3 * dt:8.2f} ms/token  cache {nbytes / 2**20:8.2f} MiB at {tokens + steps} tokens")
 
 
+def _stage(msg: str) -> None:
+    """Remember where the command is (an interrupt names it); a swallowed Ctrl-C stops here."""
+    _state["stage"] = msg
+    if _state["interrupted"]:
+        raise KeyboardInterrupt
+
+
+def _device(value: str) -> str:
+    import torch
+
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError) as e:
+        raise CLIError(f"--device={value!r} is invalid; allowed: cpu, cuda or cuda:N") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise CLIError(f"--device={value!r} is invalid; allowed: cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device={value!r}: no CUDA GPU is visible here; allowed: cpu")
+    return str(dev)
+
+
+def _on_sigint(signum, frame) -> None:
+    if not _state["interrupted"]:
+        _state["interrupted"] = True  # kept even where a library swallows the exception below
+        # a library that swallows it (an exception in a finalizer or callback is only printed) must not keep the
+        # run going: whatever still runs 10 s later is stopped; finished work is already stored
+        import threading
+
+        watchdog = threading.Timer(10.0, _interrupted, kwargs={"hard": True})
+        watchdog.daemon = True
+        watchdog.start()
+    raise KeyboardInterrupt
+
+
+class _DropInterruptTracebacks:
+    """Optuna logs a trial that a Ctrl-C stopped as a failure with its traceback: one line says it instead."""
+
+    def filter(self, record) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, KeyboardInterrupt)
+
+
+def _interrupted(hard: bool = False) -> None:
+    where = f" while {_state['stage'].rstrip(' .')}" if _state["stage"] else ""
+    resume = f"; {_state['resume']}" if _state["resume"] else ""
+    typer.secho(f"interrupted{where}{resume}", fg=typer.colors.YELLOW, err=True)
+    if hard:
+        import os
+
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(130)
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    sys.exit(2)
+
+
 def main() -> None:
+    import logging
+    import signal
+
     from ..models import ModelNotFoundError
     from ..spec import PlanError
 
+    signal.signal(signal.SIGINT, _on_sigint)
+    logging.getLogger("optuna").addFilter(_DropInterruptTracebacks())
+    code = 0
     try:
-        app(standalone_mode=False)
+        result = app(standalone_mode=False)
+        code = result if isinstance(result, int) else 0
+    except KeyboardInterrupt:
+        _interrupted()
     except ImportError as e:
         if _state["debug"]:
             raise
-        typer.secho(f"error: {e} (a missing optional dependency: pip install 'kvtuner[search,eval]')",
-                    fg=typer.colors.RED, err=True)
-        sys.exit(2)
-    except (PlanError, ModelNotFoundError, CLIError, ValueError, FileNotFoundError) as e:
+        _fail(f"{e} (a missing optional dependency: pip install 'kvtuner[tune]')" if "pip install" not in str(e)
+              else str(e))
+    except (PlanError, ModelNotFoundError, CLIError, ValueError, OSError) as e:
         if _state["debug"]:
             raise
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        sys.exit(2)
-    except (typer.Exit, SystemExit) as e:
-        sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))
+        _fail(str(e) if not isinstance(e, OSError) or not e.filename else
+              f"{e.filename}: {e.strerror or type(e).__name__}")
+    except typer.Exit as e:
+        code = e.exit_code
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except Exception as e:
-        # Usage errors from typer's (vendored) click arrive here in non-standalone mode.
+        # usage errors from typer's click arrive here in non-standalone mode; an interrupt as Abort
+        if type(e).__name__ == "Abort":
+            _interrupted()
         if hasattr(e, "show") and hasattr(e, "exit_code"):
             e.show()
             sys.exit(e.exit_code)
         raise
+    if _state["interrupted"] or code == 130:
+        _interrupted()
+    sys.exit(code)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..spec import KVPlan
+from ..spec import KVPlan, PlanError
 from .front import FrontPoint
 from .space import SearchSpace
 
@@ -19,6 +19,38 @@ def _optuna():
         raise ImportError("the multi-objective search needs optuna; install the extra: pip install 'kvtuner[tune]'") \
             from e
     return optuna
+
+
+class StorageError(PlanError):
+    """A storage that cannot be opened, in one line that says what to do."""
+
+
+DRIVERS = {"postgresql": "pip install 'kvtuner[postgres]' (psycopg 3)", "mysql": "pip install pymysql"}
+
+
+def check_storage(url: str | os.PathLike[str]) -> None:
+    """Open ``url`` once, before any work that needs it, and say in one line why it cannot be used."""
+    url = str(url)
+    path = url.removeprefix("journal:").removeprefix("sqlite:///") if "://" not in url or url.startswith(
+        "sqlite:///") else None
+    if path and Path(path).is_dir():
+        raise StorageError(f"--storage {url} is a directory; allowed: a .db/.journal/.log file path or a database URL")
+    try:
+        open_storage(url)
+    except ImportError as e:
+        scheme = url.split("://")[0].split("+")[0]
+        fix = DRIVERS.get(scheme, "install the SQLAlchemy driver for this database")
+        raise StorageError(f"--storage {url}: the database driver is missing; fix: {fix}") from e
+    except Exception as e:  # noqa: BLE001 - SQLAlchemy's and the drivers' errors, mapped to one line
+        name = type(e).__name__
+        first = str(e).strip().splitlines()[0] if str(e).strip() else name
+        if name == "NoSuchModuleError":
+            raise StorageError(f"--storage {url}: unknown database scheme; allowed: sqlite:///PATH, "
+                               "postgresql://USER@HOST/DB, mysql://USER@HOST/DB, or a .db/.journal/.log path") from e
+        if "file is not a database" in first or name == "DatabaseError":
+            raise StorageError(f"--storage {url}: not an Optuna database ({first}); fix: move it away (a rerun "
+                               "then starts a new study) or pass another --storage") from e
+        raise StorageError(f"--storage {url} cannot be opened: {first}") from e
 
 
 def open_storage(url: str | os.PathLike[str]):
@@ -40,7 +72,8 @@ def open_storage(url: str | os.PathLike[str]):
     import warnings
 
     retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
-    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    engine = ({"connect_args": {"timeout": 60}} if url.startswith("sqlite")
+              else {"connect_args": {"connect_timeout": 10}} if url.startswith(("postgresql", "mysql")) else {})
     with warnings.catch_warnings():  # heartbeats and their retry callback are marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         kwargs = ({"heartbeat_stale_trial_callback": retry(max_retry=1)} if retry is not None  # optuna >= 4.9
