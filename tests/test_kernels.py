@@ -243,7 +243,7 @@ def test_decode_keys_in_channel_word_order(kbits, vbits, k_gran, gk, vt, d):
 
 @pytest.mark.parametrize("kbits,gv,d", [(3, 32, 64), (4, None, 64), (2, None, 40), (3, 16, 64), (4, None, 48)])
 def test_decode_three_bit_values_in_contiguous_words(kbits, gv, d):
-    # 3-bit values packed along head_dim as contiguous 24-bit words (quant.to_channel_words, cache.WORDS3)
+    # 3-bit values packed along head_dim as contiguous 24-bit words (quant.to_channel_words, KernelPolicy.words3)
     case = dict(b=2, hkv=2, group=4, d=d, n_q=96, n_r=5, kbits=kbits, vbits=3, gk=32, gv=gv)
     worded = make_case(**case, value_words=True, key_words=kbits == 3)
     assert worded[3].channel_words
@@ -488,7 +488,7 @@ def test_gpu_past_int32_offsets():
 
 def test_launch_table_applies_per_tile_shape():
     table = kernels.launch_table()
-    assert table, "the committed launch table (src/kvtuner/kernels/launch_table.json) is missing or empty"
+    assert table, "the committed launch table (src/kvtuner/kernels/tables/h100.json) is missing or empty"
     assert {layout for _, _, layout in table} == set(kernels.LAYOUTS)
     (kb, vb, layout), entry = next(iter(table.items()))
     cpu = kernels.Target(8, False)

@@ -166,6 +166,7 @@ def evaluate(model: ModelArg = "smollm2",
     from ..models import load_model
     from ..spec import KVPlan
 
+    KVPlan.load(plan)  # a missing or broken plan fails before the model loads
     m, tok = load_model(model)
     p = KVPlan.load(plan, config=m.config)
     ids = token_ids(tok, default_texts("evaluation"), tokens)
