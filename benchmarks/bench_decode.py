@@ -30,6 +30,7 @@ import transformers
 import triton
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
+import strong_bf16
 from kvtuner import KernelPolicy, KVPlan, MixedPrecisionCache, with_cache
 from kvtuner.generation import StaticDecoder
 
@@ -245,6 +246,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--budget-gib", type=float, default=30.0, help="GPU memory for the KV cache")
+    ap.add_argument("--peak-tbs", type=float, default=3.35, help="HBM peak for the share column (H100 SXM 3.35, "
+                    "H200 4.8 TB/s): (weights + KV bytes) / step time / peak, every byte read once")
     ap.add_argument("--batches", default="1,8,32,64,128")
     ap.add_argument("--contexts", default="1024,4096,16384,32768")
     ap.add_argument("--max-kv-gib", type=float, default=56.0, help="skip grid points whose cache needs more")
@@ -291,8 +294,7 @@ def main() -> None:
     def run(name, plan, batch, ctx, tag="", backend=None, record=rows, profile_steps=0, eager=None, graph=None):
         """Graph-mode step (``--mode graph``) and/or the eager step; tokens/s from the faster mode
         that was run (the eager one alone with ``--mode eager``)."""
-        # bf16 runs both: its graph step (StaticCache) pays transformers' masked-SDPA path (the mask
-        # turns off SDPA's GQA, so K/V are repeated per query head), which is slower at large batches
+        # bf16 runs both: eager on a DynamicCache, and the strong baseline (strong_bf16.py) in a graph
         eager = (args.mode == "eager" or bool(profile_steps) or plan is None) if eager is None else eager
         graph = args.mode == "graph" if graph is None else graph
         torch.cuda.empty_cache()
@@ -305,10 +307,13 @@ def main() -> None:
                 kv = torch.cuda.memory_allocated() - weights
                 dt_e = decode(model, cache, batch, args.steps, backend)
                 prof = where_time_goes(model, cache, batch, profile_steps, backend) if profile_steps else None
-                if plan is None and graph:  # bf16 graphs need a StaticCache
+                if plan is None and graph:  # the bf16 graph step brings its own static buffers
                     cache = None
                     torch.cuda.empty_cache()
-            if graph:
+            if graph and plan is None:
+                dt_g = strong_bf16.step_seconds(model, batch, ctx, args.steps)
+                kv = strong_bf16.kv_bytes(model, batch, ctx)
+            elif graph:
                 if cache is None:
                     cache = fill(model, plan, batch, ctx, reserve, static=True, policy=policy)
                     kv = torch.cuda.memory_allocated() - weights
@@ -321,6 +326,7 @@ def main() -> None:
             torch.cuda.empty_cache()
         dt = min(x for x in (dt_e, dt_g) if x is not None)
         row = dict(config=name, batch=batch, context=ctx, ms_per_step=1e3 * dt, tokens_per_s=batch / dt,
+                   hbm_share=(weights + kv) / dt / (args.peak_tbs * 1e12),
                    kv_gib=kv / 2**30, peak_gib=torch.cuda.max_memory_allocated() / 2**30, tag=tag,
                    sdpa_backend=backend or "default", mode="graph" if dt == dt_g else "eager",
                    eager_ms=None if dt_e is None else 1e3 * dt_e, graph_ms=None if dt_g is None else 1e3 * dt_g)
@@ -400,8 +406,9 @@ def report(r: dict, args) -> str:
              "caches filled through Cache.update, then timed one-token greedy decode steps: eager = model(...) per "
              "step (bf16 on a DynamicCache with the fastest SDPA backend measured at B=64, L=4096: "
              f"**{r['bf16_backend']}**); graph = the step captured once in a CUDA graph and replayed "
-             "(kvtuner.generation.StaticDecoder; bf16 on a transformers StaticCache, default SDPA backend, "
-             "quantized plans on MixedPrecisionCache.make_static buffers, flushes between replays). "
+             "(quantized plans: kvtuner.generation.StaticDecoder on MixedPrecisionCache.make_static buffers, flushes "
+             "between replays; bf16: the strong baseline of benchmarks/strong_bf16.py, static per-layer bf16 buffers, "
+             "flash SDPA with enable_gqa and no mask). "
              "ms/step = the faster of the two where both ran.", "", "## SDPA backends for the bf16 baseline (B=64, L=4096)", "",
              "| backend | ms/step | tokens/s | note |", "|---|---|---|---|"]
     for x in r["sdpa"]:
@@ -409,22 +416,24 @@ def report(r: dict, args) -> str:
                      f"{x.get('tokens_per_s', float('nan')):.0f} | {x.get('note', '')} |")
 
     def table(rows, extra=False):
-        head = "| config | batch | context | ms/step | tokens/s | eager ms | graph ms | KV GiB | peak GiB | note |"
-        sep = "|---|---|---|---|---|---|---|---|---|---|"
+        head = ("| config | batch | context | ms/step | tokens/s | eager ms | graph ms | KV GiB | peak GiB | share of HBM "
+                "peak | note |")
+        sep = "|---|---|---|---|---|---|---|---|---|---|---|"
         if extra:
             head = head[:-7] + " GPU busy ms | tokens/s at GPU-busy time | attention ms | attention share | note |"
             sep += "---|---|---|---|"
         out = [head, sep]
         for x in rows:
             if "ms_per_step" not in x:
-                out.append(f"| {x['config']} | {x['batch']} | {x['context']} | | | | | | |" + (" | | | |" if extra else "")
+                out.append(f"| {x['config']} | {x['batch']} | {x['context']} | | | | | | | |" + (" | | | |" if extra else "")
                            + f" {x.get('note', '')} {x.get('tag', '')} |")
                 continue
             ms = ["" if x.get(k) is None else f"{x[k]:.1f}" for k in ("eager_ms", "graph_ms")]
             if "mode" not in x:  # results from before graph mode: eager only
                 ms = [f"{x['ms_per_step']:.1f}", ""]
             cells = (f"| {x['config']} | {x['batch']} | {x['context']} | {x['ms_per_step']:.1f} | "
-                     f"{x['tokens_per_s']:.0f} | {ms[0]} | {ms[1]} | {x['kv_gib']:.1f} | {x['peak_gib']:.1f} |")
+                     f"{x['tokens_per_s']:.0f} | {ms[0]} | {ms[1]} | {x['kv_gib']:.1f} | {x['peak_gib']:.1f} | "
+                     f"{100 * x.get('hbm_share', float('nan')):.0f} % |")
             if extra:
                 cells += (f" {x['gpu_busy_ms']:.1f} | {1e3 * x['batch'] / x['gpu_busy_ms']:.0f} | {x['attention_ms']:.1f} | "
                           f"{100 * x['attention_ms'] / x['ms_per_step']:.0f} % of step |")
@@ -439,8 +448,8 @@ def report(r: dict, args) -> str:
     lines += ["", f"## Maximum throughput in {r['budget_gib']:g} GiB of KV cache, 4096-token context", "",
               *table(maxrows, extra=True), "",
               f"{mixed}: {ratio(tps, mixed, 'KV8')} uniform KV8, {ratio(tps, mixed, 'bf16')} bf16 (measured wall "
-              f"time; ms/step is the faster of the eager and graph steps, both in the table). On the eager steps' "
-              f"GPU-busy time: {ratio(busy, mixed, 'KV8')} KV8, {ratio(busy, mixed, 'bf16')} bf16.", "",
+              f"time; ms/step is the faster of the eager and graph steps, both in the table; bf16's graph step is the "
+              f"strong baseline). On the eager steps' GPU-busy time: {ratio(busy, mixed, 'KV8')} KV8.", "",
               f"## Maximum throughput in {r['budget_gib']:g} GiB of KV cache at longer contexts", "",
               *table(longer), "",
               "## Where the time goes (B=64, L=4096; 3 profiled steps)", "", *table(r["profile"], extra=True),
