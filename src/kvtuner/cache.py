@@ -88,10 +88,9 @@ class QuantizedKVLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         if self.layout is None:
-            lay = self.policy.layout(self.spec.k, self.spec.v, self.head_dim, self.device)
-            self._k.set_layout(lay.triton, 0, lay.key_words)
-            self._v.set_layout(lay.triton, lay.value_block, lay.value_words)
-            self.layout = lay
+            self.layout = self.policy.layout(self.spec.k, self.spec.v, self.head_dim, self.device)
+            self._k.set_layout(self.layout)
+            self._v.set_layout(self.layout)
         self.batch_size = key_states.shape[0]
         self.is_initialized = True
 
@@ -207,14 +206,8 @@ class QuantizedKVLayer(CacheLayerMixin):
             self._bump.add_(1)
         return out
 
-    def _start_at(self, length: int) -> int:
-        """Absolute position of the oldest token a sliding layer keeps at ``length`` tokens: the window
-        minus one, as ``DynamicSlidingWindowLayer``, in whole key groups for KIVI keys."""
-        unit = self._k.unit if self._k.granularity == "per_channel" else 1
-        return max(0, (length - self.sliding_window + 1) // unit * unit)
-
     def _evict(self) -> None:
-        new_start = self._start_at(self.cumulative_length)
+        new_start = self.spec.window_start(self.cumulative_length, self.sliding_window)
         if new_start > self.start and not self.record_past:
             self._k.drop_front(new_start - self.start)
             self._v.drop_front(new_start - self.start)
@@ -246,7 +239,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         if n > self.cumulative_length:
             raise ValueError(f"crop({tokens_to_remove}) removes {n} tokens; allowed: at most "
                              f"{self.cumulative_length} (the cached length)")
-        if self.is_sliding and self._start_at(self.cumulative_length - n) < self.start:
+        if self.is_sliding and self.spec.window_start(self.cumulative_length - n, self.sliding_window) < self.start:
             raise RuntimeError(f"layer {self.layer_idx}: crop({tokens_to_remove}) needs sliding-window tokens that "
                                "were already evicted; allowed: crops within the tokens added since "
                                "activate_past_recording() (as assisted decoding does)")
@@ -260,8 +253,6 @@ class QuantizedKVLayer(CacheLayerMixin):
         """Keep sliding-window tokens past the window until the next :meth:`crop` (transformers calls this
         for assisted decoding, then sets ``record_past = False`` when done)."""
         self.record_past = True
-
-    record_past = False
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self._k.map(fn)
@@ -442,9 +433,6 @@ def simulate_cache(x: torch.Tensor, spec: QuantSpec, role: str, policy: KernelPo
     profiling measures exactly the quantization the online cache applies.
     """
     store = TensorStore(spec, role, x.shape[-1])
-    if spec.quantized:
-        lay = policy.layout(spec, spec, x.shape[-1], x.device)
-        store.set_layout(lay.triton, lay.value_block if role == "value" else 0,
-                         lay.key_words if role == "key" else lay.value_words)
+    store.set_layout(policy.layout(spec, spec, x.shape[-1], x.device))
     store.append(x)
     return store.materialize(x.dtype)

@@ -245,10 +245,16 @@ class LayerSpec:
         if window is None:
             return spec.split(role, seq_len)
         n_q, n_fp = dataclasses.replace(spec, sink_length=0).split(role, seq_len)
-        unit = self.k.flush_unit("key") if self.k.granularity("key") == "per_channel" else 1
-        start = max(0, (seq_len - window + 1) // unit * unit)
+        start = self.window_start(seq_len, window)
         dropped = min(start, n_q)
         return n_q - dropped, n_fp - (start - dropped)
+
+    def window_start(self, length: int, window: int) -> int:
+        """Position of the oldest token a sliding-window layer keeps at ``length`` tokens: the last
+        ``window - 1`` tokens, as transformers' ``DynamicSlidingWindowLayer``, but dropped only in whole
+        key groups for per-channel (KIVI) keys."""
+        unit = self.k.flush_unit("key") if self.k.granularity("key") == "per_channel" else 1
+        return max(0, (length - window + 1) // unit * unit)
 
     def to_dict(self) -> dict[str, Any]:
         return {"k": self.k.to_dict(), "v": self.v.to_dict()}

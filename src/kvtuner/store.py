@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 from . import quant
+from .policy import LayerLayout
 from .spec import QuantSpec
 
 
@@ -23,25 +24,28 @@ class TensorStore:
     """
 
     def __init__(self, spec: QuantSpec, role: str, head_dim: int, capacity: int | None = None,
-                 sliding: bool = False, *, triton: bool = False, token_block: int = 0, channel_words: bool = False):
+                 sliding: bool = False):
         self.spec, self.role, self.head_dim = spec, role, head_dim
         self.sink = spec.kept_sink(sliding)  # full-precision attention-sink tokens at the residual's front
-        self.triton = triton  # quantize with the Triton kernel
+        self.triton = False  # quantize with the Triton kernel (set_layout)
         self.granularity = spec.granularity(role)
         self.group = spec.group_size if self.granularity == "per_channel" else spec.channel_group(head_dim)
         self.unit = spec.flush_unit(role)
         self.capacity = capacity
-        self.token_block, self.channel_words = token_block, channel_words  # the layer's LayerLayout
+        self.token_block, self.channel_words = 0, False  # set_layout
         self._buf: quant.QuantizedTensor | None = None
         self._n = 0
         self.residual: torch.Tensor | None = None
 
-    def set_layout(self, triton: bool, token_block: int = 0, channel_words: bool = False) -> None:
-        """How codes are quantized and laid out (the layer's :class:`~kvtuner.policy.LayerLayout`);
-        fixed once anything is packed."""
+    def set_layout(self, layout: LayerLayout) -> None:
+        """Quantize and lay out codes as the layer's ``layout`` says for this store's role; fixed once
+        anything is packed."""
         if self._buf is not None:
             raise RuntimeError("set_layout after the first flush; allowed: before anything is packed")
-        self.triton, self.token_block, self.channel_words = triton, token_block, channel_words
+        key = self.role == "key"
+        self.triton = layout.triton
+        self.token_block = 0 if key else layout.value_block
+        self.channel_words = layout.key_words if key else layout.value_words
 
     @property
     def packed(self) -> quant.QuantizedTensor | None:
@@ -225,8 +229,7 @@ class TensorStore:
             self.packed = None
             return
         keep = self.num_quantized - m
-        fresh = max(0, (len(self) - m - self.sink - self.spec.residual_length) // self.unit * self.unit)
-        fresh = fresh if settle else keep
+        fresh = self.spec.split(self.role, len(self) - m)[0] if settle else keep
         whole = self.granularity == "per_channel" or self.token_block  # stored in whole units
         cut = min(keep // self.unit * self.unit if whole else keep, fresh)
         if cut == self.num_quantized:
