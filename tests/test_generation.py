@@ -177,3 +177,105 @@ def test_gpu_graph_replay_matches_static_eager(k, v, rot, sink):
     graph = greedy_generate(model, ids, MixedPrecisionCache(plan, model.config), 80, cuda_graph=True)
     model.config._attn_implementation = "sdpa"
     assert torch.equal(eager, graph)
+
+
+# ---------------------------------------------------------------- generate(): model.generate's strategies
+def _reference(model, plan, ids, seed, **kw):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return model.generate(ids, **with_cache(model, MixedPrecisionCache(plan, model.config)), **kw)
+
+
+def _ours(model, plan, ids, seed, **kw):
+    from kvtuner import generate
+
+    torch.manual_seed(seed)
+    return generate(model, ids, MixedPrecisionCache(plan, model.config), cuda_graph=DEV == "cuda", **kw)
+
+
+@pytest.mark.parametrize("kw", [dict(do_sample=False),
+                                dict(do_sample=True, temperature=0.7, top_p=0.9, repetition_penalty=1.3),
+                                dict(do_sample=True, top_k=20, min_p=0.05, no_repeat_ngram_size=3),
+                                dict(do_sample=True, temperature=1.5)])
+def test_generate_gives_model_generate_tokens(kw):
+    # greedy and seeded sampling: the same tokens as model.generate with the same cache and seed,
+    # across flushes (8-token units, 30 new tokens)
+    model = _model()
+    plan = _plan(4, 2)
+    ids = torch.randint(3, 128, (3, 21), generator=torch.Generator().manual_seed(8)).to(DEV)
+    args = dict(max_new_tokens=30, min_new_tokens=30, pad_token_id=0, **kw)
+    want = _reference(model, plan, ids, 11, **args)
+    model.config._attn_implementation = "sdpa"
+    got = _ours(model, plan, ids, 11, **args)
+    model.config._attn_implementation = "sdpa"
+    assert got.shape == (3, 51) and torch.equal(got, want)
+    if kw.get("do_sample"):  # the seed matters: another one draws other tokens
+        other = _ours(model, plan, ids, 12, **args)
+        model.config._attn_implementation = "sdpa"
+        assert not torch.equal(other, want)
+
+
+def test_generate_stops_rows_at_eos_and_criteria_and_streams():
+    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers.generation.streamers import BaseStreamer
+
+    model = _model()
+    plan = _plan(4, 4)
+    ids = torch.randint(3, 128, (3, 19), generator=torch.Generator().manual_seed(9)).to(DEV)
+    free = _ours(model, plan, ids, 0, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    model.config._attn_implementation = "sdpa"
+    eos = int(free[0, 19 + 5])  # row 0 ends at its 6th token (rows that never emit it run on)
+    want = _reference(model, plan, ids, 0, max_new_tokens=24, do_sample=False, eos_token_id=eos, pad_token_id=1)
+    model.config._attn_implementation = "sdpa"
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.parts, self.ended = [], False
+
+        def put(self, value):
+            self.parts.append(value.reshape(value.shape[0], -1) if value.dim() > 1 else value[:, None])
+
+        def end(self):
+            self.ended = True
+
+    streamer = Collect()
+    got = _ours(model, plan, ids, 0, max_new_tokens=24, do_sample=False, eos_token_id=eos, pad_token_id=1,
+                streamer=streamer)
+    model.config._attn_implementation = "sdpa"
+    assert torch.equal(got, want)
+    row0 = got[0, 19:].tolist()
+    assert eos in row0 and set(row0[row0.index(eos) + 1:]) <= {1}  # finished row padded
+    assert streamer.ended and torch.equal(torch.cat(streamer.parts, 1).to(got.device), got)
+
+    class StopAfter(StoppingCriteria):  # a user's criterion: per row, stop once that row emitted a token
+        def __init__(self, token):
+            self.token = token
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return (input_ids[:, 19:] == self.token).any(-1)
+
+    token = int(free[1, 19 + 3])
+    crit = StoppingCriteriaList([StopAfter(token)])
+    want = _reference(model, plan, ids, 0, max_new_tokens=24, do_sample=False, stopping_criteria=crit, pad_token_id=1)
+    model.config._attn_implementation = "sdpa"
+    got = _ours(model, plan, ids, 0, max_new_tokens=24, do_sample=False, stopping_criteria=crit, pad_token_id=1)
+    model.config._attn_implementation = "sdpa"
+    assert torch.equal(got, want)
+
+
+def test_generate_says_what_it_cannot_do():
+    from kvtuner import generate
+
+    model = _model()
+    ids = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(4)).to(DEV)
+    cache = MixedPrecisionCache(_plan(4, 4), model.config)
+    with pytest.raises(NotImplementedError, match="beam search.*model.generate"):
+        generate(model, ids, cache, max_new_tokens=4, num_beams=2, cuda_graph=False)
+    with pytest.raises(ValueError, match="unknown generation argument"):
+        generate(model, ids, cache, max_new_tokens=4, top_q=0.3, cuda_graph=False)
+    with pytest.raises(NotImplementedError, match="num_return_sequences"):
+        generate(model, ids, cache, max_new_tokens=4, do_sample=True, num_return_sequences=2, cuda_graph=False)
+    plan16 = KVPlan([LayerSpec(QuantSpec(16), QuantSpec(16)), _plan(4, 4).layers[0]])
+    with pytest.raises(PlanError, match="decode this plan eagerly"):
+        generate(model, ids, MixedPrecisionCache(plan16, model.config), max_new_tokens=4, cuda_graph=False)
+    model.config._attn_implementation = "sdpa"

@@ -10,13 +10,13 @@ def test_public_names():
     assert sorted(kvtuner.__all__) == sorted([
         "Evaluator", "KVPlan", "LayerSpec", "MixedPrecisionCache", "ModelDims", "PlanError", "QualityReport",
         "QuantSpec", "QuantizedKVLayer", "SensitivityTable", "__version__", "default_texts", "evaluate", "load_model",
-        "perplexity", "profile", "KernelPolicy", "greedy_generate", "StaticDecoder", "with_cache"])
+        "perplexity", "profile", "KernelPolicy", "generate", "greedy_generate", "StaticDecoder", "with_cache"])
 
 
 KINDS = {"Evaluator": "class", "KVPlan": "class", "KernelPolicy": "class", "LayerSpec": "class",
          "MixedPrecisionCache": "class", "ModelDims": "class", "PlanError": "class", "QualityReport": "class",
          "QuantSpec": "class", "QuantizedKVLayer": "class", "SensitivityTable": "class", "StaticDecoder": "class",
-         "__version__": "str", "default_texts": "function", "evaluate": "function", "greedy_generate": "function",
+         "__version__": "str", "default_texts": "function", "evaluate": "function", "greedy_generate": "function", "generate": "function",
          "load_model": "function", "perplexity": "function", "profile": "function", "with_cache": "function"}
 
 

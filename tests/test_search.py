@@ -207,9 +207,13 @@ def test_kl_objective_is_zero_at_16_bits_and_positive_below():
     model = tiny_model("llama", layers=2)
     windows = [torch.randint(3, 128, (1, 80), generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
     objective = KLObjective(model, windows, prefill=48, chunk=8)
-    assert objective.reference[0].shape[0] == 80 - 48  # one prediction per token after the prefill
+    assert objective.reference[0].shape[:2] == (2, 80 - 48)  # windows side by side, one prediction per token
     assert objective(KVPlan.uniform(2, 16, 16)) == 0.0
-    assert objective(KVPlan.uniform(2, 2, 2, "per_token")) > 0.0
+    low = KVPlan.uniform(2, 2, 2, "per_token")
+    assert objective(low) > 0.0
+    # side by side is exact: the mean of the windows measured one at a time
+    alone = [KLObjective(model, [w], prefill=48, chunk=8)(low) for w in windows]
+    assert abs(objective(low) - sum(alone) / 2) < 0.02 * max(alone)  # fp32 sums of a near-flat model
 
 
 def test_budget_moves_are_every_one_and_two_step_neighbour_within_budget():

@@ -39,8 +39,12 @@ def test_tune_end_to_end_on_tiny_model(tiny_dir, tmp_path):
     for b in (3.25, 4.0):
         plan = KVPlan.load(out / f"plan-{b:g}.json")
         assert plan.num_layers == 3 and plan.equivalent_bits <= b
+        assert plan.provenance["preset"] == "recommended" and plan.provenance["settings"]["bits"] == [8, 4, 3, 2]
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3 and "uniform KV4" in page
+    # it opens with a recommendation naming a plan file, with the paired KL ratio to uniform KV4
+    advice = page.split('class="advice">')[1].split("</p>")[0]
+    assert advice.startswith("Use plan-") and "x uniform KV4&#x27;s" in advice
     rows = json.loads((out / "quality.json").read_text())["rows"]
     assert {r["name"] for r in rows} >= {"searched <= 3.25", "uniform KV4", "uniform K4V2"}
     # a rerun reuses the table and the evaluation, and prints JSON
@@ -57,7 +61,7 @@ def test_tune_rotation_per_layer(tiny_dir, tmp_path):
     out = tmp_path / "rot"
     r = _run("tune", "--model", str(tiny_dir), "--out", str(out), "--budget-bits", "3.25", "--trials", "2",
              "--sequences", "1", "--seq-len", "96", "--eval-prefill", "48", "--eval-decode", "16",
-             "--rotation", "per-layer", "--sink", "2", "--refine", "3", "--quiet")
+             "--rotation", "per-layer", "--sink", "2", "--refine", "3", "--preset", "paper", "--quiet")
     assert r.returncode == 0, r.stderr
     from kvtuner import KVPlan
     from kvtuner.profiling import SensitivityTable
@@ -68,9 +72,12 @@ def test_tune_rotation_per_layer(tiny_dir, tmp_path):
     cands = json.loads((out / "front.json").read_text())["info"]["candidates"]
     assert any(len(p) == 3 for c in cands for p in c) and any(len(p) == 2 and p != [16, 16] for c in cands for p in c)
     plan = KVPlan.load(out / "plan-3.25.json")
-    assert plan.equivalent_bits <= 3.25 and plan.provenance["rotation"] == "per_layer"
+    # the paper preset's settings, with the flags given on top of it
+    assert plan.provenance["preset"] == "paper" and plan.provenance["settings"]["bits"] == [8, 4, 2]
+    assert {b for lay in plan.layers for b in (lay.k.bits, lay.v.bits)} <= {2, 4, 8}
+    assert plan.equivalent_bits <= 3.25 and plan.provenance["settings"]["rotation"] == "per_layer"
     assert plan.provenance["refine_trials"] == 3  # measured local-search trials, stored in the study
-    assert plan.provenance["sink"] == 2 and {(lay.k.sink_length, lay.v.sink_length) for lay in plan.layers} <= {(2, 2),
+    assert plan.provenance["settings"]["sink"] == 2 and {(lay.k.sink_length, lay.v.sink_length) for lay in plan.layers} <= {(2, 2),
                                                                                                         (0, 0)}
     assert any(lay.k.sink_length == 2 for lay in plan.layers)
 
@@ -84,6 +91,8 @@ def test_tune_rotation_per_layer(tiny_dir, tmp_path):
     (("--sink", "-1"), "sink=-1"),
     (("--refine", "-1"), "refine=-1"),
     (("--trials", "0", "--refine", "4"), "refine=4"),
+    (("--preset", "fastest"), "preset='fastest'"),
+    (("--kl-windows", "0"), "kl-windows=0"),
 ])
 def test_tune_user_errors(tmp_path, args, needle):
     r = _run("tune", "--out", str(tmp_path / "o"), *args, timeout=120)

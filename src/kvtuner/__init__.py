@@ -24,6 +24,7 @@ _LAZY = {
     "profile": "profiling",
     "SensitivityTable": "profiling",
     "KernelPolicy": "policy",
+    "generate": "generation",
     "greedy_generate": "generation",
     "StaticDecoder": "generation",
 }
@@ -44,6 +45,7 @@ __all__ = [
     "__version__",
     "default_texts",
     "evaluate",
+    "generate",
     "greedy_generate",
     "load_model",
     "perplexity",
@@ -55,7 +57,7 @@ if TYPE_CHECKING:
     from .cache import MixedPrecisionCache, QuantizedKVLayer
     from .data import default_texts
     from .evaluation import Evaluator, QualityReport, evaluate, perplexity
-    from .generation import StaticDecoder, greedy_generate
+    from .generation import StaticDecoder, generate, greedy_generate
     from .models import load_model, with_cache
     from .policy import KernelPolicy
     from .profiling import SensitivityTable, profile

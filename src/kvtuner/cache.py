@@ -168,7 +168,8 @@ class QuantizedKVLayer(CacheLayerMixin):
         k, v = self.spec.k, self.spec.v
         if not (k.quantized and v.quantized) or self.is_sliding:
             raise PlanError(f"layer {self.layer_idx} ({self.spec.name}, sliding={self.is_sliding}) cannot be static; "
-                            "allowed: full-attention layers with quantized keys and values")
+                            "allowed: full-attention layers with quantized keys and values (decode this plan eagerly: "
+                            "model.generate(..., past_key_values=cache))")
         if self._k.unit != self._v.unit or k.residual_length != v.residual_length:
             raise PlanError(f"layer {self.layer_idx}: keys and values flush in different rhythms; allowed: equal "
                             "flush unit and residual_length")

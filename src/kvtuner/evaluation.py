@@ -30,23 +30,32 @@ def kl_sum(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
 
 @torch.no_grad()
 def stream_logits(model: Any, input_ids: torch.Tensor, plan: KVPlan | None, *, prefill: int, chunk_size: int,
-                  on_step: Any = None) -> torch.Tensor:
-    """Logits ``[N, vocab]`` at every position of ``input_ids`` ``[1, N]``, fed through one cache.
+                  on_step: Any = None, first: int = 0) -> torch.Tensor:
+    """Logits ``[B, N - first, vocab]`` at positions ``first..N-1`` of ``input_ids`` ``[B, N]``, fed
+    through one cache.
 
     The first ``prefill`` tokens go in one forward pass, the rest ``chunk_size`` tokens at a time
     (teacher forcing), so quantized history, residual window and group flushes are all exercised.
-    ``on_step()`` is called after each forward pass.
+    The rows are independent windows of equal length (no padding): a batch of windows measures
+    exactly what the same windows one by one would. ``on_step()`` is called after each forward pass.
     """
     cache = make_cache(model, plan)
     ids = input_ids.to(model.device)
     n = ids.shape[1]
+    if not 0 <= first < n:
+        raise ValueError(f"first={first} is invalid; allowed: 0 <= first < {n}")
     bounds = [0, *range(min(n, prefill), n, chunk_size), n]
     out = []
     for start, stop in zip(bounds[:-1], bounds[1:]):
-        out.append(model(ids[:, start:stop], **with_cache(model, cache), use_cache=True).logits[0])
+        keep = stop - max(start, first)
+        if keep <= 0:  # only the cache is needed from this pass (the LM head is a fifth of a small model)
+            model(ids[:, start:stop], **with_cache(model, cache), use_cache=True, logits_to_keep=1)
+        else:
+            out.append(model(ids[:, start:stop], **with_cache(model, cache), use_cache=True,
+                             logits_to_keep=keep).logits)
         if on_step is not None:
             on_step()
-    return torch.cat(out)
+    return torch.cat(out, dim=1)
 
 
 @torch.no_grad()
@@ -61,7 +70,7 @@ def perplexity(model: Any, input_ids: torch.Tensor, plan: KVPlan | None = None, 
         raise ValueError(f"input_ids shape {tuple(input_ids.shape)} is invalid; allowed: [1, N] with N >= 2")
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} is invalid; allowed: >= 1")
-    logits = stream_logits(model, input_ids, plan, prefill=prefill or chunk_size, chunk_size=chunk_size)
+    logits = stream_logits(model, input_ids, plan, prefill=prefill or chunk_size, chunk_size=chunk_size)[0]
     targets = input_ids[0, 1:].to(logits.device)
     return math.exp(torch.nn.functional.cross_entropy(logits[:-1].float(), targets).item())
 
@@ -127,23 +136,26 @@ class Evaluator:
 
     Protocol per text window: prefill ``prefill`` tokens, then ``decode`` teacher-forced decode
     steps of one token, so quantized history, residual window and group flushes are all exercised.
-    The full-precision reference is computed once and reused for every plan.
+    Consecutive windows of the held-out text run side by side, ``batch_size`` rows per cache. The
+    full-precision reference is computed once and reused for every plan.
     """
 
     def __init__(self, model: Any, tokenizer: Any, texts: str | None = None, *, windows: int = 2,
                  prefill: int = 384, decode: int = 256, prompts: int = 4, new_tokens: int = 64,
-                 passkey_lengths: tuple[int, ...] = (512, 1024), passkey_trials: int = 3, progress: bool = True):
+                 passkey_lengths: tuple[int, ...] = (512, 1024), passkey_trials: int = 3, progress: bool = True,
+                 batch_size: int = 16):
         from .data import default_texts
 
         text = default_texts("evaluation") if texts is None else texts
         for name, value, least in (("windows", windows, 1), ("prefill", prefill, 1), ("decode", decode, 1),
-                                   ("prompts", prompts, 0), ("new_tokens", new_tokens, 1)):
+                                   ("prompts", prompts, 0), ("new_tokens", new_tokens, 1),
+                                   ("batch_size", batch_size, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{name}={value!r} is invalid; allowed: an integer >= {least}")
         if not text or not text.strip():
             raise ValueError("evaluation text is empty; allowed: non-empty text")
         self.model, self.tokenizer, self.progress = model, tokenizer, progress
-        self.prefill, self.decode, self.new_tokens = prefill, decode, new_tokens
+        self.prefill, self.decode, self.new_tokens, self.batch_size = prefill, decode, new_tokens, batch_size
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
         span = prefill + decode
         need = windows * span + prompts * 64
@@ -164,12 +176,14 @@ class Evaluator:
     @torch.no_grad()
     def _run(self, plan: KVPlan | None, desc: str) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[int, float]]:
         model = self.model
-        bar = self._bar(len(self.windows) * self.decode + len(self.prompts) + len(self.passkeys), desc)
+        batches = range(0, len(self.windows), self.batch_size)
+        bar = self._bar(len(batches) * (self.decode + 1) + len(self.prompts) + len(self.passkeys), desc)
         logprobs = []
-        for ids in self.windows:  # predictions for tokens prefill..end, one decode step each
+        for i in batches:  # predictions for tokens prefill..end, one decode step each, windows side by side
+            ids = torch.cat(self.windows[i:i + self.batch_size])
             logits = stream_logits(model, ids[:, :-1], plan, prefill=self.prefill, chunk_size=1,
-                                   on_step=lambda: bar.update(1))
-            logprobs.append(torch.log_softmax(logits[self.prefill - 1:].float(), -1))
+                                   on_step=lambda: bar.update(1), first=self.prefill - 1)
+            logprobs += list(torch.log_softmax(logits.float(), -1).cpu())
         generations = []
         for prompt in self.prompts:
             out = model.generate(prompt.to(model.device), **with_cache(model, make_cache(model, plan)),
@@ -191,9 +205,10 @@ class Evaluator:
             self._ref = _Reference(*self._run(None, "full precision"))
         return self._ref
 
-    def __call__(self, plan: KVPlan) -> QualityReport:
+    def __call__(self, plan: KVPlan, label: str | None = None) -> QualityReport:
+        """``plan``'s report; ``label`` names it on the progress bar (default: its bits)."""
         ref = self.reference()
-        logprobs, generations, passkey = self._run(plan, f"{plan.equivalent_bits:.2f}-bit plan")
+        logprobs, generations, passkey = self._run(plan, label or f"{plan.equivalent_bits:.2f}-bit plan")
         targets = [ids[0, self.prefill:] for ids in self.windows]
         win_q = [-lp.gather(1, t.unsqueeze(1)).sum().item() for lp, t in zip(logprobs, targets)]
         win_f = [-lp.gather(1, t.unsqueeze(1)).sum().item() for lp, t in zip(ref.logprobs, targets)]

@@ -1,4 +1,5 @@
-"""Greedy decoding with the decode step captured in a CUDA graph.
+"""Decoding with the decode step captured in a CUDA graph: greedy, and every strategy of
+``model.generate`` that a static cache can serve.
 
 Eager decoding spends most of a small batch's step in Python (the model's modules, the cache's
 bookkeeping, kernel launches): on an H100 an eager Llama-3.1-8B step takes 30-70 ms at batch 1-8
@@ -7,13 +8,18 @@ whatever the cache holds. Captured once and replayed, the step costs only its GP
 :func:`greedy_generate` prefills eagerly, moves the cache into fixed buffers
 (:meth:`~kvtuner.cache.MixedPrecisionCache.make_static`; a transformers ``StaticCache`` already is
 fixed), captures one decode step (model forward, argmax, position update) and replays it. Quantized
-caches run their flushes between replays, once per flush unit. The tokens are those of greedy
-``model.generate`` up to floating-point differences of split sizes (the kernel's splits are sized
-for the capacity, not the current length).
+caches run their flushes between replays, once per flush unit. :func:`generate` takes
+``model.generate``'s arguments (sampling, logits processors, stopping criteria and stop strings,
+EOS per row, streamers) and replays a step that writes the next-token logits; token selection runs
+between replays with transformers' own processors and criteria, so a seed gives the tokens the
+eager ``model.generate`` gives. The tokens match up to floating-point differences of split sizes
+(the kernel's splits are sized for the capacity, not the current length).
 
 Example:
     >>> cache = MixedPrecisionCache(plan, model.config)
     >>> tokens = greedy_generate(model, input_ids, cache, max_new_tokens=64)
+    >>> out = generate(model, input_ids, MixedPrecisionCache(plan, model.config), max_new_tokens=64,
+    ...                do_sample=True, top_p=0.9, repetition_penalty=1.1)
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ class _Step:
     position_ids: torch.Tensor  # [B, 1]
     cache_position: torch.Tensor  # [1]
     attention_mask: torch.Tensor | None  # [B, max_len] for caches that read the model's mask
+    logits: torch.Tensor | None = None  # [B, vocab] fp32 next-token logits (steps that do not pick the token)
 
 
 def _positions(attention_mask: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor:
@@ -44,7 +51,10 @@ def _positions(attention_mask: torch.Tensor | None, batch: int, length: int, dev
 
 
 class StaticDecoder:
-    """Greedy one-token decode steps on a prefilled cache, replayed from a CUDA graph.
+    """One-token decode steps on a prefilled cache, replayed from a CUDA graph.
+
+    With ``greedy=True`` the step feeds its own argmax to the next step; otherwise it writes the
+    next-token logits to :attr:`logits` and the caller sets the next token with :meth:`feed`.
 
     Args:
         model: a transformers causal LM.
@@ -56,11 +66,12 @@ class StaticDecoder:
         attention_mask: ``[B, P]`` padding mask of what is cached, or None.
         cuda_graph: capture and replay (default: on CUDA); otherwise the same step runs eagerly.
         warmup: eager steps before capture; their effects on the cache are undone.
+        greedy: pick the argmax inside the step (else write :attr:`logits`).
     """
 
     def __init__(self, model: Any, cache: Any, next_ids: torch.Tensor, position_ids: torch.Tensor,
                  cache_position: int, max_len: int, attention_mask: torch.Tensor | None = None, *,
-                 cuda_graph: bool | None = None, warmup: int = 2):
+                 cuda_graph: bool | None = None, warmup: int = 2, greedy: bool = True):
         from .cache import MixedPrecisionCache
 
         device = next_ids.device
@@ -80,15 +91,20 @@ class StaticDecoder:
         elif attention_mask is not None:
             full_mask = torch.ones(b, max_len, dtype=attention_mask.dtype, device=device)
             full_mask[:, : attention_mask.shape[1]] = attention_mask
+        self.greedy = greedy
         self.io = _Step(next_ids.clone(), position_ids.clone(), torch.tensor([cache_position], device=device),
-                        full_mask)
+                        full_mask, None if greedy else torch.empty(b, model.config.get_text_config().vocab_size,
+                                                                   dtype=torch.float32, device=device))
         self._run = _capture(self._forward, cache, self.io, warmup) if cuda_graph else self._forward
 
     def _forward(self) -> None:
         io = self.io
         logits = self.model(input_ids=io.ids, attention_mask=io.attention_mask, position_ids=io.position_ids,
                             **self._cache_arg, cache_position=io.cache_position, use_cache=True).logits
-        io.ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
+        if self.greedy:
+            io.ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
+        else:
+            io.logits.copy_(logits[:, -1])
         io.position_ids.add_(1)
         io.cache_position.add_(1)
 
@@ -101,6 +117,17 @@ class StaticDecoder:
         if self.quantized:
             self.cache.after_step()
         return self.io.ids
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """``[B, vocab]`` fp32 logits of the last step (``greedy=False``; a buffer the next step overwrites)."""
+        if self.io.logits is None:
+            raise RuntimeError("a greedy StaticDecoder keeps no logits; allowed: StaticDecoder(..., greedy=False)")
+        return self.io.logits
+
+    def feed(self, tokens: torch.Tensor) -> None:
+        """Set ``[B]`` or ``[B, 1]`` as the tokens the next step reads."""
+        self.io.ids.copy_(tokens.reshape(self.io.ids.shape))
 
 
 def greedy_generate(model: Any, input_ids: torch.Tensor, cache: Any, max_new_tokens: int,
@@ -142,6 +169,120 @@ def greedy_generate(model: Any, input_ids: torch.Tensor, cache: Any, max_new_tok
     return tokens
 
 
+# strategies whose steps a static, one-token graph cannot serve: each reorders, forks or re-scores the cache
+_UNSUPPORTED = {"num_beams": (1, "beam search reorders the cache every step"),
+                "num_beam_groups": (1, "group beam search reorders the cache every step"),
+                "penalty_alpha": (None, "contrastive search re-scores several candidates per step"),
+                "assistant_model": (None, "assisted decoding verifies several tokens per step"),
+                "prompt_lookup_num_tokens": (None, "prompt-lookup decoding verifies several tokens per step")}
+
+
+def generate(model: Any, input_ids: torch.Tensor, cache: Any, *, attention_mask: torch.Tensor | None = None,
+             generation_config: Any = None, logits_processor: Any = None, stopping_criteria: Any = None,
+             streamer: Any = None, tokenizer: Any = None, cuda_graph: bool | None = None, warmup: int = 2,
+             **kwargs: Any) -> torch.Tensor:
+    """``model.generate(input_ids, past_key_values=cache, ...)`` with the decode step in a CUDA graph.
+
+    Takes ``model.generate``'s arguments for decoder-only models: ``generation_config`` and its fields
+    as keywords (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``min_p``,
+    ``repetition_penalty``, ``no_repeat_ngram_size``, ``eos_token_id``, ``stop_strings``, ...),
+    ``logits_processor``, ``stopping_criteria``, ``streamer`` and ``tokenizer`` (for stop strings).
+    Returns ``[B, P + new]`` token ids as ``model.generate`` does: rows that finished early are padded
+    with ``pad_token_id``, and decoding stops when every row has finished.
+
+    The processors and criteria are transformers' own, built as ``model.generate`` builds them, and
+    they run between graph replays on the device; the random draws are ``model.generate``'s, so a
+    seed gives its tokens. Beam search, contrastive search and assisted decoding change several
+    cache entries per step; they raise ``NotImplementedError`` here and run eagerly through
+    ``model.generate`` with the same cache.
+
+    Args:
+        cache: an empty :class:`~kvtuner.cache.MixedPrecisionCache` or a transformers ``StaticCache``
+            with room for the prompt and the new tokens.
+        cuda_graph: capture the step (default: on a CUDA device); without it the same static step runs
+            eagerly (how the CPU tests check it).
+    """
+    from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids shape {tuple(input_ids.shape)} is invalid; allowed: [batch, prompt]")
+    if generation_config is not None and not isinstance(generation_config, GenerationConfig):
+        raise TypeError(f"generation_config is a {type(generation_config).__name__}; allowed: "
+                        "transformers.GenerationConfig")
+    # model.generate's own merge: the argument, then model.generation_config, then global defaults, then kwargs
+    config, unused = model._prepare_generation_config(generation_config, **kwargs)
+    for name, (neutral, why) in _UNSUPPORTED.items():
+        value = unused.pop(name, None) if name in unused else getattr(config, name, neutral)
+        if value not in (neutral, None):
+            raise NotImplementedError(f"{name}={value!r}: {why}, which a captured one-token step cannot do; "
+                                      f"allowed: model.generate(..., past_key_values=cache) (eager)")
+    unused = {k: v for k, v in unused.items() if k not in ("output_attentions", "output_hidden_states")}
+    if unused:
+        raise ValueError(f"unknown generation argument(s) {sorted(unused)}; allowed: GenerationConfig fields, "
+                         "logits_processor, stopping_criteria, streamer, tokenizer, attention_mask")
+    if config.num_return_sequences not in (None, 1):
+        raise NotImplementedError("num_return_sequences > 1 needs as many cache rows; allowed: repeat input_ids "
+                                  "rows (input_ids.repeat_interleave(n, 0)) and use one sequence each")
+    b, p = input_ids.shape
+    device = input_ids.device
+    if config.max_new_tokens is not None:
+        config.max_length = p + config.max_new_tokens
+    new_tokens = config.max_length - p
+    if new_tokens < 1:
+        raise ValueError(f"max_length={config.max_length} leaves no room after a {p}-token prompt; allowed: "
+                         "max_new_tokens >= 1")
+    model._prepare_special_tokens(config, attention_mask is not None, device=device)
+    processors = model._get_logits_processor(generation_config=config, input_ids_seq_length=p,
+                                             encoder_input_ids=input_ids, prefix_allowed_tokens_fn=None,
+                                             logits_processor=logits_processor or LogitsProcessorList(),
+                                             device=device, model_kwargs={"attention_mask": attention_mask})
+    criteria = model._get_stopping_criteria(generation_config=config,
+                                            stopping_criteria=stopping_criteria or StoppingCriteriaList(),
+                                            tokenizer=tokenizer)
+    pad = config._pad_token_tensor
+    has_eos = any(hasattr(c, "eos_token_id") for c in criteria)
+    if has_eos and pad is None:
+        raise ValueError("rows that stop at EOS need pad_token_id (or eos_token_id) to fill the rest; allowed: "
+                         "generate(..., pad_token_id=N)")
+    unfinished = torch.ones(b, dtype=torch.long, device=device)
+    sequences = input_ids
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        nonlocal sequences, unfinished
+        scores = processors(sequences, logits.to(dtype=torch.float32, copy=True))
+        if config.do_sample:
+            tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        else:
+            tokens = scores.argmax(-1)
+        if has_eos:
+            tokens = tokens * unfinished + pad.to(device) * (1 - unfinished)
+        sequences = torch.cat([sequences, tokens[:, None]], dim=-1)
+        if streamer is not None:
+            streamer.put(tokens.cpu())
+        unfinished = unfinished & ~criteria(sequences, scores)
+        return tokens
+
+    with torch.inference_mode():
+        pos = _positions(attention_mask, b, p, device)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, **with_cache(model, cache),
+                    cache_position=torch.arange(p, device=device), use_cache=True, logits_to_keep=1)
+        tokens = pick(out.logits[:, -1])
+        del out
+        if new_tokens > 1 and unfinished.max() > 0:
+            decoder = StaticDecoder(model, cache, tokens[:, None], pos[:, -1:] + 1, p, p + new_tokens,
+                                    attention_mask, cuda_graph=cuda_graph, warmup=warmup, greedy=False)
+            for _ in range(1, new_tokens):
+                decoder.step()
+                decoder.feed(pick(decoder.logits))
+                if unfinished.max() == 0:
+                    break
+    if streamer is not None:
+        streamer.end()
+    return sequences
+
+
 def _counters(cache: Any) -> list[torch.Tensor]:
     """The cache's small integer device tensors (its step counters), which a warm-up step advances:
     kvtuner's state rows, or the ``cumulative_length`` tensors of recent transformers static layers."""
@@ -170,4 +311,4 @@ def _capture(forward: Any, cache: Any, step: _Step, warmup: int) -> Any:
     return graph.replay
 
 
-__all__ = ["StaticDecoder", "greedy_generate"]
+__all__ = ["StaticDecoder", "generate", "greedy_generate"]

@@ -15,7 +15,9 @@ from typing import Any
 
 from .spec import PLANE_WIDTHS, KVPlan, LayerSpec, ModelDims, PlanError, atomic_write_json
 
-UNIFORM = ((8, 8), (8, 4), (4, 4), (4, 2), (2, 2))
+# the uniform plans every report compares with, at the default budgets' ends: KIVI as published (plain
+# storage, no sink tokens); each costs as much held-out time as a searched plan
+UNIFORM = ((4, 4), (4, 2))
 
 
 class OutDirError(PlanError):
@@ -24,25 +26,52 @@ class OutDirError(PlanError):
 
 @dataclass
 class TuneSettings:
+    """What ``kvtuner tune`` measures and searches. The defaults are the ``recommended`` preset;
+    :meth:`preset` gives ``paper`` (the paper's setting) too. ``docs/defaults.md`` has the measurements
+    behind each default."""
+
     mode: str = "kivi"
-    budgets: tuple[float, ...] = (3.25, 4.0)
+    budgets: tuple[float, ...] = (3.0, 3.25, 4.0)
     sequences: int = 4
     seq_len: int = 512
-    kl_seq_len: int = 256
+    kl_seq_len: int = 512
+    # equal-length windows for the one-layer KL costs, measured side by side
+    kl_windows: int = 1
+    # one-layer KL only for the pairs on each layer's (bits, attention error) Pareto set: the others
+    # cannot be chosen by a KL solver that agrees with the error ranking, and cost a forward pass each
+    kl_pruned: bool = True
     trials: int = 8
     # measured budget-keeping local-search trials per budget after NSGA-II (search(refine=...))
     refine: int = 0
     eval_prefill: int = 256
-    eval_decode: int = 128
-    eval_windows: int = 1
+    eval_decode: int = 64
+    eval_windows: int = 16
     seed: int = 0
-    bits: tuple[int, ...] = (8, 4, 2)  # candidate widths for K and V: every (k, v) pair of them
+    bits: tuple[int, ...] = (8, 4, 3, 2)  # candidate widths for K and V: every (k, v) pair of them
     # Hadamard rotation of quantized K/V: "off", "all" (every quantized tensor, profiled, searched
-    # and saved so) or "per_layer" (plain and rotated tables; each layer picks per pair)
-    rotation: str = "off"
-    # full-precision attention-sink tokens at the start of every quantized tensor (QuantSpec.sink_length):
-    # profiled, searched, evaluated and saved with them; 0 is the paper's setting
-    sink: int = 0
+    # and saved so) or "per_layer" (plain and rotated profiles; each layer keeps, per pair, the storage
+    # with the lower measured cost)
+    rotation: str = "per_layer"
+    # full-precision attention-sink tokens at the start of every quantized tensor (QuantSpec.sink_length)
+    sink: int = 1
+    preset: str = "recommended"
+
+    @classmethod
+    def preset_settings(cls, name: str) -> dict[str, Any]:
+        """The fields a preset sets (the rest keep their defaults)."""
+        key = str(name).strip().lower()
+        if key not in PRESETS:
+            raise PlanError(f"preset={name!r} is invalid; allowed: {', '.join(PRESETS)}")
+        return dict(PRESETS[key], preset=key)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> TuneSettings:
+        return cls(**{**cls.preset_settings(name), **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @property
     def pairs(self) -> tuple[tuple[int, int], ...]:
@@ -66,14 +95,22 @@ class TuneSettings:
             raise PlanError(f"mode={self.mode!r} is invalid; allowed: 'kivi' or 'per_token'")
         if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
             raise PlanError(f"sink={self.sink!r} is invalid; allowed: a non-negative number of tokens")
-        for name, least in (("sequences", 1), ("seq_len", 32), ("kl_seq_len", 32), ("eval_prefill", 1),
-                            ("eval_decode", 1), ("eval_windows", 1)):
+        for name, least in (("sequences", 1), ("seq_len", 32), ("kl_seq_len", 32), ("kl_windows", 1),
+                            ("eval_prefill", 1), ("eval_decode", 1), ("eval_windows", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise PlanError(f"{name.replace('_', '-')}={value!r} is invalid; allowed: a whole number >= {least}")
 
 
 ROTATIONS = ("off", "all", "per_layer")
+
+# the method's settings each preset fixes; "recommended" is TuneSettings' own defaults
+PRESETS: dict[str, dict[str, Any]] = {
+    "recommended": {},
+    # KVTuner as published: key-first pairs from {2, 4, 8}, plain KIVI storage, no sink tokens; one
+    # 256-token window of one-layer KL for every (layer, pair) as the solver's cost
+    "paper": dict(bits=(8, 4, 2), rotation="off", sink=0, kl_seq_len=256, kl_windows=1, kl_pruned=False),
+}
 
 
 def _rotation_setting(value: Any) -> str:
@@ -103,7 +140,8 @@ class TuneOutput:
 def _key(settings: TuneSettings, text_sha: str, dims: ModelDims) -> dict[str, Any]:
     return {"model": dims.fingerprint(), "mode": settings.mode, "sequences": settings.sequences,
             "seq_len": settings.seq_len, "kl_seq_len": settings.kl_seq_len, "text_sha256": text_sha,
-            "bits": list(settings.bits), "rotation": settings.rotation, "sink": settings.sink}
+            "bits": list(settings.bits), "rotation": settings.rotation, "sink": settings.sink,
+            "kl_windows": settings.kl_windows, "kl_pruned": settings.kl_pruned}
 
 
 def run_tune(model: Any, tokenizer: Any, calibration: str, evaluation: str, out: str | os.PathLike[str], *,
@@ -146,24 +184,19 @@ def run_tune(model: Any, tokenizer: Any, calibration: str, evaluation: str, out:
     atomic_write_json(manifest_path, key)
 
     # 1. profile (+ one-layer KL costs for the solver)
-    table_path = out / "table.json"
-    table = _cached_table(table_path, model.config, log)
-    if table is not None:
+    names = {"off": ["table.json"], "all": ["table.json"], "per_layer": ["table.json", "table-rotated.json"]}
+    paths = [out / n for n in names[s.rotation]]
+    tables = [_cached_table(p, model.config, log) for p in paths]
+    if all(t is not None for t in tables):
         result.reused.append("table")
     else:
-        log(f"profiling {s.sequences} calibration windows of {s.seq_len} tokens")
-        table = _profile(model, tokenizer, calibration, s, s.rotation == "all", model_id, progress)
-        table.save(table_path)
-    result.files.append(table_path)
-    rotated = None
-    if s.rotation == "per_layer":  # a second table, every quantized tensor rotated
-        rotated_path = out / "table-rotated.json"
-        rotated = _cached_table(rotated_path, model.config, log)
-        if rotated is None:
-            log("profiling rotated tensors")
-            rotated = _profile(model, tokenizer, calibration, s, True, model_id, progress)
-            rotated.save(rotated_path)
-        result.files.append(rotated_path)
+        log(f"profiling {s.sequences} calibration windows of {s.seq_len} tokens"
+            + (", plain and rotated" if s.rotation == "per_layer" else ""))
+        tables = _profile(model, tokenizer, calibration, s, model_id, progress)
+        for t, p in zip(tables, paths):
+            t.save(p)
+    result.files += paths
+    table, rotated = tables[0], (tables[1] if len(tables) > 1 else None)
 
     # 2. search: solver front for all budgets, then NSGA-II per budget on measured KL (resumable)
     proxy = search(table, mode=s.mode, progress=False, cluster=False, rotated=rotated)
@@ -171,16 +204,17 @@ def run_tune(model: Any, tokenizer: Any, calibration: str, evaluation: str, out:
     result.files.append(out / "front.json")
     objective = KLObjective(model, windows, prefill=min(384, s.seq_len // 2), chunk=16) if s.trials else None
     fronts = {}
+    # one Optuna study per search space: a rerun with other settings must not continue this one's trials
+    space_tag = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     for b in s.budgets:
         log(f"searching plans within {b:g} bits")
         fronts[b] = search(table, mode=s.mode, max_bits=b, quality=objective, n_trials=s.trials, storage=storage,
-                           study_name=f"{model_id or 'model'}-{s.mode}-{b:g}{_ROT_TAG[s.rotation]}"
-                                      + (f"-sink{s.sink}" if s.sink else ""), seed=s.seed,
+                           study_name=f"{model_id or 'model'}-{s.mode}-{b:g}-{space_tag}", seed=s.seed,
                            progress=progress, cluster=False, rotated=rotated, refine=s.refine)
         plan = fronts[b].best(b)
         plan = KVPlan(plan.layers, model_id=model_id, model=dims.fingerprint(),
-                      provenance={"source": "kvtuner tune", "budget_bits": b, "mode": s.mode, "rotation": s.rotation,
-                                  "sink": s.sink, "front_metric": fronts[b].metric, "trials": s.trials,
+                      provenance={"source": "kvtuner tune", "budget_bits": b, "preset": s.preset,
+                                  "settings": s.to_dict(), "front_metric": fronts[b].metric,
                                   "refine_trials": fronts[b].info.get("trials_refine", 0)})
         path = plan.save(out / f"plan-{b:g}.json")
         result.plans[b] = path
@@ -188,8 +222,7 @@ def run_tune(model: Any, tokenizer: Any, calibration: str, evaluation: str, out:
 
     # 3. evaluate chosen plans and uniform baselines on held-out text
     plans = {f"searched <= {b:g}": KVPlan.load(p) for b, p in result.plans.items()}
-    plans.update({f"uniform {LayerSpec.pair(k, v).name}": KVPlan.uniform(dims.num_layers, k, v, s.mode,
-                                                                         sink_length=s.sink)
+    plans.update({f"uniform {LayerSpec.pair(k, v).name}": KVPlan.uniform(dims.num_layers, k, v, s.mode)
                   for k, v in UNIFORM})
     signature = {name: [list(p) for p in plan.pairs] for name, plan in plans.items()}
     quality_path = out / "quality.json"
@@ -198,9 +231,9 @@ def run_tune(model: Any, tokenizer: Any, calibration: str, evaluation: str, out:
         result.quality = cached["rows"]
         result.reused.append("evaluation")
     else:
-        log(f"evaluating {len(plans)} plans on held-out text")
+        log(f"evaluating {len(plans)} plans on {s.eval_windows} held-out windows")
         for name, plan in plans.items():
-            r = ev(plan).to_dict()
+            r = ev(plan, label=name).to_dict()
             r["name"] = name
             r["pairs"] = [list(p) for p in plan.pairs]
             result.quality.append(r)
@@ -214,9 +247,6 @@ def run_tune(model: Any, tokenizer: Any, calibration: str, evaluation: str, out:
     result.files += write_report(out, table, s.mode, proxy, fronts, result.quality, model.config,
                                  model_id=model_id, dtype_bytes=2)  # caches are deployed in fp16/bf16
     return result
-
-
-_ROT_TAG = {"off": "", "all": "-rot", "per_layer": "-rotchoice"}  # one Optuna study per search space
 
 
 def check_out_dir(out: Path) -> None:
@@ -258,17 +288,28 @@ def _cached_table(path: Path, config: Any, log):
     return table
 
 
-def _profile(model: Any, tokenizer: Any, calibration: str, s: TuneSettings, rotation: bool, model_id: str | None,
-             progress: bool):
-    """Sensitivity table plus one-layer KL costs, with every quantized tensor rotated or none."""
+def _profile(model: Any, tokenizer: Any, calibration: str, s: TuneSettings, model_id: str | None, progress: bool):
+    """Sensitivity tables (plain, then rotated where ``s.rotation`` asks for both) with one-layer KL
+    costs for the solver, measured for the pairs on each layer's attention-error Pareto set."""
     from .profiling import calibration_batches, layer_kl, profile
+    from .search import build_space
 
-    table = profile(model, tokenizer, calibration, pairs=s.pairs, modes=[s.mode], num_sequences=s.sequences,
-                    seq_len=s.seq_len, model_id=model_id, rotation=rotation, sink_length=s.sink, progress=progress)
-    kl_batch = calibration_batches(tokenizer, calibration, 1, s.kl_seq_len)
-    table.kl = layer_kl(model, kl_batch, s.pairs, [s.mode], rotation=rotation, sink_length=s.sink,
-                        progress=progress)
-    return table
+    variants = {"off": [False], "all": [True], "per_layer": [False, True]}[s.rotation]
+    tables = [profile(model, tokenizer, calibration, pairs=s.pairs, modes=[s.mode], num_sequences=s.sequences,
+                      seq_len=s.seq_len, model_id=model_id, rotation=r, sink_length=s.sink, progress=progress)
+              for r in variants]
+    only: list[list[list[tuple[int, int]]]] = [[list(s.pairs)] * tables[0].num_layers for _ in variants]
+    if s.kl_pruned:
+        space = build_space(tables[0], s.mode, cluster=False, metric="attention",
+                            rotated=tables[1] if len(tables) > 1 else None)
+        # a rotated option is (k, v, 1); with one table every option is of that table's storage
+        only = [[[p[:2] for p in cands if len(tables) == 1 or (len(p) > 2) == r] for cands in space.candidates]
+                for r in variants]
+    kl_batches = calibration_batches(tokenizer, calibration, s.kl_windows, s.kl_seq_len)
+    for table, r, keep in zip(tables, variants, only):
+        table.kl = layer_kl(model, kl_batches, s.pairs, [s.mode], rotation=r, sink_length=s.sink,
+                            progress=progress, only=keep)
+    return tables
 
 
 def read_texts(text: str | None) -> tuple[str, str]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,8 +29,20 @@ from typing import Any
 import torch
 
 from .models import with_cache
-from .spec import BITS, MODES, QUANTIZED_BITS, KVPlan, LayerSpec, ModelDims, PlanError, QuantSpec, atomic_write_json
-from .spec import _fail, check_header, read_json
+from .spec import (
+    BITS,
+    MODES,
+    QUANTIZED_BITS,
+    KVPlan,
+    LayerSpec,
+    ModelDims,
+    PlanError,
+    QuantSpec,
+    _fail,
+    atomic_write_json,
+    check_header,
+    read_json,
+)
 
 ALL_PAIRS = tuple((k, v) for k in (8, 4, 2) for v in (8, 4, 2))
 TABLE_VERSION = 1
@@ -169,9 +181,19 @@ class SensitivityTable:
                     if (not isinstance(row, list) or len(row) != width
                             or not all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in row)):
                         _fail(f"table.{name}.{m}[{i}]", row, f"{width} finite non-negative numbers")
+        kl = data.get("kl") or {}
+        if not isinstance(kl, dict) or not set(kl) <= set(modes):
+            _fail("table.kl", kl if not isinstance(kl, dict) else sorted(kl), f"an object keyed by modes {modes}")
+        for m, by_pair in kl.items():
+            for name, row in (by_pair.items() if isinstance(by_pair, dict) else [(None, by_pair)]):
+                if (name is None or not isinstance(row, list) or len(row) != n
+                        or not all(x is None or (isinstance(x, (int, float)) and math.isfinite(x) and x >= 0)
+                                   for x in row)):
+                    _fail(f"table.kl.{m}" + (f".{name}" if name else ""), row,
+                          f"{n} finite non-negative numbers or null (not measured), one per layer")
         table = cls(data.get("model_id"), model, data["text_sha256"], int(data.get("num_tokens", 0)),
                     int(data.get("seq_len", 0)), modes, pairs, bits, data["output_error"], data["key_error"],
-                    data["value_error"], data.get("kl") or {}, bool(data.get("rotation", False)),
+                    data["value_error"], kl, bool(data.get("rotation", False)),
                     _sink_of(data))
         if config is not None:
             table.check_config(config)
@@ -300,35 +322,54 @@ def _simulate(x: torch.Tensor, bits: int, mode: str, role: str, rotation: bool =
 
 @torch.no_grad()
 def layer_kl(model: Any, batches: list[torch.Tensor], pairs: Sequence[tuple[int, int]], modes: Sequence[str], *,
-             rotation: bool = False, sink_length: int = 0, progress: bool = True
-             ) -> dict[str, dict[str, list[float]]]:
+             rotation: bool = False, sink_length: int = 0, progress: bool = True,
+             only: Sequence[Collection[tuple[int, int]]] | None = None) -> dict[str, dict[str, list[float | None]]]:
     """KL(full || quantized) of next-token distributions when only one layer uses a pair (keyed by
-    the pair's unrotated name, ``K4V2``, whatever ``rotation``)."""
+    the pair's unrotated name, ``K4V2``, whatever ``rotation``).
+
+    ``only[layer]``: the pairs worth measuring in that layer (e.g. its Pareto set by attention
+    error); the others are recorded as ``None`` and cost no forward pass. Equal-length batches
+    run side by side.
+    """
     from tqdm.auto import tqdm
 
     from .evaluation import kl_sum, make_cache
 
     L = ModelDims.from_config(model.config).num_layers
-    full = [torch.log_softmax(model(ids.to(model.device)).logits.float(), -1) for ids in batches]
-    out: dict[str, dict[str, list[float]]] = {m: {} for m in modes}
-    bar = tqdm(total=len(modes) * len(pairs) * L, desc="layer KL", disable=not progress, unit="run")
+    if only is not None and len(only) != L:
+        raise ValueError(f"only has {len(only)} entries; allowed: one collection of pairs per layer ({L})")
+    batch = _side_by_side(batches)
+    full = [torch.log_softmax(model(ids.to(model.device)).logits.float(), -1) for ids in batch]
+    tokens = sum(ids.shape[0] * ids.shape[1] for ids in batch)
+    todo = [(kb, vb, layer) for kb, vb in pairs for layer in range(L)
+            if only is None or (kb, vb) in {tuple(p[:2]) for p in only[layer]}]
+    out: dict[str, dict[str, list[float | None]]] = {m: {} for m in modes}
+    bar = tqdm(total=len(modes) * len(todo), desc="one-layer KL" + (" (rotated)" if rotation else ""),
+               disable=not progress, unit="run")
     for m in modes:
-        for kb, vb in pairs:
-            values = []
-            for layer in range(L):
-                specs = [LayerSpec.pair(16, 16, m)] * L
-                specs[layer] = LayerSpec.pair(kb, vb, m, rotation=rotation, sink_length=sink_length)
-                plan = KVPlan(tuple(specs))
-                kl = 0.0
-                for ids, ref in zip(batches, full):
-                    logp = torch.log_softmax(
-                        model(ids.to(model.device), **with_cache(model, make_cache(model, plan))).logits.float(), -1)
-                    kl += kl_sum(ref[0], logp[0]) / ref.shape[1]
-                values.append(max(0.0, kl / len(batches)))  # rounding can dip below 0
-                bar.update(1)
-            out[m][LayerSpec.pair(kb, vb).name] = values
+        values = {LayerSpec.pair(kb, vb).name: [None] * L for kb, vb in pairs}
+        for kb, vb, layer in todo:
+            specs = [LayerSpec.pair(16, 16, m)] * L
+            specs[layer] = LayerSpec.pair(kb, vb, m, rotation=rotation, sink_length=sink_length)
+            plan = KVPlan(tuple(specs))
+            kl = 0.0
+            for ids, ref in zip(batch, full):
+                logp = torch.log_softmax(
+                    model(ids.to(model.device), **with_cache(model, make_cache(model, plan))).logits.float(), -1)
+                kl += kl_sum(ref.flatten(0, 1), logp.flatten(0, 1))
+            values[LayerSpec.pair(kb, vb).name][layer] = max(0.0, kl / tokens)  # rounding can dip below 0
+            bar.update(1)
+        out[m] = values
     bar.close()
     return out
+
+
+def _side_by_side(batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``[1, N]`` windows stacked into one ``[B, N]`` batch per length."""
+    by_length: dict[int, list[torch.Tensor]] = {}
+    for ids in batches:
+        by_length.setdefault(ids.shape[-1], []).append(ids.reshape(-1, ids.shape[-1]))
+    return [torch.cat(rows) for rows in by_length.values()]
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:

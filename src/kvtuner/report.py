@@ -11,6 +11,72 @@ from typing import Any
 from .spec import KVPlan, ModelDims
 
 CONTEXTS = (4096, 32768, 131072)
+REFERENCE = "uniform KV4"  # the plan every KL ratio is paired with: KIVI-4 as published
+
+
+def _report(row: dict[str, Any]):
+    from .evaluation import QualityReport
+
+    return QualityReport(**{k: v for k, v in row.items() if k in QualityReport.__dataclass_fields__})
+
+
+def kl_ratio(row: dict[str, Any], ref: dict[str, Any] | None) -> tuple[float, float, float] | None:
+    """``row``'s KL over ``ref``'s, paired window by window, with its +-2 s.e. interval (None: too few windows)."""
+    if ref is None or len(row.get("window_kl", [])) < 2 or len(row["window_kl"]) != len(ref.get("window_kl", [])):
+        return None
+    return _report(row).kl_ratio_interval(_report(ref))
+
+
+def ppl_interval(row: dict[str, Any]) -> tuple[float, float] | None:
+    """PPL change against full precision, +-2 s.e. over windows (None: one window)."""
+    return _report(row).ppl_delta_interval() if len(row.get("window_nll_delta", [])) >= 2 else None
+
+
+def recommendation(quality: list[dict[str, Any]], plans_by_name: dict[str, str]) -> str:
+    """One paragraph: which plan to use, what it saves and what it costs, with intervals.
+
+    The cheapest searched plan whose KL is within noise of uniform KV4's (paired ratio at most 1.05,
+    or an interval that reaches 1) is KV4 quality for less memory; failing that, the searched plan
+    with the lowest KL."""
+    ref = next((r for r in quality if r["name"] == REFERENCE), None)
+    searched = sorted((r for r in quality if r["name"] in plans_by_name), key=lambda r: r["equivalent_bits"])
+    if not searched:
+        return "No searched plan was evaluated."
+    ratios = {r["name"]: kl_ratio(r, ref) for r in searched}
+    good = [r for r in searched if ratios[r["name"]] and (ratios[r["name"]][0] <= 1.05 or ratios[r["name"]][1] <= 1.0)]
+    pick = good[0] if good else min(searched, key=lambda r: r["kl"])
+    ratio, ci = ratios[pick["name"]], ppl_interval(pick)
+    text = f"Use {plans_by_name[pick['name']]} ({pick['equivalent_bits']:.2f} bits, {pick['bytes_per_token']:.0f} bytes per token"
+    if ref is not None:
+        text += f", {100 * (1 - pick['bytes_per_token'] / ref['bytes_per_token']):.0f} % less than uniform KV4"
+    text += ")."
+    if ratio:
+        text += (f" On held-out text its KL against full precision is {ratio[0]:.2f}x uniform KV4's "
+                 f"[{ratio[1]:.2f}, {ratio[2]:.2f}]")
+        text += (" - KV4 quality for less memory." if pick in good else
+                 " - no searched plan matched KV4 quality here; this is the closest.")
+    if ci:
+        text += (f" Perplexity changes by {100 * (pick['ppl'] / pick['full_ppl'] - 1):+.2f} % "
+                 f"[{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}] against a full-precision cache.")
+    others = [r for r in searched if r is not pick and ratios[r["name"]]]
+    if others:
+        text += " Other budgets: " + "; ".join(
+            f"{plans_by_name[r['name']]} at {ratios[r['name']][0]:.2f}x KV4's KL "
+            f"[{ratios[r['name']][1]:.2f}, {ratios[r['name']][2]:.2f}], {r['bytes_per_token']:.0f} bytes per token"
+            for r in others) + "."
+    return text + " Intervals: +-2 standard errors over held-out windows."
+
+
+def quality_lines(quality: list[dict[str, Any]]) -> list[str]:
+    """The terminal summary: one line per plan, KL ratios paired with uniform KV4."""
+    ref = next((r for r in quality if r["name"] == REFERENCE), None)
+    lines = [f"{'plan':<20} {'bits':>5} {'bytes/tok':>9} {'PPL vs full':>12} {'KL':>8} {'KL / KV4 [+-2 s.e.]':>22}"]
+    for r in quality:
+        ratio = kl_ratio(r, ref)
+        rtxt = "" if ratio is None or r is ref else f"{ratio[0]:.2f} [{ratio[1]:.2f}, {ratio[2]:.2f}]"
+        lines.append(f"{r['name']:<20} {r['equivalent_bits']:>5.2f} {r['bytes_per_token']:>9.0f} "
+                     f"{100 * (r['ppl'] / r['full_ppl'] - 1):>+11.2f}% {r['kl']:>8.4f} {rtxt:>22}")
+    return lines
 
 
 def _png(fig) -> bytes:
@@ -26,16 +92,19 @@ def _heatmap(table, mode: str) -> bytes:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    blocks = [np.log10(np.maximum(np.asarray(b, dtype=float), 1e-6))
+              for b in (table.key_error[mode], table.value_error[mode])]
+    lo, hi = min(b.min() for b in blocks), max(b.max() for b in blocks)  # one scale for both panels
     fig, axes = plt.subplots(1, 2, figsize=(9, 0.22 * table.num_layers + 1.6), sharey=True)
-    for ax, (name, block) in zip(axes, (("key only", table.key_error[mode]), ("value only", table.value_error[mode]))):
-        data = np.log10(np.maximum(np.asarray(block, dtype=float), 1e-6))
-        im = ax.imshow(data, aspect="auto", cmap="magma_r")
+    for ax, name, data in zip(axes, ("keys quantized", "values quantized"), blocks):
+        im = ax.imshow(data, aspect="auto", cmap="magma_r", vmin=lo, vmax=hi)
         ax.set_xticks(range(len(table.bits)), [f"{b}-bit" for b in table.bits])
-        ax.set_xlabel("bits of the quantized tensor (other at 16)")
-        ax.set_title(f"{name}: log10 relative attention error")
-        fig.colorbar(im, ax=ax, fraction=0.05)
+        ax.set_xlabel("bits (the other tensor at 16)")
+        ax.set_title(name)
     axes[0].set_ylabel("layer")
-    fig.suptitle(f"Layer sensitivity ({mode})")
+    bar = fig.colorbar(im, ax=axes, fraction=0.04)
+    bar.set_label("log10 relative attention-output error")
+    fig.suptitle(f"Layer sensitivity ({mode}): darker = more sensitive")
     return _png(fig)
 
 
@@ -57,10 +126,13 @@ def _front(proxy, fronts: dict[float, Any], quality: list[dict[str, Any]]) -> by
     ax1.legend(fontsize=7)
     for r in quality:
         uniform = r["name"].startswith("uniform")
-        ax2.scatter(r["equivalent_bits"], max(r["kl"], 1e-6), marker="o" if uniform else "*", s=40 if uniform else 160,
+        y = max(r["kl"], 1e-6)
+        ax2.scatter(r["equivalent_bits"], y, marker="o" if uniform else "*", s=40 if uniform else 160,
                     color="tab:gray" if uniform else "tab:red", zorder=3)
-        ax2.annotate(r["name"].replace("uniform ", "").replace("searched ", ""), (r["equivalent_bits"], max(r["kl"], 1e-6)),
-                     fontsize=7, xytext=(4, 4), textcoords="offset points")
+        # uniform labels to the left and below, searched ones to the right and above: equal bits do not collide
+        ax2.annotate(r["name"].replace("uniform ", "").replace("searched <= ", "searched "), (r["equivalent_bits"], y),
+                     fontsize=7, xytext=(-6, -10) if uniform else (6, 4), textcoords="offset points",
+                     ha="right" if uniform else "left")
     ax2.set_xlabel("equivalent bits")
     ax2.set_ylabel("held-out KL vs full precision")
     ax2.set_yscale("log")
@@ -77,7 +149,7 @@ def _allocation(plans: dict[str, KVPlan]) -> bytes:
         x = np.arange(plan.num_layers)
         ax.bar(x - 0.2, [p[0] for p in plan.pairs], 0.4, label="K bits", color="tab:blue")
         ax.bar(x + 0.2, [p[1] for p in plan.pairs], 0.4, label="V bits", color="tab:orange")
-        ax.set_yticks([2, 4, 8])
+        ax.set_yticks(sorted({b for p in plan.pairs for b in p[:2]}))
         ax.set_ylabel("bits")
         ax.set_title(f"{name}: {plan.equivalent_bits:.2f} equivalent bits")
         ax.legend(fontsize=7, loc="upper right")
@@ -119,12 +191,30 @@ def write_report(out: Path, table, mode: str, proxy, fronts: dict[float, Any], q
               "allocation.png": _allocation(plans)}
     for name, data in images.items():
         (out / name).write_bytes(data)
-    q_head = ["plan", "eq. bits", "bytes/token", "PPL", "vs full", "KL", "top-1", "gen. identical", "gen. prefix"]
+    ref = next((r for r in quality if r["name"] == REFERENCE), None)
+    q_head = ["plan", "eq. bits", "bytes/token", "PPL", "vs full [+-2 s.e.]", "KL", "KL / uniform KV4 [+-2 s.e.]",
+              "top-1", "gen. identical", "gen. prefix"]
     full_ppl = quality[0]["full_ppl"] if quality else float("nan")
-    q_rows = [["full precision", "16.00", "", f"{full_ppl:.3f}", "", "0", "1.000", "", ""]]
-    q_rows += [[r["name"], f"{r['equivalent_bits']:.2f}", f"{r['bytes_per_token']:.0f}", f"{r['ppl']:.3f}",
-                f"{100 * (r['ppl'] / r['full_ppl'] - 1):+.2f} %", f"{r['kl']:.4f}", f"{r['top1']:.3f}",
-                f"{r['generation_agreement']:.2f}", f"{r['generation_prefix']:.1f}"] for r in quality]
+    q_rows = [["full precision", "16.00", "", f"{full_ppl:.3f}", "", "0", "", "1.000", "", ""]]
+    for r in quality:
+        ci, ratio = ppl_interval(r), kl_ratio(r, ref)
+        q_rows.append([r["name"], f"{r['equivalent_bits']:.2f}", f"{r['bytes_per_token']:.0f}", f"{r['ppl']:.3f}",
+                       f"{100 * (r['ppl'] / r['full_ppl'] - 1):+.2f} %"
+                       + (f" [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]" if ci else ""),
+                       f"{r['kl']:.4f}", "1 (reference)" if r is ref else
+                       (f"{ratio[0]:.2f} [{ratio[1]:.2f}, {ratio[2]:.2f}]" if ratio else ""),
+                       f"{r['top1']:.3f}", f"{r['generation_agreement']:.2f}", f"{r['generation_prefix']:.1f}"])
+    windows = len(quality[0].get("window_kl", [])) if quality else 0
+    tokens = quality[0]["tokens_scored"] if quality else 0
+    protocol = (f"Held-out text (never used for calibration): {windows} windows, {tokens} scored tokens in all; each "
+                "window is prefilled, then decoded one teacher-forced token per step through the real cache. PPL and "
+                "KL are against the same model with a full-precision cache on the same tokens. Intervals are +-2 "
+                "standard errors over windows; KL / uniform KV4 pairs the two plans window by window (geometric "
+                "mean of per-window ratios). Uniform plans are KIVI as published (plain storage, no sink tokens). "
+                "top-1: share of positions whose most likely token matches full precision. gen. identical: share "
+                "of greedy continuations (32 tokens) identical to full precision's; gen. prefix: mean count of "
+                "leading tokens that match.")
+    advice = recommendation(quality, plans_by_name={f"searched <= {b:g}": f"plan-{b:g}.json" for b in fronts})
     m_head = ["plan", "eq. bits", "bytes/token", *[f"KV at {n // 1024}k tokens" for n in CONTEXTS], "saving"]
     uniform = {r["name"]: KVPlan.from_pairs([tuple(p) for p in r["pairs"]], mode) for r in quality
                if r["name"].startswith("uniform") and "pairs" in r}
@@ -134,7 +224,8 @@ def write_report(out: Path, table, mode: str, proxy, fronts: dict[float, Any], q
              f"NSGA-II measured plans through the real cache; quality is measured on held-out text.")
     mem_note = (f"Cache memory per sequence with a {8 * dtype_bytes}-bit model dtype (codes + scales/zeros + "
                 "residual window, as MixedPrecisionCache.nbytes() counts it); bytes/token is the steady-state cost.")
-    md = [f"# {title}", "", intro, "", "## Quality against full precision", "", _md_table(q_head, q_rows), "",
+    md = [f"# {title}", "", "## Recommendation", "", advice, "", intro, "", "## Quality against full precision", "",
+          protocol, "", _md_table(q_head, q_rows), "",
           "## Memory", "", mem_note, "", _md_table(m_head, m_rows), "", "## Plots", "",
           "![sensitivity](sensitivity.png)", "", "![front](front.png)", "", "![allocation](allocation.png)", ""]
     (out / "report.md").write_text("\n".join(md))
@@ -144,9 +235,11 @@ def write_report(out: Path, table, mode: str, proxy, fronts: dict[float, Any], q
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse;margin:1em 0;font-size:14px}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
-td:first-child,th:first-child{{text-align:left}}img{{max-width:100%}}figure{{margin:1em 0}}</style></head><body>
-<h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p>
-<h2>Quality against full precision</h2>{_html_table(q_head, q_rows)}
+td:first-child,th:first-child{{text-align:left}}img{{max-width:100%}}figure{{margin:1em 0}}
+.advice{{background:#eef6ee;border-left:4px solid #3a3;padding:.6em 1em}}</style></head><body>
+<h1>{html.escape(title)}</h1><h2>Recommendation</h2><p class="advice">{html.escape(advice)}</p>
+<p>{html.escape(intro)}</p>
+<h2>Quality against full precision</h2><p>{html.escape(protocol)}</p>{_html_table(q_head, q_rows)}
 <h2>Memory</h2><p>{html.escape(mem_note)}</p>{_html_table(m_head, m_rows)}
 <h2>Plots</h2>{imgs}</body></html>"""
     (out / "report.html").write_text(page)

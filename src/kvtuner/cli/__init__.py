@@ -27,22 +27,23 @@ ModelArg = Annotated[str, typer.Argument(help="'smollm2' (built in), a hub id, a
 ModeOpt = Annotated[str, typer.Option(help="Quantization mode: 'kivi' or 'per_token'.")]
 
 
-def tune_defaults() -> dict:
-    """``kvtuner tune``'s defaults: ``TuneSettings``' own, plus what only the command line has."""
+def tune_defaults(preset: str = "recommended") -> dict:
+    """``kvtuner tune``'s defaults: the preset's ``TuneSettings``, plus what only the command line has."""
     from ..pipeline import TuneSettings
 
-    s = TuneSettings()
-    return dict(model="smollm2", text="pydoc", out="kvtuner-out", storage="", device="cpu",
+    s = TuneSettings.from_preset(preset)
+    return dict(model="smollm2", text="pydoc", out="kvtuner-out", storage="", device="cpu", preset=s.preset,
                 budget_bits=list(s.budgets), mode=s.mode, trials=s.trials, refine=s.refine, seed=s.seed,
-                sequences=s.sequences, seq_len=s.seq_len, eval_prefill=s.eval_prefill, eval_decode=s.eval_decode,
-                bits=",".join(str(b) for b in sorted(s.bits)), rotation=s.rotation, sink=s.sink)
+                sequences=s.sequences, seq_len=s.seq_len, kl_tokens=s.kl_seq_len, kl_windows=s.kl_windows,
+                eval_windows=s.eval_windows, eval_prefill=s.eval_prefill, eval_decode=s.eval_decode,
+                bits=",".join(str(b) for b in sorted(s.bits)), rotation=s.rotation.replace("_", "-"), sink=s.sink)
 
 
 def _int_option(name: str, value) -> int:
     try:
         return int(value)
     except (TypeError, ValueError) as e:
-        raise CLIError(f"--{name}={value!r} is invalid; allowed: a whole number") from e
+        raise CLIError(f"--{name.replace('_', '-')}={value!r} is invalid; allowed: a whole number") from e
 
 
 def _bits(value) -> tuple[int, ...]:
@@ -53,55 +54,93 @@ def _bits(value) -> tuple[int, ...]:
         raise CLIError(f"--bits={value!r} is invalid; allowed: comma-separated widths from 2, 3, 4, 6, 8") from e
 
 
-@app.command(epilog="Examples:\n\n  kvtuner tune\n\n  kvtuner tune --model smollm2 --budget-bits 3.25 --budget-bits 4 "
-                    "--out runs/smollm2\n\n  kvtuner tune --config tune.toml --json")
-def tune(model: Annotated[str | None, typer.Option(help="'smollm2' (built in), a hub id, a directory or .gguf.")] = None,
-         text: Annotated[str | None, typer.Option(help="Calibration/evaluation text: a file, a directory, or 'pydoc'.")] = None,
-         budget_bits: Annotated[list[float] | None, typer.Option(help="Equivalent-bit budgets (repeatable).")] = None,
-         mode: Annotated[str | None, typer.Option(help="'kivi' or 'per_token'.")] = None,
-         out: Annotated[str | None, typer.Option("--out", "-o", help="Output directory (reused on reruns).")] = None,
-         storage: Annotated[str | None, typer.Option(help="Optuna storage URL/path (default: OUT/study.db).")] = None,
-         trials: Annotated[int | None, typer.Option(help="NSGA-II trials per budget (0 = solver only).")] = None,
-         refine: Annotated[int | None, typer.Option(
-             help="Measured local-search trials per budget after NSGA-II: single- and paired-layer moves that "
-                  "keep the budget, best proxy first (0: none).")] = None,
-         seed: Annotated[int | None, typer.Option(help="Sampler seed.")] = None,
-         device: Annotated[str | None, typer.Option(help="'cpu' or 'cuda'.")] = None,
-         sequences: Annotated[int | None, typer.Option(help="Calibration windows to profile.")] = None,
-         seq_len: Annotated[int | None, typer.Option(help="Tokens per calibration window.")] = None,
-         eval_prefill: Annotated[int | None, typer.Option(help="Held-out prefill tokens per window.")] = None,
-         eval_decode: Annotated[int | None, typer.Option(help="Held-out teacher-forced decode steps.")] = None,
-         bits: Annotated[str | None, typer.Option(help="Candidate bit widths for K and V, e.g. '2,3,4,8'.")] = None,
-         rotation: Annotated[str | None, typer.Option(
-             help="Hadamard rotation of quantized K/V: 'off', 'all' (every quantized tensor) or 'per-layer' "
-                  "(profile both; each layer keeps plain or rotated storage, whichever measured better).")] = None,
-         sink: Annotated[int | None, typer.Option(
-             help="Full-precision attention-sink tokens at the start of every quantized tensor (0: none, the "
-                  "paper's setting).")] = None,
-         config: Annotated[Path | None, typer.Option(help="TOML/YAML file of these options; flags override it.")] = None,
+def _default(name: str) -> str:
+    """The help text's default: the recommended preset's, and the paper preset's where it differs."""
+    rec, paper = tune_defaults()[name], tune_defaults("paper")[name]
+    show = (lambda v: ", ".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v) if isinstance(v, list)
+            else (v if v != "" else "none"))
+    return f" [default: {show(rec)}" + (f"; paper preset: {show(paper)}]" if paper != rec else "]")
+
+
+def _opt(help: str, name: str, metavar: str, *decls: str):
+    return typer.Option(*decls, help=help + _default(name), metavar=metavar, show_default=False)
+
+
+@app.command(epilog="Examples:\n\n  kvtuner tune\n\n  kvtuner tune --preset paper --out runs/paper\n\n"
+                    "  kvtuner tune --model smollm2 --budget-bits 3.25 --out runs/smollm2\n\n"
+                    "  kvtuner tune --config tune.toml --json")
+def tune(preset: Annotated[str | None, _opt(
+             "Settings to start from: 'recommended' (measured best: 2/3/4/8-bit pairs, rotation per layer, one "
+             "sink token, 512-token KL costs) or 'paper' (KVTuner as published). Other options override it.",
+             "preset", "NAME")] = None,
+         model: Annotated[str | None, _opt("'smollm2' (built in), a hub id, a directory or .gguf.", "model",
+                                           "MODEL")] = None,
+         text: Annotated[str | None, _opt("Calibration/evaluation text: a file, a directory, or 'pydoc'.", "text",
+                                          "TEXT")] = None,
+         budget_bits: Annotated[list[float] | None, _opt("Equivalent-bit budget, one plan each (repeatable).",
+                                                         "budget_bits", "BITS")] = None,
+         mode: Annotated[str | None, _opt("'kivi' or 'per_token'.", "mode", "MODE")] = None,
+         out: Annotated[str | None, _opt("Output directory (reused on reruns).", "out", "DIR", "--out", "-o")] = None,
+         storage: Annotated[str | None, typer.Option(help="Optuna storage URL/path. [default: OUT/study.db]",
+                                                     metavar="URL", show_default=False)] = None,
+         trials: Annotated[int | None, _opt("NSGA-II trials per budget (0 = solver only).", "trials", "N")] = None,
+         refine: Annotated[int | None, _opt(
+             "Measured local-search trials per budget after NSGA-II: single- and paired-layer moves that keep the "
+             "budget, best proxy first (0: none).", "refine", "N")] = None,
+         seed: Annotated[int | None, _opt("Sampler seed.", "seed", "N")] = None,
+         device: Annotated[str | None, _opt("'cpu', 'cuda' or 'cuda:N'.", "device", "DEVICE")] = None,
+         sequences: Annotated[int | None, _opt("Calibration windows to profile.", "sequences", "N")] = None,
+         seq_len: Annotated[int | None, _opt("Tokens per calibration window.", "seq_len", "N")] = None,
+         kl_tokens: Annotated[int | None, _opt("Tokens per window of the one-layer KL costs.", "kl_tokens",
+                                               "N")] = None,
+         kl_windows: Annotated[int | None, _opt("Windows of the one-layer KL costs.", "kl_windows", "N")] = None,
+         eval_windows: Annotated[int | None, _opt(
+             "Held-out windows (>= 2 gives the report's intervals).", "eval_windows", "N")] = None,
+         eval_prefill: Annotated[int | None, _opt("Held-out prefill tokens per window.", "eval_prefill", "N")] = None,
+         eval_decode: Annotated[int | None, _opt("Held-out teacher-forced decode steps per window.", "eval_decode",
+                                                 "N")] = None,
+         bits: Annotated[str | None, _opt("Candidate bit widths for K and V.", "bits", "LIST")] = None,
+         rotation: Annotated[str | None, _opt(
+             "Hadamard rotation of quantized K/V: 'off', 'all' (every quantized tensor) or 'per-layer' (profile "
+             "both; each layer keeps plain or rotated storage per pair, whichever measured better).", "rotation",
+             "WHICH")] = None,
+         sink: Annotated[int | None, _opt(
+             "Full-precision attention-sink tokens at the start of every quantized tensor.", "sink", "N")] = None,
+         config: Annotated[Path | None, typer.Option(help="TOML/YAML file of these options; flags override it.",
+                                                     metavar="FILE")] = None,
          json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary.")] = False,
          quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs.")] = False) -> None:
-    """Profile, search and evaluate a model; write table, front, plans and report.html into --out."""
+    """Profile, search and evaluate a model; write sensitivity tables, front, plans and the report into --out."""
     import json
 
     from ..pipeline import TuneSettings, load_config_file, read_texts, run_tune
 
-    given = dict(model=model, text=text, budget_bits=budget_bits, mode=mode, out=out, storage=storage, trials=trials,
-                 refine=refine, seed=seed, device=device, sequences=sequences, seq_len=seq_len,
+    given = dict(preset=preset, model=model, text=text, budget_bits=budget_bits, mode=mode, out=out,
+                 storage=storage, trials=trials, refine=refine, seed=seed, device=device, sequences=sequences,
+                 seq_len=seq_len, kl_tokens=kl_tokens, kl_windows=kl_windows, eval_windows=eval_windows,
                  eval_prefill=eval_prefill, eval_decode=eval_decode, bits=bits, rotation=rotation, sink=sink)
     file_opts = load_config_file(config) if config else {}
-    defaults = tune_defaults()
-    unknown = set(file_opts) - set(defaults)
+    unknown = set(file_opts) - set(tune_defaults())
     if unknown:
-        raise CLIError(f"--config {config}: unknown option(s) {sorted(unknown)}; allowed: {sorted(defaults)}")
+        raise CLIError(f"--config {config}: unknown option(s) {sorted(unknown)}; allowed: {sorted(tune_defaults())}")
+    chosen = preset if preset is not None else file_opts.get("preset", "recommended")
+    try:
+        defaults = tune_defaults(chosen)
+    except Exception as e:  # an unknown preset: one line, before anything loads
+        raise CLIError(str(e)) from None
     o = {k: (v if v not in (None, []) else file_opts.get(k, defaults[k])) for k, v in given.items()}
     budgets = o["budget_bits"] if isinstance(o["budget_bits"], list) else [o["budget_bits"]]
-    settings = TuneSettings(mode=o["mode"], budgets=tuple(sorted({float(b) for b in budgets})),
-                            sequences=int(o["sequences"]), seq_len=int(o["seq_len"]),
-                            trials=_int_option("trials", o["trials"]), refine=_int_option("refine", o["refine"]),
-                            seed=int(o["seed"]), eval_prefill=int(o["eval_prefill"]),
-                            eval_decode=int(o["eval_decode"]), kl_seq_len=min(256, int(o["seq_len"])),
-                            bits=_bits(o["bits"]), rotation=o["rotation"], sink=_int_option("sink", o["sink"]))
+    try:
+        budgets = tuple(sorted({float(b) for b in budgets}))
+    except (TypeError, ValueError) as e:
+        raise CLIError(f"--budget-bits={o['budget_bits']!r} is invalid; allowed: numbers from 2 to 16") from e
+    ints = {k: _int_option(k, o[k]) for k in ("trials", "refine", "seed", "sequences", "seq_len", "kl_tokens",
+                                              "kl_windows", "eval_windows", "eval_prefill", "eval_decode", "sink")}
+    settings = TuneSettings.from_preset(
+        chosen, mode=o["mode"], budgets=budgets, sequences=ints["sequences"], seq_len=ints["seq_len"],
+        kl_seq_len=ints["kl_tokens"], kl_windows=ints["kl_windows"], trials=ints["trials"], refine=ints["refine"],
+        seed=ints["seed"], eval_windows=ints["eval_windows"], eval_prefill=ints["eval_prefill"],
+        eval_decode=ints["eval_decode"], bits=_bits(o["bits"]), rotation=o["rotation"], sink=ints["sink"])
     settings.check()  # before the model loads: a bad budget fails in a second
     dev = _device(o["device"])
     from ..pipeline import check_out_dir
@@ -136,16 +175,17 @@ def tune(model: Annotated[str | None, typer.Option(help="'smollm2' (built in), a
         typer.echo(json.dumps(result.to_dict(), indent=1, default=float))
         return
     if not quiet:
-        typer.echo(f"\n{'plan':<20} {'bits':>5} {'PPL':>8} {'vs full':>8} {'KL':>8} {'top-1':>6}")
-        for r in result.quality:
-            typer.echo(f"{r['name']:<20} {r['equivalent_bits']:>5.2f} {r['ppl']:>8.3f} "
-                       f"{100 * (r['ppl'] / r['full_ppl'] - 1):>+7.2f}% {r['kl']:>8.4f} {r['top1']:>6.3f}")
+        from ..report import quality_lines
+
+        typer.echo("")
+        for line in quality_lines(result.quality):
+            typer.echo(line)
         reused = f" (reused: {', '.join(result.reused)})" if result.reused else ""
         typer.echo(f"\nwrote {len(result.files)} files to {result.out}{reused}: plans "
-                   f"{', '.join(p.name for p in result.plans.values())}, report.html, report.md")
+                   f"{', '.join(p.name for p in result.plans.values())}, report.html (open it), report.md")
 
 
-@app.command(epilog="Examples:\n\n  kvtuner show smollm2.kvplan.json")
+@app.command(epilog="Examples:\n\n  kvtuner show kvtuner-out/plan-3.25.json")
 def show(plan: Annotated[Path, typer.Argument(help="A plan file.")]) -> None:
     """Print a plan's per-layer table and its memory per token."""
     from ..spec import KVPlan, ModelDims
@@ -156,24 +196,59 @@ def show(plan: Annotated[Path, typer.Argument(help="A plan file.")]) -> None:
     typer.echo(p.describe(dims))
 
 
-@app.command(epilog="Examples:\n\n  kvtuner evaluate smollm2 --plan smollm2.kvplan.json --tokens 1024")
-def evaluate(model: ModelArg = "smollm2",
-             plan: Annotated[Path, typer.Option(help="Plan file to evaluate.")] = Path("smollm2.kvplan.json"),
-             tokens: Annotated[int, typer.Option(help="Held-out tokens.")] = 1024) -> None:
-    """Perplexity of a plan against full precision, through the real cache."""
-    from ..data import default_texts, token_ids
-    from ..evaluation import perplexity
-    from ..models import load_model
+DEFAULT_PLAN = Path("kvtuner-out/plan-3.25.json")  # what `kvtuner tune` writes by default
+PlanOpt = Annotated[Path, typer.Option(help="Plan file (from `kvtuner tune`).", metavar="FILE")]
+ModelOpt = Annotated[str, typer.Option(help="'smollm2' (built in), a hub id, a model directory or a .gguf file.",
+                                       metavar="MODEL")]
+DeviceOpt = Annotated[str, typer.Option(help="'cpu', 'cuda' or 'cuda:N'.", metavar="DEVICE")]
+
+
+def _plan_file(plan: Path):
+    """Load a plan before any model loads, so a missing or broken file fails in a second."""
     from ..spec import KVPlan
 
-    KVPlan.load(plan)  # a missing or broken plan fails before the model loads
+    if not Path(plan).exists():
+        hint = " (run `kvtuner tune` first)" if Path(plan) == DEFAULT_PLAN else ""
+        raise CLIError(f"--plan {plan} does not exist{hint}; allowed: a plan file from `kvtuner tune`")
+    return KVPlan.load(plan)
+
+
+@app.command(epilog="Examples:\n\n  kvtuner evaluate\n\n  kvtuner evaluate --plan kvtuner-out/plan-3.0.json "
+                    "--model smollm2 --windows 8")
+def evaluate(plan: PlanOpt = DEFAULT_PLAN, model: ModelOpt = "smollm2",
+             text: Annotated[str, typer.Option(help="Text: a file, a directory, or 'pydoc' (its held-out part is "
+                                                    "used, as in `kvtuner tune`).", metavar="TEXT")] = "pydoc",
+             windows: Annotated[int, typer.Option(help="Held-out windows.", metavar="N")] = 16,
+             prefill: Annotated[int, typer.Option(help="Prefill tokens per window.", metavar="N")] = 256,
+             decode: Annotated[int, typer.Option(help="Teacher-forced decode steps per window.", metavar="N")] = 128,
+             device: DeviceOpt = "cpu",
+             quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False) -> None:
+    """Held-out quality of a plan and of uniform KV4, with the protocol of `kvtuner tune`'s report."""
+    from ..evaluation import Evaluator
+    from ..models import load_model
+    from ..pipeline import read_texts
+    from ..report import REFERENCE, quality_lines
+    from ..spec import KVPlan
+
+    _plan_file(plan)
+    dev = _device(device)
+    _, held_out = read_texts(text)
+    _state["resume"] = "nothing to resume (evaluate keeps no state)"
+    _stage("loading the model")
     m, tok = load_model(model)
+    m = m.to(dev)
     p = KVPlan.load(plan, config=m.config)
-    ids = token_ids(tok, default_texts("evaluation"), tokens)
-    full = perplexity(m, ids, None, prefill=128, chunk_size=16)
-    ppl = perplexity(m, ids, p, prefill=128, chunk_size=16)
-    typer.echo(f"full precision ppl {full:.4f}\nplan ({p.equivalent_bits:.2f} bits) ppl {ppl:.4f} "
-               f"({100 * (ppl / full - 1):+.2f}%)")
+    ev = Evaluator(m, tok, held_out, windows=windows, prefill=prefill, decode=decode, prompts=2, new_tokens=32,
+                   passkey_lengths=(), progress=not quiet)
+    rows = []
+    for name, candidate in ((str(plan), p), (REFERENCE, KVPlan.uniform(p.num_layers, 4, 4, "kivi"))):
+        _stage(f"evaluating {name}")
+        r = ev(candidate, label=name).to_dict()
+        r["name"] = name
+        rows.append(r)
+    typer.echo(f"full precision PPL {rows[0]['full_ppl']:.3f} on {windows} held-out windows")
+    for line in quality_lines(rows):
+        typer.echo(line)
 
 
 @app.command(epilog="Examples:\n\n  kvtuner profile smollm2 -o smollm2.kvtable.json\n\n"
@@ -243,41 +318,65 @@ def search(table: Annotated[Path, typer.Argument(help="A sensitivity table from 
                f"{plan.equivalent_bits:.2f} bits, pairs {plan.pairs}")
 
 
-@app.command(epilog="Examples:\n\n  kvtuner generate --plan kvtuner-out/plan-3.25.json --prompt 'The with statement'")
-def generate(plan: Annotated[Path, typer.Option(help="Plan file for the cache.")],
-             prompt: Annotated[str, typer.Option(help="Prompt text.")] = "The with statement",
-             model: Annotated[str, typer.Option(help="'smollm2', a hub id, a directory or .gguf.")] = "smollm2",
-             max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate (greedy).")] = 64,
-             device: Annotated[str, typer.Option(help="'cpu' or 'cuda'.")] = "cpu") -> None:
-    """Generate from a prompt with a plan's cache; print the text and the cache's memory."""
+@app.command(epilog="Examples:\n\n  kvtuner generate --prompt 'The with statement'\n\n"
+                    "  kvtuner generate --plan kvtuner-out/plan-3.0.json --sample --device cuda")
+def generate(plan: PlanOpt = DEFAULT_PLAN,
+             prompt: Annotated[str, typer.Option(help="Prompt text.", metavar="TEXT")] = "The with statement",
+             model: ModelOpt = "smollm2",
+             max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.", metavar="N")] = 64,
+             sample: Annotated[bool, typer.Option("--sample/--greedy", help="Sample (temperature 0.7, top-p 0.9) "
+                                                  "instead of greedy decoding.")] = False,
+             seed: Annotated[int, typer.Option(help="Sampling seed (the same for both caches).", metavar="N")] = 0,
+             compare: Annotated[bool, typer.Option("--compare/--no-compare", help="Also generate with a "
+                                                   "full-precision cache, to tell the model's text from the "
+                                                   "quantization's.")] = True,
+             device: DeviceOpt = "cpu") -> None:
+    """Generate from a prompt with a plan's cache (and, to compare, a full-precision one); print both."""
     import torch
 
     from ..cache import MixedPrecisionCache
+    from ..generation import generate as graph_generate
     from ..models import load_model, with_cache
     from ..spec import KVPlan
 
-    device = _device(device)
-    KVPlan.load(plan)  # a missing or broken plan fails before the model loads
+    _plan_file(plan)
+    dev = _device(device)
+    _state["resume"] = "nothing to resume (generate keeps no state)"
+    _stage("loading the model")
     m, tok = load_model(model)
-    m = m.to(device)
+    m = m.to(dev)
     p = KVPlan.load(plan, config=m.config)
-    cache = MixedPrecisionCache(p, m.config)
-    ids = tok(prompt, return_tensors="pt").to(device)
-    with torch.no_grad():
-        out = m.generate(**ids, **with_cache(m, cache), max_new_tokens=max_new_tokens, do_sample=False)
-    typer.echo(tok.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True))
-    full = KVPlan.uniform(p.num_layers, 16, 16).expected_nbytes(m.config, cache.get_seq_length(),
-                                                                dtype_bytes=torch.finfo(m.dtype).bits // 8)
-    typer.echo(f"\ncache: {cache.get_seq_length()} tokens, {cache.nbytes()} bytes ({p.equivalent_bits:.2f} equivalent "
-               f"bits; full precision would hold {full} bytes)", err=True)
+    ids = tok(prompt, return_tensors="pt").to(dev)
+    args = dict(max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    if sample:
+        args.update(temperature=0.7, top_p=0.9)
+    typer.echo(f"prompt: {prompt}")
+    from transformers import DynamicCache
+
+    runs = [(f"plan ({p.equivalent_bits:.2f} bits)", MixedPrecisionCache(p, m.config))]
+    if compare:
+        runs.append(("full precision", DynamicCache(config=m.config)))
+    for name, cache in runs:
+        _stage(f"generating with {name}")
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            if dev.startswith("cuda") and isinstance(cache, MixedPrecisionCache):
+                out = graph_generate(m, ids.input_ids, cache, attention_mask=ids.attention_mask, **args)
+            else:
+                out = m.generate(**ids, **with_cache(m, cache), **args)
+        typer.echo(f"\n{name}:\n{tok.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=True)}")
+        if isinstance(cache, MixedPrecisionCache):
+            n = cache.get_seq_length()
+            full = KVPlan.uniform(p.num_layers, 16, 16).expected_nbytes(m.config, n,
+                                                                        dtype_bytes=torch.finfo(m.dtype).bits // 8)
+            typer.echo(f"[cache: {n} tokens, {cache.nbytes()} bytes; a full-precision cache holds {full}]", err=True)
 
 
 @app.command(epilog="Examples:\n\n  kvtuner bench --plan kvtuner-out/plan-3.25.json --tokens 256")
-def bench(plan: Annotated[Path, typer.Option(help="Plan file to measure.")],
-          model: Annotated[str, typer.Option(help="'smollm2', a hub id, a directory or .gguf.")] = "smollm2",
+def bench(plan: PlanOpt = DEFAULT_PLAN, model: ModelOpt = "smollm2",
           tokens: Annotated[int, typer.Option(help="Prompt tokens before decoding.")] = 256,
           steps: Annotated[int, typer.Option(help="Decode steps to time.")] = 32,
-          device: Annotated[str, typer.Option(help="'cpu' or 'cuda'.")] = "cpu") -> None:
+          device: DeviceOpt = "cpu") -> None:
     """Quick memory and decode-speed run of a plan against a full-precision cache on this device."""
     import time
 
@@ -289,7 +388,7 @@ def bench(plan: Annotated[Path, typer.Option(help="Plan file to measure.")],
     from ..spec import KVPlan
 
     device = _device(device)
-    KVPlan.load(plan)
+    _plan_file(plan)
     _state["resume"] = "nothing to resume (bench keeps no state)"
     _stage("loading the model")
     m, _ = load_model(model)

@@ -14,21 +14,27 @@ class KLObjective:
     """Mean KL(full || plan) over calibration windows, through the real cache.
 
     Each window: a ``prefill``-token prefill, then the remaining tokens in ``chunk``-token steps,
-    scoring the positions after the prefill. The full-precision side is computed once.
+    scoring the positions after the prefill. Windows of equal length run side by side in one cache.
+    The full-precision side is computed once.
     """
 
     def __init__(self, model: Any, windows: list[torch.Tensor], *, prefill: int = 384, chunk: int = 16):
-        self.model, self.windows, self.prefill, self.chunk = model, windows, prefill, chunk
-        self.reference = [self._logprobs(ids, None) for ids in windows]
+        self.model, self.prefill, self.chunk = model, prefill, chunk
+        by_length: dict[int, list[torch.Tensor]] = {}
+        for ids in windows:
+            by_length.setdefault(ids.shape[-1], []).append(ids.reshape(1, -1))
+        self.batches = [torch.cat(rows) for rows in by_length.values()]
+        self.reference = [self._logprobs(ids, None) for ids in self.batches]
 
     def _logprobs(self, ids: torch.Tensor, plan: KVPlan | None) -> torch.Tensor:
-        logits = stream_logits(self.model, ids[:, :-1], plan, prefill=self.prefill, chunk_size=self.chunk)
-        return torch.log_softmax(logits[self.prefill - 1:].float(), -1)
+        logits = stream_logits(self.model, ids[:, :-1], plan, prefill=self.prefill, chunk_size=self.chunk,
+                               first=self.prefill - 1)
+        return torch.log_softmax(logits.float(), -1)
 
     def __call__(self, plan: KVPlan) -> float:
         total, n = 0.0, 0
-        for ids, ref in zip(self.windows, self.reference):
+        for ids, ref in zip(self.batches, self.reference):
             q = self._logprobs(ids, plan)
-            total += kl_sum(ref, q)
-            n += ref.shape[0]
+            total += kl_sum(ref.flatten(0, 1), q.flatten(0, 1))
+            n += ref.shape[0] * ref.shape[1]
         return max(0.0, total / n)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..spec import KVPlan, LayerSpec, PlanError
@@ -99,7 +100,10 @@ def build_space(table, mode: str = "kivi", *, eps: float = 0.05, min_samples: in
     def cost(layer: int, p: Pair) -> float:
         if not use_kl:
             return table.error(mode, layer, p)
-        return 0.0 if p == (16, 16) else kl[LayerSpec.pair(*p).name][layer]
+        if p == (16, 16):
+            return 0.0
+        value = kl[LayerSpec.pair(*p).name][layer]
+        return math.inf if value is None else value  # not measured: pruned before KL, never a candidate
 
     errors = [{p: cost(layer, p) for p in pairs} for layer in range(table.num_layers)]
     options = list(pairs)
@@ -110,7 +114,8 @@ def build_space(table, mode: str = "kivi", *, eps: float = 0.05, min_samples: in
         for layer in range(table.num_layers):
             errors[layer].update({(*p, 1): e for p, e in other.errors[layer].items()})
         options += [(*p, 1) for p in pairs if p != (16, 16)]
-    candidates = [prune_pairs(options, [errors[layer][p] for p in options]) for layer in range(table.num_layers)]
+    candidates = [[p for p in prune_pairs(options, [errors[layer][p] for p in options])
+                   if math.isfinite(errors[layer][p])] for layer in range(table.num_layers)]
     if cluster:
         vectors = [[errors[layer][p] for p in candidates[layer]] for layer in range(table.num_layers)]
         groups = cluster_layers(candidates, vectors, eps=eps, min_samples=min_samples)
