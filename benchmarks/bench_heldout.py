@@ -1,7 +1,7 @@
 """Held-out quality of plans over many text windows, with the window-to-window noise of the PPL ratio.
 
-    python benchmarks/bench_heldout.py --windows 8 --plans KV4,K4V2,benchmarks/results/cpu/smollm2-3.25bit.plan.json \
-        --out benchmarks/results/cpu/heldout_smollm2.md
+    python benchmarks/bench_heldout.py --windows 8 --plans KV4,K4V2,benchmarks/results/cpu/smollm2-plan-3.25.json \
+        --out heldout_smollm2.md
 
 A plan is a uniform name (``KV4``, ``K4V2``, ``K4V3r``: ``r`` = Hadamard-rotated, ``s1`` = one
 full-precision sink token as in ``KV3rs1``; ``--mode`` sets the grouping) or a plan JSON file. Protocol: `kvtuner.Evaluator` (``--windows`` windows of held-out pydoc

@@ -50,3 +50,16 @@ def test_search_solver_only_and_budget_check(tmp_path):
     assert out.returncode == 2 and out.stderr.strip() == "error: --budget-bits=1.0 is invalid; allowed: 2..16"
     out = _run("search", str(table), "--budget-bits", "3.25", "--trials", "0", "--refine", "4")
     assert out.returncode == 2 and "--refine=4 is invalid" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_no_option_metavar_spells_its_own_name():
+    # some click versions take a metavar equal to the option's name in capitals as the option's name
+    # ("--MODEL"), and then reject --model
+    import typer.main
+
+    from kvtuner.cli import app
+
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():
+        for param in command.params:
+            assert (param.metavar or "") != param.name.upper(), (name, param.name)

@@ -205,3 +205,43 @@ def test_search_chooses_rotation_per_layer():
             assert opt in space.candidates[layer]
     with pytest.raises(PlanError, match="rotation=True"):
         build_space(rot, "kivi", rotated=plain)
+
+
+def test_layer_kl_measures_only_the_pairs_asked_per_layer():
+    from kvtuner.profiling import calibration_batches, layer_kl
+
+    model = tiny_model("llama", layers=2)
+    batches = calibration_batches(CharTokenizer(), TEXT, 2, 96)
+    only = [[(2, 2)], [(4, 2), (2, 2)]]
+    kl = layer_kl(model, batches, [(4, 2), (2, 2)], ["kivi"], only=only, progress=False)["kivi"]
+    assert kl["K4V2"][0] is None and kl["K4V2"][1] is not None and None not in kl["KV2"]
+    full = layer_kl(model, batches, [(4, 2), (2, 2)], ["kivi"], progress=False)["kivi"]
+    assert kl["KV2"] == pytest.approx(full["KV2"]) and kl["K4V2"][1] == pytest.approx(full["K4V2"][1])
+    with pytest.raises(ValueError, match="one collection of pairs per layer"):
+        layer_kl(model, batches, [(2, 2)], ["kivi"], only=only[:1], progress=False)
+
+
+@pytest.mark.gpu
+def test_profiling_stages_on_the_gpu_match_the_cpu():
+    # the stages of `kvtuner tune` (attention-error profile, one-layer KL, measured objective, held-out
+    # evaluation) on a CUDA device give the CPU's numbers for the same fp32 model
+    from kvtuner.profiling import calibration_batches, layer_kl
+    from kvtuner.search.objectives import KLObjective
+
+    model = tiny_model("llama", layers=2)
+    batches = calibration_batches(CharTokenizer(), TEXT, 2, 128)
+    plan = KVPlan.uniform(2, 2, 2, "per_token")
+    got = {}
+    for dev in ("cpu", "cuda"):
+        model = model.to(dev)
+        tab = profile(model, CharTokenizer(), TEXT, modes=["kivi"], pairs=[(4, 2), (2, 2)], num_sequences=2,
+                      seq_len=128, progress=False)
+        kl = layer_kl(model, batches, [(2, 2)], ["kivi"], progress=False)["kivi"]["KV2"]
+        ev = Evaluator(model, CharTokenizer(), TEXT, windows=2, prefill=32, decode=16, prompts=1, new_tokens=4,
+                       passkey_lengths=(), progress=False)
+        got[dev] = (tab.output_error["kivi"], kl, KLObjective(model, batches, prefill=64, chunk=16)(plan),
+                    ev(plan).kl)
+    cpu, gpu = got["cpu"], got["cuda"]
+    assert torch.allclose(torch.tensor(cpu[0]), torch.tensor(gpu[0]), rtol=1e-3, atol=1e-6)
+    for a, b in zip((cpu[1], cpu[2], cpu[3]), (gpu[1], gpu[2], gpu[3])):
+        assert a == pytest.approx(b, rel=0.05, abs=1e-7)

@@ -188,7 +188,9 @@ def generate(model: Any, input_ids: torch.Tensor, cache: Any, *, attention_mask:
     ``repetition_penalty``, ``no_repeat_ngram_size``, ``eos_token_id``, ``stop_strings``, ...),
     ``logits_processor``, ``stopping_criteria``, ``streamer`` and ``tokenizer`` (for stop strings).
     Returns ``[B, P + new]`` token ids as ``model.generate`` does: rows that finished early are padded
-    with ``pad_token_id``, and decoding stops when every row has finished.
+    with ``pad_token_id``, and decoding stops when every row has finished. On CUDA that stop is read a
+    step late so the host never waits for the device: the cache may then hold one step more than the
+    returned ids (its tokens are pads).
 
     The processors and criteria are transformers' own, built as ``model.generate`` builds them, and
     they run between graph replays on the device; the random draws are ``model.generate``'s, so a
@@ -273,14 +275,57 @@ def generate(model: Any, input_ids: torch.Tensor, cache: Any, *, attention_mask:
         if new_tokens > 1 and unfinished.max() > 0:
             decoder = StaticDecoder(model, cache, tokens[:, None], pos[:, -1:] + 1, p, p + new_tokens,
                                     attention_mask, cuda_graph=cuda_graph, warmup=warmup, greedy=False)
+            stop = _StopFlags(device, defer=streamer is None)
             for _ in range(1, new_tokens):
                 decoder.step()
                 decoder.feed(pick(decoder.logits))
-                if unfinished.max() == 0:
+                length = stop.check(unfinished, sequences.shape[1])
+                if length is not None:
                     break
+            else:
+                length = stop.finish()
+            if length is not None:
+                sequences = sequences[:, :length]
     if streamer is not None:
         streamer.end()
     return sequences
+
+
+class _StopFlags:
+    """Whether every row has finished, read without stalling the host on the device each step.
+
+    On CUDA the flag of a step is copied to pinned memory asynchronously and read once it has arrived
+    (usually one step later), so the host queues the next replay meanwhile; the steps decoded past the
+    stop are cut from the returned ids (their tokens are pads, and the cache holds them). Elsewhere, and
+    with a streamer (which reads every token on the host anyway), it is read at once.
+    """
+
+    def __init__(self, device: torch.device, defer: bool):
+        self.defer = defer and device.type == "cuda"
+        self.pending: list[tuple[int, torch.Tensor, Any]] = []
+
+    def check(self, unfinished: torch.Tensor, length: int) -> int | None:
+        """The length to cut the ids to once all rows have finished, else None."""
+        if not self.defer:
+            return length if unfinished.max() == 0 else None
+        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+        flag.copy_(unfinished.max() == 0, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.pending.append((length, flag, event))
+        while self.pending and self.pending[0][2].query():
+            done_length, done, _ = self.pending.pop(0)
+            if bool(done):
+                return done_length
+        return None
+
+    def finish(self) -> int | None:
+        """After the last step: the earliest length at which all rows had finished, if any (waits)."""
+        for length, done, event in self.pending:
+            event.synchronize()
+            if bool(done):
+                return length
+        return None
 
 
 def _counters(cache: Any) -> list[torch.Tensor]:

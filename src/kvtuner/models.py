@@ -53,29 +53,36 @@ def resolve(name_or_path: str) -> tuple[str, str | None]:
     return name_or_path, None  # a hub id
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: Any = None, device: str = "cpu") -> tuple[Any, Any]:
+def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: Any = None, device: str = "cpu",
+               device_map: Any = None) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` for a causal LM, in eval mode.
 
     Args:
         name_or_path: ``"smollm2"`` (the built-in default), a hub id, a local directory (with
             ``config.json`` or one ``.gguf`` file) or a ``.gguf`` path.
-        dtype: torch dtype for the weights (GGUF files load as float32 by default).
-        device: where to put the model.
+        dtype: torch dtype for the weights. Default: float32 on the CPU and for GGUF files (which are
+            dequantized), the checkpoint's own dtype (e.g. bf16) on a GPU.
+        device: where to put the model (weights load straight there).
+        device_map: accelerate's placement (``"auto"``: across the visible GPUs, then CPU memory) for
+            models that do not fit one device; ``device`` is then ignored.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target, gguf_file = resolve(name_or_path)
     kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+    if dtype is None:
+        dtype = torch.float32 if gguf_file or (device_map is None and torch.device(device).type == "cpu") else "auto"
+    place = {"device_map": device_map} if device_map is not None else {"device_map": str(torch.device(device))}
     try:
         tokenizer = AutoTokenizer.from_pretrained(target, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype or torch.float32, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, **place, **kwargs)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelNotFoundError(f"could not load model {name_or_path!r} ({target}): {first}") from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.eval().to(device)
+    model.eval()
     model.kvtuner_model_id = name_or_path
     return model, tokenizer
 

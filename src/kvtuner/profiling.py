@@ -87,8 +87,8 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float
     k, v = k.float().repeat_interleave(rep, 1), v.float().repeat_interleave(rep, 1)
     q = q[..., first_query:, :].float()
     scores = (q @ k.transpose(-1, -2)) * scaling
-    qpos = torch.arange(first_query, first_query + q.shape[-2]).unsqueeze(1)
-    kpos = torch.arange(k.shape[-2]).unsqueeze(0)
+    qpos = torch.arange(first_query, first_query + q.shape[-2], device=q.device).unsqueeze(1)
+    kpos = torch.arange(k.shape[-2], device=q.device).unsqueeze(0)
     visible = kpos <= qpos
     if window:
         visible &= kpos > qpos - window

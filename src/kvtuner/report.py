@@ -53,7 +53,7 @@ def recommendation(quality: list[dict[str, Any]], plans_by_name: dict[str, str])
     if ratio:
         text += (f" On held-out text its KL against full precision is {ratio[0]:.2f}x uniform KV4's "
                  f"[{ratio[1]:.2f}, {ratio[2]:.2f}]")
-        text += (" - KV4 quality for less memory." if pick in good else
+        text += (" - within noise of uniform KV4's quality, for less memory." if pick in good else
                  " - no searched plan matched KV4 quality here; this is the closest.")
     if ci:
         text += (f" Perplexity changes by {100 * (pick['ppl'] / pick['full_ppl'] - 1):+.2f} % "

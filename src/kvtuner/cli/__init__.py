@@ -74,12 +74,12 @@ def tune(preset: Annotated[str | None, _opt(
              "sink token, 512-token KL costs) or 'paper' (KVTuner as published). Other options override it.",
              "preset", "NAME")] = None,
          model: Annotated[str | None, _opt("'smollm2' (built in), a hub id, a directory or .gguf.", "model",
-                                           "MODEL")] = None,
+                                           "NAME_OR_PATH")] = None,
          text: Annotated[str | None, _opt("Calibration/evaluation text: a file, a directory, or 'pydoc'.", "text",
-                                          "TEXT")] = None,
+                                          "SOURCE")] = None,
          budget_bits: Annotated[list[float] | None, _opt("Equivalent-bit budget, one plan each (repeatable).",
                                                          "budget_bits", "BITS")] = None,
-         mode: Annotated[str | None, _opt("'kivi' or 'per_token'.", "mode", "MODE")] = None,
+         mode: Annotated[str | None, _opt("'kivi' or 'per_token'.", "mode", "KIND")] = None,
          out: Annotated[str | None, _opt("Output directory (reused on reruns).", "out", "DIR", "--out", "-o")] = None,
          storage: Annotated[str | None, typer.Option(help="Optuna storage URL/path. [default: OUT/study.db]",
                                                      metavar="URL", show_default=False)] = None,
@@ -88,7 +88,11 @@ def tune(preset: Annotated[str | None, _opt(
              "Measured local-search trials per budget after NSGA-II: single- and paired-layer moves that keep the "
              "budget, best proxy first (0: none).", "refine", "N")] = None,
          seed: Annotated[int | None, _opt("Sampler seed.", "seed", "N")] = None,
-         device: Annotated[str | None, _opt("'cpu', 'cuda' or 'cuda:N'.", "device", "DEVICE")] = None,
+         device: Annotated[str | None, _opt("'cpu', 'cuda' or 'cuda:N'.", "device", "WHERE")] = None,
+         device_map: Annotated[str | None, typer.Option(
+             help="accelerate's weight placement for a model larger than one GPU: 'auto' spreads it over the "
+                  "visible GPUs, then CPU memory (--device is then where inputs start).", metavar="MAP",
+             show_default=False)] = None,
          sequences: Annotated[int | None, _opt("Calibration windows to profile.", "sequences", "N")] = None,
          seq_len: Annotated[int | None, _opt("Tokens per calibration window.", "seq_len", "N")] = None,
          kl_tokens: Annotated[int | None, _opt("Tokens per window of the one-layer KL costs.", "kl_tokens",
@@ -166,11 +170,21 @@ def tune(preset: Annotated[str | None, _opt(
     from ..models import load_model
 
     log(f"loading {o['model']} ...")
-    m, tok = load_model(o["model"])
-    if dev != "cpu":
-        m = m.to(dev)
+    m, tok = load_model(o["model"], device=dev, device_map=device_map or None)
+    if device_map:
+        placed = sorted({str(d) for d in getattr(m, "hf_device_map", {}).values()})
+        log(f"weights placed by accelerate (device_map={device_map}): {', '.join(placed) or 'one device'}")
+    if _on_gpu(dev, device_map):
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
     result = run_tune(m, tok, calibration, evaluation, o["out"], settings=settings, model_id=o["model"],
                       storage=o["storage"] or None, progress=not (quiet or json_out), log=log)
+    if _on_gpu(dev, device_map):
+        import torch
+
+        peak = max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
+        log(f"peak GPU memory: {peak / 2**30:.1f} GiB (the most on one GPU)")
     if json_out:
         typer.echo(json.dumps(result.to_dict(), indent=1, default=float))
         return
@@ -198,9 +212,10 @@ def show(plan: Annotated[Path, typer.Argument(help="A plan file.")]) -> None:
 
 DEFAULT_PLAN = Path("kvtuner-out/plan-3.25.json")  # what `kvtuner tune` writes by default
 PlanOpt = Annotated[Path, typer.Option(help="Plan file (from `kvtuner tune`).", metavar="FILE")]
+# a metavar that equals the option's name in capitals becomes the option's name in some click versions
 ModelOpt = Annotated[str, typer.Option(help="'smollm2' (built in), a hub id, a model directory or a .gguf file.",
-                                       metavar="MODEL")]
-DeviceOpt = Annotated[str, typer.Option(help="'cpu', 'cuda' or 'cuda:N'.", metavar="DEVICE")]
+                                       metavar="NAME_OR_PATH")]
+DeviceOpt = Annotated[str, typer.Option(help="'cpu', 'cuda' or 'cuda:N'.", metavar="WHERE")]
 
 
 def _plan_file(plan: Path):
@@ -217,7 +232,7 @@ def _plan_file(plan: Path):
                     "--model smollm2 --windows 8")
 def evaluate(plan: PlanOpt = DEFAULT_PLAN, model: ModelOpt = "smollm2",
              text: Annotated[str, typer.Option(help="Text: a file, a directory, or 'pydoc' (its held-out part is "
-                                                    "used, as in `kvtuner tune`).", metavar="TEXT")] = "pydoc",
+                                                    "used, as in `kvtuner tune`).", metavar="SOURCE")] = "pydoc",
              windows: Annotated[int, typer.Option(help="Held-out windows.", metavar="N")] = 16,
              prefill: Annotated[int, typer.Option(help="Prefill tokens per window.", metavar="N")] = 256,
              decode: Annotated[int, typer.Option(help="Teacher-forced decode steps per window.", metavar="N")] = 128,
@@ -235,8 +250,7 @@ def evaluate(plan: PlanOpt = DEFAULT_PLAN, model: ModelOpt = "smollm2",
     _, held_out = read_texts(text)
     _state["resume"] = "nothing to resume (evaluate keeps no state)"
     _stage("loading the model")
-    m, tok = load_model(model)
-    m = m.to(dev)
+    m, tok = load_model(model, device=dev)
     p = KVPlan.load(plan, config=m.config)
     ev = Evaluator(m, tok, held_out, windows=windows, prefill=prefill, decode=decode, prompts=2, new_tokens=32,
                    passkey_lengths=(), progress=not quiet)
@@ -343,8 +357,7 @@ def generate(plan: PlanOpt = DEFAULT_PLAN,
     dev = _device(device)
     _state["resume"] = "nothing to resume (generate keeps no state)"
     _stage("loading the model")
-    m, tok = load_model(model)
-    m = m.to(dev)
+    m, tok = load_model(model, device=dev)
     p = KVPlan.load(plan, config=m.config)
     ids = tok(prompt, return_tensors="pt").to(dev)
     args = dict(max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=tok.pad_token_id or tok.eos_token_id)
@@ -391,8 +404,7 @@ def bench(plan: PlanOpt = DEFAULT_PLAN, model: ModelOpt = "smollm2",
     _plan_file(plan)
     _state["resume"] = "nothing to resume (bench keeps no state)"
     _stage("loading the model")
-    m, _ = load_model(model)
-    m = m.to(device)
+    m, _ = load_model(model, device=device)
     p = KVPlan.load(plan, config=m.config)
     ids = torch.randint(3, m.config.vocab_size, (1, tokens), device=device)
     for name, make in (("full precision", lambda: DynamicCache(config=m.config)),
@@ -411,6 +423,12 @@ def bench(plan: PlanOpt = DEFAULT_PLAN, model: ModelOpt = "smollm2",
         nbytes = cache.nbytes() if hasattr(cache, "nbytes") else sum(
             t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
         typer.echo(f"{name:<22} {1e3 * dt:8.2f} ms/token  cache {nbytes / 2**20:8.2f} MiB at {tokens + steps} tokens")
+
+
+def _on_gpu(device: str, device_map: str | None) -> bool:
+    import torch
+
+    return torch.cuda.is_available() and (device.startswith("cuda") or bool(device_map))
 
 
 def _stage(msg: str) -> None:
