@@ -153,3 +153,21 @@ def test_missing_optional_dependency_names_the_extra(tmp_path):
                        capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "pip install 'kvtuner[" in r.stderr, r.stderr
+
+
+def test_default_tune_on_head_dim_256_and_one_kv_head(saved_tiny_model, tmp_path):
+    # the recommended preset's whole pipeline (2/3/4/8-bit pairs, rotation per layer, one sink token,
+    # three budgets) on the shapes of Gemma-style head_dim 256 and multi-query attention
+    model_dir = saved_tiny_model("llama", layers=2, heads=4, kv_heads=1, head_dim=256)
+    out = tmp_path / "hd256"
+    r = _run("tune", "--model", str(model_dir), "--out", str(out), "--sequences", "1", "--seq-len", "96",
+             "--kl-tokens", "96", "--eval-windows", "2", "--eval-prefill", "48", "--eval-decode", "16", "--trials", "2",
+             "--quiet")
+    assert r.returncode == 0, r.stderr
+    from kvtuner import KVPlan
+
+    for b in (3.0, 3.25, 4.0):
+        plan = KVPlan.load(out / f"plan-{b:g}.json")
+        assert plan.equivalent_bits <= b and plan.provenance["preset"] == "recommended"
+        assert {lay.k.sink_length for lay in plan.layers} == {1}
+    assert (out / "table-rotated.json").exists() and (out / "report.html").stat().st_size > 0
