@@ -279,3 +279,19 @@ def test_generate_says_what_it_cannot_do():
     with pytest.raises(PlanError, match="decode this plan eagerly"):
         generate(model, ids, MixedPrecisionCache(plan16, model.config), max_new_tokens=4, cuda_graph=False)
     model.config._attn_implementation = "sdpa"
+
+
+def test_generate_left_padded_batch_matches_model_generate():
+    model = _model()
+    plan = _plan(4, 4)
+    ids = torch.randint(3, 128, (3, 19), generator=torch.Generator().manual_seed(12)).to(DEV)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    mask[2, :11] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    args = dict(max_new_tokens=20, min_new_tokens=20, pad_token_id=0, do_sample=True, top_p=0.9, attention_mask=mask)
+    want = _reference(model, plan, ids, 5, **args)
+    model.config._attn_implementation = "sdpa"
+    got = _ours(model, plan, ids, 5, **args)
+    model.config._attn_implementation = "sdpa"
+    assert torch.equal(got, want)
