@@ -130,6 +130,9 @@ def test_bad_arguments_are_one_line(tmp_path, gemma_dir):
     _one_line_error(_run("tune", "--sequences", "0"), "sequences=0", "allowed:")
     _one_line_error(_run("generate", "--plan", str(tmp_path)), "is a directory", "allowed:")
     _one_line_error(_run("bench", "--plan", str(tmp_path / "missing.json")), "missing.json", "does not exist")
+    # evaluate takes --model like the other commands and checks the plan before loading any model
+    _one_line_error(_run("evaluate", "--model", "no/such-model", "--plan", str(tmp_path / "nope.json")), "nope.json",
+                    "does not exist")
     short = tmp_path / "short.txt"
     short.write_text("def f(): return 1\n" * 30)
     r = _run("tune", "--model", str(gemma_dir), "--text", str(short), "--out", str(tmp_path / "o"), *SMALL)

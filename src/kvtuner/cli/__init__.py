@@ -211,6 +211,7 @@ def show(plan: Annotated[Path, typer.Argument(help="A plan file.")]) -> None:
 
 
 DEFAULT_PLAN = Path("kvtuner-out/plan-3.25.json")  # what `kvtuner tune` writes by default
+_EVAL = {k: v for k, v in tune_defaults().items() if k.startswith("eval_")}  # one held-out protocol
 PlanOpt = Annotated[Path, typer.Option(help="Plan file (from `kvtuner tune`).", metavar="FILE")]
 # a metavar that equals the option's name in capitals becomes the option's name in some click versions
 ModelOpt = Annotated[str, typer.Option(help="'smollm2' (built in), a hub id, a model directory or a .gguf file.",
@@ -233,9 +234,11 @@ def _plan_file(plan: Path):
 def evaluate(plan: PlanOpt = DEFAULT_PLAN, model: ModelOpt = "smollm2",
              text: Annotated[str, typer.Option(help="Text: a file, a directory, or 'pydoc' (its held-out part is "
                                                     "used, as in `kvtuner tune`).", metavar="SOURCE")] = "pydoc",
-             windows: Annotated[int, typer.Option(help="Held-out windows.", metavar="N")] = 16,
-             prefill: Annotated[int, typer.Option(help="Prefill tokens per window.", metavar="N")] = 256,
-             decode: Annotated[int, typer.Option(help="Teacher-forced decode steps per window.", metavar="N")] = 128,
+             windows: Annotated[int, typer.Option(help="Held-out windows (as `kvtuner tune`).",
+                                                  metavar="N")] = _EVAL["eval_windows"],
+             prefill: Annotated[int, typer.Option(help="Prefill tokens per window.", metavar="N")] = _EVAL["eval_prefill"],
+             decode: Annotated[int, typer.Option(help="Teacher-forced decode steps per window.",
+                                                 metavar="N")] = _EVAL["eval_decode"],
              device: DeviceOpt = "cpu",
              quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False) -> None:
     """Held-out quality of a plan and of uniform KV4, with the protocol of `kvtuner tune`'s report."""
