@@ -136,6 +136,12 @@ def test_generate_and_bench_verbs(tiny_dir, tmp_path):
              "--max-new-tokens", "40")
     assert r.returncode == 0, r.stderr
     assert "cache:" in r.stderr and "bytes" in r.stderr and r.stdout.strip()
+    # the prompt, then the plan's text and a full-precision cache's text for the same prompt and seed
+    out = r.stdout
+    assert out.startswith("prompt: The with statement is") and "plan (3.00 bits):" in out and "full precision:" in out
+    r = _run("generate", "--model", str(tiny_dir), "--plan", str(plan), "--max-new-tokens", "8", "--no-compare",
+             "--sample")
+    assert r.returncode == 0 and "full precision:" not in r.stdout, r.stderr
     r = _run("bench", "--model", str(tiny_dir), "--plan", str(plan), "--tokens", "96", "--steps", "8")
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stdout.splitlines() if "ms/token" in ln]
