@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import os
 import subprocess
 import sys
@@ -52,6 +53,8 @@ def test_tune_end_to_end_on_tiny_model(tiny_dir, tmp_path):
     assert r2.returncode == 0, r2.stderr
     summary = json.loads(r2.stdout)
     assert set(summary["reused"]) == {"table", "evaluation"}
+    # every file in the directory is counted, the manifest and the study included
+    assert sorted(Path(f).name for f in summary["files"]) == sorted(p.name for p in out.iterdir())
 
 
 def test_tune_rotation_per_layer(tiny_dir, tmp_path):

@@ -182,6 +182,7 @@ def run_tune(model: Any, tokenizer: Any, calibration: str, evaluation: str, out:
         for stale in ("table.json", "table-rotated.json", "quality.json"):
             (out / stale).unlink(missing_ok=True)
     atomic_write_json(manifest_path, key)
+    result.files.append(manifest_path)
 
     # 1. profile (+ one-layer KL costs for the solver)
     names = {"off": ["table.json"], "all": ["table.json"], "per_layer": ["table.json", "table-rotated.json"]}
@@ -206,6 +207,8 @@ def run_tune(model: Any, tokenizer: Any, calibration: str, evaluation: str, out:
     fronts = {}
     # one Optuna study per search space: a rerun with other settings must not continue this one's trials
     space_tag = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+    if s.trials and storage.startswith("sqlite:///") and Path(storage[len("sqlite:///"):]).parent == out.resolve():
+        result.files.append(out / Path(storage).name)
     for b in s.budgets:
         log(f"searching plans within {b:g} bits")
         fronts[b] = search(table, mode=s.mode, max_bits=b, quality=objective, n_trials=s.trials, storage=storage,

@@ -151,8 +151,16 @@ def run_study(space: SearchSpace, quality: Callable[[KVPlan], float], *, max_bit
     refined = sum(1 for t in complete if "refine_from" in t.user_attrs)
     remaining = max(0, n_trials - (len(complete) - refined))
     if remaining:
-        study.optimize(objective, n_trials=remaining, show_progress_bar=progress,
-                       callbacks=[MaxTrialsCallback(n_trials + refined, states=(TrialState.COMPLETE,))])
+        from tqdm.auto import tqdm
+
+        # optuna's own bar has no label; several budgets' searches must be told apart
+        bar = tqdm(total=remaining, desc=f"NSGA-II trials <= {max_bits:g} bits", disable=not progress, unit="trial")
+        try:
+            study.optimize(objective, n_trials=remaining, show_progress_bar=False,
+                           callbacks=[MaxTrialsCallback(n_trials + refined, states=(TrialState.COMPLETE,)),
+                                      lambda _study, _trial: bar.update(1)])
+        finally:
+            bar.close()
     refine_info = refine_study(study, space, quality, names, max_bits=max_bits, budget=refine, width=refine_width,
                                progress=progress) if refine else {}
     points = []
