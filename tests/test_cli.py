@@ -63,3 +63,16 @@ def test_no_option_metavar_spells_its_own_name():
     for name, command in group.commands.items():
         for param in command.params:
             assert (param.metavar or "") != param.name.upper(), (name, param.name)
+
+
+def test_tune_help_shows_each_default_and_the_paper_presets():
+    import os
+
+    out = subprocess.run([sys.executable, "-c", "from kvtuner.cli import main; main()", "tune", "--help"],
+                         capture_output=True, text=True, env={**os.environ, "COLUMNS": "240", "TERM": "dumb"})
+    text = " ".join(out.stdout.replace("\u2502", " ").split())  # rich's box borders split wrapped lines
+    assert out.returncode == 0
+    for needle in ("(default: 2,3,4,8; paper preset: 2,4,8)", "(default: per-layer; paper preset: off)",
+                   "(default: 1; paper preset: 0)", "(default: 3, 3.25, 4)", "(default: smollm2)",
+                   "(default: 16)", "(default: OUT/study.db)", "(default: recommended)"):
+        assert needle in text, needle

@@ -56,10 +56,12 @@ def _bits(value) -> tuple[int, ...]:
 
 def _default(name: str) -> str:
     """The help text's default: the recommended preset's, and the paper preset's where it differs."""
-    rec, paper = tune_defaults()[name], tune_defaults("paper")[name]
+    rec = tune_defaults()[name]
+    paper = rec if name == "preset" else tune_defaults("paper")[name]
     show = (lambda v: ", ".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v) if isinstance(v, list)
             else (v if v != "" else "none"))
-    return f" [default: {show(rec)}" + (f"; paper preset: {show(paper)}]" if paper != rec else "]")
+    # parentheses: rich, which typer prints help with, takes square brackets for markup and drops them
+    return f" (default: {show(rec)}" + (f"; paper preset: {show(paper)})" if paper != rec else ")")
 
 
 def _opt(help: str, name: str, metavar: str, *decls: str):
@@ -81,7 +83,7 @@ def tune(preset: Annotated[str | None, _opt(
                                                          "budget_bits", "BITS")] = None,
          mode: Annotated[str | None, _opt("'kivi' or 'per_token'.", "mode", "KIND")] = None,
          out: Annotated[str | None, _opt("Output directory (reused on reruns).", "out", "DIR", "--out", "-o")] = None,
-         storage: Annotated[str | None, typer.Option(help="Optuna storage URL/path. [default: OUT/study.db]",
+         storage: Annotated[str | None, typer.Option(help="Optuna storage URL/path. (default: OUT/study.db)",
                                                      metavar="URL", show_default=False)] = None,
          trials: Annotated[int | None, _opt("NSGA-II trials per budget (0 = solver only).", "trials", "N")] = None,
          refine: Annotated[int | None, _opt(
