@@ -19,12 +19,13 @@ class CLIError(Exception):
 
 
 @app.callback()
-def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.", metavar=FLAG)] = False) -> None:
     _state["debug"] = debug
 
 
-ModelArg = Annotated[str, typer.Argument(help="'smollm2' (built in), a hub id, a model directory or a .gguf file.")]
-ModeOpt = Annotated[str, typer.Option(help="Quantization mode: 'kivi' or 'per_token'.")]
+ModeOpt = Annotated[str, typer.Option(help="Quantization mode: 'kivi' or 'per_token'.", metavar="KIND")]
+# typer prints a flag's type ("<bool>") where it has no metavar: flags get an empty one
+FLAG = ""
 
 
 def tune_defaults(preset: str = "recommended") -> dict:
@@ -114,8 +115,8 @@ def tune(preset: Annotated[str | None, _opt(
              "Full-precision attention-sink tokens at the start of every quantized tensor.", "sink", "N")] = None,
          config: Annotated[Path | None, typer.Option(help="TOML/YAML file of these options; flags override it.",
                                                      metavar="FILE")] = None,
-         json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary.")] = False,
-         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs.")] = False) -> None:
+         json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary.", metavar=FLAG)] = False,
+         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or logs.", metavar=FLAG)] = False) -> None:
     """Profile, search and evaluate a model; write sensitivity tables, front, plans and the report into --out."""
     import json
 
@@ -202,7 +203,7 @@ def tune(preset: Annotated[str | None, _opt(
 
 
 @app.command(epilog="Examples:\n\n  kvtuner show kvtuner-out/plan-3.25.json")
-def show(plan: Annotated[Path, typer.Argument(help="A plan file.")]) -> None:
+def show(plan: Annotated[Path, typer.Argument(help="A plan file.", metavar="FILE")]) -> None:
     """Print a plan's per-layer table and its memory per token."""
     from ..spec import KVPlan, ModelDims
 
@@ -242,7 +243,7 @@ def evaluate(plan: PlanOpt = DEFAULT_PLAN, model: ModelOpt = "smollm2",
              decode: Annotated[int, typer.Option(help="Teacher-forced decode steps per window.",
                                                  metavar="N")] = _EVAL["eval_decode"],
              device: DeviceOpt = "cpu",
-             quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False) -> None:
+             quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.", metavar=FLAG)] = False) -> None:
     """Held-out quality of a plan and of uniform KV4, with the protocol of `kvtuner tune`'s report."""
     from ..evaluation import Evaluator
     from ..models import load_model
@@ -270,13 +271,14 @@ def evaluate(plan: PlanOpt = DEFAULT_PLAN, model: ModelOpt = "smollm2",
         typer.echo(line)
 
 
-@app.command(epilog="Examples:\n\n  kvtuner profile smollm2 -o smollm2.kvtable.json\n\n"
-                    "  kvtuner profile smollm2 --mode kivi --sequences 4")
-def profile(model: ModelArg = "smollm2",
-            mode: Annotated[list[str], typer.Option(help="Modes to profile (repeatable).")] = ["kivi", "per_token"],
-            sequences: Annotated[int, typer.Option(help="Calibration windows.")] = 8,
-            seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 512,
-            output: Annotated[Path, typer.Option("--output", "-o", help="Table file to write.")] = Path(
+@app.command(epilog="Examples:\n\n  kvtuner profile -o smollm2.kvtable.json\n\n"
+                    "  kvtuner profile --model smollm2 --mode kivi --sequences 4")
+def profile(model: ModelOpt = "smollm2",
+            mode: Annotated[list[str], typer.Option(help="Modes to profile (repeatable).", metavar="KIND")] = [
+                "kivi", "per_token"],
+            sequences: Annotated[int, typer.Option(help="Calibration windows.", metavar="N")] = 8,
+            seq_len: Annotated[int, typer.Option(help="Tokens per window.", metavar="N")] = 512,
+            output: Annotated[Path, typer.Option("--output", "-o", help="Table file to write.", metavar="FILE")] = Path(
                 "smollm2.kvtable.json")) -> None:
     """Measure every layer's attention-output error for each (K, V) bit pair on calibration text."""
     from ..data import default_texts
@@ -292,15 +294,18 @@ def profile(model: ModelArg = "smollm2",
 
 @app.command(epilog="Examples:\n\n  kvtuner search smollm2.kvtable.json --budget-bits 3.25 -o front.json\n\n"
                     "  kvtuner search smollm2.kvtable.json --budget-bits 4 --storage postgresql://u:p@host/db")
-def search(table: Annotated[Path, typer.Argument(help="A sensitivity table from `kvtuner profile`.")],
-           budget_bits: Annotated[float, typer.Option(help="Maximum equivalent bits.")] = 4.0,
+def search(table: Annotated[Path, typer.Argument(help="A sensitivity table from `kvtuner profile`.", metavar="FILE")],
+           budget_bits: Annotated[float, typer.Option(help="Maximum equivalent bits.", metavar="BITS")] = 4.0,
            mode: ModeOpt = "kivi",
-           model: Annotated[str, typer.Option(help="Model for measured trials (as in `tune`).")] = "smollm2",
-           trials: Annotated[int, typer.Option(help="Completed NSGA-II trials; 0 = solver only.")] = 24,
-           refine: Annotated[int, typer.Option(help="Measured local-search trials after NSGA-II (needs trials).")] = 0,
-           storage: Annotated[str, typer.Option(help="Optuna storage: a .db/.journal path or an RDB URL.")] = "",
-           study: Annotated[str, typer.Option(help="Study name shared by workers.")] = "",
-           output: Annotated[Path, typer.Option("--output", "-o", help="Front file to write.")] = Path(
+           model: Annotated[str, typer.Option(help="Model for measured trials (as in `tune`).",
+                                              metavar="NAME_OR_PATH")] = "smollm2",
+           trials: Annotated[int, typer.Option(help="Completed NSGA-II trials; 0 = solver only.", metavar="N")] = 24,
+           refine: Annotated[int, typer.Option(help="Measured local-search trials after NSGA-II (needs trials).",
+                                               metavar="N")] = 0,
+           storage: Annotated[str, typer.Option(help="Optuna storage: a .db/.journal path or an RDB URL.",
+                                                metavar="URL")] = "",
+           study: Annotated[str, typer.Option(help="Study name shared by workers.", metavar="NAME")] = "",
+           output: Annotated[Path, typer.Option("--output", "-o", help="Front file to write.", metavar="FILE")] = Path(
                "front.json")) -> None:
     """Search per-layer pairs: prune, cluster, solve, then NSGA-II on measured KL (resumable)."""
     from ..profiling import SensitivityTable
@@ -343,10 +348,10 @@ def generate(plan: PlanOpt = DEFAULT_PLAN,
              prompt: Annotated[str, typer.Option(help="Prompt text.", metavar="TEXT")] = "The with statement",
              model: ModelOpt = "smollm2",
              max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.", metavar="N")] = 64,
-             sample: Annotated[bool, typer.Option("--sample/--greedy", help="Sample (temperature 0.7, top-p 0.9) "
+             sample: Annotated[bool, typer.Option("--sample/--greedy", metavar=FLAG, help="Sample (temperature 0.7, top-p 0.9) "
                                                   "instead of greedy decoding.")] = False,
              seed: Annotated[int, typer.Option(help="Sampling seed (the same for both caches).", metavar="N")] = 0,
-             compare: Annotated[bool, typer.Option("--compare/--no-compare", help="Also generate with a "
+             compare: Annotated[bool, typer.Option("--compare/--no-compare", metavar=FLAG, help="Also generate with a "
                                                    "full-precision cache, to tell the model's text from the "
                                                    "quantization's.")] = True,
              device: DeviceOpt = "cpu") -> None:
@@ -392,8 +397,8 @@ def generate(plan: PlanOpt = DEFAULT_PLAN,
 
 @app.command(epilog="Examples:\n\n  kvtuner bench --plan kvtuner-out/plan-3.25.json --tokens 256")
 def bench(plan: PlanOpt = DEFAULT_PLAN, model: ModelOpt = "smollm2",
-          tokens: Annotated[int, typer.Option(help="Prompt tokens before decoding.")] = 256,
-          steps: Annotated[int, typer.Option(help="Decode steps to time.")] = 32,
+          tokens: Annotated[int, typer.Option(help="Prompt tokens before decoding.", metavar="N")] = 256,
+          steps: Annotated[int, typer.Option(help="Decode steps to time.", metavar="N")] = 32,
           device: DeviceOpt = "cpu") -> None:
     """Quick memory and decode-speed run of a plan against a full-precision cache on this device."""
     import time

@@ -94,7 +94,7 @@ def build_space(table, mode: str = "kivi", *, eps: float = 0.05, min_samples: in
         raise PlanError(f"metric={metric!r} is invalid; allowed: 'auto', 'attention' or 'kl'")
     if metric == "kl" and not have_kl:
         raise PlanError("metric='kl' needs one-layer KL for every pair; allowed: a table profiled with "
-                        "kl_pairs covering the pairs (kvtuner profile --kl)")
+                        "kl_pairs covering the pairs (profile(..., kl_pairs=...), or the tables kvtuner tune writes)")
     use_kl = metric == "kl" or (metric == "auto" and have_kl)
 
     def cost(layer: int, p: Pair) -> float:
