@@ -295,3 +295,35 @@ def test_generate_left_padded_batch_matches_model_generate():
     got = _ours(model, plan, ids, 5, **args)
     model.config._attn_implementation = "sdpa"
     assert torch.equal(got, want)
+
+
+def test_generate_stop_strings_match_model_generate():
+    # stop strings need a tokenizer whose tokens decode to text: a small byte-level BPE
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from kvtuner.data import default_texts
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([default_texts("calibration")[:20000]], trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|end|>", pad_token="<|end|>")
+    model = tiny_model("llama", layers=2, heads=4, kv_heads=2, head_dim=32, vocab=512).to(DEV)
+    model.set_attn_implementation("sdpa")
+    plan = _plan(4, 4)
+    ids = torch.stack([tok(t, return_tensors="pt").input_ids[0, :3] for t in ("The with statement", "Class definitions")]).to(DEV)
+    free = _ours(model, plan, ids, 0, max_new_tokens=24, do_sample=False, pad_token_id=0)
+    model.config._attn_implementation = "sdpa"
+    stop = tok.decode(free[0, ids.shape[1] + 4: ids.shape[1] + 6])  # text row 0 writes early on
+    args = dict(max_new_tokens=24, do_sample=False, pad_token_id=0, stop_strings=[stop], tokenizer=tok)
+    want = _reference(model, plan, ids, 0, **args)
+    model.config._attn_implementation = "sdpa"
+    got = _ours(model, plan, ids, 0, **args)
+    model.config._attn_implementation = "sdpa"
+    assert torch.equal(got, want)
+    assert stop and stop in tok.decode(got[0, ids.shape[1]:])
+    # row 0 stopped once its text ended with the stop string: padding after it (or the batch ended)
+    assert (got[0, ids.shape[1] + 6:] == 0).all() and not torch.equal(got[0], free[0, :got.shape[1]]) or \
+        got.shape[1] <= ids.shape[1] + 6
