@@ -121,6 +121,7 @@ def tune(preset: Annotated[str | None, _opt(
     import json
 
     from ..pipeline import TuneSettings, load_config_file, read_texts, run_tune
+    from ..spec import PlanError
 
     given = dict(preset=preset, model=model, text=text, budget_bits=budget_bits, mode=mode, out=out,
                  storage=storage, trials=trials, refine=refine, seed=seed, device=device, sequences=sequences,
@@ -133,7 +134,7 @@ def tune(preset: Annotated[str | None, _opt(
     chosen = preset if preset is not None else file_opts.get("preset", "recommended")
     try:
         defaults = tune_defaults(chosen)
-    except Exception as e:  # an unknown preset: one line, before anything loads
+    except PlanError as e:  # an unknown preset: one line, before anything loads
         raise CLIError(str(e)) from None
     o = {k: (v if v not in (None, []) else file_opts.get(k, defaults[k])) for k, v in given.items()}
     budgets = o["budget_bits"] if isinstance(o["budget_bits"], list) else [o["budget_bits"]]
@@ -508,7 +509,9 @@ def main() -> None:
     from ..spec import PlanError
 
     signal.signal(signal.SIGINT, _on_sigint)
-    logging.getLogger("optuna").addFilter(_DropInterruptTracebacks())
+    # a logger's filter sees only the records logged on that logger, not its children's
+    for name in ("optuna", "optuna.study._optimize", "optuna.study._tell"):
+        logging.getLogger(name).addFilter(_DropInterruptTracebacks())
     code = 0
     try:
         result = app(standalone_mode=False)
@@ -531,7 +534,9 @@ def main() -> None:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except Exception as e:
         # usage errors from typer's click arrive here in non-standalone mode; an interrupt as Abort
-        if type(e).__name__ == "Abort":
+        # after a Ctrl-C, whatever a library raised instead of the KeyboardInterrupt is its consequence
+        # (optuna raises UnboundLocalError when the interrupt lands while it records a trial)
+        if type(e).__name__ == "Abort" or _state["interrupted"]:
             _interrupted()
         if hasattr(e, "show") and hasattr(e, "exit_code"):
             e.show()
