@@ -25,3 +25,13 @@ def test_plan_files_transplant_layer_specs(tmp_path):
         bench_decode.plan_files([f"mine={path}"], 32)
     with pytest.raises(SystemExit, match="NAME=PATH"):
         bench_decode.plan_files([str(path)], 2)
+
+
+def test_every_benchmark_script_compiles():
+    import py_compile
+    from pathlib import Path
+
+    scripts = sorted((Path(__file__).parent.parent / "benchmarks").glob("*.py"))
+    assert len(scripts) >= 10
+    for script in scripts:
+        py_compile.compile(str(script), doraise=True)
