@@ -31,6 +31,15 @@ def _plan(k, v, mode="kivi", rot=False, group=8, residual=4, sink=0):
     return KVPlan([spec, spec])
 
 
+def _left_padded(seed):
+    """Three 19-token prompts, rows 0 and 2 left-padded by 5 and 11 tokens: ``(ids, mask)``."""
+    ids = torch.randint(3, 128, (3, 19), generator=torch.Generator().manual_seed(seed)).to(DEV)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    mask[2, :11] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
 def _eager_tokens(model, plan, ids, mask, new, policy=KernelPolicy()):
     cache = MixedPrecisionCache(plan, model.config, policy=policy)
     pos = (mask.long().cumsum(-1) - 1).clamp_min(0) if mask is not None else None
@@ -114,11 +123,7 @@ def test_static_mode_rejects_sliding_window_layers():
 def test_static_decode_with_left_padding():
     model = _model()
     plan = _plan(4, 4)
-    ids = torch.randint(3, 128, (3, 19), generator=torch.Generator().manual_seed(2)).to(DEV)
-    mask = torch.ones_like(ids)
-    mask[0, :5] = 0
-    mask[2, :11] = 0
-    ids = ids.masked_fill(mask == 0, 0)
+    ids, mask = _left_padded(2)
     want, _ = _eager_tokens(model, plan, ids, mask, 20)
     got = greedy_generate(model, ids, MixedPrecisionCache(plan, model.config), 20, attention_mask=mask,
                           cuda_graph=False)
@@ -284,11 +289,7 @@ def test_generate_says_what_it_cannot_do():
 def test_generate_left_padded_batch_matches_model_generate():
     model = _model()
     plan = _plan(4, 4)
-    ids = torch.randint(3, 128, (3, 19), generator=torch.Generator().manual_seed(12)).to(DEV)
-    mask = torch.ones_like(ids)
-    mask[0, :5] = 0
-    mask[2, :11] = 0
-    ids = ids.masked_fill(mask == 0, 0)
+    ids, mask = _left_padded(12)
     args = dict(max_new_tokens=20, min_new_tokens=20, pad_token_id=0, do_sample=True, top_p=0.9, attention_mask=mask)
     want = _reference(model, plan, ids, 5, **args)
     model.config._attn_implementation = "sdpa"

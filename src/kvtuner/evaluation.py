@@ -28,6 +28,14 @@ def kl_sum(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
     return (ref_logprobs.exp() * (ref_logprobs - logprobs)).sum().item()
 
 
+def side_by_side(windows: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Token windows (``[N]`` or ``[1, N]``) stacked into one ``[B, N]`` batch per length, in first-seen order."""
+    by_length: dict[int, list[torch.Tensor]] = {}
+    for ids in windows:
+        by_length.setdefault(ids.shape[-1], []).append(ids.reshape(-1, ids.shape[-1]))
+    return [torch.cat(rows) for rows in by_length.values()]
+
+
 @torch.no_grad()
 def stream_logits(model: Any, input_ids: torch.Tensor, plan: KVPlan | None, *, prefill: int, chunk_size: int,
                   on_step: Any = None, first: int = 0) -> torch.Tensor:
@@ -177,7 +185,8 @@ class Evaluator:
     def _run(self, plan: KVPlan | None, desc: str) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[int, float]]:
         model = self.model
         batches = range(0, len(self.windows), self.batch_size)
-        bar = self._bar(len(batches) * (self.decode + 1) + len(self.prompts) + len(self.passkeys), desc)
+        # the prefill pass and decode - 1 one-token steps: ``decode`` passes per batch of windows
+        bar = self._bar(len(batches) * self.decode + len(self.prompts) + len(self.passkeys), desc)
         logprobs = []
         for i in batches:  # predictions for tokens prefill..end, one decode step each, windows side by side
             ids = torch.cat(self.windows[i:i + self.batch_size])

@@ -91,7 +91,6 @@ class StaticDecoder:
         elif attention_mask is not None:
             full_mask = torch.ones(b, max_len, dtype=attention_mask.dtype, device=device)
             full_mask[:, : attention_mask.shape[1]] = attention_mask
-        self.greedy = greedy
         self.io = _Step(next_ids.clone(), position_ids.clone(), torch.tensor([cache_position], device=device),
                         full_mask, None if greedy else torch.empty(b, model.config.get_text_config().vocab_size,
                                                                    dtype=torch.float32, device=device))
@@ -101,7 +100,7 @@ class StaticDecoder:
         io = self.io
         logits = self.model(input_ids=io.ids, attention_mask=io.attention_mask, position_ids=io.position_ids,
                             **self._cache_arg, cache_position=io.cache_position, use_cache=True).logits
-        if self.greedy:
+        if io.logits is None:  # greedy: the step picks its own next token
             io.ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
         else:
             io.logits.copy_(logits[:, -1])
@@ -130,6 +129,17 @@ class StaticDecoder:
         self.io.ids.copy_(tokens.reshape(self.io.ids.shape))
 
 
+def _prefill(model: Any, input_ids: torch.Tensor, cache: Any, attention_mask: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the prompt ``[B, P]`` into ``cache``: the last position's logits ``[B, vocab]`` and the
+    prompt's position ids ``[B, P]``."""
+    b, p = input_ids.shape
+    pos = _positions(attention_mask, b, p, input_ids.device)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, **with_cache(model, cache),
+                cache_position=torch.arange(p, device=input_ids.device), use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1], pos
+
+
 def greedy_generate(model: Any, input_ids: torch.Tensor, cache: Any, max_new_tokens: int,
                     attention_mask: torch.Tensor | None = None, *, cuda_graph: bool | None = None,
                     warmup: int = 2) -> torch.Tensor:
@@ -155,11 +165,9 @@ def greedy_generate(model: Any, input_ids: torch.Tensor, cache: Any, max_new_tok
         raise ValueError("cuda_graph=True needs the model and inputs on a CUDA device")
     b, p = input_ids.shape
     with torch.inference_mode():
-        pos = _positions(attention_mask, b, p, device)
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, **with_cache(model, cache),
-                    cache_position=torch.arange(p, device=device), use_cache=True, logits_to_keep=1)
+        logits, pos = _prefill(model, input_ids, cache, attention_mask)
         tokens = torch.empty(b, max_new_tokens, dtype=torch.long, device=device)
-        tokens[:, 0] = out.logits[:, -1].argmax(-1)
+        tokens[:, 0] = logits.argmax(-1)
         if max_new_tokens == 1:
             return tokens
         decoder = StaticDecoder(model, cache, tokens[:, :1], pos[:, -1:] + 1, p, p + max_new_tokens, attention_mask,
@@ -243,6 +251,8 @@ def generate(model: Any, input_ids: torch.Tensor, cache: Any, *, attention_mask:
                                             tokenizer=tokenizer)
     pad = config._pad_token_tensor
     has_eos = any(hasattr(c, "eos_token_id") for c in criteria)
+    if pad is not None:
+        pad = pad.to(device)
     if has_eos and pad is None:
         raise ValueError("rows that stop at EOS need pad_token_id (or eos_token_id) to fill the rest; allowed: "
                          "generate(..., pad_token_id=N)")
@@ -259,7 +269,7 @@ def generate(model: Any, input_ids: torch.Tensor, cache: Any, *, attention_mask:
         else:
             tokens = scores.argmax(-1)
         if has_eos:
-            tokens = tokens * unfinished + pad.to(device) * (1 - unfinished)
+            tokens = tokens * unfinished + pad * (1 - unfinished)
         sequences = torch.cat([sequences, tokens[:, None]], dim=-1)
         if streamer is not None:
             streamer.put(tokens.cpu())
@@ -267,11 +277,9 @@ def generate(model: Any, input_ids: torch.Tensor, cache: Any, *, attention_mask:
         return tokens
 
     with torch.inference_mode():
-        pos = _positions(attention_mask, b, p, device)
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, **with_cache(model, cache),
-                    cache_position=torch.arange(p, device=device), use_cache=True, logits_to_keep=1)
-        tokens = pick(out.logits[:, -1])
-        del out
+        logits, pos = _prefill(model, input_ids, cache, attention_mask)
+        tokens = pick(logits)
+        del logits
         if new_tokens > 1 and unfinished.max() > 0:
             decoder = StaticDecoder(model, cache, tokens[:, None], pos[:, -1:] + 1, p, p + new_tokens,
                                     attention_mask, cuda_graph=cuda_graph, warmup=warmup, greedy=False)

@@ -73,10 +73,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: Any = None, device: 
     kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
     if dtype is None:
         dtype = torch.float32 if gguf_file or (device_map is None and torch.device(device).type == "cpu") else "auto"
-    place = {"device_map": device_map} if device_map is not None else {"device_map": str(torch.device(device))}
+    place = device_map if device_map is not None else str(torch.device(device))
     try:
         tokenizer = AutoTokenizer.from_pretrained(target, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, **place, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, device_map=place, **kwargs)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelNotFoundError(f"could not load model {name_or_path!r} ({target}): {first}") from e

@@ -103,6 +103,9 @@ class TuneSettings:
 
 
 ROTATIONS = ("off", "all", "per_layer")
+# the storages each rotation setting profiles (rotated or not), and the files their tables go to, in order
+_STORAGES = {"off": (False,), "all": (True,), "per_layer": (False, True)}
+_TABLE_FILES = ("table.json", "table-rotated.json")
 
 # the method's settings each preset fixes; "recommended" is TuneSettings' own defaults
 PRESETS: dict[str, dict[str, Any]] = {
@@ -165,7 +168,8 @@ def run_tune(model: Any, tokenizer: Any, calibration: str, evaluation: str, out:
     ev = Evaluator(model, tokenizer, evaluation, windows=s.eval_windows, prefill=s.eval_prefill,
                    decode=s.eval_decode, prompts=2, new_tokens=32, passkey_lengths=(), progress=progress)
     windows = calibration_batches(tokenizer, calibration, s.sequences + 2, s.seq_len)[-1:]
-    storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    own_study = f"sqlite:///{(out / 'study.db').resolve()}"
+    storage = storage or own_study
     if s.trials:
         from .search.optuna_backend import check_storage
 
@@ -185,8 +189,7 @@ def run_tune(model: Any, tokenizer: Any, calibration: str, evaluation: str, out:
     result.files.append(manifest_path)
 
     # 1. profile (+ one-layer KL costs for the solver)
-    names = {"off": ["table.json"], "all": ["table.json"], "per_layer": ["table.json", "table-rotated.json"]}
-    paths = [out / n for n in names[s.rotation]]
+    paths = [out / name for name in _TABLE_FILES[:len(_STORAGES[s.rotation])]]
     tables = [_cached_table(p, model.config, log) for p in paths]
     if all(t is not None for t in tables):
         result.reused.append("table")
@@ -207,8 +210,8 @@ def run_tune(model: Any, tokenizer: Any, calibration: str, evaluation: str, out:
     fronts = {}
     # one Optuna study per search space: a rerun with other settings must not continue this one's trials
     space_tag = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
-    if s.trials and storage.startswith("sqlite:///") and Path(storage[len("sqlite:///"):]).parent == out.resolve():
-        result.files.append(out / Path(storage).name)
+    if s.trials and storage == own_study:
+        result.files.append(out / "study.db")
     for b in s.budgets:
         log(f"searching plans within {b:g} bits")
         fronts[b] = search(table, mode=s.mode, max_bits=b, quality=objective, n_trials=s.trials, storage=storage,
@@ -297,11 +300,11 @@ def _profile(model: Any, tokenizer: Any, calibration: str, s: TuneSettings, mode
     from .profiling import calibration_batches, layer_kl, profile
     from .search import build_space
 
-    variants = {"off": [False], "all": [True], "per_layer": [False, True]}[s.rotation]
+    variants = _STORAGES[s.rotation]
     tables = [profile(model, tokenizer, calibration, pairs=s.pairs, modes=[s.mode], num_sequences=s.sequences,
                       seq_len=s.seq_len, model_id=model_id, rotation=r, sink_length=s.sink, progress=progress)
               for r in variants]
-    only: list[list[list[tuple[int, int]]]] = [[list(s.pairs)] * tables[0].num_layers for _ in variants]
+    only: list = [None] * len(variants)  # None: every pair in every layer
     if s.kl_pruned:
         space = build_space(tables[0], s.mode, cluster=False, metric="attention",
                             rotated=tables[1] if len(tables) > 1 else None)

@@ -333,16 +333,17 @@ def layer_kl(model: Any, batches: list[torch.Tensor], pairs: Sequence[tuple[int,
     """
     from tqdm.auto import tqdm
 
-    from .evaluation import kl_sum, make_cache
+    from .evaluation import kl_sum, make_cache, side_by_side
 
     L = ModelDims.from_config(model.config).num_layers
     if only is not None and len(only) != L:
         raise ValueError(f"only has {len(only)} entries; allowed: one collection of pairs per layer ({L})")
-    batch = _side_by_side(batches)
+    batch = side_by_side(batches)
     full = [torch.log_softmax(model(ids.to(model.device)).logits.float(), -1) for ids in batch]
     tokens = sum(ids.shape[0] * ids.shape[1] for ids in batch)
+    allowed = None if only is None else [{tuple(p[:2]) for p in pairs_here} for pairs_here in only]
     todo = [(kb, vb, layer) for kb, vb in pairs for layer in range(L)
-            if only is None or (kb, vb) in {tuple(p[:2]) for p in only[layer]}]
+            if allowed is None or (kb, vb) in allowed[layer]]
     out: dict[str, dict[str, list[float | None]]] = {m: {} for m in modes}
     bar = tqdm(total=len(modes) * len(todo), desc="one-layer KL" + (" (rotated)" if rotation else ""),
                disable=not progress, unit="run")
@@ -362,14 +363,6 @@ def layer_kl(model: Any, batches: list[torch.Tensor], pairs: Sequence[tuple[int,
         out[m] = values
     bar.close()
     return out
-
-
-def _side_by_side(batches: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``[1, N]`` windows stacked into one ``[B, N]`` batch per length."""
-    by_length: dict[int, list[torch.Tensor]] = {}
-    for ids in batches:
-        by_length.setdefault(ids.shape[-1], []).append(ids.reshape(-1, ids.shape[-1]))
-    return [torch.cat(rows) for rows in by_length.values()]
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:

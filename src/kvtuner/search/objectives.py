@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..evaluation import kl_sum, stream_logits
+from ..evaluation import kl_sum, side_by_side, stream_logits
 from ..spec import KVPlan
 
 
@@ -20,10 +20,7 @@ class KLObjective:
 
     def __init__(self, model: Any, windows: list[torch.Tensor], *, prefill: int = 384, chunk: int = 16):
         self.model, self.prefill, self.chunk = model, prefill, chunk
-        by_length: dict[int, list[torch.Tensor]] = {}
-        for ids in windows:
-            by_length.setdefault(ids.shape[-1], []).append(ids.reshape(1, -1))
-        self.batches = [torch.cat(rows) for rows in by_length.values()]
+        self.batches = side_by_side(windows)
         self.reference = [self._logprobs(ids, None) for ids in self.batches]
 
     def _logprobs(self, ids: torch.Tensor, plan: KVPlan | None) -> torch.Tensor:
