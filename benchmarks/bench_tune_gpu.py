@@ -1,6 +1,8 @@
-"""Each stage of the default `kvtuner tune --device cuda` on a Llama-3.1-8B-shaped model, timed.
+"""Each stage of the default `kvtuner tune --device cuda`, timed: on a Llama-3.1-8B-shaped model or a given one.
 
     python benchmarks/bench_tune_gpu.py --work /tmp/kvt8b --out benchmarks/results/h100/tune_8b.md
+    python benchmarks/bench_tune_gpu.py --model /tmp/smollm2.gguf --tune-out /tmp/smol \
+        --out benchmarks/results/h100/tune_smollm2.md
 
 No hub is reachable from the GPU machine, so the model is built here: Llama-3.1-8B's shape (32 layers,
 32 query heads, 8 KV heads, head_dim 128, vocabulary 128,256) with random bf16 weights, saved with a
@@ -8,6 +10,7 @@ byte-level BPE tokenizer trained on the built-in pydoc text. Then the command a 
 `kvtuner tune --model DIR --device cuda --out OUT`, runs as a subprocess; each log line is timestamped,
 so each stage's time is the gap to the next line. Its last log line gives the peak GPU memory.
 Random weights make the quality numbers meaningless; the times and memory are those of a real 8B model.
+With ``--model`` (a directory, .gguf or built-in name) that model is tuned instead and its quality numbers count.
 """
 
 from __future__ import annotations
@@ -71,22 +74,24 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/kvt8b", help="where the model directory is written")
     ap.add_argument("--tune-out", default="", help="kvtuner tune's --out (default: WORK/tune)")
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--model", default="", help="tune this model instead of building the 8B-shaped one")
     ap.add_argument("--out", default="")
     ap.add_argument("extra", nargs="*", help="more kvtuner tune options (after --)")
     args = ap.parse_args()
     from provenance import provenance
 
     work = Path(args.work)
-    model_dir = work / "model"
+    model_dir = Path(args.model) if args.model else work / "model"
     t = time.perf_counter()
-    if not (model_dir / "config.json").exists():
+    if not args.model and not (model_dir / "config.json").exists():
         model_dir.mkdir(parents=True, exist_ok=True)
         save_model(model_dir, args.layers)
     build_s = time.perf_counter() - t
     out = Path(args.tune_out or work / "tune")
     lines, total, rc = run_tune(model_dir, out, args.extra)
     rows = [(text, (lines[i + 1][0] if i + 1 < len(lines) else total) - at) for i, (at, text) in enumerate(lines)]
-    md = ["# `kvtuner tune --device cuda` on a Llama-3.1-8B-shaped model (random bf16 weights)", "",
+    title = f"`{model_dir.name}`" if args.model else "a Llama-3.1-8B-shaped model (random bf16 weights)"
+    md = [f"# `kvtuner tune --device cuda` on {title}", "",
           f"Command: `python benchmarks/bench_tune_gpu.py {' '.join(sys.argv[1:])}`, which runs `kvtuner tune --model "
           f"DIR --device cuda --out OUT{' ' + ' '.join(args.extra) if args.extra else ''}` (default settings). "
           f"{provenance()}.", "",
@@ -96,8 +101,8 @@ def main() -> None:
     md += [f"| {text} | {secs:.1f} |" for text, secs in rows]
     report = out / "report.md"
     if report.exists():
-        md += ["", "The report's recommendation and quality table (random weights: the numbers show the pipeline "
-               "ran, not what a trained 8B model would get):", ""]
+        md += ["", "The report's recommendation and quality table" + ("" if args.model else
+               " (random weights: the numbers show the pipeline ran, not what a trained 8B model would get)") + ":", ""]
         body = report.read_text().split("## Memory")[0].split("\n", 1)[1]
         md += [body.strip()]
     text = "\n".join(md) + "\n"
