@@ -3,6 +3,9 @@
 Each pydoc topic goes wholly to one split: topics are ordered by a hash of their name and the
 first ones, up to a fifth of all characters, are held out for evaluation. The split is
 deterministic and calibration never sees evaluation text.
+
+The topics are those of the running Python, and they change between Python versions (3.11.7: 464,970
+characters, 3.12.1: 492,155, 3.13.0: 510,586), so built-in-text figures compare only within one version.
 """
 
 from __future__ import annotations
