@@ -56,8 +56,9 @@ class QuantizedKVLayer(CacheLayerMixin):
 
     def __init__(self, spec: LayerSpec, *, num_kv_heads: int, head_dim: int, layer_idx: int = 0,
                  sliding_window: int | None = None, capacity: int | None = None,
-                 policy: KernelPolicy = DEFAULT_POLICY):
+                 policy: KernelPolicy = DEFAULT_POLICY, key_rounding: Any = None):
         super().__init__()
+        self.key_rounding = key_rounding  # kvtuner.rounding.KeyRounding of the whole plan, or None
         self.policy = policy
         self.spec, self.num_kv_heads, self.head_dim, self.layer_idx = spec, num_kv_heads, head_dim, layer_idx
         self.sliding_window, self.capacity = sliding_window, capacity
@@ -75,6 +76,8 @@ class QuantizedKVLayer(CacheLayerMixin):
         sliding = self.is_sliding
         self._k = TensorStore(self.spec.k, "key", self.head_dim, self.capacity, sliding=sliding)
         self._v = TensorStore(self.spec.v, "value", self.head_dim, self.capacity, sliding=sliding)
+        if self.key_rounding is not None and self.spec.k.quantized:
+            self._k.rounding = (self.key_rounding, self.layer_idx)
         self.layout: LayerLayout | None = None  # decided at the first update, from the device
         self.cumulative_length = 0  # tokens seen
         self.start = 0  # absolute position of the oldest stored token (> 0 only for sliding layers)
@@ -320,7 +323,7 @@ class MixedPrecisionCache(Cache):
         dims = plan.check_config(config)
         layers = [QuantizedKVLayer(spec, num_kv_heads=dims.num_kv_heads, head_dim=dims.head_dim, layer_idx=i,
                                    sliding_window=dims.sliding_window if kind == "sliding_attention" else None,
-                                   capacity=max_cache_len, policy=policy)
+                                   capacity=max_cache_len, policy=policy, key_rounding=plan.key_rounding)
                   for i, (spec, kind) in enumerate(zip(plan.layers, dims.layer_types))]
         super().__init__(layers=layers)
         self.plan, self.dims, self.config, self.policy = plan, dims, config, policy
@@ -426,14 +429,17 @@ class MixedPrecisionCache(Cache):
                 f"bits, {self.get_seq_length()} tokens, {self.nbytes()} bytes)")
 
 
-def simulate_cache(x: torch.Tensor, spec: QuantSpec, role: str, policy: KernelPolicy = DEFAULT_POLICY
-                   ) -> torch.Tensor:
+def simulate_cache(x: torch.Tensor, spec: QuantSpec, role: str, policy: KernelPolicy = DEFAULT_POLICY,
+                   rounding: tuple[Any, int] | None = None) -> torch.Tensor:
     """What attention sees after ``x`` ``[B, H, T, D]`` is written to a cache layer in one prefill.
 
     Runs the cache's own storage rules (residual window, whole flush units, groups), so offline
-    profiling measures exactly the quantization the online cache applies.
+    profiling measures exactly the quantization the online cache applies. ``rounding``: keys'
+    ``(KeyRounding, layer)`` for query-aware codes, as a plan with ``key_rounding`` stores them.
     """
     store = TensorStore(spec, role, x.shape[-1])
+    if rounding is not None and role == "key" and spec.quantized:
+        store.rounding = rounding
     store.set_layout(policy.layout(spec, spec, x.shape[-1], x.device))
     store.append(x)
     return store.materialize(x.dtype)

@@ -54,6 +54,9 @@ class TuneSettings:
     rotation: str = "per_layer"
     # full-precision attention-sink tokens at the start of every quantized tensor (QuantSpec.sink_length)
     sink: int = 1
+    # query-aware rounding of quantized keys (kvtuner.rounding): queries' second moments measured on the
+    # calibration windows travel in the plans; profiling, KL costs and trials see the same codes
+    key_rounding: bool = True
     preset: str = "recommended"
 
     @classmethod
@@ -93,6 +96,8 @@ class TuneSettings:
             raise PlanError(f"refine={self.refine} starts from measured trials; allowed: refine=0, or trials > 0")
         if self.mode not in ("kivi", "per_token"):
             raise PlanError(f"mode={self.mode!r} is invalid; allowed: 'kivi' or 'per_token'")
+        if not isinstance(self.key_rounding, bool):
+            raise PlanError(f"key_rounding={self.key_rounding!r} is invalid; allowed: true or false")
         if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
             raise PlanError(f"sink={self.sink!r} is invalid; allowed: a non-negative number of tokens")
         for name, least in (("sequences", 1), ("seq_len", 32), ("kl_seq_len", 32), ("kl_windows", 1),
@@ -112,7 +117,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "recommended": {},
     # KVTuner as published: key-first pairs from {2, 4, 8}, plain KIVI storage, no sink tokens; one
     # 256-token window of one-layer KL for every (layer, pair) as the solver's cost
-    "paper": dict(bits=(8, 4, 2), rotation="off", sink=0, kl_seq_len=256, kl_windows=1, kl_pruned=False),
+    "paper": dict(bits=(8, 4, 2), rotation="off", sink=0, kl_seq_len=256, kl_windows=1, kl_pruned=False,
+                  key_rounding=False),
 }
 
 
@@ -144,7 +150,7 @@ def _key(settings: TuneSettings, text_sha: str, dims: ModelDims) -> dict[str, An
     return {"model": dims.fingerprint(), "mode": settings.mode, "sequences": settings.sequences,
             "seq_len": settings.seq_len, "kl_seq_len": settings.kl_seq_len, "text_sha256": text_sha,
             "bits": list(settings.bits), "rotation": settings.rotation, "sink": settings.sink,
-            "kl_windows": settings.kl_windows, "kl_pruned": settings.kl_pruned}
+            "kl_windows": settings.kl_windows, "kl_pruned": settings.kl_pruned, "key_rounding": settings.key_rounding}
 
 
 def run_tune(model: Any, tokenizer: Any, calibration: str, evaluation: str, out: str | os.PathLike[str], *,
@@ -189,14 +195,20 @@ def run_tune(model: Any, tokenizer: Any, calibration: str, evaluation: str, out:
     result.files.append(manifest_path)
 
     # 1. profile (+ one-layer KL costs for the solver)
+    rounding = None
+    if s.key_rounding:
+        from .rounding import query_moments
+
+        rounding = query_moments(model, calibration_batches(tokenizer, calibration, s.sequences, s.seq_len))
     paths = [out / name for name in _TABLE_FILES[:len(_STORAGES[s.rotation])]]
     tables = [_cached_table(p, model.config, log) for p in paths]
     if all(t is not None for t in tables):
         result.reused.append("table")
     else:
         log(f"profiling {s.sequences} calibration windows of {s.seq_len} tokens"
-            + (", plain and rotated" if s.rotation == "per_layer" else ""))
-        tables = _profile(model, tokenizer, calibration, s, model_id, progress)
+            + (", plain and rotated" if s.rotation == "per_layer" else "")
+            + (", query-aware key rounding" if rounding is not None else ""))
+        tables = _profile(model, tokenizer, calibration, s, model_id, progress, rounding)
         for t, p in zip(tables, paths):
             t.save(p)
     result.files += paths
@@ -206,7 +218,8 @@ def run_tune(model: Any, tokenizer: Any, calibration: str, evaluation: str, out:
     proxy = search(table, mode=s.mode, progress=False, cluster=False, rotated=rotated)
     proxy.save(out / "front.json")
     result.files.append(out / "front.json")
-    objective = KLObjective(model, windows, prefill=min(384, s.seq_len // 2), chunk=16) if s.trials else None
+    objective = (KLObjective(model, windows, prefill=min(384, s.seq_len // 2), chunk=16, key_rounding=rounding)
+                 if s.trials else None)
     fronts = {}
     # one Optuna study per search space: a rerun with other settings must not continue this one's trials
     space_tag = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
@@ -218,7 +231,7 @@ def run_tune(model: Any, tokenizer: Any, calibration: str, evaluation: str, out:
                            study_name=f"{model_id or 'model'}-{s.mode}-{b:g}-{space_tag}", seed=s.seed,
                            progress=progress, cluster=False, rotated=rotated, refine=s.refine)
         plan = fronts[b].best(b)
-        plan = KVPlan(plan.layers, model_id=model_id, model=dims.fingerprint(),
+        plan = KVPlan(plan.layers, model_id=model_id, model=dims.fingerprint(), key_rounding=rounding,
                       provenance={"source": "kvtuner tune", "budget_bits": b, "preset": s.preset,
                                   "settings": s.to_dict(), "front_metric": fronts[b].metric,
                                   "refine_trials": fronts[b].info.get("trials_refine", 0)})
@@ -294,7 +307,8 @@ def _cached_table(path: Path, config: Any, log):
     return table
 
 
-def _profile(model: Any, tokenizer: Any, calibration: str, s: TuneSettings, model_id: str | None, progress: bool):
+def _profile(model: Any, tokenizer: Any, calibration: str, s: TuneSettings, model_id: str | None, progress: bool,
+             rounding: Any = None):
     """Sensitivity tables (plain, then rotated where ``s.rotation`` asks for both) with one-layer KL
     costs for the solver, measured for the pairs on each layer's attention-error Pareto set."""
     from .profiling import calibration_batches, layer_kl, profile
@@ -302,7 +316,8 @@ def _profile(model: Any, tokenizer: Any, calibration: str, s: TuneSettings, mode
 
     variants = _STORAGES[s.rotation]
     tables = [profile(model, tokenizer, calibration, pairs=s.pairs, modes=[s.mode], num_sequences=s.sequences,
-                      seq_len=s.seq_len, model_id=model_id, rotation=r, sink_length=s.sink, progress=progress)
+                      seq_len=s.seq_len, model_id=model_id, rotation=r, sink_length=s.sink, progress=progress,
+                      key_rounding=rounding)
               for r in variants]
     only: list = [None] * len(variants)  # None: every pair in every layer
     if s.kl_pruned:
@@ -314,7 +329,7 @@ def _profile(model: Any, tokenizer: Any, calibration: str, s: TuneSettings, mode
     kl_batches = calibration_batches(tokenizer, calibration, s.kl_windows, s.kl_seq_len)
     for table, r, keep in zip(tables, variants, only):
         table.kl = layer_kl(model, kl_batches, s.pairs, [s.mode], rotation=r, sink_length=s.sink,
-                            progress=progress, only=keep)
+                            progress=progress, only=keep, key_rounding=rounding)
     return tables
 
 

@@ -228,7 +228,7 @@ def profile(model: Any, tokenizer: Any, texts: str | Sequence[str], *, pairs: Se
             modes: Sequence[str] = MODES, num_sequences: int = 8, seq_len: int = 512,
             kl_pairs: Sequence[tuple[int, int]] = (), kl_sequences: int | None = None,
             model_id: str | None = None, rotation: bool = False, sink_length: int = 0,
-            progress: bool = True) -> SensitivityTable:
+            progress: bool = True, key_rounding: Any = None) -> SensitivityTable:
     """Measure every layer's sensitivity; see the module docstring.
 
     Args:
@@ -246,6 +246,8 @@ def profile(model: Any, tokenizer: Any, texts: str | Sequence[str], *, pairs: Se
             this table are rotated too.
         sink_length: full-precision attention-sink tokens (``QuantSpec.sink_length``); plans
             searched from this table keep them too.
+        key_rounding: a :class:`kvtuner.rounding.KeyRounding`: keys get query-aware codes, as in plans
+            that carry it (the KL runs too).
     """
     from tqdm.auto import tqdm
 
@@ -280,7 +282,8 @@ def profile(model: Any, tokenizer: Any, texts: str | Sequence[str], *, pairs: Se
             ref = _attention(q, k, v, scale, first_query, win)
             sink = sink_spec.kept_sink(sliding=bool(win))  # the cache's rule
             for m in modes:
-                k_hat = {b: _simulate(k, b, m, "key", rotation, sink) for b in bits}
+                rounding = None if key_rounding is None else (key_rounding, layer)
+                k_hat = {b: _simulate(k, b, m, "key", rotation, sink, rounding) for b in bits}
                 v_hat = {b: _simulate(v, b, m, "value", rotation, sink) for b in bits}
                 for j, b in enumerate(bits):
                     sums["key_error"][m][layer, j] += _rel(_attention(q, k_hat[b], v, scale, first_query, win), ref)
@@ -302,7 +305,7 @@ def profile(model: Any, tokenizer: Any, texts: str | Sequence[str], *, pairs: Se
         sink_length=sink_length)
     if kl_pairs:
         table.kl = layer_kl(model, batches[: kl_sequences or len(batches)], kl_pairs, modes, rotation=rotation,
-                            sink_length=sink_length, progress=progress)
+                            sink_length=sink_length, progress=progress, key_rounding=key_rounding)
     return table
 
 
@@ -314,16 +317,18 @@ def _sink_of(data: Mapping[str, Any]) -> int:
 
 
 def _simulate(x: torch.Tensor, bits: int, mode: str, role: str, rotation: bool = False,
-              sink_length: int = 0) -> torch.Tensor:
+              sink_length: int = 0, rounding: tuple[Any, int] | None = None) -> torch.Tensor:
     from .cache import simulate_cache
 
-    return simulate_cache(x, QuantSpec(bits, mode, rotation=rotation, sink_length=sink_length), role)
+    return simulate_cache(x, QuantSpec(bits, mode, rotation=rotation, sink_length=sink_length), role,
+                          rounding=rounding)
 
 
 @torch.no_grad()
 def layer_kl(model: Any, batches: list[torch.Tensor], pairs: Sequence[tuple[int, int]], modes: Sequence[str], *,
              rotation: bool = False, sink_length: int = 0, progress: bool = True,
-             only: Sequence[Collection[tuple[int, int]]] | None = None) -> dict[str, dict[str, list[float | None]]]:
+             only: Sequence[Collection[tuple[int, int]]] | None = None, key_rounding: Any = None
+             ) -> dict[str, dict[str, list[float | None]]]:
     """KL(full || quantized) of next-token distributions when only one layer uses a pair (keyed by
     the pair's unrotated name, ``K4V2``, whatever ``rotation``).
 
@@ -352,7 +357,7 @@ def layer_kl(model: Any, batches: list[torch.Tensor], pairs: Sequence[tuple[int,
         for kb, vb, layer in todo:
             specs = [LayerSpec.pair(16, 16, m)] * L
             specs[layer] = LayerSpec.pair(kb, vb, m, rotation=rotation, sink_length=sink_length)
-            plan = KVPlan(tuple(specs))
+            plan = KVPlan(tuple(specs), key_rounding=key_rounding)
             kl = 0.0
             for ids, ref in zip(batch, full):
                 logp = torch.log_softmax(

@@ -46,7 +46,7 @@ def packed_width(dim: int, bits: int) -> int:
 MODES = ("per_token", "kivi")
 KIVI_GROUP_SIZE = 32
 KIVI_RESIDUAL_LENGTH = 32
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: optional key_rounding (query-aware key codes); plans without it are written as 1
 
 
 class PlanError(ValueError):
@@ -322,8 +322,14 @@ class KVPlan:
     model_id: str | None = None
     provenance: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
     model: Mapping[str, Any] | None = field(default=None, compare=False, hash=False)
+    # queries' second moments for query-aware key rounding (kvtuner.rounding); None: nearest rounding
+    key_rounding: Any = field(default=None, compare=False, hash=False)
 
     def __post_init__(self) -> None:
+        from .rounding import KeyRounding
+
+        if self.key_rounding is not None and not isinstance(self.key_rounding, KeyRounding):
+            _fail("KVPlan.key_rounding", type(self.key_rounding).__name__, "a kvtuner.rounding.KeyRounding or None")
         layers = tuple(self.layers) if isinstance(self.layers, (list, tuple)) else self.layers
         if not isinstance(layers, tuple) or not layers:
             _fail("KVPlan.layers", self.layers, "a non-empty list of LayerSpec")
@@ -332,6 +338,12 @@ class KVPlan:
                 _fail(f"KVPlan.layers[{i}]", layer, "a LayerSpec")
         object.__setattr__(self, "layers", layers)
         object.__setattr__(self, "provenance", dict(self.provenance or {}))
+        if self.key_rounding is not None and self.key_rounding.num_layers != len(layers):
+            _fail("KVPlan.key_rounding", f"{self.key_rounding.num_layers} layers", f"{len(layers)} (the plan's layers)")
+
+    def with_key_rounding(self, key_rounding: Any) -> KVPlan:
+        """This plan with query-aware key rounding (a :class:`kvtuner.rounding.KeyRounding`, or None)."""
+        return KVPlan(self.layers, self.model_id, self.provenance, self.model, key_rounding)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -421,6 +433,10 @@ class KVPlan:
             if kind not in ("full_attention", "sliding_attention"):
                 raise PlanError(f"model layer {i} has type {kind!r}; allowed: 'full_attention' or "
                                 "'sliding_attention'")
+        kr = self.key_rounding
+        if kr is not None and (kr.num_kv_heads, kr.head_dim) != (dims.num_kv_heads, dims.head_dim):
+            raise PlanError(f"plan.key_rounding is for {kr.num_kv_heads} KV heads of head_dim {kr.head_dim}; "
+                            f"allowed: the model's {dims.num_kv_heads} and {dims.head_dim}")
         return dims
 
     # ------------------------------------------------------------------ serialization
@@ -428,10 +444,13 @@ class KVPlan:
         from ._version import __version__
 
         provenance = {"kvtuner_version": __version__, **self.provenance}
-        return {"_type": "KVPlan", "_version": PLAN_VERSION, "model_id": self.model_id,
-                "num_layers": self.num_layers, "equivalent_bits": self.equivalent_bits,
-                "model": dict(self.model) if self.model else None,
-                "layers": [layer.to_dict() for layer in self.layers], "provenance": provenance}
+        out = {"_type": "KVPlan", "_version": PLAN_VERSION if self.key_rounding is not None else 1,
+               "model_id": self.model_id, "num_layers": self.num_layers, "equivalent_bits": self.equivalent_bits,
+               "model": dict(self.model) if self.model else None,
+               "layers": [layer.to_dict() for layer in self.layers], "provenance": provenance}
+        if self.key_rounding is not None:
+            out["key_rounding"] = self.key_rounding.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: Any, config: Any = None) -> KVPlan:
@@ -450,8 +469,13 @@ class KVPlan:
         model = data.get("model")
         if model is not None and not isinstance(model, Mapping):
             _fail("plan.model", model, "an object or null")
+        rounding = data.get("key_rounding")
+        if rounding is not None:
+            from .rounding import KeyRounding
+
+            rounding = KeyRounding.from_dict(rounding)
         plan = cls(tuple(LayerSpec.from_dict(layer, f"plan.layers[{i}]") for i, layer in enumerate(layers)),
-                   model_id=model_id, provenance=provenance, model=model)
+                   model_id=model_id, provenance=provenance, model=model, key_rounding=rounding)
         if config is not None:
             plan.check_config(config)
         return plan
@@ -469,7 +493,7 @@ class KVPlan:
         """A copy that records the model's shape, so a mismatched model is caught on load."""
         dims = self.check_config(config)
         return KVPlan(self.layers, model_id=model_id or self.model_id, provenance=self.provenance,
-                      model=dims.fingerprint())
+                      model=dims.fingerprint(), key_rounding=self.key_rounding)
 
     def describe(self, config: Any = None) -> str:
         """A per-layer table: layer | pair | K | V."""

@@ -33,6 +33,7 @@ class TensorStore:
         self.unit = spec.flush_unit(role)
         self.capacity = capacity
         self.token_block, self.channel_words = 0, False  # set_layout
+        self.rounding = None  # (KeyRounding, layer): query-aware key codes (kvtuner.rounding)
         self._buf: quant.QuantizedTensor | None = None
         self._n = 0
         self.residual: torch.Tensor | None = None
@@ -156,6 +157,12 @@ class TensorStore:
         self.residual = self.static[..., : self.num_residual + added, :]
 
     def _quantize(self, x: torch.Tensor) -> quant.QuantizedTensor:
+        if self.rounding is not None:
+            from .rounding import quantize_keys
+
+            rounding, layer = self.rounding
+            factor = rounding.factor(layer, self.spec.rotation, x.device)
+            return quantize_keys(x, self.spec.bits, self.granularity, self.group, factor, triton=self.triton)
         if self.triton:
             from .kernels import quantize
 

@@ -37,7 +37,8 @@ def tune_defaults(preset: str = "recommended") -> dict:
                 budget_bits=list(s.budgets), mode=s.mode, trials=s.trials, refine=s.refine, seed=s.seed,
                 sequences=s.sequences, seq_len=s.seq_len, kl_tokens=s.kl_seq_len, kl_windows=s.kl_windows,
                 eval_windows=s.eval_windows, eval_prefill=s.eval_prefill, eval_decode=s.eval_decode,
-                bits=",".join(str(b) for b in sorted(s.bits)), rotation=s.rotation.replace("_", "-"), sink=s.sink)
+                bits=",".join(str(b) for b in sorted(s.bits)), rotation=s.rotation.replace("_", "-"), sink=s.sink,
+                key_rounding=s.key_rounding)
 
 
 def _int_option(name: str, value) -> int:
@@ -113,6 +114,10 @@ def tune(preset: Annotated[str | None, _opt(
              "WHICH")] = None,
          sink: Annotated[int | None, _opt(
              "Full-precision attention-sink tokens at the start of every quantized tensor.", "sink", "N")] = None,
+         key_rounding: Annotated[bool | None, typer.Option(
+             "--key-rounding/--no-key-rounding", help="Query-aware rounding of quantized keys: codes chosen for the "
+             "queries' measured second moments instead of the nearest ones (same bytes, same kernels)."
+             + _default("key_rounding"), metavar=FLAG, show_default=False)] = None,
          config: Annotated[Path | None, typer.Option(help="TOML/YAML file of these options; flags override it.",
                                                      metavar="FILE")] = None,
          json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary.", metavar=FLAG)] = False,
@@ -126,7 +131,8 @@ def tune(preset: Annotated[str | None, _opt(
     given = dict(preset=preset, model=model, text=text, budget_bits=budget_bits, mode=mode, out=out,
                  storage=storage, trials=trials, refine=refine, seed=seed, device=device, sequences=sequences,
                  seq_len=seq_len, kl_tokens=kl_tokens, kl_windows=kl_windows, eval_windows=eval_windows,
-                 eval_prefill=eval_prefill, eval_decode=eval_decode, bits=bits, rotation=rotation, sink=sink)
+                 eval_prefill=eval_prefill, eval_decode=eval_decode, bits=bits, rotation=rotation, sink=sink,
+                 key_rounding=key_rounding)
     file_opts = load_config_file(config) if config else {}
     unknown = set(file_opts) - set(tune_defaults())
     if unknown:
@@ -148,7 +154,8 @@ def tune(preset: Annotated[str | None, _opt(
         chosen, mode=o["mode"], budgets=budgets, sequences=ints["sequences"], seq_len=ints["seq_len"],
         kl_seq_len=ints["kl_tokens"], kl_windows=ints["kl_windows"], trials=ints["trials"], refine=ints["refine"],
         seed=ints["seed"], eval_windows=ints["eval_windows"], eval_prefill=ints["eval_prefill"],
-        eval_decode=ints["eval_decode"], bits=_bits(o["bits"]), rotation=o["rotation"], sink=ints["sink"])
+        eval_decode=ints["eval_decode"], bits=_bits(o["bits"]), rotation=o["rotation"], sink=ints["sink"],
+        key_rounding=o["key_rounding"])
     settings.check()  # before the model loads: a bad budget fails in a second
     dev = _device(o["device"])
     from ..pipeline import check_out_dir

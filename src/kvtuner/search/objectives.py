@@ -18,8 +18,10 @@ class KLObjective:
     The full-precision side is computed once.
     """
 
-    def __init__(self, model: Any, windows: list[torch.Tensor], *, prefill: int = 384, chunk: int = 16):
-        self.model, self.prefill, self.chunk = model, prefill, chunk
+    def __init__(self, model: Any, windows: list[torch.Tensor], *, prefill: int = 384, chunk: int = 16,
+                 key_rounding: Any = None):
+        # key_rounding: a kvtuner.rounding.KeyRounding given to every plan measured (as tune's plans carry it)
+        self.model, self.prefill, self.chunk, self.key_rounding = model, prefill, chunk, key_rounding
         self.batches = side_by_side(windows)
         self.reference = [self._logprobs(ids, None) for ids in self.batches]
 
@@ -29,6 +31,8 @@ class KLObjective:
         return torch.log_softmax(logits.float(), -1)
 
     def __call__(self, plan: KVPlan) -> float:
+        if self.key_rounding is not None and plan.key_rounding is None:
+            plan = plan.with_key_rounding(self.key_rounding)
         total, n = 0.0, 0
         for ids, ref in zip(self.batches, self.reference):
             q = self._logprobs(ids, plan)
