@@ -2,7 +2,9 @@
 
     python benchmarks/bench_key_rounding.py --out benchmarks/results/cpu/key_rounding_smollm2.md
 
-The second moments of the queries come from `kvtuner tune`'s calibration windows (4 x 512 tokens of the
+Per layer first: each layer's attention-output error from its quantized keys alone (the profile's key
+error, rotated KIVI storage, one sink token, on calibration windows) with query-aware over nearest codes,
+at 2, 3 and 4 bits. Then end to end: the second moments of the queries come from `kvtuner tune`'s calibration windows (4 x 512 tokens of the
 built-in text's calibration part); quality is `kvtuner tune`'s held-out protocol (16 windows of a 256-token
 prefill and 64 teacher-forced decode steps), each plan paired window by window with uniform KV4 (nearest
 rounding, plain KIVI storage: the reference of every report). The same bytes per token either way: only
@@ -22,7 +24,7 @@ from kvtuner import KVPlan, load_model
 from kvtuner.data import default_texts
 from kvtuner.evaluation import Evaluator
 from kvtuner.pipeline import TuneSettings
-from kvtuner.profiling import calibration_batches
+from kvtuner.profiling import calibration_batches, profile
 from kvtuner.rounding import query_moments
 
 # (k bits, v bits, rotation, sink tokens)
@@ -38,6 +40,14 @@ def main() -> None:
     model, tok = load_model("smollm2")
     n = model.config.num_hidden_layers
     rounding = query_moments(model, calibration_batches(tok, default_texts("calibration"), s.sequences, s.seq_len))
+    tables = [profile(model, tok, default_texts("calibration"), pairs=[(4, 4)], modes=["kivi"],
+                      num_sequences=s.sequences, seq_len=s.seq_len, rotation=True, sink_length=1, progress=False,
+                      key_rounding=kr) for kr in (None, rounding)]
+    per_layer = []
+    for j, b in enumerate(tables[0].bits):
+        ratio = torch.tensor(tables[1].key_error["kivi"]).T[j] / torch.tensor(tables[0].key_error["kivi"]).T[j]
+        per_layer.append((b, ratio))
+        print(b, ratio.tolist(), flush=True)
     ev = Evaluator(model, tok, default_texts("evaluation"), windows=s.eval_windows, prefill=s.eval_prefill,
                    decode=s.eval_decode, prompts=0, passkey_lengths=(), progress=False)
     ref = ev(KVPlan.uniform(n, 4, 4, "kivi"), label="KV4")
@@ -60,10 +70,19 @@ def main() -> None:
     lines = ["| plan | bits | KL, nearest | KL / KV4, nearest | KL, query-aware | KL / KV4, query-aware | "
              "query-aware / nearest |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {name} | {bits:.2f} | {fmt(a)} | {fmt(b)} | {ratio:.2f} |" for name, bits, a, b, ratio in rows]
+    layer_lines = ["| key bits | layers with lower error | query-aware / nearest: min | median | max |",
+                   "|---|---|---|---|---|"]
+    layer_lines += [f"| {b} | {int((r < 1).sum())} of {len(r)} | {r.min():.2f} | {r.median():.2f} | {r.max():.2f} |"
+                    for b, r in per_layer if b < 16]
     text = "\n".join([
-        "# Query-aware key rounding on SmolLM2 (held-out KL, uniform plans)", "",
+        "# Query-aware key rounding on SmolLM2 (per layer, and held-out KL of uniform plans)", "",
         f"Command: `python benchmarks/bench_key_rounding.py`. {provenance()}; "
         f"{time.perf_counter() - t0:.0f} s on {torch.get_num_threads()} threads.", "",
+        "## Per layer: attention-output error from quantized keys alone", "",
+        f"Calibration windows ({s.sequences} x {s.seq_len} tokens; the moments come from the same windows), "
+        "rotated KIVI keys, one sink token, values in full precision: each layer's relative attention-output "
+        "error with query-aware codes over that with nearest codes.", "", *layer_lines, "",
+        "## End to end: held-out KL", "",
         f"SmolLM2-135M-Instruct (fp32 weights from the Q4_1 GGUF). Query second moments from {s.sequences} "
         f"calibration windows of {s.seq_len} tokens; {s.eval_windows} held-out windows of {s.eval_prefill} "
         f"prefill + {s.eval_decode} decode tokens. KL / KV4: paired with uniform KV4 (nearest rounding, plain, "

@@ -41,6 +41,7 @@ def test_tune_end_to_end_on_tiny_model(tiny_dir, tmp_path):
         plan = KVPlan.load(out / f"plan-{b:g}.json")
         assert plan.num_layers == 3 and plan.equivalent_bits <= b
         assert plan.provenance["preset"] == "recommended" and plan.provenance["settings"]["bits"] == [8, 4, 3, 2]
+        assert plan.key_rounding is not None and plan.key_rounding.moments.shape == (3, 2, 32, 32)
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3 and "uniform KV4" in page
     # it opens with a recommendation naming a plan file, with the paired KL ratio to uniform KV4
@@ -83,6 +84,7 @@ def test_tune_rotation_per_layer(tiny_dir, tmp_path):
     assert plan.provenance["settings"]["sink"] == 2 and {(lay.k.sink_length, lay.v.sink_length) for lay in plan.layers} <= {(2, 2),
                                                                                                         (0, 0)}
     assert any(lay.k.sink_length == 2 for lay in plan.layers)
+    assert plan.key_rounding is None and plan.provenance["settings"]["key_rounding"] is False  # the paper's codes
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -220,8 +220,11 @@ def write_report(out: Path, table, mode: str, proxy, fronts: dict[float, Any], q
                if r["name"].startswith("uniform") and "pairs" in r}
     m_rows = _memory_rows({**plans, **uniform}, config, dtype_bytes)
     title = f"kvtuner report: {model_id or 'model'} ({mode})"
+    rounding = any(p.key_rounding is not None for p in plans.values())
     intro = (f"Profiled on {table.num_tokens} calibration tokens; one-layer KL costs drive the exact budget solver; "
-             f"NSGA-II measured plans through the real cache; quality is measured on held-out text.")
+             f"NSGA-II measured plans through the real cache; quality is measured on held-out text."
+             + (" The searched plans' keys take query-aware codes (rounded against the queries' second moments "
+                "measured on the calibration text; same bytes as nearest rounding)." if rounding else ""))
     mem_note = (f"Cache memory per sequence with a {8 * dtype_bytes}-bit model dtype (codes + scales/zeros + "
                 "residual window, as MixedPrecisionCache.nbytes() counts it); bytes/token is the steady-state cost.")
     md = [f"# {title}", "", "## Recommendation", "", advice, "", intro, "", "## Quality against full precision", "",

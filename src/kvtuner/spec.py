@@ -503,6 +503,8 @@ class KVPlan:
                 return "fp16" if not s.quantized else f"{s.bits}b {s.mode} g{s.group_size} r{s.residual_length}"
             rows.append(f"{i:>5}  {layer.name:<6} {fmt(layer.k):<22} {fmt(layer.v):<22}")
         rows.append(f"equivalent bits: {self.equivalent_bits:.3f}")
+        if self.key_rounding is not None:
+            rows.append("key rounding: query-aware (queries' second moments measured on calibration text)")
         if config is not None:
             rows.append(f"bytes/token (all layers, steady state): {self.bytes_per_token(config):.1f}")
         return "\n".join(rows)
