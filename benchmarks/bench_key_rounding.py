@@ -3,8 +3,8 @@
     python benchmarks/bench_key_rounding.py --out benchmarks/results/cpu/key_rounding_smollm2.md
 
 Per layer first: each layer's attention-output error from its quantized keys alone (the profile's key
-error, rotated KIVI storage, one sink token, on calibration windows) with query-aware over nearest codes,
-at 2, 3 and 4 bits. Then end to end: the second moments of the queries come from `kvtuner tune`'s calibration windows (4 x 512 tokens of the
+error, rotated KIVI storage, one sink token) on held-out windows, with query-aware over nearest codes, at
+2, 3, 4, 6 and 8 bits; the moments come from the calibration windows, so this is out of sample. Then end to end: the second moments of the queries come from `kvtuner tune`'s calibration windows (4 x 512 tokens of the
 built-in text's calibration part); quality is `kvtuner tune`'s held-out protocol (16 windows of a 256-token
 prefill and 64 teacher-forced decode steps), each plan paired window by window with uniform KV4 (nearest
 rounding, plain KIVI storage: the reference of every report). The same bytes per token either way: only
@@ -40,7 +40,7 @@ def main() -> None:
     model, tok = load_model("smollm2")
     n = model.config.num_hidden_layers
     rounding = query_moments(model, calibration_batches(tok, default_texts("calibration"), s.sequences, s.seq_len))
-    tables = [profile(model, tok, default_texts("calibration"), pairs=[(4, 4)], modes=["kivi"],
+    tables = [profile(model, tok, default_texts("evaluation"), pairs=[(4, 4)], modes=["kivi"],
                       num_sequences=s.sequences, seq_len=s.seq_len, rotation=True, sink_length=1, progress=False,
                       key_rounding=kr) for kr in (None, rounding)]
     per_layer = []
@@ -79,9 +79,10 @@ def main() -> None:
         f"Command: `python benchmarks/bench_key_rounding.py`. {provenance()}; "
         f"{time.perf_counter() - t0:.0f} s on {torch.get_num_threads()} threads.", "",
         "## Per layer: attention-output error from quantized keys alone", "",
-        f"Calibration windows ({s.sequences} x {s.seq_len} tokens; the moments come from the same windows), "
-        "rotated KIVI keys, one sink token, values in full precision: each layer's relative attention-output "
-        "error with query-aware codes over that with nearest codes.", "", *layer_lines, "",
+        f"Held-out windows ({s.sequences} x {s.seq_len} tokens of the evaluation text; the moments come from the "
+        "calibration windows), rotated KIVI keys, one sink token, values in full precision: each layer's "
+        "relative attention-output error with query-aware codes over that with nearest codes.", "",
+        *layer_lines, "",
         "## End to end: held-out KL", "",
         f"SmolLM2-135M-Instruct (fp32 weights from the Q4_1 GGUF). Query second moments from {s.sequences} "
         f"calibration windows of {s.seq_len} tokens; {s.eval_windows} held-out windows of {s.eval_prefill} "
