@@ -4,8 +4,9 @@
 
 Per layer first: each layer's attention-output error from its quantized keys alone (the profile's key
 error, rotated KIVI storage, one sink token) on held-out windows, with query-aware over nearest codes, at
-2, 3, 4, 6 and 8 bits; the moments come from the calibration windows, so this is out of sample. Then end to end: the second moments of the queries come from `kvtuner tune`'s calibration windows (4 x 512 tokens of the
-built-in text's calibration part); quality is `kvtuner tune`'s held-out protocol (16 windows of a 256-token
+2, 3, 4 and 8 bits; the moments come from the calibration windows, so this is out of sample. Then end
+to end: the moments come from `kvtuner tune`'s calibration windows (4 x 512 tokens of the built-in
+text's calibration part); quality is `kvtuner tune`'s held-out protocol (16 windows of a 256-token
 prefill and 64 teacher-forced decode steps), each plan paired window by window with uniform KV4 (nearest
 rounding, plain KIVI storage: the reference of every report). The same bytes per token either way: only
 the codes differ.
@@ -40,7 +41,7 @@ def main() -> None:
     model, tok = load_model("smollm2")
     n = model.config.num_hidden_layers
     rounding = query_moments(model, calibration_batches(tok, default_texts("calibration"), s.sequences, s.seq_len))
-    tables = [profile(model, tok, default_texts("evaluation"), pairs=[(4, 4)], modes=["kivi"],
+    tables = [profile(model, tok, default_texts("evaluation"), pairs=[(3, 3)], modes=["kivi"],
                       num_sequences=s.sequences, seq_len=s.seq_len, rotation=True, sink_length=1, progress=False,
                       key_rounding=kr) for kr in (None, rounding)]
     per_layer = []

@@ -137,6 +137,7 @@ def _front(proxy, fronts: dict[float, Any], quality: list[dict[str, Any]]) -> by
     ax2.set_ylabel("held-out KL vs full precision")
     ax2.set_yscale("log")
     ax2.set_title("Held-out quality: searched (red stars) vs uniform (grey)")
+    fig.tight_layout()  # long log-scale tick labels otherwise run into the next panel's axis label
     return _png(fig)
 
 
