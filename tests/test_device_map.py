@@ -6,12 +6,12 @@ import pytest
 
 pytest.importorskip("matplotlib", reason="needs the tune extra: pip install 'kvtuner[tune]'")
 
-from kvtuner import KVPlan, load_model  # noqa: E402
-from kvtuner.data import default_texts  # noqa: E402
-from kvtuner.pipeline import TuneSettings, run_tune  # noqa: E402
+from kvtuner import KVPlan, load_model
+from kvtuner.data import default_texts
+from kvtuner.pipeline import TuneSettings, run_tune
 
-SMALL = dict(budgets=(3.25,), trials=0, sequences=1, seq_len=96, kl_seq_len=96, eval_windows=2, eval_prefill=48,
-             eval_decode=16)
+SMALL = {"budgets": (3.25,), "trials": 0, "sequences": 1, "seq_len": 96, "kl_seq_len": 96, "eval_windows": 2,
+         "eval_prefill": 48, "eval_decode": 16}
 
 
 def _tune(model, tok, out):
@@ -36,7 +36,8 @@ def test_tune_command_takes_a_device_map(tiny_dir, tmp_path):
                         "--device-map", "auto", "--out", str(out), "--budget-bits", "3.25", "--trials", "0",
                         "--sequences", "1", "--seq-len", "96", "--kl-tokens", "96", "--eval-windows", "2",
                         "--eval-prefill", "48", "--eval-decode", "16"],
-                       capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                       check=False, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stderr
     assert "weights placed by accelerate (device_map=auto): one device" in r.stderr
     assert KVPlan.load(out / "plan-3.25.json").equivalent_bits <= 3.25
@@ -54,7 +55,7 @@ def test_tune_with_layers_split_between_gpu_and_cpu_matches_one_device(tiny_dir,
     assert set(map(str, model.hf_device_map.values())) == {"0", "cpu"}
     plan, quality = _tune(model, tok, tmp_path / "split")
     whole, tok = load_model(str(tiny_dir), device="cuda", dtype=torch.float32)
-    plan1, quality1 = _tune(whole, tok, tmp_path / "one")
+    _, quality1 = _tune(whole, tok, tmp_path / "one")
     assert plan.num_layers == 4 and plan.equivalent_bits <= 3.25
     for name, row in quality1.items():
         assert quality[name]["full_ppl"] == pytest.approx(row["full_ppl"], rel=1e-4), name

@@ -9,7 +9,7 @@ import torch
 
 from kvtuner import KVPlan, quant
 from kvtuner.cache import MixedPrecisionCache, simulate_cache
-from kvtuner.rounding import KeyRounding, query_moments, quantize_keys, round_codes
+from kvtuner.rounding import KeyRounding, quantize_keys, query_moments, round_codes
 from kvtuner.spec import PlanError, QuantSpec
 from kvtuner.testing import tiny_model
 
