@@ -56,7 +56,8 @@ def main() -> None:
     plan = KVPlan.load(args.plan, config=model.config)
     bare = [i for i, s in enumerate(shares) if s < args.min_share]
     variant = KVPlan(tuple(LayerSpec(dataclasses.replace(lay.k, sink_length=0), dataclasses.replace(lay.v, sink_length=0))
-                           if i in bare else lay for i, lay in enumerate(plan.layers)), model=plan.model)
+                           if i in bare else lay for i, lay in enumerate(plan.layers)), model=plan.model,
+                     key_rounding=plan.key_rounding)
     s = TuneSettings()
     ev = Evaluator(model, tok, read_texts("pydoc")[1], windows=s.eval_windows, prefill=s.eval_prefill,
                    decode=s.eval_decode, prompts=2, new_tokens=32, passkey_lengths=(), progress=False)
