@@ -75,7 +75,8 @@ def _opt(help: str, name: str, metavar: str, *decls: str):
                     "  kvtuner tune --config tune.toml --json")
 def tune(preset: Annotated[str | None, _opt(
              "Settings to start from: 'recommended' (measured best: 2/3/4/8-bit pairs, rotation per layer, one "
-             "sink token, 512-token KL costs) or 'paper' (KVTuner as published). Other options override it.",
+             "sink token, query-aware key rounding, 512-token KL costs) or 'paper' (KVTuner as published). Other "
+             "options override it.",
              "preset", "NAME")] = None,
          model: Annotated[str | None, _opt("'smollm2' (built in), a hub id, a directory or .gguf.", "model",
                                            "NAME_OR_PATH")] = None,
