@@ -74,10 +74,9 @@ class QuantizedKVLayer(CacheLayerMixin):
 
     def _clear(self) -> None:
         sliding = self.is_sliding
-        self._k = TensorStore(self.spec.k, "key", self.head_dim, self.capacity, sliding=sliding)
+        rounding = None if self.key_rounding is None else (self.key_rounding, self.layer_idx)
+        self._k = TensorStore(self.spec.k, "key", self.head_dim, self.capacity, sliding=sliding, rounding=rounding)
         self._v = TensorStore(self.spec.v, "value", self.head_dim, self.capacity, sliding=sliding)
-        if self.key_rounding is not None and self.spec.k.quantized:
-            self._k.rounding = (self.key_rounding, self.layer_idx)
         self.layout: LayerLayout | None = None  # decided at the first update, from the device
         self.cumulative_length = 0  # tokens seen
         self.start = 0  # absolute position of the oldest stored token (> 0 only for sliding layers)
@@ -437,9 +436,7 @@ def simulate_cache(x: torch.Tensor, spec: QuantSpec, role: str, policy: KernelPo
     profiling measures exactly the quantization the online cache applies. ``rounding``: keys'
     ``(KeyRounding, layer)`` for query-aware codes, as a plan with ``key_rounding`` stores them.
     """
-    store = TensorStore(spec, role, x.shape[-1])
-    if rounding is not None and role == "key" and spec.quantized:
-        store.rounding = rounding
+    store = TensorStore(spec, role, x.shape[-1], rounding=rounding)
     store.set_layout(policy.layout(spec, spec, x.shape[-1], x.device))
     store.append(x)
     return store.materialize(x.dtype)

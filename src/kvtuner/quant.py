@@ -500,14 +500,16 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.T
     elif qt.channel_words:
         codes = from_channel_words(codes, qt.bits, qt.head_dim)
     q = unpack(codes, qt.bits, qt.head_dim).float()
-    scale, zero = qt.scale, qt.zero
+    scale, zero = element_params(qt)
+    return (q * scale + zero).to(dtype)
+
+
+def element_params(qt: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scale and zero of every element, each ``[..., T, D]`` fp32 (what :func:`dequantize` applies)."""
     if qt.granularity == "per_channel":
-        q, scale, zero = q.transpose(-1, -2), scale.transpose(-1, -2), zero.transpose(-1, -2)
-    n = q.shape[-1]
-    out = q * _expand(scale, qt.group_size, n) + _expand(zero, qt.group_size, n)
-    if qt.granularity == "per_channel":
-        out = out.transpose(-1, -2)
-    return out.to(dtype)
+        t = qt.num_tokens
+        return tuple(_expand(p.transpose(-1, -2), qt.group_size, t).transpose(-1, -2) for p in (qt.scale, qt.zero))
+    return tuple(_expand(p, qt.group_size, qt.head_dim) for p in (qt.scale, qt.zero))
 
 
 def fake_quantize(x: torch.Tensor, bits: int, granularity: str = "per_token", group_size: int | None = None

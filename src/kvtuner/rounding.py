@@ -153,22 +153,17 @@ def quantize_keys(x: torch.Tensor, bits: int, granularity: str, group_size: int 
     from . import quant
 
     qt = quant.quantize(x, bits, granularity, group_size)
-    t, d = x.shape[-2], x.shape[-1]
-    if t == 0:
+    if x.shape[-2] == 0:
         return qt
-    if granularity == "per_channel":
-        s = qt.scale.float().repeat_interleave(qt.group_size, dim=-2)[..., :t, :]
-        z = qt.zero.float().repeat_interleave(qt.group_size, dim=-2)[..., :t, :]
-    else:
-        s = qt.scale.float().repeat_interleave(qt.group_size, dim=-1)[..., :d]
-        z = qt.zero.float().repeat_interleave(qt.group_size, dim=-1)[..., :d]
+    s, z = quant.element_params(qt)
     if triton and x.is_cuda:
         from .kernels.rounding import round_codes as fast_round_codes
 
         codes = fast_round_codes(x, s, z, bits, factor.to(x.device))
     else:
         codes = round_codes(x, s, z, bits, factor.to(x.device))
-    return quant.QuantizedTensor(quant.pack(codes, bits), qt.scale, qt.zero, bits, granularity, qt.group_size, d)
+    return quant.QuantizedTensor(quant.pack(codes, bits), qt.scale, qt.zero, bits, granularity, qt.group_size,
+                                 x.shape[-1])
 
 
 def query_moments(model: Any, batches: list[torch.Tensor]) -> KeyRounding:

@@ -24,8 +24,10 @@ class TensorStore:
     """
 
     def __init__(self, spec: QuantSpec, role: str, head_dim: int, capacity: int | None = None,
-                 sliding: bool = False):
+                 sliding: bool = False, rounding: tuple | None = None):
         self.spec, self.role, self.head_dim = spec, role, head_dim
+        # (KeyRounding, layer): query-aware codes (kvtuner.rounding); they apply to quantized keys only
+        self.rounding = rounding if role == "key" and spec.quantized else None
         self.sink = spec.kept_sink(sliding)  # full-precision attention-sink tokens at the residual's front
         self.triton = False  # quantize with the Triton kernel (set_layout)
         self.granularity = spec.granularity(role)
@@ -33,7 +35,6 @@ class TensorStore:
         self.unit = spec.flush_unit(role)
         self.capacity = capacity
         self.token_block, self.channel_words = 0, False  # set_layout
-        self.rounding = None  # (KeyRounding, layer): query-aware key codes (kvtuner.rounding)
         self._buf: quant.QuantizedTensor | None = None
         self._n = 0
         self.residual: torch.Tensor | None = None
