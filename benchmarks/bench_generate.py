@@ -27,7 +27,7 @@ sys.path.insert(0, "benchmarks")
 
 import strong_bf16  # noqa: E402
 from bench_decode import build  # noqa: E402
-from provenance import provenance  # noqa: E402
+from provenance import provenance, publish  # noqa: E402
 
 from kvtuner import KVPlan, MixedPrecisionCache, generate, greedy_generate, with_cache  # noqa: E402
 
@@ -120,10 +120,7 @@ def main() -> None:
             lines.append(f"| {b} | {name} | {ms:.2f} | {ms / greedy:.2f}x | "
                          f"{'' if setup is None else f'{setup:.2f}'} | {'' if first is None else f'{first:.1f}'} |")
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import itertools
 import time
 
 import torch
+from provenance import publish
 
 import kvtuner
 from kvtuner import load_model
@@ -92,10 +93,7 @@ def main() -> None:
     text = "\n".join(["# Per-head sensitivity spread on SmolLM2", "", *summary, "",
                       f"Command: `python benchmarks/bench_heads.py --out {args.out} --sequences {args.sequences}"
                       f"{' --rotation' if args.rotation else ''}`", "", __doc__.split("\n", 3)[3], *lines]) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from provenance import provenance
+from provenance import provenance, publish
 
 from kvtuner import KVPlan, load_model
 from kvtuner.evaluation import Evaluator
@@ -81,9 +81,8 @@ def main() -> None:
         "KL / first plan: geometric mean of the per-window KL ratios to the first plan's, with exp(+- 2 s.e.) "
         "of the log ratios (QualityReport.kl_ratio_interval). "
         "Worst window: the largest single-window PPL increase.", "", *lines])
-    print(text)
+    publish(text, args.out)
     if args.out:
-        Path(args.out).write_text(text + "\n")
         Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
 
 

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
-from provenance import provenance
+from provenance import provenance, publish
 
 from kvtuner import KVPlan, load_model
 from kvtuner.data import default_texts
@@ -90,9 +89,7 @@ def main() -> None:
         f"prefill + {s.eval_decode} decode tokens. KL / KV4: paired with uniform KV4 (nearest rounding, plain, "
         "no sink), geometric mean of per-window ratios [+-2 s.e.]. r: Hadamard-rotated storage; s1: one sink "
         "token. Query-aware rounding changes only the key codes (same scales, zeros and bytes).", "", *lines])
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, "benchmarks")
 
 from bench_decode import build, decode_graph, fill  # noqa: E402
-from provenance import provenance  # noqa: E402
+from provenance import provenance, publish  # noqa: E402
 
 from kvtuner import KVPlan  # noqa: E402
 
@@ -81,9 +81,7 @@ def main() -> None:
              "| B x L | plan | bits | ms/step, plan | ms/step, plain twin | plan / twin |", "|---|---|---|---|---|---|"]
     lines += [f"| {s} | {n} | {b:.2f} | {p:.2f} | {q:.2f} | {p / q:.3f} |" for s, n, b, p, q in rows]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import dataclasses
 import time
 
 import torch
-from provenance import provenance
+from provenance import provenance, publish
 
 from kvtuner import Evaluator, KVPlan, LayerSpec
 from kvtuner.data import default_texts
@@ -81,10 +81,7 @@ def main() -> None:
     v = kl_ratio(rows["plan without sinks in those layers"], rows["plan"])
     lines += ["", f"Without those sinks / with: {v[0]:.2f} [{v[1]:.2f}, {v[2]:.2f}]."]
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

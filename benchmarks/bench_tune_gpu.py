@@ -78,7 +78,7 @@ def main() -> None:
     ap.add_argument("--out", default="")
     ap.add_argument("extra", nargs="*", help="more kvtuner tune options (after --)")
     args = ap.parse_args()
-    from provenance import provenance
+    from provenance import provenance, publish
 
     work = Path(args.work)
     model_dir = Path(args.model) if args.model else work / "model"
@@ -106,9 +106,7 @@ def main() -> None:
         body = report.read_text().split("## Memory")[0].split("\n", 1)[1]
         md += [body.strip()]
     text = "\n".join(md) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""One line saying which code, machine and versions produced a result (every results file carries it)."""
+"""One line saying which code, machine and versions produced a result (every results file carries it), and
+the one way a script shows and saves its result."""
 
 from __future__ import annotations
 
 import os
 import platform
 import subprocess
+from pathlib import Path
 
 
 def provenance() -> str:
@@ -28,3 +30,10 @@ def provenance() -> str:
                else f"{os.cpu_count()}-core {platform.machine()} CPU")
     return (f"kvtuner {kvtuner.__version__} at commit {commit}; {machine}; Python {platform.python_version()}, "
             f"torch {torch.__version__}, transformers {transformers.__version__}")
+
+
+def publish(text: str, out: str | None) -> None:
+    """Print a result and, with ``--out``, write it there (ending in one newline)."""
+    print(text)
+    if out:
+        Path(out).write_text(text if text.endswith("\n") else text + "\n")
