@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="")
+    ap.add_argument("--budget-s", type=float, default=0.0,
+                    help="start no new row after this many seconds (0: no limit); the file names the rows left out")
     args = ap.parse_args()
     t_start = time.time()
     # the per-layer specs only: the plans were searched for another model (speed depends on bits, rotation, sink)
@@ -57,10 +59,13 @@ def main() -> None:
         rounding = query_moments(model, [torch.randint(0, 1000, (1, 512), device="cuda")])
     plans = {name: KVPlan(p.layers, key_rounding=rounding if p.key_rounding is not None else None)
              for name, p in loaded.items()}
-    rows = []
+    rows, skipped = [], []
     for shape in args.shapes.split(","):
         batch, ctx = (int(x) for x in shape.split("x"))
         for name, plan in plans.items():
+            if args.budget_s and time.time() - t_start > args.budget_s:
+                skipped.append(f"{shape} {name}")
+                continue
             best = {"plan": float("inf"), "plain": float("inf")}
             for _ in range(args.repeats):
                 for kind, p in (("plan", plan), ("plain", plain_twin(plan))):
@@ -80,6 +85,8 @@ def main() -> None:
              f"between them, best of {args.repeats} alternating runs of {args.steps} steps.", "",
              "| B x L | plan | bits | ms/step, plan | ms/step, plain twin | plan / twin |", "|---|---|---|---|---|---|"]
     lines += [f"| {s} | {n} | {b:.2f} | {p:.2f} | {q:.2f} | {p / q:.3f} |" for s, n, b, p, q in rows]
+    if skipped:
+        lines += ["", f"Not run (past --budget-s {args.budget_s:.0f}): {', '.join(skipped)}."]
     text = "\n".join(lines) + "\n"
     publish(text, args.out)
 
