@@ -280,33 +280,6 @@ def test_rotation_in_the_kernel_matches_the_matmuls(k_rot, v_rot):
         kernels.decode_attention(q48, kp48, kr48, vp48, vr48, 0.1, rotate_q=True)
 
 
-@pytest.mark.parametrize("d,k_rot,v_rot,dtype", [(64, True, True, torch.bfloat16), (128, True, False, torch.float16),
-                                                   (32, False, True, torch.float32), (256, False, False, torch.bfloat16)])
-def test_step_write_matches_the_store(d, k_rot, v_rot, dtype):
-    # one launch writes a step's key and value (rotated where the store is) into their slot, as static_write does
-    from kvtuner.kernels.write import supported, write_step
-    from kvtuner.spec import QuantSpec
-    from kvtuner.store import TensorStore
-
-    b, h = 3, 5
-    k = torch.randn(b, 1, h, d, dtype=dtype, device=DEV).transpose(1, 2)  # as attention hands it over: strided
-    v = torch.randn(b, h, 1, d, dtype=dtype, device=DEV)
-    slot = torch.tensor([2], device=DEV)
-    got, want = [], []
-    for x, rot, slots in ((k, k_rot, 7), (v, v_rot, 4)):
-        store = TensorStore(QuantSpec(4, rotation=rot), "value", d)
-        store.static = torch.zeros(b, h, slots, d, dtype=dtype, device=DEV)
-        store.static_write(x, slot)
-        want.append(store.static)
-        got.append(torch.zeros_like(store.static))
-    assert supported(k, v, *got)
-    write_step(k, v, got[0], got[1], slot, k_rot, v_rot)
-    for g, w in zip(got, want):
-        assert g[:, :, 2].abs().sum() > 0 and torch.equal(g[:, :, [0, 1, 3]], w[:, :, [0, 1, 3]])
-        assert torch.allclose(g.float(), w.float(), rtol=1e-2, atol=1e-2), (g.float() - w.float()).abs().max()
-    assert not supported(torch.randn(b, h, 2, d, device=DEV), v, *got)  # one token per step only
-
-
 def test_decode_ragged_batch_mask():
     case = make_case(3, 2, 4, 64, 64, 7, 4, 4)
     mask = torch.ones(3, 71, dtype=torch.bool, device=DEV)

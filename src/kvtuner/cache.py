@@ -121,7 +121,8 @@ class QuantizedKVLayer(CacheLayerMixin):
                                    f"{key_states.shape[-2]} (prefill before make_static)")
             from .attention import PackedKV
 
-            self._static_write(key_states, value_states)
+            self._k.static_write(key_states, self._slot)
+            self._v.static_write(value_states, self._slot)
             return PackedKV.wrap(self, key_states), PackedKV.wrap(self, value_states)
         self._k.append(key_states)
         self._v.append(value_states)
@@ -193,17 +194,6 @@ class QuantizedKVLayer(CacheLayerMixin):
         """The host's view of this layer's device state row before the next step."""
         n_r = self._k.num_residual
         return [self._k.num_quantized // self._qunit, n_r + 1, n_r]
-
-    def _static_write(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        if self.layout.triton:
-            from .kernels.write import supported, write_step
-
-            if supported(key_states, value_states, self._k.static, self._v.static):
-                write_step(key_states, value_states, self._k.static, self._v.static, self._slot,
-                           self._k.spec.rotation, self._v.spec.rotation)
-                return
-        self._k.static_write(key_states, self._slot)
-        self._v.static_write(value_states, self._slot)
 
     def _static_decode(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         from .attention import decode_attention as reference
