@@ -149,19 +149,20 @@ def round_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: 
 def quantize_keys(x: torch.Tensor, bits: int, granularity: str, group_size: int | None, factor: torch.Tensor, *,
                   triton: bool = False):
     """:func:`kvtuner.quant.quantize` with query-aware codes: the same scales and zeros, the same packing.
-    ``triton``: round with the Triton kernel (CUDA tensors)."""
+    ``triton``: quantize, round and pack in one Triton launch (:mod:`kvtuner.kernels.rounding`)."""
     from . import quant
 
+    if triton:
+        from .kernels.rounding import fused_supported
+        from .kernels.rounding import quantize_keys as fused
+
+        if fused_supported(x, bits, granularity, group_size):
+            return fused(x, bits, granularity, group_size, factor.to(x.device))
     qt = quant.quantize(x, bits, granularity, group_size)
     if x.shape[-2] == 0:
         return qt
     s, z = quant.element_params(qt)
-    if triton and x.is_cuda:
-        from .kernels.rounding import round_codes as fast_round_codes
-
-        codes = fast_round_codes(x, s, z, bits, factor.to(x.device))
-    else:
-        codes = round_codes(x, s, z, bits, factor.to(x.device))
+    codes = round_codes(x, s, z, bits, factor.to(x.device))
     return quant.QuantizedTensor(quant.pack(codes, bits), qt.scale, qt.zero, bits, granularity, qt.group_size,
                                  x.shape[-1])
 
