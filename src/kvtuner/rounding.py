@@ -152,12 +152,10 @@ def quantize_keys(x: torch.Tensor, bits: int, granularity: str, group_size: int 
     ``triton``: quantize, round and pack in one Triton launch (:mod:`kvtuner.kernels.rounding`)."""
     from . import quant
 
-    if triton:
-        from .kernels.rounding import fused_supported
+    if triton:  # the kernel hands shapes it does not cover back to this reference
         from .kernels.rounding import quantize_keys as fused
 
-        if fused_supported(x, bits, granularity, group_size):
-            return fused(x, bits, granularity, group_size, factor.to(x.device))
+        return fused(x, bits, granularity, group_size, factor)
     qt = quant.quantize(x, bits, granularity, group_size)
     if x.shape[-2] == 0:
         return qt

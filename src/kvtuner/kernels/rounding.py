@@ -98,15 +98,15 @@ def fused_supported(x: torch.Tensor, bits: int, granularity: str, group_size: in
     return x.dim() == 4 and bits in PLANE_WIDTHS and 16 <= x.shape[-1] <= 256 and supported(x, granularity, group_size)
 
 
-def quantize_keys(x: torch.Tensor, bits: int, granularity: str, group_size: int | None, factor: torch.Tensor,
-                  meta: torch.dtype | None = None) -> quant.QuantizedTensor:
+def quantize_keys(x: torch.Tensor, bits: int, granularity: str, group_size: int | None, factor: torch.Tensor
+                  ) -> quant.QuantizedTensor:
     """Triton :func:`kvtuner.rounding.quantize_keys` for ``[B, H, T, D]`` keys (``factor`` ``[H, D, D]``);
     shapes it does not cover go to the reference."""
     from .. import rounding
 
     if not fused_supported(x, bits, granularity, group_size):
         return rounding.quantize_keys(x, bits, granularity, group_size, factor)
-    meta = quant.check_meta(meta, x.dtype)
+    meta = quant.meta_dtype(x.dtype)  # the reference's metadata dtype
     b, h, t, d = x.shape
     x = x.contiguous()
     eps, tiny = _LIMITS.get(meta, (0.0, 0.0))
