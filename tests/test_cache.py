@@ -252,8 +252,10 @@ def test_rotated_storage_returns_unrotated_tensors_with_less_error(mode):
         cache = MixedPrecisionCache(KVPlan.uniform(2, 3, 3, mode, rotation=rot), CFG)
         keys, values = cache.update(k, v, 0)
         store = cache.layers[0]._k
-        if rot and store.num_residual:  # what is stored is the rotated tensor, residual included
-            assert torch.allclose(store.residual, k[..., -store.num_residual:, :] @ quant.hadamard(64), atol=1e-4)
+        n = store.num_quantized
+        assert n and torch.equal(store.residual, k[..., n:, :])  # the full-precision window stays plain
+        packed = quant.dequantize(store.packed, torch.float32)  # the history is quantized rotated
+        assert (((packed - k[..., :n, :] @ quant.hadamard(64)).norm() < (packed - k[..., :n, :]).norm()) == rot)
         errs[rot] = ((keys - k).norm() / k.norm()).item(), ((values - v).norm() / v.norm()).item()
     # per-token groups suffer from channel outliers and rotation spreads them; KIVI keys already have a
     # scale per channel, so only their values (per token) gain

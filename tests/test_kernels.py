@@ -258,26 +258,37 @@ def test_decode_three_bit_values_in_contiguous_words(kbits, gv, d):
 
 @pytest.mark.parametrize("k_rot,v_rot", [(True, True), (True, False), (False, True)])
 def test_rotation_in_the_kernel_matches_the_matmuls(k_rot, v_rot):
-    # the kernel's fast Walsh-Hadamard transforms (rotate_out as rotated_decode uses it, and rotate_q) =
-    # the matmuls around it
+    # rotated layers pack k H / v H and keep their residual plain: the kernel's fast Walsh-Hadamard
+    # transforms (rotate_out, and rotate_q) = attention over the packed history rotated back
     from kvtuner.attention import rotated_decode
 
     q, kp, kr, vp, vr = make_case(2, 2, 4, 64, 64, 9, 4, 2)
-
-    def unfused(*a, **kw):  # the same kernel without fuses_rotation: rotated_decode does the matmuls
-        return kernels.decode_attention(*a, **kw)
-
+    g = torch.Generator(device="cpu").manual_seed(1)
+    x = torch.randn(2, 2, 64, 64, generator=g).to(DEV, q.dtype)
+    if k_rot:  # keys with outlier channels, rotated before they are quantized
+        kp = quant.quantize(quant.rotate(x + torch.randn(64, generator=g).to(DEV, q.dtype) * 3), 4, "per_channel", 32)
+    if v_rot:
+        vp = quant.quantize(quant.rotate(x.flip(-1)), 2, "per_token", None)
     fused = rotated_decode(kernels.decode_attention, q, kp, kr, vp, vr, 0.125, None, k_rot, v_rot)
-    plain = rotated_decode(unfused, q, kp, kr, vp, vr, 0.125, None, k_rot, v_rot)
     ref = rotated_decode(reference, q.float(), kp, kr.float(), vp, vr.float(), 0.125, None, k_rot, v_rot)
-    assert rel(fused, plain) < 2e-3 and rel(fused, ref) < 5e-3
-    d = q.shape[-1]  # both transforms in the kernels
+    plain_k = torch.cat([quant.rotate(quant.dequantize(kp, torch.float32)) if k_rot else
+                         quant.dequantize(kp, torch.float32), kr.float()], -2)
+    plain_v = torch.cat([quant.rotate(quant.dequantize(vp, torch.float32)) if v_rot else
+                         quant.dequantize(vp, torch.float32), vr.float()], -2)
+    truth = reference(q.float(), None, plain_k, None, plain_v, 0.125)
+    assert rel(ref, truth) < 1e-6 and rel(fused, ref) < 5e-3
+    rotated_q = reference(q.float(), kp, kr.float(), vp, vr.float(), 0.125)  # rotation ignored: far off
+    assert rel(rotated_q, truth) > 20 * rel(fused, truth)
+    d = q.shape[-1]  # both transforms in the kernels, the residual split on the plain query
     both = kernels.decode_attention(q, kp, kr, vp, vr, 0.125 / d ** 0.5 if k_rot else 0.125,
-                                          out_scale=d ** -0.5 if v_rot else 1.0, rotate_q=k_rot, rotate_out=v_rot)
-    assert rel(both, plain) < 2e-3
+                                    out_scale=d ** -0.5 if v_rot else 1.0, rotate_q=k_rot, rotate_out=v_rot,
+                                    scaling_residual=0.125)
+    assert rel(both, fused) < 2e-3
     with pytest.raises(ValueError, match="power-of-two"):
         q48, kp48, kr48, vp48, vr48 = make_case(1, 1, 4, 48, 32, 3, 4, 4)
         kernels.decode_attention(q48, kp48, kr48, vp48, vr48, 0.1, rotate_q=True)
+    with pytest.raises(ValueError, match="q_residual"):
+        kernels.decode_attention(q, kp, kr, vp, vr, 0.1, q_residual=q[:1])
 
 
 def test_decode_ragged_batch_mask():

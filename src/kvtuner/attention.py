@@ -72,25 +72,41 @@ def rotated_decode(decode: Any, q: torch.Tensor, k_packed: quant.QuantizedTensor
                    k_residual: torch.Tensor | None, v_packed: quant.QuantizedTensor | None,
                    v_residual: torch.Tensor | None, scaling: float, kv_mask: torch.Tensor | None,
                    k_rotation: bool, v_rotation: bool, **kwargs: Any) -> torch.Tensor:
-    """``decode`` (this reference or the kernel) over stores that hold ``k H`` and/or ``v H``.
+    """``decode`` (this reference or the kernel) over stores whose packed history holds ``k H`` and/or
+    ``v H`` while their residual window holds plain tokens.
 
-    Attention runs in rotated space: ``(q H).(k H) = q.k`` and ``sum p (v H) = o H``. Each side
-    costs one matmul with the exact ``±1`` matrix ``S = sqrt(D) H``; the ``1/sqrt(D)`` factors go
-    into the softmax scale and ``out_scale``. A ``decode`` with ``fuses_rotation`` (the Triton
-    kernel) applies ``S`` to its output itself (``rotate_out``, in the merge kernel) instead of the
-    second matmul. The query keeps its matmul: transforming it inside the split kernel
-    (``rotate_q``) made the register-capped pairs 7-16 % slower on an H100.
+    Rotation is paid where tokens are quantized, once per flush unit, not at every step's write. The
+    packed splits run in rotated space: ``(q H).(k H) = q.k`` and ``sum p (v H) = o H``. The query takes
+    one matmul with the exact ``±1`` matrix ``S = sqrt(D) H`` (its ``1/sqrt(D)`` in the softmax scale),
+    and the kernel (``fuses_rotation``) rotates the packed share of its output back in the merge kernel
+    (``rotate_out``, ``1/sqrt(D)`` in ``out_scale``); the residual split reads the plain query. The query
+    keeps its matmul: transforming it inside the split kernel (``rotate_q``) made the register-capped
+    pairs 7-16 % slower on an H100. Any other ``decode`` (the reference) gets the packed history
+    dequantized and rotated back, in fp32, as part of a plain residual.
     """
     d = q.shape[-1]
-    if k_rotation:
-        q = q @ quant.hadamard(d, q.device, q.dtype, normalized=False)
-        scaling = scaling / d ** 0.5
-    if getattr(decode, "fuses_rotation", False):  # the Triton merge kernel rotates the output in registers
-        return decode(q, k_packed, k_residual, v_packed, v_residual, scaling, kv_mask,
-                      out_scale=d ** -0.5 if v_rotation else 1.0, rotate_out=v_rotation, **kwargs)
-    out = decode(q, k_packed, k_residual, v_packed, v_residual, scaling, kv_mask,
-                 out_scale=d ** -0.5 if v_rotation else 1.0, **kwargs)
-    return out @ quant.hadamard(d, out.device, out.dtype, normalized=False) if v_rotation else out
+    if getattr(decode, "fuses_rotation", False):
+        qp = q @ quant.hadamard(d, q.device, q.dtype, normalized=False) if k_rotation else q
+        return decode(qp, k_packed, k_residual, v_packed, v_residual, scaling / d ** 0.5 if k_rotation else scaling,
+                      kv_mask, out_scale=d ** -0.5 if v_rotation else 1.0, rotate_out=v_rotation,
+                      q_residual=q if k_rotation else None, scaling_residual=scaling, **kwargs)
+    if not (k_rotation or v_rotation):
+        return decode(q, k_packed, k_residual, v_packed, v_residual, scaling, kv_mask, **kwargs)
+    lengths = kwargs.pop("lengths", None)
+    if lengths is not None:
+        k_packed, k_residual, v_packed, v_residual, kv_mask = counted(lengths, k_packed, k_residual, v_packed,
+                                                                      v_residual, kv_mask)
+    k = _plain(k_packed, k_residual, k_rotation)
+    v = _plain(v_packed, v_residual, v_rotation)
+    return decode(q, None, k, None, v, scaling, kv_mask, **kwargs)
+
+
+def _plain(packed: quant.QuantizedTensor | None, residual: torch.Tensor | None, rotated: bool) -> torch.Tensor:
+    """Packed history (rotated back when ``rotated``) followed by the residual, fp32."""
+    if not rotated or packed is None or not packed.num_tokens:
+        return quant.materialize(packed, residual, torch.float32)
+    history = quant.rotate(quant.dequantize(packed, torch.float32))
+    return history if residual is None else torch.cat([history, residual.float()], dim=-2)
 
 
 class PackedKV(torch.Tensor):

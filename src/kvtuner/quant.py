@@ -54,7 +54,8 @@ packed along *tokens* (in :func:`block_order`, with a 32-bit-word interleave). T
 values of 2-4 bits this way on the GPU, where the fused kernel's ``p . v`` runs over tokens;
 :func:`dequantize` reads both layouts.
 
-Rotation (optional, ``QuantSpec.rotation``): the cache stores ``x @ H`` instead of ``x``, where
+Rotation (optional, ``QuantSpec.rotation``): the cache quantizes ``x @ H`` instead of ``x`` (its
+full-precision residual window stays plain, so rotation is paid once per flush, not per step), where
 ``H`` is the orthonormal Sylvester Hadamard matrix of size D (:func:`hadamard`, symmetric, so
 ``H @ H = I``). Attention is unchanged when queries are rotated the same way (``q H . k H = q . k``)
 and outputs over rotated values are rotated back; outlier channels are spread over all channels,

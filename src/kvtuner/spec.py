@@ -74,8 +74,9 @@ class QuantSpec:
             means the default 32.
         residual_length: newest tokens kept in full precision. ``None`` means the mode's default
             (kivi 32, per_token 0).
-        rotation: store ``x @ H`` (orthonormal Hadamard over head_dim) instead of ``x``; the
-            attention path rotates queries (keys) or rotates the output back (values). Needs a
+        rotation: quantize ``x @ H`` (orthonormal Hadamard over head_dim) instead of ``x`` (the
+            full-precision tokens stay plain); the attention path rotates queries (keys) or rotates
+            the output back (values) for the packed history. Needs a
             power-of-two head_dim; ignored (never applied) at 16 bits.
         sink_length: the oldest tokens of a sequence kept in full precision, as attention sinks
             (StreamingLLM's observation: most heads put much of their attention there, so their

@@ -133,8 +133,6 @@ class TensorStore:
 
     def static_write(self, x: torch.Tensor, slot: torch.Tensor) -> None:
         """Put one decode token per sequence into residual slot ``slot`` (a device index: capturable)."""
-        if self.spec.rotation:
-            x = quant.rotate(x)
         self.static.index_copy_(2, slot, x.to(self.static.dtype))
 
     def static_flush_due(self) -> bool:
@@ -158,6 +156,8 @@ class TensorStore:
         self.residual = self.static[..., : self.num_residual + added, :]
 
     def _quantize(self, x: torch.Tensor) -> quant.QuantizedTensor:
+        if self.spec.rotation:  # only the packed history is rotated: one product per flush, not per step
+            x = quant.rotate(x)
         if self.rounding is not None:
             from .rounding import quantize_keys
 
@@ -177,8 +177,6 @@ class TensorStore:
         self._buf.zero[..., r0:r0 + block.zero.shape[-2], :].copy_(block.zero)
 
     def append(self, x: torch.Tensor) -> None:
-        if self.spec.rotation:  # everything this store holds, residual included, lives in rotated space
-            x = quant.rotate(x)
         self.residual = x if self.residual is None else torch.cat([self.residual, x], dim=-2)
         if not self.spec.quantized:
             return
@@ -200,13 +198,19 @@ class TensorStore:
 
     def materialize(self, dtype: torch.dtype) -> torch.Tensor:
         """Everything stored, in sequence order (sink, packed, newest), in ``dtype``."""
-        h = self.held_sink
-        if h:
-            res = self.residual
-            out = torch.cat([res[..., :h, :].to(dtype), quant.materialize(self.packed, res[..., h:, :], dtype)], dim=-2)
-        else:
-            out = quant.materialize(self.packed, self.residual, dtype)
-        return quant.rotate(out, dtype) if self.spec.rotation else out
+        h, res = self.held_sink, self.residual
+        parts = [res[..., :h, :].to(dtype)] if h else []
+        if self.packed is not None:
+            parts.append(self._history(self.packed, dtype))
+        if res is not None and res.shape[-2] > h:
+            parts.append(res[..., h:, :].to(dtype))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+
+    def _history(self, packed: quant.QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
+        """Packed tokens dequantized in the residual's (plain) basis."""
+        if self.spec.rotation:
+            return quant.rotate(quant.dequantize(packed, torch.float32), dtype)
+        return quant.dequantize(packed, dtype)
 
     def drop_front(self, n: int) -> None:
         """Forget the ``n`` oldest tokens (per-channel stores: ``n`` is a multiple of the group)."""
@@ -242,8 +246,8 @@ class TensorStore:
         cut = min(keep // self.unit * self.unit if whole else keep, fresh)
         if cut == self.num_quantized:
             return
-        tail = quant.dequantize(quant.slice_tokens(self.packed, cut, self.num_quantized),
-                                self.residual.dtype)[..., : keep - cut, :]
+        tail = self._history(quant.slice_tokens(self.packed, cut, self.num_quantized),
+                             self.residual.dtype)[..., : keep - cut, :]
         self.packed = quant.slice_tokens(self.packed, 0, cut) if cut else None
         res = self.residual  # sequence order [sink, packed, newest]: the tail goes between sink and newest
         self.residual = torch.cat([res[..., :h, :], tail, res[..., h:, :]], dim=-2)

@@ -50,8 +50,8 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
                      fold_v: str | None = None, maxnreg: int | None = None,
                      splits_per_sm: int | None = None, unpack3_k: str | None = None, unpack3_v: str | None = None,
                      lengths: torch.Tensor | None = None, rotate_q: bool = False,
-                     rotate_out: bool = False, dq16: bool | None = None,
-                     launch_info: dict | None = None) -> torch.Tensor:
+                     rotate_out: bool = False, dq16: bool | None = None, q_residual: torch.Tensor | None = None,
+                     scaling_residual: float | None = None, launch_info: dict | None = None) -> torch.Tensor:
     """Fused kernel; see :func:`kvtuner.attention.decode_attention` for the contract.
 
     Keys and values must be in step (same quantized token count), as in every plan whose key and
@@ -68,9 +68,13 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
     it needs ``quantized capacity + residual capacity`` columns. Launch
     arguments then depend only on capacities, so one captured launch serves every step.
 
-    ``rotate_q`` / ``rotate_out``: multiply the query by / the output by the ``±1`` Hadamard matrix
-    ``S`` in the kernels (a fast Walsh-Hadamard transform in registers), for layers whose keys /
-    values are stored rotated, with the ``1/sqrt(D)`` factors in ``scaling`` and ``out_scale``.
+    Rotated layers store their packed history rotated and their residual window plain.
+    ``rotate_q`` / ``rotate_out``: multiply the query of the packed splits by / their share of the
+    output by the ``±1`` Hadamard matrix ``S`` in the kernels (a fast Walsh-Hadamard transform in
+    registers), for layers whose packed keys / values are stored rotated, with the ``1/sqrt(D)``
+    factors in ``scaling`` and ``out_scale`` (which then scales only the packed share).
+    ``q_residual`` / ``scaling_residual`` (default ``q`` / ``scaling``): the query and softmax scale
+    of the residual split, so a caller that rotated ``q`` itself passes the plain one here.
     :func:`kvtuner.attention.rotated_decode` uses ``rotate_out`` (the merge kernel); ``rotate_q``
     in the split kernel measured 7-16 % slower for the register-capped pairs on an H100,
     so the query keeps its matmul there. head_dim must be a power of two.
@@ -82,7 +86,8 @@ def decode_attention(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residu
                          num_warps=num_warps, num_stages=num_stages, swap_qk=swap_qk, swap_pv=swap_pv, asm=asm,
                          fold_k=fold_k, fold_v=fold_v, maxnreg=maxnreg, splits_per_sm=splits_per_sm,
                          unpack3_k=unpack3_k, unpack3_v=unpack3_v, lengths=lengths, rotate_q=rotate_q,
-                         rotate_out=rotate_out, dq16=dq16)
+                         rotate_out=rotate_out, dq16=dq16, q_residual=q_residual,
+                         scaling_residual=scaling_residual)
     compiled = split_launcher(launch.split_grid, *launch.split_args, **launch.split_kwargs)
     merge_launcher(launch.merge_grid, *launch.merge_args, **launch.merge_kwargs)
     if launch_info is not None:
@@ -98,7 +103,8 @@ def plan_launch(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residual: t
                      fold_v: str | None = None, maxnreg: int | None = None,
                      splits_per_sm: int | None = None, unpack3_k: str | None = None, unpack3_v: str | None = None,
                      lengths: torch.Tensor | None = None, rotate_q: bool = False,
-                     rotate_out: bool = False, dq16: bool | None = None, target: Target | None = None) -> Launch:
+                     rotate_out: bool = False, dq16: bool | None = None, q_residual: torch.Tensor | None = None,
+                     scaling_residual: float | None = None, target: Target | None = None) -> Launch:
     """The two launches :func:`decode_attention` makes for these arguments, without running them.
 
     ``target`` (default: ``q``'s device) sets the SM count, PTX and launch table the choices are made
@@ -116,6 +122,13 @@ def plan_launch(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residual: t
                          f"{lengths.numel()} on {lengths.device}")
     if one != 1:
         raise ValueError(f"q.shape[2]={one} is invalid; allowed: 1 (one decode token per sequence)")
+    if q_residual is None:
+        q_residual = q
+    elif q_residual.shape != q.shape or q_residual.device != q.device:
+        raise ValueError(f"q_residual {tuple(q_residual.shape)} on {q_residual.device} is invalid; allowed: "
+                         f"q's shape {tuple(q.shape)} on {q.device}")
+    if scaling_residual is None:
+        scaling_residual = scaling
     n_q = 0 if k_packed is None else k_packed.num_tokens
     n_qv = 0 if v_packed is None else v_packed.num_tokens
     if lengths is not None:  # capacities: key buffers round up to whole groups, value buffers need not
@@ -183,14 +196,15 @@ def plan_launch(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residual: t
     mask = kv_mask.to(torch.uint8) if kv_mask is not None else None
     kw, vw = (*PLANES[kbits], 0)[:2], (*PLANES[vbits], 0)[:2]  # bit planes, compile-time constants
     split_args = (
-        q, kc if kc is not None else dummy, ks if ks is not None else dummy_f, kz if kz is not None else dummy_f,
+        q, q_residual, kc if kc is not None else dummy, ks if ks is not None else dummy_f, kz if kz is not None else dummy_f,
         vc if vc is not None else dummy, vs if vs is not None else dummy_f, vz if vz is not None else dummy_f,
         kr if kr is not None else dummy_f, vr if vr is not None else dummy_f, mask if mask is not None else dummy,
         lengths if lengths is not None else dummy, po, pm, pl,
-        q.stride(0), q.stride(1),
+        q.stride(0), q.stride(1), q_residual.stride(0), q_residual.stride(1),
         *st(kc), *st(ks), *st(vc), *st(vs), *st(kr), *st(vr),
         mask.stride(0) if mask is not None else 0,
-        n_q, n_r, per_split, n_split_q, float(scaling) * LOG2E, hkv, group, num_splits)
+        n_q, n_r, per_split, n_split_q, float(scaling) * LOG2E, float(scaling_residual) * LOG2E, hkv, group,
+        num_splits)
     split_kwargs = dict(
         BLOCK_H=max(16, pow2(group)), D=d, BLOCK_D=block_d,
         KW0=kw[0], KW1=kw[1], VW0=vw[0], VW1=vw[1], K_PER_CHANNEL=k_per_channel, GK=gk_eff, GV=gv_eff, BLOCK_N=block_n,

@@ -106,13 +106,13 @@ _VARYING = ["smask_b", "n_r", "num_q_splits", "NUM_SPLITS"]
 
 @triton.jit(do_not_specialize=_VARYING)
 def split_kernel(
-        Q, KC, KS, KZ, VC, VS, VZ, KR, VR, MASK, LENS, PO, PM, PL,
-        sq_b, sq_h,
+        Q, QR, KC, KS, KZ, VC, VS, VZ, KR, VR, MASK, LENS, PO, PM, PL,
+        sq_b, sq_h, sqr_b, sqr_h,
         skc_b, skc_h, skc_t, sks_b, sks_h, sks_t,
         svc_b, svc_h, svc_t, svs_b, svs_h, svs_t,
         skr_b, skr_h, skr_t, svr_b, svr_h, svr_t,
         smask_b,
-        n_q, n_r, tokens_per_split, num_q_splits, qk_scale, HKV, GROUP, NUM_SPLITS,
+        n_q, n_r, tokens_per_split, num_q_splits, qk_scale, qk_scale_r, HKV, GROUP, NUM_SPLITS,
         BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
         KW0: tl.constexpr, KW1: tl.constexpr, VW0: tl.constexpr, VW1: tl.constexpr, K_PER_CHANNEL: tl.constexpr,
         GK: tl.constexpr,
@@ -136,11 +136,16 @@ def split_kernel(
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
     TOK: tl.constexpr = 0 if SWAP_QK else 1
-    q_ptr = Q + b * sq_b + (h * GROUP + hrow).to(tl.int64)[:, None] * sq_h + d[None, :]
-    q = tl.load(q_ptr, mask=hmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-    if ROT_Q:  # keys stored as k H: scores need q H = q S / sqrt(D) (the 1/sqrt(D) is in qk_scale)
-        q = hadamard_rows(q, LOG_D)
-    q = q * qk_scale
+    hq64 = (h * GROUP + hrow).to(tl.int64)
+    qmask = hmask[:, None] & dmask[None, :]
+    if split < num_q_splits:  # the packed history, stored rotated in rotated layers: its own query
+        q = tl.load(Q + b * sq_b + hq64[:, None] * sq_h + d[None, :], mask=qmask, other=0.0).to(tl.float32)
+        if ROT_Q:  # keys stored as k H: scores need q H = q S / sqrt(D) (the 1/sqrt(D) is in qk_scale)
+            q = hadamard_rows(q, LOG_D)
+        q = q * qk_scale
+    else:  # the residual window is never rotated
+        q = tl.load(QR + b * sqr_b + hq64[:, None] * sqr_h + d[None, :], mask=qmask, other=0.0).to(tl.float32)
+        q = q * qk_scale_r
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -287,9 +292,14 @@ def merge_kernel(PO, PM, PL, O, so_b, so_h, HQ, NUM_SPLITS, out_scale, D: tl.con
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.where(m == float("-inf"), 0.0, tl.exp2(m - m_max))
     acc = tl.load(PO + (base + s)[:, None] * BLOCK_D + d[None, :], mask=smask[:, None], other=0.0)
-    num = tl.sum(acc * w[:, None], axis=0)
     den = tl.sum(l_s * w, axis=0)
-    out = num * out_scale / tl.where(den > 0, den, 1.0)
-    if ROT_O:  # values stored as v H: o = (o H) H = (o H) S / sqrt(D), the 1/sqrt(D) being out_scale
-        out = tl.reshape(hadamard_rows(tl.reshape(out, (1, BLOCK_D)), LOG_D), (BLOCK_D,))
+    if ROT_O:  # packed values stored as v H: their part of o is (o H) H = (o H) S / sqrt(D), the
+        # 1/sqrt(D) being out_scale; the residual split (the last) read plain values
+        last = s == NUM_SPLITS - 1
+        packed = tl.sum(acc * tl.where(last, 0.0, w)[:, None], axis=0)
+        packed = tl.reshape(hadamard_rows(tl.reshape(packed, (1, BLOCK_D)), LOG_D), (BLOCK_D,))
+        num = packed * out_scale + tl.sum(acc * tl.where(last, w, 0.0)[:, None], axis=0)
+    else:
+        num = tl.sum(acc * w[:, None], axis=0) * out_scale
+    out = num / tl.where(den > 0, den, 1.0)
     tl.store(O + b * so_b + h * so_h + d, out.to(O.dtype.element_ty), mask=d < D)
