@@ -143,8 +143,10 @@ def test_triton_kernel_matches_the_reference(d, bits, granularity, group, t, dty
     assert got.codes.shape == ref.codes.shape and (got.group_size, got.granularity) == (ref.group_size, granularity)
     assert torch.equal(got.scale.cpu(), ref.scale) and torch.equal(got.zero.cpu(), ref.zero)
     diff = (quant.unpack(got.codes.cpu(), bits, d).int() - quant.unpack(ref.codes, bits, d).int()).abs()
-    # the block update sums in another order and fused multiply-adds may tip a value across a rounding
-    # tie; the error it passes on then follows, so a few later codes move by one
+    if device == "cpu":  # the interpreter rounds every operation as the reference does: the same codes
+        assert diff.max() == 0, (diff > 0).float().mean()
+    # on a GPU a fused multiply-add may tip a value across a rounding tie; the error it passes on then
+    # follows, so a few later codes move by one
     assert diff.float().mean() < 0.01 and (diff > 0).float().mean() < 0.02, (diff.float().mean(), diff.max())
 
 
