@@ -328,3 +328,37 @@ def test_generate_stop_strings_match_model_generate():
     # row 0 stopped once its text ended with the stop string: padding after it (or the batch ended)
     assert (got[0, ids.shape[1] + 6:] == 0).all() and not torch.equal(got[0], free[0, :got.shape[1]]) or \
         got.shape[1] <= ids.shape[1] + 6
+
+
+def test_rotated_layers_write_decode_tokens_as_plain_layers_do():
+    # rotation is paid where tokens are quantized: a decode step's write into the residual window of a
+    # rotated layer runs the same operations as a plain layer's and stores the token unrotated
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    model = _model()
+    ids = torch.randint(3, 128, (2, 21), generator=torch.Generator().manual_seed(2)).to(DEV)
+    k, v = torch.randn(2, 2, 1, 32, device=DEV), torch.randn(2, 2, 1, 32, device=DEV)
+    ops = {}
+    for rot in (False, True):
+        cache = MixedPrecisionCache(_plan(4, 2, rot=rot), model.config)
+        with torch.no_grad():
+            model(ids, **with_cache(model, cache))
+        cache.make_static(64)
+        layer = cache.layers[0]
+        slot = int(layer._slot)
+        with Ops() as seen:
+            layer.update(k, v, 0)
+        ops[rot] = seen.names
+        assert layer._k.static.dtype == k.dtype and torch.equal(layer._k.static[:, :, slot], k[:, :, 0])
+        assert torch.equal(layer._v.static[:, :, slot], v[:, :, 0])
+        assert bool(layer._k.packed is not None and layer._k.spec.rotation == rot)
+    assert ops[True] == ops[False] and any("index_copy" in name for name in ops[True])
