@@ -59,6 +59,30 @@ def compile_sm90(args: tuple, kwargs: dict):
     return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
 
 
+def compile_gluon_sm90(kernel, args: tuple, kwargs: dict):
+    """A Gluon kernel compiled as Triton would for these arguments on an H100."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    backend = make_backend(TARGET)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, spec, _ = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, spec, None)
+    return triton.compile(GluonASTSource(kernel, signature, constexprs, attrs), target=TARGET,
+                          options=options.__dict__)
+
+
+def kv4_gluon_args(b: int = 64, n: int = 4096, hkv: int = 8, group: int = 4, d: int = 128) -> tuple[tuple, dict]:
+    """Launch arguments of ``kernels.gluon_kv4.kv4_split_kernel`` at Llama-3.1-8B shape (CPU stand-ins)."""
+    q = torch.empty(b, hkv * group, 1, d, dtype=torch.bfloat16)
+    kc = torch.empty(b, hkv, n, 64, dtype=torch.uint8)
+    ks = torch.empty(b, hkv, n // 32, d, dtype=torch.float16)
+    vs = torch.empty(b, hkv, n, 4, dtype=torch.float16)
+    po = torch.empty(16, dtype=torch.float32)
+    args = (q, kc, ks, ks, kc, vs, vs, po, po, po, q.stride(0), q.stride(1), *kc.stride()[:3], *ks.stride()[:3],
+            *kc.stride()[:3], *vs.stride()[:3], n, 1024, 0.1, hkv, group, 16)
+    return args, dict(num_warps=4)
+
+
 def sass_summary(compiled) -> tuple[str, collections.Counter, str]:
     """SASS text, its opcode counts, and cuobjdump's resource line (registers, stack = spills, shared)."""
     import subprocess

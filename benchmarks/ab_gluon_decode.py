@@ -1,0 +1,89 @@
+"""A/B on the GPU: the Gluon KV4 prototype (``kvtuner/kernels/gluon_kv4.py``) against the current split kernel
+and bf16 SDPA, one decode-attention layer at Llama-3.1-8B shape (Hq 32, Hkv 8, D 128), KIVI G = 32, the packed
+history only (no residual window); every output against the PyTorch reference.
+
+    PYTHONPATH=src python benchmarks/ab_gluon_decode.py [--shapes 64x4096,1x131072] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from kvtuner import kernels, quant
+from kvtuner.attention import decode_attention as reference
+from kvtuner.kernels.gluon_kv4 import decode_kv4, value_token_pairs
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def bench(fn):
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench_cudagraph(fn, rep=100) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", default="64x4096,1x131072")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    hkv, group, d = 8, 4, 128
+    lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", "",
+             "| B x L | config | µs in graph | TB/s | rel. error vs reference |", "|---|---|---|---|---|"]
+    for shape in args.shapes.split(","):
+        b, n = (int(x) for x in shape.split("x"))
+        g = torch.Generator(device="cuda").manual_seed(0)
+        k = torch.randn(b, hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        k += torch.randn(1, 1, 1, d, device="cuda", dtype=torch.bfloat16, generator=g) * 3
+        v = torch.randn(b, hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        q = torch.randn(b, hkv * group, 1, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        scaling = d ** -0.5
+        kp = quant.quantize(k, 4, "per_channel", 32)
+        vp = quant.quantize(v, 4, "per_token", 32)
+        want = reference(q.float(), kp, None, vp, None, scaling)
+        kw = quant.in_channel_words(kp)
+        vc, vs, vz = (value_token_pairs(t) for t in (vp.codes, vp.scale, vp.zero))
+        packed = kp.nbytes() + vp.nbytes() + q.numel() * 2
+
+        def gluon():
+            return decode_kv4(q, kw.codes, kw.scale, kw.zero, vc, vs, vz, scaling)
+
+        def current():
+            return kernels.decode_attention(q, kp, None, vp, None, scaling)
+
+        rows = [("Gluon KV4 prototype", gluon, packed), ("current kernel KV4", current, packed)]
+        for name, fn, nbytes in rows:
+            err = rel(fn(), want)
+            us = bench(fn)
+            lines.append(f"| {shape} | {name} | {us:.1f} | {nbytes / us / 1e6:.2f} | {err:.2e} |")
+            print(lines[-1], flush=True)
+        del kw, vc, vs, vz, kp, vp
+        best = None
+        for backend in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+            try:
+                with torch.nn.attention.sdpa_kernel(getattr(torch.nn.attention.SDPBackend, backend)):
+                    us = bench(lambda: F.scaled_dot_product_attention(q, k, v, scale=scaling, enable_gqa=True))
+            except RuntimeError as e:
+                print(f"  SDPA {backend}: {str(e).splitlines()[0]}", file=sys.stderr)
+                continue
+            best = min(best or (us, backend), (us, backend))
+        if best:
+            nbytes = 2 * k.numel() * 2 + q.numel() * 2
+            lines.append(f"| {shape} | bf16 SDPA ({best[1].lower()}) | {best[0]:.1f} | {nbytes / best[0] / 1e6:.2f} | |")
+            print(lines[-1], flush=True)
+        del k, v
+        torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

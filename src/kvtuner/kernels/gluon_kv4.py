@@ -1,0 +1,230 @@
+"""Prototype: KV4 decode attention over the packed history (KIVI, G = 32, head_dim 128) in Gluon.
+
+Each warp owns one 32-token key group per 128-token tile and keeps its own online softmax, so no
+reduction crosses warps in the token loop; codes are loaded with 16- and 8-byte vectors in layouts
+chosen so that, after unpacking in registers, they are the mma.sync operands (a permutation of the
+channels, applied to q and undone at the output store, makes every thread's bytes contiguous).
+"""
+import triton.experimental.gluon as gluon
+import triton.experimental.gluon.language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+ASM4 = gl.constexpr("""{
+.reg .b32 t0, t1, m, s, o;
+prmt.b32 t0, $4, 0, 0x4140;
+prmt.b32 t1, $4, 0, 0x4342;
+mov.b32 m, 0x64006400;
+mov.b32 s, 0x2c002c00;
+mov.b32 o, 0xd400d400;
+lop3.b32 $0, t0, 0x000f000f, m, 0xea;
+lop3.b32 $1, t1, 0x000f000f, m, 0xea;
+lop3.b32 $2, t0, 0x00f000f0, m, 0xea;
+lop3.b32 $3, t1, 0x00f000f0, m, 0xea;
+sub.f16x2 $0, $0, m;
+sub.f16x2 $1, $1, m;
+fma.rn.f16x2 $2, $2, s, o;
+fma.rn.f16x2 $3, $3, s, o;
+}""")
+
+
+@gluon.constexpr_function
+def dim_layout(layout, rank, d):
+    for k in reversed(range(rank)):
+        if k != d:
+            layout = gl.SliceLayout(k, layout)
+    return layout
+
+
+@gluon.jit
+def _index(n: gl.constexpr, layout: gl.constexpr, rank: gl.constexpr, d: gl.constexpr):
+    """arange(n) along dim d of a rank-`rank` tensor of `layout` (size 1 elsewhere)."""
+    x = gl.arange(0, n, layout=dim_layout(layout, rank, d))
+    for k in gl.static_range(rank):
+        if k != d:
+            x = gl.expand_dims(x, k)
+    return x
+
+
+@gluon.jit
+def _unpack4(b):
+    return gl.inline_asm_elementwise(ASM4, "=r,=r,=r,=r,r", [b], dtype=(gl.float16, gl.float16), is_pure=True,
+                                     pack=4)
+
+
+@gluon.jit
+def _lo_hi(s5, layout: gl.constexpr):
+    """Per-channel rows [.., 32] (channels 32j + c) as the scales of the unpacker's low and high
+    codes [.., r = 4m + k]: channels 32j + 8m + k and 32j + 8m + 4 + k."""
+    s6 = gl.permute(gl.reshape(s5, [4, 1, 1, 4, 4, 2, 4]), [0, 1, 2, 3, 4, 6, 5])  # .. m k e
+    lo, hi = gl.split(gl.reshape(s6, [4, 1, 1, 4, 16, 2]))
+    return gl.convert_layout(lo, layout), gl.convert_layout(hi, layout)
+
+
+@gluon.jit
+def kv4_split_kernel(Q, KC, KS, KZ, VC, VS, VZ, PO, PM, PL,
+                     sq_b, sq_h, skc_b, skc_h, skc_t, sks_b, sks_h, sks_t,
+                     svc_b, svc_h, svc_t, svs_b, svs_h, svs_t,
+                     n_q, tokens_per_split, qk_scale, HKV, GROUP, NUM_SPLITS):
+    D: gl.constexpr = 128
+    BH: gl.constexpr = 16
+    W: gl.constexpr = 4
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1, 1], instr_shape=[1, 16, 8])
+    A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+    # key bytes [warp, n_hi 4, n_lo 8, j 4, r 16]: a thread loads 16 contiguous bytes of a token row
+    KB: gl.constexpr = gl.BlockedLayout([1, 4, 1, 1, 16], [1, 1, 8, 4, 1], [W, 1, 1, 1, 1], [4, 3, 2, 1, 0])
+    KS5: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 32], [1, 1, 8, 4, 1], [W, 1, 1, 1, 1], [4, 3, 2, 1, 0])
+    # value bytes [warp, n_hi 4, n_lo>>1 4, n_lo&1 2, u 8, x 8]: 8 contiguous bytes of a token row
+    # value bytes [warp, n_hi 4, n_lo>>1 4, u 8, xb 8, xp 2]: 16 contiguous bytes of a token pair
+    VB: gl.constexpr = gl.BlockedLayout([1, 4, 1, 1, 8, 2], [1, 1, 4, 8, 1, 1], [W, 1, 1, 1, 1, 1],
+                                        [5, 4, 2, 3, 1, 0])
+    VB5: gl.constexpr = gl.BlockedLayout([1, 4, 1, 1, 16], [1, 1, 4, 8, 1], [W, 1, 1, 1, 1], [4, 2, 3, 1, 0])
+    VS6: gl.constexpr = gl.BlockedLayout([1, 4, 1, 1, 1, 2], [1, 1, 4, 8, 1, 1], [W, 1, 1, 1, 1, 1],
+                                         [5, 4, 2, 3, 1, 0])
+    QL: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 2, 16], [W, 1, 1], [2, 1, 0])
+
+    pid_bh = gl.program_id(0)
+    split = gl.program_id(1)
+    b = (pid_bh // HKV).to(gl.int64)
+    h = (pid_bh % HKV).to(gl.int64)
+
+    # q in the kernel's channel order kappa = kb0 + 2j + 8kb1 + 16e + 32m <-> channel 32j + 8m + 4e + 2kb1 + kb0
+    # (keys in channel word order: byte k of word m holds channels 8m + k and 8m + 4 + k)
+    kap = _index(D, QL, 3, 2)
+    hrow = _index(BH, QL, 3, 1)
+    ch = 32 * ((kap >> 1) & 3) + 8 * (kap >> 5) + 4 * ((kap >> 4) & 1) + 2 * ((kap >> 3) & 1) + (kap & 1)
+    wq = _index(W, QL, 3, 0)
+    qmask = (hrow < GROUP) & (wq >= 0)
+    q = gl.load(Q + b * sq_b + (h * GROUP + hrow).to(gl.int64) * sq_h + ch, mask=qmask, other=0.0).to(gl.float32)
+    q_a = gl.convert_layout((q * qk_scale).to(gl.float16), A_OP)
+
+    start = split * tokens_per_split
+    end = gl.minimum(start + tokens_per_split, n_q)
+    kc = KC + b * skc_b + h * skc_h
+    ks = KS + b * sks_b + h * sks_h
+    kz = KZ + b * sks_b + h * sks_h
+    vc = VC + b * svc_b + h * svc_h
+    vs = VS + b * svs_b + h * svs_h
+    vz = VZ + b * svs_b + h * svs_h
+
+    # index tensors, fixed over the loop
+    kw = _index(W, KB, 5, 0)
+    ktok = kw * 32 + _index(4, KB, 5, 1) * 8 + _index(8, KB, 5, 2)
+    kbyte = _index(4, KB, 5, 3) * 16 + _index(16, KB, 5, 4)
+    sw = _index(W, KS5, 5, 0)
+    sch = _index(4, KS5, 5, 3) * 32 + _index(32, KS5, 5, 4)
+    vw = _index(W, VB5, 5, 0)
+    vpair = vw * 32 + _index(4, VB5, 5, 1) * 8 + _index(4, VB5, 5, 2) * 2  # first token of the pair
+    vbyte = _index(8, VB5, 5, 3) * 16 + _index(16, VB5, 5, 4)  # bytes of a token pair, interleaved
+    sxp = _index(2, VS6, 6, 5)
+    spair = _index(W, VS6, 6, 0) * 32 + _index(4, VS6, 6, 1) * 8 + _index(4, VS6, 6, 2) * 2
+    sgrp = _index(8, VS6, 6, 3) // 2
+    mw = _index(W, MMA, 3, 0)
+    mn = _index(32, MMA, 3, 2)
+
+    # pointers advance by one 128-token tile per step; masks compare against the tokens left
+    kptr = kc + (start + ktok).to(gl.int64) * skc_t + kbyte
+    sptr = ((start + sw * 32) // 32).to(gl.int64) * sks_t + sch
+    vptr = vc + (start + vpair).to(gl.int64) * svc_t + vbyte
+    vsptr = (start + spair).to(gl.int64) * svs_t + (2 * sgrp + sxp)
+    m_i = gl.full([W, BH], float("-inf"), gl.float32, layout=gl.SliceLayout(2, MMA))
+    l_i = gl.zeros([W, BH], gl.float32, layout=gl.SliceLayout(2, MMA))
+    acc = gl.zeros([W, BH, D], gl.float32, layout=MMA)
+    for i in range(0, tokens_per_split, 128):
+        left = end - (start + i)
+        # ---- keys: codes -> fp16 in registers, scales per channel of the warp's group
+        kbytes = gl.load(kptr, mask=ktok < left)  # masked codes stay undefined: their scores are -inf
+        k_lo, k_hi = _unpack4(kbytes)  # [.., r = 4m + k]: channels 32j + 8m + k and 32j + 8m + 4 + k
+        gmask = (sw * 32 < left) & (sch >= 0)
+        s_lo, s_hi = _lo_hi(gl.load(ks + sptr, mask=gmask, other=0.0), KB)
+        z_lo, z_hi = _lo_hi(gl.load(kz + sptr, mask=gmask, other=0.0), KB)
+        k_lo = k_lo * s_lo + z_lo
+        k_hi = k_hi * s_hi + z_hi
+        k8 = gl.reshape(gl.join(k_lo, k_hi), [W, 4, 8, 4, 4, 2, 2, 2])  # w nh nl j m kb1 kb0 e
+        k_b = gl.convert_layout(gl.reshape(gl.permute(k8, [0, 4, 7, 5, 3, 6, 1, 2]), [W, D, 32]), B_OP)
+        s = mma_v2(q_a, k_b, gl.zeros([W, BH, 32], gl.float32, layout=MMA))
+        s = gl.where(mw * 32 + mn < left, s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, axis=2))
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_safe)
+        p = gl.exp2(s - gl.expand_dims(m_safe, 2))
+        l_i = l_i * alpha + gl.sum(p, axis=2)
+        m_i = m_new
+        acc = acc * gl.expand_dims(alpha, 2)
+        p_a = gl.convert_layout(p.to(gl.float16), A_OP)
+        # ---- values in token pairs: every fp16x2 the unpacker returns holds one channel of two tokens
+        vbytes = gl.load(vptr, mask=vpair < left)
+        vbytes = gl.convert_layout(gl.reshape(vbytes, [W, 4, 4, 8, 8, 2]), VB)
+        v_lo, v_hi = _unpack4(vbytes)  # [w nh nlh u xb xp]: token pair + xp, channels 16u + 2xb (+1)
+        smask = spair < left  # value scales in token pairs too: (pair, group, token of the pair)
+        sv = gl.convert_layout(gl.load(vs + vsptr, mask=smask, other=0.0), VB)
+        zv = gl.convert_layout(gl.load(vz + vsptr, mask=smask, other=0.0), VB)
+        v_lo = v_lo * sv + zv
+        v_hi = v_hi * sv + zv
+        v7 = gl.join(v_lo, v_hi)  # w nh nlh u xb xp e
+        v_b = gl.convert_layout(gl.reshape(gl.permute(v7, [0, 1, 2, 5, 4, 6, 3]), [W, 32, D]), B_OP)
+        acc = mma_v2(p_a, v_b, acc)
+        kptr += 128 * skc_t
+        sptr += 4 * sks_t
+        vptr += 128 * svc_t
+        vsptr += 128 * svs_t
+
+    # ---- one partial per warp: split slot split * W + warp; output channel 16 (nu & 7) + (nu >> 3)
+    ow = _index(W, MMA, 3, 0)
+    oh = _index(BH, MMA, 3, 1)
+    onu = _index(D, MMA, 3, 2)
+    row = ((b * HKV + h) * GROUP + oh) * NUM_SPLITS + split * W + ow
+    gl.store(PO + row * D + 16 * (onu & 7) + (onu >> 3), acc, mask=(oh < GROUP) & (onu >= 0))
+    sw2 = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, MMA)))
+    sh2 = gl.arange(0, BH, layout=gl.SliceLayout(0, gl.SliceLayout(2, MMA)))
+    srow = ((b * HKV + h) * GROUP + gl.expand_dims(sh2, 0)) * NUM_SPLITS + split * W + gl.expand_dims(sw2, 1)
+    smask = gl.expand_dims(sh2, 0) < GROUP
+    gl.store(PM + srow, m_i, mask=smask)
+    gl.store(PL + srow, l_i, mask=smask)
+
+
+# ---------------------------------------------------------------------------------------------------- host side
+LOG2E = 1.4426950408889634
+
+
+def value_token_pairs(t):
+    """``[B, H, T, C]`` rows (value codes or scales/zeros) interleaved by token pairs: the element of
+    token ``2p + x`` at column ``c`` goes to position ``2c + x`` of the pair's ``2C`` elements (rows
+    ``2p`` and ``2p + 1``), so one fp16x2 the unpacker returns holds one channel of two tokens."""
+    b, h, n, c = t.shape
+    if n % 2:
+        raise ValueError(f"{n} tokens are not whole token pairs")
+    return t.reshape(b, h, n // 2, 2, c).transpose(-1, -2).reshape(b, h, n, c).contiguous()
+
+
+def decode_kv4(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, scaling, splits=None):
+    """Attention of ``q`` ``[B, Hq, 1, 128]`` over a packed KV4 history only (no residual window):
+    keys per channel in groups of 32 tokens, codes in channel word order (``quant.to_channel_words``);
+    values per token in groups of 32 channels, codes and scales/zeros in token pairs
+    (:func:`value_token_pairs`). Returns ``[B, 1, Hq, 128]`` in ``q.dtype``."""
+    import torch
+    import triton
+
+    from .decode_kernel import merge_kernel
+
+    b, hq, one, d = q.shape
+    _, hkv, n, width = k_codes.shape
+    if d != 128 or width != 64 or one != 1 or hq % hkv or hq // hkv > 16 or n % 32 or n == 0:
+        raise ValueError(f"decode_kv4 covers head_dim 128, up to 16 query heads per KV head and whole 32-token "
+                         f"groups; got q {tuple(q.shape)}, key codes {tuple(k_codes.shape)}")
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    nqs = splits or max(1, min(triton.cdiv(n, 128), triton.cdiv(2 * sms, b * hkv)))
+    per = triton.cdiv(triton.cdiv(n, nqs), 128) * 128
+    nqs = triton.cdiv(n, per)
+    num_splits = 4 * nqs
+    rows = b * hq * num_splits
+    partial = torch.empty(rows * (d + 2), device=q.device, dtype=torch.float32)
+    po, pm, pl = partial[: rows * d], partial[rows * d: rows * (d + 1)], partial[rows * (d + 1):]
+    kv4_split_kernel[(b * hkv, nqs)](
+        q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, po, pm, pl, q.stride(0), q.stride(1),
+        *k_codes.stride()[:3], *k_scale.stride()[:3], *v_codes.stride()[:3], *v_scale.stride()[:3],
+        n, per, float(scaling) * LOG2E, hkv, hq // hkv, num_splits, num_warps=4)
+    out = torch.empty(b, 1, hq, d, device=q.device, dtype=q.dtype)
+    merge_kernel[(b * hq,)](po, pm, pl, out, out.stride(0), out.stride(2), hq, num_splits, 1.0, D=d, BLOCK_D=d,
+                            BLOCK_S=max(2, triton.next_power_of_2(num_splits)))
+    return out
