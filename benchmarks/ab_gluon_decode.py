@@ -52,13 +52,14 @@ def main() -> None:
         vc, vs, vz = (value_token_pairs(t) for t in (vp.codes, vp.scale, vp.zero))
         packed = kp.nbytes() + vp.nbytes() + q.numel() * 2
 
-        def gluon():
-            return decode_kv4(q, kw.codes, kw.scale, kw.zero, vc, vs, vz, scaling)
+        def gluon(stages):
+            return lambda: decode_kv4(q, kw.codes, kw.scale, kw.zero, vc, vs, vz, scaling, stages=stages)
 
         def current():
             return kernels.decode_attention(q, kp, None, vp, None, scaling)
 
-        rows = [("Gluon KV4 prototype", gluon, packed), ("current kernel KV4", current, packed)]
+        rows = [(f"Gluon KV4 prototype, {s} stages", gluon(s), packed) for s in (0, 2, 3)]
+        rows.append(("current kernel KV4", current, packed))
         for name, fn, nbytes in rows:
             err = rel(fn(), want)
             us = bench(fn)

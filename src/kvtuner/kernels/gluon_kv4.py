@@ -7,6 +7,7 @@ channels, applied to q and undone at the output store, makes every thread's byte
 """
 import triton.experimental.gluon as gluon
 import triton.experimental.gluon.language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 ASM4 = gl.constexpr("""{
@@ -64,7 +65,7 @@ def _lo_hi(s5, layout: gl.constexpr):
 def kv4_split_kernel(Q, KC, KS, KZ, VC, VS, VZ, PO, PM, PL,
                      sq_b, sq_h, skc_b, skc_h, skc_t, sks_b, sks_h, sks_t,
                      svc_b, svc_h, svc_t, svs_b, svs_h, svs_t,
-                     n_q, tokens_per_split, qk_scale, HKV, GROUP, NUM_SPLITS):
+                     n_q, tokens_per_split, qk_scale, HKV, GROUP, NUM_SPLITS, STAGES: gl.constexpr = 0):
     D: gl.constexpr = 128
     BH: gl.constexpr = 16
     W: gl.constexpr = 4
@@ -130,10 +131,31 @@ def kv4_split_kernel(Q, KC, KS, KZ, VC, VS, VZ, PO, PM, PL,
     m_i = gl.full([W, BH], float("-inf"), gl.float32, layout=gl.SliceLayout(2, MMA))
     l_i = gl.zeros([W, BH], gl.float32, layout=gl.SliceLayout(2, MMA))
     acc = gl.zeros([W, BH, D], gl.float32, layout=MMA)
-    for i in range(0, tokens_per_split, 128):
-        left = end - (start + i)
+    if STAGES > 0:  # a ring of STAGES tiles of codes in shared memory, filled by cp.async; every thread
+        # copies the bytes it reads later, so its own wait_group is all the synchronisation it needs
+        SM5: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [4, 3, 2, 1, 0])
+        kbuf = gl.allocate_shared_memory(gl.uint8, [STAGES, W, 4, 8, 4, 16], SM5)
+        vbuf = gl.allocate_shared_memory(gl.uint8, [STAGES, W, 4, 4, 8, 16], SM5)
+        for st in gl.static_range(STAGES - 1):
+            left_s = end - (start + st * 128)
+            cp.async_copy_global_to_shared(kbuf.index(st), kptr + st * 128 * skc_t, mask=ktok < left_s)
+            cp.async_copy_global_to_shared(vbuf.index(st), vptr + st * 128 * svc_t, mask=vpair < left_s)
+            cp.commit_group()
+    for it in range(0, tokens_per_split // 128):
+        left = end - (start + it * 128)
+        if STAGES > 0:
+            ahead = left - (STAGES - 1) * 128
+            slot = (it + STAGES - 1) % STAGES
+            cp.async_copy_global_to_shared(kbuf.index(slot), kptr + (STAGES - 1) * 128 * skc_t, mask=ktok < ahead)
+            cp.async_copy_global_to_shared(vbuf.index(slot), vptr + (STAGES - 1) * 128 * svc_t, mask=vpair < ahead)
+            cp.commit_group()
+            cp.wait_group(STAGES - 1)
+            kbytes = kbuf.index(it % STAGES).load(KB)
+            vbytes = vbuf.index(it % STAGES).load(VB5)
+        else:  # masked codes stay undefined: their scores are -inf, their values meet probability 0
+            kbytes = gl.load(kptr, mask=ktok < left)
+            vbytes = gl.load(vptr, mask=vpair < left)
         # ---- keys: codes -> fp16 in registers, scales per channel of the warp's group
-        kbytes = gl.load(kptr, mask=ktok < left)  # masked codes stay undefined: their scores are -inf
         k_lo, k_hi = _unpack4(kbytes)  # [.., r = 4m + k]: channels 32j + 8m + k and 32j + 8m + 4 + k
         gmask = (sw * 32 < left) & (sch >= 0)
         s_lo, s_hi = _lo_hi(gl.load(ks + sptr, mask=gmask, other=0.0), KB)
@@ -153,7 +175,6 @@ def kv4_split_kernel(Q, KC, KS, KZ, VC, VS, VZ, PO, PM, PL,
         acc = acc * gl.expand_dims(alpha, 2)
         p_a = gl.convert_layout(p.to(gl.float16), A_OP)
         # ---- values in token pairs: every fp16x2 the unpacker returns holds one channel of two tokens
-        vbytes = gl.load(vptr, mask=vpair < left)
         vbytes = gl.convert_layout(gl.reshape(vbytes, [W, 4, 4, 8, 8, 2]), VB)
         v_lo, v_hi = _unpack4(vbytes)  # [w nh nlh u xb xp]: token pair + xp, channels 16u + 2xb (+1)
         smask = spair < left  # value scales in token pairs too: (pair, group, token of the pair)
@@ -197,11 +218,13 @@ def value_token_pairs(t):
     return t.reshape(b, h, n // 2, 2, c).transpose(-1, -2).reshape(b, h, n, c).contiguous()
 
 
-def decode_kv4(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, scaling, splits=None):
+def decode_kv4(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, scaling, splits=None, stages=0):
     """Attention of ``q`` ``[B, Hq, 1, 128]`` over a packed KV4 history only (no residual window):
     keys per channel in groups of 32 tokens, codes in channel word order (``quant.to_channel_words``);
     values per token in groups of 32 channels, codes and scales/zeros in token pairs
-    (:func:`value_token_pairs`). Returns ``[B, 1, Hq, 128]`` in ``q.dtype``."""
+    (:func:`value_token_pairs`). ``stages``: 0 loads codes straight into registers, >= 2 streams them
+    through a ring of that many tiles in shared memory (cp.async). Returns ``[B, 1, Hq, 128]`` in
+    ``q.dtype``."""
     import torch
     import triton
 
@@ -223,7 +246,7 @@ def decode_kv4(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, scaling, s
     kv4_split_kernel[(b * hkv, nqs)](
         q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, po, pm, pl, q.stride(0), q.stride(1),
         *k_codes.stride()[:3], *k_scale.stride()[:3], *v_codes.stride()[:3], *v_scale.stride()[:3],
-        n, per, float(scaling) * LOG2E, hkv, hq // hkv, num_splits, num_warps=4)
+        n, per, float(scaling) * LOG2E, hkv, hq // hkv, num_splits, STAGES=stages, num_warps=4)
     out = torch.empty(b, 1, hq, d, device=q.device, dtype=q.dtype)
     merge_kernel[(b * hq,)](po, pm, pl, out, out.stride(0), out.stride(2), hq, num_splits, 1.0, D=d, BLOCK_D=d,
                             BLOCK_S=max(2, triton.next_power_of_2(num_splits)))
