@@ -1,6 +1,6 @@
 """A/B on the GPU: the Gluon KV4 prototype (``kvtuner/kernels/gluon_kv4.py``) against the current split kernel
 and bf16 SDPA, one decode-attention layer at Llama-3.1-8B shape (Hq 32, Hkv 8, D 128), KIVI G = 32, the packed
-history only (no residual window); every output against the PyTorch reference.
+history plus a 32-token bf16 residual window; every output against the PyTorch reference.
 
     PYTHONPATH=src python benchmarks/ab_gluon_decode.py [--shapes 64x4096,1x131072] [--out FILE]
 """
@@ -47,16 +47,18 @@ def main() -> None:
         scaling = d ** -0.5
         kp = quant.quantize(k, 4, "per_channel", 32)
         vp = quant.quantize(v, 4, "per_token", 32)
-        want = reference(q.float(), kp, None, vp, None, scaling)
+        kr = torch.randn(b, hkv, 32, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        vr = torch.randn(b, hkv, 32, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        want = reference(q.float(), kp, kr.float(), vp, vr.float(), scaling)
         kw = quant.in_channel_words(kp)
         vc, vs, vz = (value_token_pairs(t) for t in (vp.codes, vp.scale, vp.zero))
-        packed = kp.nbytes() + vp.nbytes() + q.numel() * 2
+        packed = kp.nbytes() + vp.nbytes() + 2 * kr.numel() * 2 + q.numel() * 2
 
         def gluon(stages):
-            return lambda: decode_kv4(q, kw.codes, kw.scale, kw.zero, vc, vs, vz, scaling, stages=stages)
+            return lambda: decode_kv4(q, kw.codes, kw.scale, kw.zero, vc, vs, vz, scaling, kr, vr, stages=stages)
 
         def current():
-            return kernels.decode_attention(q, kp, None, vp, None, scaling)
+            return kernels.decode_attention(q, kp, kr, vp, vr, scaling)
 
         rows = [(f"Gluon KV4 prototype, {s} stages", gluon(s), packed) for s in (0, 2, 3)]
         rows.append(("current kernel KV4", current, packed))
@@ -76,7 +78,7 @@ def main() -> None:
                 continue
             best = min(best or (us, backend), (us, backend))
         if best:
-            nbytes = 2 * k.numel() * 2 + q.numel() * 2
+            nbytes = 2 * k.numel() * 2 + q.numel() * 2  # the same tokens less the residual
             lines.append(f"| {shape} | bf16 SDPA ({best[1].lower()}) | {best[0]:.1f} | {nbytes / best[0] / 1e6:.2f} | |")
             print(lines[-1], flush=True)
         del k, v

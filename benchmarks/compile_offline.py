@@ -77,9 +77,11 @@ def kv4_gluon_args(b: int = 64, n: int = 4096, hkv: int = 8, group: int = 4, d: 
     kc = torch.empty(b, hkv, n, 64, dtype=torch.uint8)
     ks = torch.empty(b, hkv, n // 32, d, dtype=torch.float16)
     vs = torch.empty(b, hkv, n, 4, dtype=torch.float16)
+    kr = torch.empty(b, hkv, 64, d, dtype=torch.bfloat16)
     po = torch.empty(16, dtype=torch.float32)
-    args = (q, kc, ks, ks, kc, vs, vs, po, po, po, q.stride(0), q.stride(1), *kc.stride()[:3], *ks.stride()[:3],
-            *kc.stride()[:3], *vs.stride()[:3], n, 1024, 0.1, hkv, group, 16)
+    args = (q, q, kc, ks, ks, kc, vs, vs, kr, kr, po, po, po, q.stride(0), q.stride(1), q.stride(0), q.stride(1),
+            *kc.stride()[:3], *ks.stride()[:3], *kc.stride()[:3], *vs.stride()[:3], *kr.stride()[:3],
+            *kr.stride()[:3], n, 40, 1024, 4, 0.1, 0.1, hkv, group, 20)
     return args, dict(num_warps=4)
 
 
@@ -112,6 +114,20 @@ def main_loop(sass: str) -> collections.Counter:
             best = (labels[m.group(1)], i)
     body = "\n".join(lines[best[0]:best[1] + 1])
     return collections.Counter(m.group(1) for m in SASS_OP.finditer(body) if not m.group(1).startswith("."))
+
+
+def loops(sass: str) -> list[collections.Counter]:
+    """Opcode counts of every loop in ``sass`` (a label and the last branch back to it), longest first."""
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^\s*(\.L_x_\d+):", line))}
+    spans = {}
+    for i, line in enumerate(lines):
+        m = re.search(r"\bBRA\b.*?(\.L_x_\d+)", line)
+        if m and m.group(1) in labels and labels[m.group(1)] < i:
+            spans[m.group(1)] = (labels[m.group(1)], i)
+    found = [collections.Counter(m.group(1) for m in SASS_OP.finditer("\n".join(lines[a:b + 1]))
+                                 if not m.group(1).startswith(".")) for a, b in spans.values()]
+    return sorted(found, key=lambda c: -sum(c.values()))
 
 
 def main() -> None:

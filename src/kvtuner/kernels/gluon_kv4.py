@@ -62,10 +62,27 @@ def _lo_hi(s5, layout: gl.constexpr):
 
 
 @gluon.jit
-def kv4_split_kernel(Q, KC, KS, KZ, VC, VS, VZ, PO, PM, PL,
-                     sq_b, sq_h, skc_b, skc_h, skc_t, sks_b, sks_h, sks_t,
-                     svc_b, svc_h, svc_t, svs_b, svs_h, svs_t,
-                     n_q, tokens_per_split, qk_scale, HKV, GROUP, NUM_SPLITS, STAGES: gl.constexpr = 0):
+def _attend(q_a, k_b, v_b, valid, m_i, l_i, acc, MMA: gl.constexpr, A_OP: gl.constexpr):
+    """One online-softmax step of every warp over its 32 tokens: scores, running max and sum, p . v."""
+    W: gl.constexpr = q_a.shape[0]
+    BH: gl.constexpr = q_a.shape[1]
+    s = mma_v2(q_a, k_b, gl.zeros([W, BH, 32], gl.float32, layout=MMA))
+    s = gl.where(valid, s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, axis=2))
+    m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = gl.exp2(m_i - m_safe)
+    p = gl.exp2(s - gl.expand_dims(m_safe, 2))
+    l_i = l_i * alpha + gl.sum(p, axis=2)
+    acc = mma_v2(gl.convert_layout(p.to(gl.float16), A_OP), v_b, acc * gl.expand_dims(alpha, 2))
+    return m_new, l_i, acc
+
+
+@gluon.jit
+def kv4_split_kernel(Q, QR, KC, KS, KZ, VC, VS, VZ, KR, VR, PO, PM, PL,
+                     sq_b, sq_h, sqr_b, sqr_h, skc_b, skc_h, skc_t, sks_b, sks_h, sks_t,
+                     svc_b, svc_h, svc_t, svs_b, svs_h, svs_t, skr_b, skr_h, skr_t, svr_b, svr_h, svr_t,
+                     n_q, n_r, tokens_per_split, num_q_splits, qk_scale, qk_scale_r, HKV, GROUP, NUM_SPLITS,
+                     STAGES: gl.constexpr = 0):
     D: gl.constexpr = 128
     BH: gl.constexpr = 16
     W: gl.constexpr = 4
@@ -75,120 +92,123 @@ def kv4_split_kernel(Q, KC, KS, KZ, VC, VS, VZ, PO, PM, PL,
     # key bytes [warp, n_hi 4, n_lo 8, j 4, r 16]: a thread loads 16 contiguous bytes of a token row
     KB: gl.constexpr = gl.BlockedLayout([1, 4, 1, 1, 16], [1, 1, 8, 4, 1], [W, 1, 1, 1, 1], [4, 3, 2, 1, 0])
     KS5: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 32], [1, 1, 8, 4, 1], [W, 1, 1, 1, 1], [4, 3, 2, 1, 0])
-    # value bytes [warp, n_hi 4, n_lo>>1 4, n_lo&1 2, u 8, x 8]: 8 contiguous bytes of a token row
-    # value bytes [warp, n_hi 4, n_lo>>1 4, u 8, xb 8, xp 2]: 16 contiguous bytes of a token pair
+    # value bytes [warp, n_hi 4, n_lo>>1 4, u 8, x 16] (16 contiguous bytes of a token pair), unpacked
+    # as [.., xb 8, xp 2]
+    VB5: gl.constexpr = gl.BlockedLayout([1, 4, 1, 1, 16], [1, 1, 4, 8, 1], [W, 1, 1, 1, 1], [4, 2, 3, 1, 0])
     VB: gl.constexpr = gl.BlockedLayout([1, 4, 1, 1, 8, 2], [1, 1, 4, 8, 1, 1], [W, 1, 1, 1, 1, 1],
                                         [5, 4, 2, 3, 1, 0])
-    VB5: gl.constexpr = gl.BlockedLayout([1, 4, 1, 1, 16], [1, 1, 4, 8, 1], [W, 1, 1, 1, 1], [4, 2, 3, 1, 0])
     VS6: gl.constexpr = gl.BlockedLayout([1, 4, 1, 1, 1, 2], [1, 1, 4, 8, 1, 1], [W, 1, 1, 1, 1, 1],
                                          [5, 4, 2, 3, 1, 0])
     QL: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 2, 16], [W, 1, 1], [2, 1, 0])
+    RL: gl.constexpr = gl.BlockedLayout([1, 1, 1, 8], [1, 8, 4, 1], [W, 1, 1, 1], [3, 2, 1, 0])
 
     pid_bh = gl.program_id(0)
     split = gl.program_id(1)
     b = (pid_bh // HKV).to(gl.int64)
     h = (pid_bh % HKV).to(gl.int64)
-
     # q in the kernel's channel order kappa = kb0 + 2j + 8kb1 + 16e + 32m <-> channel 32j + 8m + 4e + 2kb1 + kb0
     # (keys in channel word order: byte k of word m holds channels 8m + k and 8m + 4 + k)
     kap = _index(D, QL, 3, 2)
     hrow = _index(BH, QL, 3, 1)
     ch = 32 * ((kap >> 1) & 3) + 8 * (kap >> 5) + 4 * ((kap >> 4) & 1) + 2 * ((kap >> 3) & 1) + (kap & 1)
-    wq = _index(W, QL, 3, 0)
-    qmask = (hrow < GROUP) & (wq >= 0)
-    q = gl.load(Q + b * sq_b + (h * GROUP + hrow).to(gl.int64) * sq_h + ch, mask=qmask, other=0.0).to(gl.float32)
-    q_a = gl.convert_layout((q * qk_scale).to(gl.float16), A_OP)
-
-    start = split * tokens_per_split
-    end = gl.minimum(start + tokens_per_split, n_q)
-    kc = KC + b * skc_b + h * skc_h
-    ks = KS + b * sks_b + h * sks_h
-    kz = KZ + b * sks_b + h * sks_h
-    vc = VC + b * svc_b + h * svc_h
-    vs = VS + b * svs_b + h * svs_h
-    vz = VZ + b * svs_b + h * svs_h
-
-    # index tensors, fixed over the loop
-    kw = _index(W, KB, 5, 0)
-    ktok = kw * 32 + _index(4, KB, 5, 1) * 8 + _index(8, KB, 5, 2)
-    kbyte = _index(4, KB, 5, 3) * 16 + _index(16, KB, 5, 4)
-    sw = _index(W, KS5, 5, 0)
-    sch = _index(4, KS5, 5, 3) * 32 + _index(32, KS5, 5, 4)
-    vw = _index(W, VB5, 5, 0)
-    vpair = vw * 32 + _index(4, VB5, 5, 1) * 8 + _index(4, VB5, 5, 2) * 2  # first token of the pair
-    vbyte = _index(8, VB5, 5, 3) * 16 + _index(16, VB5, 5, 4)  # bytes of a token pair, interleaved
-    sxp = _index(2, VS6, 6, 5)
-    spair = _index(W, VS6, 6, 0) * 32 + _index(4, VS6, 6, 1) * 8 + _index(4, VS6, 6, 2) * 2
-    sgrp = _index(8, VS6, 6, 3) // 2
+    qmask = (hrow < GROUP) & (_index(W, QL, 3, 0) >= 0)
+    qrow = (h * GROUP + hrow).to(gl.int64)
     mw = _index(W, MMA, 3, 0)
     mn = _index(32, MMA, 3, 2)
-
-    # pointers advance by one 128-token tile per step; masks compare against the tokens left
-    kptr = kc + (start + ktok).to(gl.int64) * skc_t + kbyte
-    sptr = ((start + sw * 32) // 32).to(gl.int64) * sks_t + sch
-    vptr = vc + (start + vpair).to(gl.int64) * svc_t + vbyte
-    vsptr = (start + spair).to(gl.int64) * svs_t + (2 * sgrp + sxp)
     m_i = gl.full([W, BH], float("-inf"), gl.float32, layout=gl.SliceLayout(2, MMA))
     l_i = gl.zeros([W, BH], gl.float32, layout=gl.SliceLayout(2, MMA))
     acc = gl.zeros([W, BH, D], gl.float32, layout=MMA)
-    if STAGES > 0:  # a ring of STAGES tiles of codes in shared memory, filled by cp.async; every thread
-        # copies the bytes it reads later, so its own wait_group is all the synchronisation it needs
-        SM5: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [4, 3, 2, 1, 0])
-        kbuf = gl.allocate_shared_memory(gl.uint8, [STAGES, W, 4, 8, 4, 16], SM5)
-        vbuf = gl.allocate_shared_memory(gl.uint8, [STAGES, W, 4, 4, 8, 16], SM5)
-        for st in gl.static_range(STAGES - 1):
-            left_s = end - (start + st * 128)
-            cp.async_copy_global_to_shared(kbuf.index(st), kptr + st * 128 * skc_t, mask=ktok < left_s)
-            cp.async_copy_global_to_shared(vbuf.index(st), vptr + st * 128 * svc_t, mask=vpair < left_s)
-            cp.commit_group()
-    for it in range(0, tokens_per_split // 128):
-        left = end - (start + it * 128)
-        if STAGES > 0:
-            ahead = left - (STAGES - 1) * 128
-            slot = (it + STAGES - 1) % STAGES
-            cp.async_copy_global_to_shared(kbuf.index(slot), kptr + (STAGES - 1) * 128 * skc_t, mask=ktok < ahead)
-            cp.async_copy_global_to_shared(vbuf.index(slot), vptr + (STAGES - 1) * 128 * svc_t, mask=vpair < ahead)
-            cp.commit_group()
-            cp.wait_group(STAGES - 1)
-            kbytes = kbuf.index(it % STAGES).load(KB)
-            vbytes = vbuf.index(it % STAGES).load(VB5)
-        else:  # masked codes stay undefined: their scores are -inf, their values meet probability 0
-            kbytes = gl.load(kptr, mask=ktok < left)
-            vbytes = gl.load(vptr, mask=vpair < left)
-        # ---- keys: codes -> fp16 in registers, scales per channel of the warp's group
-        k_lo, k_hi = _unpack4(kbytes)  # [.., r = 4m + k]: channels 32j + 8m + k and 32j + 8m + 4 + k
-        gmask = (sw * 32 < left) & (sch >= 0)
-        s_lo, s_hi = _lo_hi(gl.load(ks + sptr, mask=gmask, other=0.0), KB)
-        z_lo, z_hi = _lo_hi(gl.load(kz + sptr, mask=gmask, other=0.0), KB)
-        k_lo = k_lo * s_lo + z_lo
-        k_hi = k_hi * s_hi + z_hi
-        k8 = gl.reshape(gl.join(k_lo, k_hi), [W, 4, 8, 4, 4, 2, 2, 2])  # w nh nl j m kb1 kb0 e
-        k_b = gl.convert_layout(gl.reshape(gl.permute(k8, [0, 4, 7, 5, 3, 6, 1, 2]), [W, D, 32]), B_OP)
-        s = mma_v2(q_a, k_b, gl.zeros([W, BH, 32], gl.float32, layout=MMA))
-        s = gl.where(mw * 32 + mn < left, s, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, axis=2))
-        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = gl.exp2(m_i - m_safe)
-        p = gl.exp2(s - gl.expand_dims(m_safe, 2))
-        l_i = l_i * alpha + gl.sum(p, axis=2)
-        m_i = m_new
-        acc = acc * gl.expand_dims(alpha, 2)
-        p_a = gl.convert_layout(p.to(gl.float16), A_OP)
-        # ---- values in token pairs: every fp16x2 the unpacker returns holds one channel of two tokens
-        vbytes = gl.convert_layout(gl.reshape(vbytes, [W, 4, 4, 8, 8, 2]), VB)
-        v_lo, v_hi = _unpack4(vbytes)  # [w nh nlh u xb xp]: token pair + xp, channels 16u + 2xb (+1)
-        smask = spair < left  # value scales in token pairs too: (pair, group, token of the pair)
-        sv = gl.convert_layout(gl.load(vs + vsptr, mask=smask, other=0.0), VB)
-        zv = gl.convert_layout(gl.load(vz + vsptr, mask=smask, other=0.0), VB)
-        v_lo = v_lo * sv + zv
-        v_hi = v_hi * sv + zv
-        v7 = gl.join(v_lo, v_hi)  # w nh nlh u xb xp e
-        v_b = gl.convert_layout(gl.reshape(gl.permute(v7, [0, 1, 2, 5, 4, 6, 3]), [W, 32, D]), B_OP)
-        acc = mma_v2(p_a, v_b, acc)
-        kptr += 128 * skc_t
-        sptr += 4 * sks_t
-        vptr += 128 * svc_t
-        vsptr += 128 * svs_t
+
+    if split < num_q_splits:
+        q = gl.load(Q + b * sq_b + qrow * sq_h + ch, mask=qmask, other=0.0).to(gl.float32)
+        q_a = gl.convert_layout((q * qk_scale).to(gl.float16), A_OP)
+        start = split * tokens_per_split
+        end = gl.minimum(start + tokens_per_split, n_q)
+        kc = KC + b * skc_b + h * skc_h
+        ks = KS + b * sks_b + h * sks_h
+        kz = KZ + b * sks_b + h * sks_h
+        vc = VC + b * svc_b + h * svc_h
+        vs = VS + b * svs_b + h * svs_h
+        vz = VZ + b * svs_b + h * svs_h
+        ktok = _index(W, KB, 5, 0) * 32 + _index(4, KB, 5, 1) * 8 + _index(8, KB, 5, 2)
+        kbyte = _index(4, KB, 5, 3) * 16 + _index(16, KB, 5, 4)
+        sw = _index(W, KS5, 5, 0)
+        sch = _index(4, KS5, 5, 3) * 32 + _index(32, KS5, 5, 4)
+        vpair = _index(W, VB5, 5, 0) * 32 + _index(4, VB5, 5, 1) * 8 + _index(4, VB5, 5, 2) * 2  # pair's first
+        vbyte = _index(8, VB5, 5, 3) * 16 + _index(16, VB5, 5, 4)  # bytes of a token pair, interleaved
+        sxp = _index(2, VS6, 6, 5)
+        spair = _index(W, VS6, 6, 0) * 32 + _index(4, VS6, 6, 1) * 8 + _index(4, VS6, 6, 2) * 2
+        sgrp = _index(8, VS6, 6, 3) // 2
+        # pointers advance by one 128-token tile per step; masks compare against the tokens left
+        kptr = kc + (start + ktok).to(gl.int64) * skc_t + kbyte
+        sptr = ((start + sw * 32) // 32).to(gl.int64) * sks_t + sch
+        vptr = vc + (start + vpair).to(gl.int64) * svc_t + vbyte
+        vsptr = (start + spair).to(gl.int64) * svs_t + (2 * sgrp + sxp)
+        if STAGES > 0:  # a ring of STAGES tiles of codes in shared memory, filled by cp.async; every thread
+            # copies the bytes it reads later
+            SM5: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [4, 3, 2, 1, 0])
+            kbuf = gl.allocate_shared_memory(gl.uint8, [STAGES, W, 4, 8, 4, 16], SM5)
+            vbuf = gl.allocate_shared_memory(gl.uint8, [STAGES, W, 4, 4, 8, 16], SM5)
+            for st in gl.static_range(STAGES - 1):
+                left_s = end - (start + st * 128)
+                cp.async_copy_global_to_shared(kbuf.index(st), kptr + st * 128 * skc_t, mask=ktok < left_s)
+                cp.async_copy_global_to_shared(vbuf.index(st), vptr + st * 128 * svc_t, mask=vpair < left_s)
+                cp.commit_group()
+        for it in range(0, tokens_per_split // 128):
+            left = end - (start + it * 128)
+            if STAGES > 0:
+                ahead = left - (STAGES - 1) * 128
+                slot = (it + STAGES - 1) % STAGES
+                cp.async_copy_global_to_shared(kbuf.index(slot), kptr + (STAGES - 1) * 128 * skc_t,
+                                               mask=ktok < ahead)
+                cp.async_copy_global_to_shared(vbuf.index(slot), vptr + (STAGES - 1) * 128 * svc_t,
+                                               mask=vpair < ahead)
+                cp.commit_group()
+                cp.wait_group(STAGES - 1)
+                kbytes = kbuf.index(it % STAGES).load(KB)
+                vbytes = vbuf.index(it % STAGES).load(VB5)
+            else:  # masked codes stay undefined: their scores are -inf, their values meet probability 0
+                kbytes = gl.load(kptr, mask=ktok < left)
+                vbytes = gl.load(vptr, mask=vpair < left)
+            # ---- keys: codes -> fp16 in registers, scales per channel of the warp's group
+            k_lo, k_hi = _unpack4(kbytes)  # [.., r = 4m + k]: channels 32j + 8m + k and 32j + 8m + 4 + k
+            gmask = (sw * 32 < left) & (sch >= 0)
+            s_lo, s_hi = _lo_hi(gl.load(ks + sptr, mask=gmask, other=0.0), KB)
+            z_lo, z_hi = _lo_hi(gl.load(kz + sptr, mask=gmask, other=0.0), KB)
+            k_lo = k_lo * s_lo + z_lo
+            k_hi = k_hi * s_hi + z_hi
+            k8 = gl.reshape(gl.join(k_lo, k_hi), [W, 4, 8, 4, 4, 2, 2, 2])  # w nh nl j m kb1 kb0 e
+            k_b = gl.convert_layout(gl.reshape(gl.permute(k8, [0, 4, 7, 5, 3, 6, 1, 2]), [W, D, 32]), B_OP)
+            # ---- values in token pairs: every fp16x2 the unpacker returns holds one channel of two tokens
+            v_lo, v_hi = _unpack4(gl.convert_layout(gl.reshape(vbytes, [W, 4, 4, 8, 8, 2]), VB))
+            smask = spair < left  # value scales in token pairs too: (pair, group, token of the pair)
+            sv = gl.convert_layout(gl.load(vs + vsptr, mask=smask, other=0.0), VB)
+            zv = gl.convert_layout(gl.load(vz + vsptr, mask=smask, other=0.0), VB)
+            v7 = gl.join(v_lo * sv + zv, v_hi * sv + zv)  # w nh nlh u xb xp e
+            v_b = gl.convert_layout(gl.reshape(gl.permute(v7, [0, 1, 2, 5, 4, 6, 3]), [W, 32, D]), B_OP)
+            m_i, l_i, acc = _attend(q_a, k_b, v_b, mw * 32 + mn < left, m_i, l_i, acc, MMA, A_OP)
+            kptr += 128 * skc_t
+            sptr += 4 * sks_t
+            vptr += 128 * svc_t
+            vsptr += 128 * svs_t
+    else:  # the full-precision residual window (plain basis: the query of QR), 32 tokens per warp
+        q = gl.load(QR + b * sqr_b + qrow * sqr_h + ch, mask=qmask, other=0.0).to(gl.float32)
+        q_a = gl.convert_layout((q * qk_scale_r).to(gl.float16), A_OP)
+        rtok = _index(W, RL, 4, 0) * 32 + _index(32, RL, 4, 1)
+        rch = _index(8, RL, 4, 2) * 16 + _index(16, RL, 4, 3)
+        kr = KR + b * skr_b + h * skr_h + rtok.to(gl.int64) * skr_t + rch
+        vr = VR + b * svr_b + h * svr_h + rtok.to(gl.int64) * svr_t + rch
+        for r0 in range(0, n_r, 128):
+            live = rtok < n_r - r0
+            k = gl.load(kr + r0 * skr_t, mask=live, other=0.0).to(gl.float16)  # [w n u c'], channel 16u + c'
+            v = gl.load(vr + r0 * svr_t, mask=live, other=0.0).to(gl.float16)
+            # keys to kappa order: channel 32j + 8m + 4e + 2kb1 + kb0 = 16u + c' with u = 2j + (m >> 1)
+            k8 = gl.reshape(k, [W, 32, 4, 2, 2, 2, 2, 2])  # w n j m1 m0 e kb1 kb0
+            k_b = gl.convert_layout(gl.reshape(gl.permute(k8, [0, 3, 4, 5, 6, 2, 7, 1]), [W, D, 32]), B_OP)
+            # values to nu order: channel 16u + 2xb + e, nu = 16xb + 8e + u
+            v5 = gl.reshape(v, [W, 32, 8, 8, 2])  # w n u xb e
+            v_b = gl.convert_layout(gl.reshape(gl.permute(v5, [0, 1, 3, 4, 2]), [W, 32, D]), B_OP)
+            m_i, l_i, acc = _attend(q_a, k_b, v_b, mw * 32 + mn < n_r - r0, m_i, l_i, acc, MMA, A_OP)
 
     # ---- one partial per warp: split slot split * W + warp; output channel 16 (nu & 7) + (nu >> 3)
     ow = _index(W, MMA, 3, 0)
@@ -218,13 +238,15 @@ def value_token_pairs(t):
     return t.reshape(b, h, n // 2, 2, c).transpose(-1, -2).reshape(b, h, n, c).contiguous()
 
 
-def decode_kv4(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, scaling, splits=None, stages=0):
-    """Attention of ``q`` ``[B, Hq, 1, 128]`` over a packed KV4 history only (no residual window):
-    keys per channel in groups of 32 tokens, codes in channel word order (``quant.to_channel_words``);
-    values per token in groups of 32 channels, codes and scales/zeros in token pairs
-    (:func:`value_token_pairs`). ``stages``: 0 loads codes straight into registers, >= 2 streams them
-    through a ring of that many tiles in shared memory (cp.async). Returns ``[B, 1, Hq, 128]`` in
-    ``q.dtype``."""
+def decode_kv4(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, scaling, k_residual=None, v_residual=None,
+               q_residual=None, scaling_residual=None, splits=None, stages=0):
+    """Attention of ``q`` ``[B, Hq, 1, 128]`` over a packed KV4 history followed by an optional
+    full-precision residual window ``[B, Hkv, R, 128]``: keys per channel in groups of 32 tokens, codes
+    in channel word order (``quant.to_channel_words``); values per token in groups of 32 channels, codes
+    and scales/zeros in token pairs (:func:`value_token_pairs`). ``q_residual`` / ``scaling_residual``:
+    the residual's query and scale (rotated layers). ``stages``: 0 loads codes straight into
+    registers, >= 2 streams them through a ring of that many tiles in shared memory (cp.async).
+    Returns ``[B, 1, Hq, 128]`` in ``q.dtype``."""
     import torch
     import triton
 
@@ -239,14 +261,20 @@ def decode_kv4(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, scaling, s
     nqs = splits or max(1, min(triton.cdiv(n, 128), triton.cdiv(2 * sms, b * hkv)))
     per = triton.cdiv(triton.cdiv(n, nqs), 128) * 128
     nqs = triton.cdiv(n, per)
-    num_splits = 4 * nqs
+    num_splits = 4 * (nqs + 1)
     rows = b * hq * num_splits
     partial = torch.empty(rows * (d + 2), device=q.device, dtype=torch.float32)
     po, pm, pl = partial[: rows * d], partial[rows * d: rows * (d + 1)], partial[rows * (d + 1):]
-    kv4_split_kernel[(b * hkv, nqs)](
-        q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, po, pm, pl, q.stride(0), q.stride(1),
-        *k_codes.stride()[:3], *k_scale.stride()[:3], *v_codes.stride()[:3], *v_scale.stride()[:3],
-        n, per, float(scaling) * LOG2E, hkv, hq // hkv, num_splits, STAGES=stages, num_warps=4)
+    qr = q if q_residual is None else q_residual
+    kr = k_residual if k_residual is not None else q.new_empty(b, hkv, 0, d)
+    vr = v_residual if v_residual is not None else q.new_empty(b, hkv, 0, d)
+    kv4_split_kernel[(b * hkv, nqs + 1)](
+        q, qr, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, kr, vr, po, pm, pl,
+        q.stride(0), q.stride(1), qr.stride(0), qr.stride(1), *k_codes.stride()[:3], *k_scale.stride()[:3],
+        *v_codes.stride()[:3], *v_scale.stride()[:3], *kr.stride()[:3], *vr.stride()[:3],
+        n, kr.shape[2], per, nqs, float(scaling) * LOG2E,
+        float(scaling if scaling_residual is None else scaling_residual) * LOG2E, hkv, hq // hkv, num_splits,
+        STAGES=stages, num_warps=4)
     out = torch.empty(b, 1, hq, d, device=q.device, dtype=q.dtype)
     merge_kernel[(b * hq,)](po, pm, pl, out, out.stride(0), out.stride(2), hq, num_splits, 1.0, D=d, BLOCK_D=d,
                             BLOCK_S=max(2, triton.next_power_of_2(num_splits)))
