@@ -1,8 +1,9 @@
-"""A/B on the GPU: the Gluon KV4 prototype (``kvtuner/kernels/gluon_kv4.py``) against the current split kernel
-and bf16 SDPA, one decode-attention layer at Llama-3.1-8B shape (Hq 32, Hkv 8, D 128), KIVI G = 32, the packed
-history plus a 32-token bf16 residual window; every output against the PyTorch reference.
+"""A/B on the GPU: the Gluon decode prototype (``kvtuner/kernels/gluon_decode.py``) against the current split
+kernel and bf16 SDPA, one decode-attention layer at Llama-3.1-8B shape (Hq 32, Hkv 8, D 128), KIVI G = 32,
+the packed history plus a 32-token bf16 residual window; every output against the PyTorch reference.
 
-    PYTHONPATH=src python benchmarks/ab_gluon_decode.py [--shapes 64x4096,1x131072] [--out FILE]
+    PYTHONPATH=src python benchmarks/ab_gluon_decode.py [--pairs 88,44,42,22] [--shapes 64x4096,1x131072]
+        [--stages 0,2,3] [--out FILE]
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import triton
 
 from kvtuner import kernels, quant
 from kvtuner.attention import decode_attention as reference
-from kvtuner.kernels.gluon_kv4 import decode_kv4, value_token_pairs
+from kvtuner.kernels.gluon_decode import decode_packed, value_token_pairs
 
 
 def rel(a, b):
@@ -31,12 +32,19 @@ def bench(fn):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pairs", default="88,44,42,22")
     ap.add_argument("--shapes", default="64x4096,1x131072")
+    ap.add_argument("--stages", default="0,2,3")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     hkv, group, d = 8, 4, 128
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", "",
              "| B x L | config | µs in graph | TB/s | rel. error vs reference |", "|---|---|---|---|---|"]
+
+    def row(shape, name, us, nbytes, err=None):
+        lines.append(f"| {shape} | {name} | {us:.1f} | {nbytes / us / 1e6:.2f} | {'' if err is None else f'{err:.2e}'} |")
+        print(lines[-1], flush=True)
+
     for shape in args.shapes.split(","):
         b, n = (int(x) for x in shape.split("x"))
         g = torch.Generator(device="cuda").manual_seed(0)
@@ -44,30 +52,25 @@ def main() -> None:
         k += torch.randn(1, 1, 1, d, device="cuda", dtype=torch.bfloat16, generator=g) * 3
         v = torch.randn(b, hkv, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
         q = torch.randn(b, hkv * group, 1, d, device="cuda", dtype=torch.bfloat16, generator=g)
-        scaling = d ** -0.5
-        kp = quant.quantize(k, 4, "per_channel", 32)
-        vp = quant.quantize(v, 4, "per_token", 32)
         kr = torch.randn(b, hkv, 32, d, device="cuda", dtype=torch.bfloat16, generator=g)
         vr = torch.randn(b, hkv, 32, d, device="cuda", dtype=torch.bfloat16, generator=g)
-        want = reference(q.float(), kp, kr.float(), vp, vr.float(), scaling)
-        kw = quant.in_channel_words(kp)
-        vc, vs, vz = (value_token_pairs(t) for t in (vp.codes, vp.scale, vp.zero))
-        packed = kp.nbytes() + vp.nbytes() + 2 * kr.numel() * 2 + q.numel() * 2
-
-        def gluon(stages):
-            return lambda: decode_kv4(q, kw.codes, kw.scale, kw.zero, vc, vs, vz, scaling, kr, vr, stages=stages)
-
-        def current():
-            return kernels.decode_attention(q, kp, kr, vp, vr, scaling)
-
-        rows = [(f"Gluon KV4 prototype, {s} stages", gluon(s), packed) for s in (0, 2, 3)]
-        rows.append(("current kernel KV4", current, packed))
-        for name, fn, nbytes in rows:
-            err = rel(fn(), want)
-            us = bench(fn)
-            lines.append(f"| {shape} | {name} | {us:.1f} | {nbytes / us / 1e6:.2f} | {err:.2e} |")
-            print(lines[-1], flush=True)
-        del kw, vc, vs, vz, kp, vp
+        scaling = d ** -0.5
+        for pair in args.pairs.split(","):
+            kbits, vbits = int(pair[0]), int(pair[1])
+            kp = quant.quantize(k, kbits, "per_channel", 32)
+            vp = quant.quantize(v, vbits, "per_token", 32)
+            want = reference(q.float(), kp, kr.float(), vp, vr.float(), scaling)
+            kw = quant.in_channel_words(kp)
+            vc, vs, vz = (value_token_pairs(t) for t in (vp.codes, vp.scale, vp.zero))
+            nbytes = kp.nbytes() + vp.nbytes() + 2 * kr.numel() * 2 + q.numel() * 2
+            for st in (int(x) for x in args.stages.split(",")):
+                fn = (lambda st=st: decode_packed(q, kw.codes, kw.scale, kw.zero, vc, vs, vz, scaling, kbits, vbits,
+                                                  kr, vr, stages=st))
+                row(shape, f"K{kbits}V{vbits} Gluon, {st} stages", bench(fn), nbytes, rel(fn(), want))
+            fn = lambda: kernels.decode_attention(q, kp, kr, vp, vr, scaling)
+            row(shape, f"K{kbits}V{vbits} current kernel", bench(fn), nbytes, rel(fn(), want))
+            del kp, vp, kw, vc, vs, vz
+            torch.cuda.empty_cache()
         best = None
         for backend in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
             try:
@@ -78,9 +81,7 @@ def main() -> None:
                 continue
             best = min(best or (us, backend), (us, backend))
         if best:
-            nbytes = 2 * k.numel() * 2 + q.numel() * 2  # the same tokens less the residual
-            lines.append(f"| {shape} | bf16 SDPA ({best[1].lower()}) | {best[0]:.1f} | {nbytes / best[0] / 1e6:.2f} | |")
-            print(lines[-1], flush=True)
+            row(shape, f"bf16 SDPA ({best[1].lower()})", best[0], 2 * k.numel() * 2 + q.numel() * 2)
         del k, v
         torch.cuda.empty_cache()
     if args.out:

@@ -1,31 +1,17 @@
-"""Prototype: KV4 decode attention over the packed history (KIVI, G = 32, head_dim 128) in Gluon.
+"""Prototype: decode attention over a packed KIVI cache (G = 32, head_dim 128, 2-, 4- and 8-bit keys and
+values) and its residual window, in Gluon.
 
 Each warp owns one 32-token key group per 128-token tile and keeps its own online softmax, so no
 reduction crosses warps in the token loop; codes are loaded with 16- and 8-byte vectors in layouts
 chosen so that, after unpacking in registers, they are the mma.sync operands (a permutation of the
 channels, applied to q and undone at the output store, makes every thread's bytes contiguous).
 """
-import triton.experimental.gluon as gluon
 import triton.experimental.gluon.language as gl
+from triton.experimental import gluon
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-ASM4 = gl.constexpr("""{
-.reg .b32 t0, t1, m, s, o;
-prmt.b32 t0, $4, 0, 0x4140;
-prmt.b32 t1, $4, 0, 0x4342;
-mov.b32 m, 0x64006400;
-mov.b32 s, 0x2c002c00;
-mov.b32 o, 0xd400d400;
-lop3.b32 $0, t0, 0x000f000f, m, 0xea;
-lop3.b32 $1, t1, 0x000f000f, m, 0xea;
-lop3.b32 $2, t0, 0x00f000f0, m, 0xea;
-lop3.b32 $3, t1, 0x00f000f0, m, 0xea;
-sub.f16x2 $0, $0, m;
-sub.f16x2 $1, $1, m;
-fma.rn.f16x2 $2, $2, s, o;
-fma.rn.f16x2 $3, $3, s, o;
-}""")
+from .ptx import ASM2, ASM4, ASM8
 
 
 @gluon.constexpr_function
@@ -47,23 +33,55 @@ def _index(n: gl.constexpr, layout: gl.constexpr, rank: gl.constexpr, d: gl.cons
 
 
 @gluon.jit
-def _unpack4(b):
-    return gl.inline_asm_elementwise(ASM4, "=r,=r,=r,=r,r", [b], dtype=(gl.float16, gl.float16), is_pure=True,
-                                     pack=4)
+def _unpack(b, BITS: gl.constexpr):
+    """fp16 codes of bytes ``b``: one tensor per code of a byte (low bits first), each of ``b``'s shape."""
+    if BITS == 8:
+        return (gl.inline_asm_elementwise(ASM8, "=r,=r,r", [b], dtype=gl.float16, is_pure=True, pack=4),)
+    elif BITS == 4:
+        return gl.inline_asm_elementwise(ASM4, "=r,=r,=r,=r,r", [b], dtype=(gl.float16, gl.float16), is_pure=True,
+                                         pack=4)
+    else:
+        return gl.inline_asm_elementwise(ASM2, "=r,=r,=r,=r,=r,=r,=r,=r,r", [b],
+                                         dtype=(gl.float16, gl.float16, gl.float16, gl.float16), is_pure=True, pack=4)
 
 
 @gluon.jit
-def _lo_hi(s5, layout: gl.constexpr):
-    """Per-channel rows [.., 32] (channels 32j + c) as the scales of the unpacker's low and high
-    codes [.., r = 4m + k]: channels 32j + 8m + k and 32j + 8m + 4 + k."""
-    s6 = gl.permute(gl.reshape(s5, [4, 1, 1, 4, 4, 2, 4]), [0, 1, 2, 3, 4, 6, 5])  # .. m k e
-    lo, hi = gl.split(gl.reshape(s6, [4, 1, 1, 4, 16, 2]))
-    return gl.convert_layout(lo, layout), gl.convert_layout(hi, layout)
+def _codes_last(c, BITS: gl.constexpr):
+    """The per-code tensors of :func:`_unpack` joined on new last dims: none at 8 bits, [.., 2] (the code
+    index) at 4 bits, [.., 2 (f & 1), 2 (f >> 1)] at 2 bits."""
+    if BITS == 8:
+        return c[0]
+    elif BITS == 4:
+        return gl.join(c[0], c[1])
+    else:
+        return gl.join(gl.join(c[0], c[1]), gl.join(c[2], c[3]))
 
 
 @gluon.jit
-def _attend(q_a, k_b, v_b, valid, m_i, l_i, acc, MMA: gl.constexpr, A_OP: gl.constexpr):
-    """One online-softmax step of every warp over its 32 tokens: scores, running max and sum, p . v."""
+def _per_code(s5, BITS: gl.constexpr, layout: gl.constexpr):
+    """Per-channel rows ``[W, 1, 1, 4, 32]`` (channels 32j + c) as the scales of each code tensor of
+    :func:`_unpack` on keys in channel word order, ``[W, 1, 1, 4, R]``: code f of byte r = 4m + k holds
+    channel 32j + 4F m + 4f + k (F codes per byte)."""
+    W: gl.constexpr = s5.shape[0]
+    if BITS == 8:
+        return (gl.convert_layout(s5, layout),)
+    elif BITS == 4:
+        s7 = gl.permute(gl.reshape(s5, [W, 1, 1, 4, 4, 2, 4]), [0, 1, 2, 3, 4, 6, 5])  # .. m k f
+        c0, c1 = gl.split(gl.reshape(s7, [W, 1, 1, 4, 16, 2]))
+        return gl.convert_layout(c0, layout), gl.convert_layout(c1, layout)
+    else:
+        s8 = gl.permute(gl.reshape(s5, [W, 1, 1, 4, 2, 2, 2, 4]), [0, 1, 2, 3, 4, 7, 6, 5])  # .. m k f0 f1
+        lo, hi = gl.split(gl.reshape(s8, [W, 1, 1, 4, 8, 2, 2]))
+        c0, c1 = gl.split(lo)
+        c2, c3 = gl.split(hi)
+        return (gl.convert_layout(c0, layout), gl.convert_layout(c1, layout), gl.convert_layout(c2, layout),
+                gl.convert_layout(c3, layout))
+
+
+@gluon.jit
+def _softmax(q_a, k_b, valid, m_i, l_i, acc, MMA: gl.constexpr, A_OP: gl.constexpr):
+    """One online-softmax step of every warp over its 32 tokens: scores, running max and sum, the
+    rescaled accumulator and the probabilities as the ``P V`` operand."""
     W: gl.constexpr = q_a.shape[0]
     BH: gl.constexpr = q_a.shape[1]
     s = mma_v2(q_a, k_b, gl.zeros([W, BH, 32], gl.float32, layout=MMA))
@@ -73,29 +91,30 @@ def _attend(q_a, k_b, v_b, valid, m_i, l_i, acc, MMA: gl.constexpr, A_OP: gl.con
     alpha = gl.exp2(m_i - m_safe)
     p = gl.exp2(s - gl.expand_dims(m_safe, 2))
     l_i = l_i * alpha + gl.sum(p, axis=2)
-    acc = mma_v2(gl.convert_layout(p.to(gl.float16), A_OP), v_b, acc * gl.expand_dims(alpha, 2))
-    return m_new, l_i, acc
+    return m_new, l_i, acc * gl.expand_dims(alpha, 2), gl.convert_layout(p.to(gl.float16), A_OP)
 
 
 @gluon.jit
-def kv4_split_kernel(Q, QR, KC, KS, KZ, VC, VS, VZ, KR, VR, PO, PM, PL,
+def split_kernel(Q, QR, KC, KS, KZ, VC, VS, VZ, KR, VR, PO, PM, PL,
                      sq_b, sq_h, sqr_b, sqr_h, skc_b, skc_h, skc_t, sks_b, sks_h, sks_t,
                      svc_b, svc_h, svc_t, svs_b, svs_h, svs_t, skr_b, skr_h, skr_t, svr_b, svr_h, svr_t,
                      n_q, n_r, tokens_per_split, num_q_splits, qk_scale, qk_scale_r, HKV, GROUP, NUM_SPLITS,
-                     STAGES: gl.constexpr = 0):
+                     KBITS: gl.constexpr = 4, VBITS: gl.constexpr = 4, STAGES: gl.constexpr = 0):
     D: gl.constexpr = 128
     BH: gl.constexpr = 16
     W: gl.constexpr = 4
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1, 1], instr_shape=[1, 16, 8])
     A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
-    # key bytes [warp, n_hi 4, n_lo 8, j 4, r 16]: a thread loads 16 contiguous bytes of a token row
-    KB: gl.constexpr = gl.BlockedLayout([1, 4, 1, 1, 16], [1, 1, 8, 4, 1], [W, 1, 1, 1, 1], [4, 3, 2, 1, 0])
+    KRB: gl.constexpr = 4 * KBITS  # key bytes a thread reads per token: 32 channels
+    XV: gl.constexpr = 4 * VBITS  # value bytes a thread reads per token pair: 16 channels of 2 tokens
+    # key bytes [warp, n_hi 4, n_lo 8, j 4, r KRB]: contiguous bytes of a token row
+    KB: gl.constexpr = gl.BlockedLayout([1, 4, 1, 1, KRB], [1, 1, 8, 4, 1], [W, 1, 1, 1, 1], [4, 3, 2, 1, 0])
     KS5: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 32], [1, 1, 8, 4, 1], [W, 1, 1, 1, 1], [4, 3, 2, 1, 0])
-    # value bytes [warp, n_hi 4, n_lo>>1 4, u 8, x 16] (16 contiguous bytes of a token pair), unpacked
-    # as [.., xb 8, xp 2]
-    VB5: gl.constexpr = gl.BlockedLayout([1, 4, 1, 1, 16], [1, 1, 4, 8, 1], [W, 1, 1, 1, 1], [4, 2, 3, 1, 0])
-    VB: gl.constexpr = gl.BlockedLayout([1, 4, 1, 1, 8, 2], [1, 1, 4, 8, 1, 1], [W, 1, 1, 1, 1, 1],
+    # value bytes [warp, n_hi 4, n_lo>>1 4, u 8, x XV] (contiguous bytes of a token pair), unpacked
+    # as [.., xb XV/2, xp 2]
+    VB5: gl.constexpr = gl.BlockedLayout([1, 4, 1, 1, XV], [1, 1, 4, 8, 1], [W, 1, 1, 1, 1], [4, 2, 3, 1, 0])
+    VB: gl.constexpr = gl.BlockedLayout([1, 4, 1, 1, XV // 2, 2], [1, 1, 4, 8, 1, 1], [W, 1, 1, 1, 1, 1],
                                         [5, 4, 2, 3, 1, 0])
     VS6: gl.constexpr = gl.BlockedLayout([1, 4, 1, 1, 1, 2], [1, 1, 4, 8, 1, 1], [W, 1, 1, 1, 1, 1],
                                          [5, 4, 2, 3, 1, 0])
@@ -106,11 +125,13 @@ def kv4_split_kernel(Q, QR, KC, KS, KZ, VC, VS, VZ, KR, VR, PO, PM, PL,
     split = gl.program_id(1)
     b = (pid_bh // HKV).to(gl.int64)
     h = (pid_bh % HKV).to(gl.int64)
-    # q in the kernel's channel order kappa = kb0 + 2j + 8kb1 + 16e + 32m <-> channel 32j + 8m + 4e + 2kb1 + kb0
-    # (keys in channel word order: byte k of word m holds channels 8m + k and 8m + 4 + k)
+    # q in the kernel's channel order kappa = kb0 + 2j + 8kb1 + 16 (f + F m) <-> channel 32j + 4F m + 4f + 2kb1
+    # + kb0 (keys in channel word order: code f of byte k of word m holds channel 4F m + 4f + k, F = 8 / bits)
+    F: gl.constexpr = 8 // KBITS
     kap = _index(D, QL, 3, 2)
     hrow = _index(BH, QL, 3, 1)
-    ch = 32 * ((kap >> 1) & 3) + 8 * (kap >> 5) + 4 * ((kap >> 4) & 1) + 2 * ((kap >> 3) & 1) + (kap & 1)
+    rest = kap >> 4
+    ch = 32 * ((kap >> 1) & 3) + 4 * F * (rest // F) + 4 * (rest % F) + 2 * ((kap >> 3) & 1) + (kap & 1)
     qmask = (hrow < GROUP) & (_index(W, QL, 3, 0) >= 0)
     qrow = (h * GROUP + hrow).to(gl.int64)
     mw = _index(W, MMA, 3, 0)
@@ -131,11 +152,11 @@ def kv4_split_kernel(Q, QR, KC, KS, KZ, VC, VS, VZ, KR, VR, PO, PM, PL,
         vs = VS + b * svs_b + h * svs_h
         vz = VZ + b * svs_b + h * svs_h
         ktok = _index(W, KB, 5, 0) * 32 + _index(4, KB, 5, 1) * 8 + _index(8, KB, 5, 2)
-        kbyte = _index(4, KB, 5, 3) * 16 + _index(16, KB, 5, 4)
+        kbyte = _index(4, KB, 5, 3) * KRB + _index(KRB, KB, 5, 4)
         sw = _index(W, KS5, 5, 0)
         sch = _index(4, KS5, 5, 3) * 32 + _index(32, KS5, 5, 4)
         vpair = _index(W, VB5, 5, 0) * 32 + _index(4, VB5, 5, 1) * 8 + _index(4, VB5, 5, 2) * 2  # pair's first
-        vbyte = _index(8, VB5, 5, 3) * 16 + _index(16, VB5, 5, 4)  # bytes of a token pair, interleaved
+        vbyte = _index(8, VB5, 5, 3) * XV + _index(XV, VB5, 5, 4)  # bytes of a token pair, interleaved
         sxp = _index(2, VS6, 6, 5)
         spair = _index(W, VS6, 6, 0) * 32 + _index(4, VS6, 6, 1) * 8 + _index(4, VS6, 6, 2) * 2
         sgrp = _index(8, VS6, 6, 3) // 2
@@ -147,14 +168,14 @@ def kv4_split_kernel(Q, QR, KC, KS, KZ, VC, VS, VZ, KR, VR, PO, PM, PL,
         if STAGES > 0:  # a ring of STAGES tiles of codes in shared memory, filled by cp.async; every thread
             # copies the bytes it reads later
             SM5: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [4, 3, 2, 1, 0])
-            kbuf = gl.allocate_shared_memory(gl.uint8, [STAGES, W, 4, 8, 4, 16], SM5)
-            vbuf = gl.allocate_shared_memory(gl.uint8, [STAGES, W, 4, 4, 8, 16], SM5)
+            kbuf = gl.allocate_shared_memory(gl.uint8, [STAGES, W, 4, 8, 4, KRB], SM5)
+            vbuf = gl.allocate_shared_memory(gl.uint8, [STAGES, W, 4, 4, 8, XV], SM5)
             for st in gl.static_range(STAGES - 1):
                 left_s = end - (start + st * 128)
                 cp.async_copy_global_to_shared(kbuf.index(st), kptr + st * 128 * skc_t, mask=ktok < left_s)
                 cp.async_copy_global_to_shared(vbuf.index(st), vptr + st * 128 * svc_t, mask=vpair < left_s)
                 cp.commit_group()
-        for it in range(0, tokens_per_split // 128):
+        for it in range(tokens_per_split // 128):
             left = end - (start + it * 128)
             if STAGES > 0:
                 ahead = left - (STAGES - 1) * 128
@@ -171,28 +192,46 @@ def kv4_split_kernel(Q, QR, KC, KS, KZ, VC, VS, VZ, KR, VR, PO, PM, PL,
                 kbytes = gl.load(kptr, mask=ktok < left)
                 vbytes = gl.load(vptr, mask=vpair < left)
             # ---- keys: codes -> fp16 in registers, scales per channel of the warp's group
-            k_lo, k_hi = _unpack4(kbytes)  # [.., r = 4m + k]: channels 32j + 8m + k and 32j + 8m + 4 + k
+            kcodes = _unpack(kbytes, KBITS)
             gmask = (sw * 32 < left) & (sch >= 0)
-            s_lo, s_hi = _lo_hi(gl.load(ks + sptr, mask=gmask, other=0.0), KB)
-            z_lo, z_hi = _lo_hi(gl.load(kz + sptr, mask=gmask, other=0.0), KB)
-            k_lo = k_lo * s_lo + z_lo
-            k_hi = k_hi * s_hi + z_hi
-            k8 = gl.reshape(gl.join(k_lo, k_hi), [W, 4, 8, 4, 4, 2, 2, 2])  # w nh nl j m kb1 kb0 e
-            k_b = gl.convert_layout(gl.reshape(gl.permute(k8, [0, 4, 7, 5, 3, 6, 1, 2]), [W, D, 32]), B_OP)
+            ksc = _per_code(gl.load(ks + sptr, mask=gmask, other=0.0), KBITS, KB)
+            kze = _per_code(gl.load(kz + sptr, mask=gmask, other=0.0), KBITS, KB)
+            if KBITS == 8:
+                k7 = gl.reshape(kcodes[0] * ksc[0] + kze[0], [W, 4, 8, 4, 8, 2, 2])  # w nh nl j m kb1 kb0
+                k_b = gl.convert_layout(gl.reshape(gl.permute(k7, [0, 4, 5, 3, 6, 1, 2]), [W, D, 32]), B_OP)
+            elif KBITS == 4:
+                kd = gl.join(kcodes[0] * ksc[0] + kze[0], kcodes[1] * ksc[1] + kze[1])
+                k8 = gl.reshape(kd, [W, 4, 8, 4, 4, 2, 2, 2])  # w nh nl j m kb1 kb0 f
+                k_b = gl.convert_layout(gl.reshape(gl.permute(k8, [0, 4, 7, 5, 3, 6, 1, 2]), [W, D, 32]), B_OP)
+            else:
+                kd = gl.join(gl.join(kcodes[0] * ksc[0] + kze[0], kcodes[1] * ksc[1] + kze[1]),
+                             gl.join(kcodes[2] * ksc[2] + kze[2], kcodes[3] * ksc[3] + kze[3]))
+                k9 = gl.reshape(kd, [W, 4, 8, 4, 2, 2, 2, 2, 2])  # w nh nl j m kb1 kb0 f0 f1
+                k_b = gl.convert_layout(gl.reshape(gl.permute(k9, [0, 4, 8, 7, 5, 3, 6, 1, 2]), [W, D, 32]), B_OP)
+            m_i, l_i, acc, p_a = _softmax(q_a, k_b, mw * 32 + mn < left, m_i, l_i, acc, MMA, A_OP)
             # ---- values in token pairs: every fp16x2 the unpacker returns holds one channel of two tokens
-            v_lo, v_hi = _unpack4(gl.convert_layout(gl.reshape(vbytes, [W, 4, 4, 8, 8, 2]), VB))
+            vcodes = _unpack(gl.convert_layout(gl.reshape(vbytes, [W, 4, 4, 8, XV // 2, 2]), VB), VBITS)
             smask = spair < left  # value scales in token pairs too: (pair, group, token of the pair)
             sv = gl.convert_layout(gl.load(vs + vsptr, mask=smask, other=0.0), VB)
             zv = gl.convert_layout(gl.load(vz + vsptr, mask=smask, other=0.0), VB)
-            v7 = gl.join(v_lo * sv + zv, v_hi * sv + zv)  # w nh nlh u xb xp e
-            v_b = gl.convert_layout(gl.reshape(gl.permute(v7, [0, 1, 2, 5, 4, 6, 3]), [W, 32, D]), B_OP)
-            m_i, l_i, acc = _attend(q_a, k_b, v_b, mw * 32 + mn < left, m_i, l_i, acc, MMA, A_OP)
+            # code f of byte xb of the pair's tokens: channel 16u + (8 / VBITS) xb + f; nu = u + 8 (channel - 16u)
+            if VBITS == 8:
+                v6 = vcodes[0] * sv + zv  # w nh nlh u xb xp
+                v_b = gl.convert_layout(gl.reshape(gl.permute(v6, [0, 1, 2, 5, 4, 3]), [W, 32, D]), B_OP)
+            elif VBITS == 4:
+                v7 = gl.join(vcodes[0] * sv + zv, vcodes[1] * sv + zv)  # w nh nlh u xb xp f
+                v_b = gl.convert_layout(gl.reshape(gl.permute(v7, [0, 1, 2, 5, 4, 6, 3]), [W, 32, D]), B_OP)
+            else:
+                v8 = gl.join(gl.join(vcodes[0] * sv + zv, vcodes[1] * sv + zv),
+                             gl.join(vcodes[2] * sv + zv, vcodes[3] * sv + zv))  # w nh nlh u xb xp f0 f1
+                v_b = gl.convert_layout(gl.reshape(gl.permute(v8, [0, 1, 2, 5, 4, 7, 6, 3]), [W, 32, D]), B_OP)
+            acc = mma_v2(p_a, v_b, acc)
             kptr += 128 * skc_t
             sptr += 4 * sks_t
             vptr += 128 * svc_t
             vsptr += 128 * svs_t
     else:  # the full-precision residual window (plain basis: the query of QR), 32 tokens per warp
-        q = gl.load(QR + b * sqr_b + qrow * sqr_h + ch, mask=qmask, other=0.0).to(gl.float32)
+        q = gl.load(QR + b * sqr_b + qrow * sqr_h + kap, mask=qmask, other=0.0).to(gl.float32)  # channel order
         q_a = gl.convert_layout((q * qk_scale_r).to(gl.float16), A_OP)
         rtok = _index(W, RL, 4, 0) * 32 + _index(32, RL, 4, 1)
         rch = _index(8, RL, 4, 2) * 16 + _index(16, RL, 4, 3)
@@ -201,14 +240,13 @@ def kv4_split_kernel(Q, QR, KC, KS, KZ, VC, VS, VZ, KR, VR, PO, PM, PL,
         for r0 in range(0, n_r, 128):
             live = rtok < n_r - r0
             k = gl.load(kr + r0 * skr_t, mask=live, other=0.0).to(gl.float16)  # [w n u c'], channel 16u + c'
-            v = gl.load(vr + r0 * svr_t, mask=live, other=0.0).to(gl.float16)
-            # keys to kappa order: channel 32j + 8m + 4e + 2kb1 + kb0 = 16u + c' with u = 2j + (m >> 1)
-            k8 = gl.reshape(k, [W, 32, 4, 2, 2, 2, 2, 2])  # w n j m1 m0 e kb1 kb0
-            k_b = gl.convert_layout(gl.reshape(gl.permute(k8, [0, 3, 4, 5, 6, 2, 7, 1]), [W, D, 32]), B_OP)
+            k_b = gl.convert_layout(gl.permute(gl.reshape(k, [W, 32, D]), [0, 2, 1]), B_OP)
+            m_i, l_i, acc, p_a = _softmax(q_a, k_b, mw * 32 + mn < n_r - r0, m_i, l_i, acc, MMA, A_OP)
             # values to nu order: channel 16u + 2xb + e, nu = 16xb + 8e + u
+            v = gl.load(vr + r0 * svr_t, mask=live, other=0.0).to(gl.float16)
             v5 = gl.reshape(v, [W, 32, 8, 8, 2])  # w n u xb e
             v_b = gl.convert_layout(gl.reshape(gl.permute(v5, [0, 1, 3, 4, 2]), [W, 32, D]), B_OP)
-            m_i, l_i, acc = _attend(q_a, k_b, v_b, mw * 32 + mn < n_r - r0, m_i, l_i, acc, MMA, A_OP)
+            acc = mma_v2(p_a, v_b, acc)
 
     # ---- one partial per warp: split slot split * W + warp; output channel 16 (nu & 7) + (nu >> 3)
     ow = _index(W, MMA, 3, 0)
@@ -238,15 +276,15 @@ def value_token_pairs(t):
     return t.reshape(b, h, n // 2, 2, c).transpose(-1, -2).reshape(b, h, n, c).contiguous()
 
 
-def decode_kv4(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, scaling, k_residual=None, v_residual=None,
-               q_residual=None, scaling_residual=None, splits=None, stages=0):
-    """Attention of ``q`` ``[B, Hq, 1, 128]`` over a packed KV4 history followed by an optional
-    full-precision residual window ``[B, Hkv, R, 128]``: keys per channel in groups of 32 tokens, codes
-    in channel word order (``quant.to_channel_words``); values per token in groups of 32 channels, codes
-    and scales/zeros in token pairs (:func:`value_token_pairs`). ``q_residual`` / ``scaling_residual``:
-    the residual's query and scale (rotated layers). ``stages``: 0 loads codes straight into
-    registers, >= 2 streams them through a ring of that many tiles in shared memory (cp.async).
-    Returns ``[B, 1, Hq, 128]`` in ``q.dtype``."""
+def decode_packed(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, scaling, kbits, vbits, k_residual=None,
+                  v_residual=None, q_residual=None, scaling_residual=None, splits=None, stages=0):
+    """Attention of ``q`` ``[B, Hq, 1, 128]`` over a packed history of ``kbits``/``vbits`` codes (2, 4 or 8)
+    followed by an optional full-precision residual window ``[B, Hkv, R, 128]``: keys per channel in groups
+    of 32 tokens, codes in channel word order (``quant.to_channel_words``); values per token in groups of
+    32 channels, codes and scales/zeros in token pairs (:func:`value_token_pairs`). ``q_residual`` /
+    ``scaling_residual``: the residual's query and scale (rotated layers). ``stages``: 0 loads codes
+    straight into registers, >= 2 streams them through a ring of that many tiles in shared memory
+    (cp.async). Returns ``[B, 1, Hq, 128]`` in ``q.dtype``."""
     import torch
     import triton
 
@@ -254,8 +292,11 @@ def decode_kv4(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, scaling, k
 
     b, hq, one, d = q.shape
     _, hkv, n, width = k_codes.shape
-    if d != 128 or width != 64 or one != 1 or hq % hkv or hq // hkv > 16 or n % 32 or n == 0:
-        raise ValueError(f"decode_kv4 covers head_dim 128, up to 16 query heads per KV head and whole 32-token "
+    if kbits not in (2, 4, 8) or vbits not in (2, 4, 8) or width != 16 * kbits or v_codes.shape[-1] != 16 * vbits:
+        raise ValueError(f"bits ({kbits}, {vbits}) with code rows of {width} and {v_codes.shape[-1]} bytes; allowed: "
+                         "2, 4 or 8 bits, rows of head_dim * bits / 8 bytes")
+    if d != 128 or one != 1 or hq % hkv or hq // hkv > 16 or n % 32 or n == 0:
+        raise ValueError(f"decode_packed covers head_dim 128, up to 16 query heads per KV head and whole 32-token "
                          f"groups; got q {tuple(q.shape)}, key codes {tuple(k_codes.shape)}")
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
     nqs = splits or max(1, min(triton.cdiv(n, 128), triton.cdiv(2 * sms, b * hkv)))
@@ -268,13 +309,13 @@ def decode_kv4(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, scaling, k
     qr = q if q_residual is None else q_residual
     kr = k_residual if k_residual is not None else q.new_empty(b, hkv, 0, d)
     vr = v_residual if v_residual is not None else q.new_empty(b, hkv, 0, d)
-    kv4_split_kernel[(b * hkv, nqs + 1)](
+    split_kernel[(b * hkv, nqs + 1)](
         q, qr, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, kr, vr, po, pm, pl,
         q.stride(0), q.stride(1), qr.stride(0), qr.stride(1), *k_codes.stride()[:3], *k_scale.stride()[:3],
         *v_codes.stride()[:3], *v_scale.stride()[:3], *kr.stride()[:3], *vr.stride()[:3],
         n, kr.shape[2], per, nqs, float(scaling) * LOG2E,
         float(scaling if scaling_residual is None else scaling_residual) * LOG2E, hkv, hq // hkv, num_splits,
-        STAGES=stages, num_warps=4)
+        KBITS=kbits, VBITS=vbits, STAGES=stages, num_warps=4)
     out = torch.empty(b, 1, hq, d, device=q.device, dtype=q.dtype)
     merge_kernel[(b * hq,)](po, pm, pl, out, out.stride(0), out.stride(2), hq, num_splits, 1.0, D=d, BLOCK_D=d,
                             BLOCK_S=max(2, triton.next_power_of_2(num_splits)))
