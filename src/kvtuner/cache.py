@@ -152,14 +152,22 @@ class QuantizedKVLayer(CacheLayerMixin):
 
         if self._k.static is not None:
             return self._static_decode(query, scaling)
-        from .kernels import decode_attention
-
+        decode_attention = self._kernel(self._k.packed)
         h, n_q = self._k.held_sink, self._k.num_quantized
         if kv_mask is not None and h:  # sequence order [sink, packed, newest] -> the kernel's [packed, sink, newest]
             kv_mask = torch.cat([kv_mask[:, h:h + n_q], kv_mask[:, :h], kv_mask[:, h + n_q:]], dim=1)
 
         return rotated_decode(decode_attention, query, self._k.packed, self._k.residual, self._v.packed,
                               self._v.residual, scaling, kv_mask, self.spec.k.rotation, self.spec.v.rotation)
+
+    def _kernel(self, packed: quant.QuantizedTensor | None) -> Any:
+        """The decode kernel for this layer: the Gluon one where the layout chose it and there is packed
+        history to read, else the Triton one."""
+        if self.layout.gluon and packed is not None and packed.num_tokens:
+            from .kernels.gluon_decode import decode_attention
+        else:
+            from .kernels import decode_attention
+        return decode_attention
 
     # ------------------------------------------------------------------ static mode (CUDA graphs)
     def make_static(self, max_tokens: int, state: torch.Tensor, mask: torch.Tensor | None,
@@ -199,10 +207,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         from .attention import decode_attention as reference
         from .attention import rotated_decode
 
-        if self.layout.triton:
-            from .kernels import decode_attention
-        else:
-            decode_attention = reference
+        decode_attention = self._kernel(self._k._buf) if self.layout.triton else reference
         out = rotated_decode(decode_attention, query, self._k._buf, self._k.static, self._v._buf, self._v.static,
                              scaling, self._mask, self.spec.k.rotation, self.spec.v.rotation, lengths=self._lens)
         if self._bump is not None:  # every layer has attended: the written slot now counts
@@ -349,6 +354,15 @@ class MixedPrecisionCache(Cache):
             self.config._attn_implementation = register()
         for layer in self.layers:
             layer.fused_attention = fused
+
+    def _kernel(self, packed: quant.QuantizedTensor | None) -> Any:
+        """The decode kernel for this layer: the Gluon one where the layout chose it and there is packed
+        history to read, else the Triton one."""
+        if self.layout.gluon and packed is not None and packed.num_tokens:
+            from .kernels.gluon_decode import decode_attention
+        else:
+            from .kernels import decode_attention
+        return decode_attention
 
     # ------------------------------------------------------------------ static mode (CUDA graphs)
     def make_static(self, max_len: int, attention_mask: torch.Tensor | None = None) -> None:

@@ -24,6 +24,7 @@ from .spec import QuantSpec
 
 BACKENDS = ("auto", "torch", "triton")
 SWITCHES = ("auto", "on", "off")
+DECODERS = ("triton", "gluon")
 Switch = Literal["auto", "on", "off"]
 
 TOKEN_BLOCK_BITS = (2, 3, 4)
@@ -48,12 +49,14 @@ class LayerLayout:
         key_words: keys in channel word order (``quant.in_channel_words``).
         value_words: values in channel word order (3-bit values packed along head_dim).
         value_block: tokens per value block (``quant.in_token_blocks``); 0: values packed along head_dim.
+        gluon: decode with the Gluon kernel (``kernels.gluon_decode``), which reads keys in channel word order.
     """
 
     triton: bool = False
     key_words: bool = False
     value_words: bool = False
     value_block: int = 0
+    gluon: bool = False
 
 
 @dataclass(frozen=True)
@@ -69,11 +72,15 @@ class KernelPolicy:
             ``"auto"``: on the kernel path for 128-token units.
         words3: 3-bit codes as contiguous 24-bit words per 8 channels (keys, and values not in token
             blocks). ``"auto"``: on the kernel path.
+        decode: the decode-attention kernel of layers it covers: ``"triton"`` (``kernels.decode_attention``)
+            or ``"gluon"`` (``kernels.gluon_decode``, a prototype: KIVI G = 32, 2/4/8 bits, head_dim 128;
+            other layers keep the Triton kernel).
     """
 
     backend: str = "auto"
     value_token_blocks: Switch = "auto"
     words3: Switch = "auto"
+    decode: str = "triton"
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -81,6 +88,8 @@ class KernelPolicy:
         for name in ("value_token_blocks", "words3"):
             if getattr(self, name) not in SWITCHES:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid; allowed: {', '.join(SWITCHES)}")
+        if self.decode not in DECODERS:
+            raise ValueError(f"decode={self.decode!r} is invalid; allowed: {', '.join(DECODERS)}")
         if self.backend == "triton" and not triton_available():
             raise ImportError("backend='triton' needs Triton; install it with: pip install 'kvtuner[gpu]'")
 
@@ -102,11 +111,21 @@ class KernelPolicy:
     def layout(self, key: QuantSpec, value: QuantSpec, head_dim: int, device: torch.device | str) -> LayerLayout:
         """The layout of one layer whose keys and values follow ``key`` and ``value`` on ``device``."""
         triton = self.use_triton(device)
+        if triton and self.decode == "gluon" and _gluon_covers(key, value, head_dim):
+            return LayerLayout(triton=True, key_words=True, gluon=True)
         block = self.value_block(value, head_dim, triton)
         words3 = _switch(self.words3, triton)
         return LayerLayout(triton=triton, key_words=_key_words(key, head_dim, block, words3),
                            value_words=value.bits == 3 and not block and words3 and _fits_words(value, head_dim),
                            value_block=block)
+
+
+def _gluon_covers(key: QuantSpec, value: QuantSpec, head_dim: int) -> bool:
+    """Layers the Gluon decode kernel reads: KIVI, 32-token key groups and 32-channel value groups, 2-, 4- or
+    8-bit keys and values, head_dim 128 (rotated or not, with or without sink tokens)."""
+    return (head_dim == 128 and key.mode == value.mode == "kivi" and key.bits in (2, 4, 8)
+            and value.bits in (2, 4, 8) and key.group_size == value.group_size == 32
+            and value.channel_group(head_dim) == 32)
 
 
 def _switch(value: str, auto: bool) -> bool:

@@ -278,7 +278,8 @@ def split_kernel(
 
 @triton.jit(do_not_specialize=["NUM_SPLITS"])
 def merge_kernel(PO, PM, PL, O, so_b, so_h, HQ, NUM_SPLITS, out_scale, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_S: tl.constexpr, ROT_O: tl.constexpr = False, LOG_D: tl.constexpr = 0):
+                  BLOCK_S: tl.constexpr, ROT_O: tl.constexpr = False, LOG_D: tl.constexpr = 0,
+                  RES_SPLITS: tl.constexpr = 1):
     pid = tl.program_id(0)
     b = (pid // HQ).to(tl.int64)
     h = (pid % HQ).to(tl.int64)
@@ -294,8 +295,8 @@ def merge_kernel(PO, PM, PL, O, so_b, so_h, HQ, NUM_SPLITS, out_scale, D: tl.con
     acc = tl.load(PO + (base + s)[:, None] * BLOCK_D + d[None, :], mask=smask[:, None], other=0.0)
     den = tl.sum(l_s * w, axis=0)
     if ROT_O:  # packed values stored as v H: their part of o is (o H) H = (o H) S / sqrt(D), the
-        # 1/sqrt(D) being out_scale; the residual split (the last) read plain values
-        last = s == NUM_SPLITS - 1
+        # 1/sqrt(D) being out_scale; the residual splits (the last RES_SPLITS) read plain values
+        last = s >= NUM_SPLITS - RES_SPLITS
         packed = tl.sum(acc * tl.where(last, 0.0, w)[:, None], axis=0)
         packed = tl.reshape(hadamard_rows(tl.reshape(packed, (1, BLOCK_D)), LOG_D), (BLOCK_D,))
         num = packed * out_scale + tl.sum(acc * tl.where(last, w, 0.0)[:, None], axis=0)

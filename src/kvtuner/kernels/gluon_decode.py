@@ -95,11 +95,18 @@ def _softmax(q_a, k_b, valid, m_i, l_i, acc, MMA: gl.constexpr, A_OP: gl.constex
 
 
 @gluon.jit
-def split_kernel(Q, QR, KC, KS, KZ, VC, VS, VZ, KR, VR, PO, PM, PL,
-                     sq_b, sq_h, sqr_b, sqr_h, skc_b, skc_h, skc_t, sks_b, sks_h, sks_t,
-                     svc_b, svc_h, svc_t, svs_b, svs_h, svs_t, skr_b, skr_h, skr_t, svr_b, svr_h, svr_t,
-                     n_q, n_r, tokens_per_split, num_q_splits, qk_scale, qk_scale_r, HKV, GROUP, NUM_SPLITS,
-                     KBITS: gl.constexpr = 4, VBITS: gl.constexpr = 4, STAGES: gl.constexpr = 0):
+def split_kernel(Q, QR, KC, KS, KZ, VC, VS, VZ, KR, VR, MASK, LENS, PO, PM, PL,
+                 sq_b, sq_h, sqr_b, sqr_h, skc_b, skc_h, skc_t, sks_b, sks_h, sks_t,
+                 svc_b, svc_h, svc_t, svs_b, svs_h, svs_t, skr_b, skr_h, skr_t, svr_b, svr_h, svr_t, smask_b,
+                 n_q, n_r, tokens_per_split, num_q_splits, qk_scale, qk_scale_r, HKV, GROUP, NUM_SPLITS,
+                 KBITS: gl.constexpr = 4, VBITS: gl.constexpr = 4, VPAIRS: gl.constexpr = True,
+                 STAGES: gl.constexpr = 0, HAS_MASK: gl.constexpr = False, DEV_LEN: gl.constexpr = False):
+    """Grid ``(B * Hkv, num_q_splits + 1)``: programs below ``num_q_splits`` attend over their range of the
+    packed history, the last one over the residual window; every warp writes its partial result to split
+    slot ``program split * 4 + warp``. ``DEV_LEN`` (CUDA-graph replay): ``n_q`` / ``n_r`` are capacities,
+    the counts are read from ``LENS`` (quantized tokens / 32, residual tokens). ``HAS_MASK``: ``MASK``
+    ``[B, >= n_q + n_r]``, nonzero where a stored token (packed ones first, then the residual) may be
+    attended."""
     D: gl.constexpr = 128
     BH: gl.constexpr = 16
     W: gl.constexpr = 4
@@ -118,13 +125,22 @@ def split_kernel(Q, QR, KC, KS, KZ, VC, VS, VZ, KR, VR, PO, PM, PL,
                                         [5, 4, 2, 3, 1, 0])
     VS6: gl.constexpr = gl.BlockedLayout([1, 4, 1, 1, 1, 2], [1, 1, 4, 8, 1, 1], [W, 1, 1, 1, 1, 1],
                                          [5, 4, 2, 3, 1, 0])
+    # values packed along head_dim per token (VPAIRS off): [warp, n_hi, n_lo>>1, u, xp 2, xb XV/2], the
+    # contiguous bytes of each token row of a pair, reordered in registers for the unpacker
+    VBP: gl.constexpr = gl.BlockedLayout([1, 4, 1, 1, 2, XV // 2], [1, 1, 4, 8, 1, 1], [W, 1, 1, 1, 1, 1],
+                                         [5, 4, 2, 3, 1, 0])
+    gl.static_assert(VPAIRS or STAGES == 0, "the cp.async ring reads values in token pairs")
     QL: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 2, 16], [W, 1, 1], [2, 1, 0])
     RL: gl.constexpr = gl.BlockedLayout([1, 1, 1, 8], [1, 8, 4, 1], [W, 1, 1, 1], [3, 2, 1, 0])
 
+    if DEV_LEN:
+        n_q = gl.load(LENS).to(gl.int32) * 32
+        n_r = gl.load(LENS + 1).to(gl.int32)
     pid_bh = gl.program_id(0)
     split = gl.program_id(1)
     b = (pid_bh // HKV).to(gl.int64)
     h = (pid_bh % HKV).to(gl.int64)
+    mrow = MASK + b * smask_b
     # q in the kernel's channel order kappa = kb0 + 2j + 8kb1 + 16 (f + F m) <-> channel 32j + 4F m + 4f + 2kb1
     # + kb0 (keys in channel word order: code f of byte k of word m holds channel 4F m + 4f + k, F = 8 / bits)
     F: gl.constexpr = 8 // KBITS
@@ -155,16 +171,25 @@ def split_kernel(Q, QR, KC, KS, KZ, VC, VS, VZ, KR, VR, PO, PM, PL,
         kbyte = _index(4, KB, 5, 3) * KRB + _index(KRB, KB, 5, 4)
         sw = _index(W, KS5, 5, 0)
         sch = _index(4, KS5, 5, 3) * 32 + _index(32, KS5, 5, 4)
-        vpair = _index(W, VB5, 5, 0) * 32 + _index(4, VB5, 5, 1) * 8 + _index(4, VB5, 5, 2) * 2  # pair's first
-        vbyte = _index(8, VB5, 5, 3) * XV + _index(XV, VB5, 5, 4)  # bytes of a token pair, interleaved
+        if VPAIRS:
+            vpair = _index(W, VB5, 5, 0) * 32 + _index(4, VB5, 5, 1) * 8 + _index(4, VB5, 5, 2) * 2  # pair's first
+            vbyte = _index(8, VB5, 5, 3) * XV + _index(XV, VB5, 5, 4)  # bytes of a token pair, interleaved
+        else:
+            vpair = _index(W, VBP, 6, 0) * 32 + _index(4, VBP, 6, 1) * 8 + _index(4, VBP, 6, 2) * 2
+            vxp = _index(2, VBP, 6, 4)
+            vbyte = _index(8, VBP, 6, 3) * (XV // 2) + _index(XV // 2, VBP, 6, 5)
         sxp = _index(2, VS6, 6, 5)
         spair = _index(W, VS6, 6, 0) * 32 + _index(4, VS6, 6, 1) * 8 + _index(4, VS6, 6, 2) * 2
         sgrp = _index(8, VS6, 6, 3) // 2
         # pointers advance by one 128-token tile per step; masks compare against the tokens left
         kptr = kc + (start + ktok).to(gl.int64) * skc_t + kbyte
         sptr = ((start + sw * 32) // 32).to(gl.int64) * sks_t + sch
-        vptr = vc + (start + vpair).to(gl.int64) * svc_t + vbyte
-        vsptr = (start + spair).to(gl.int64) * svs_t + (2 * sgrp + sxp)
+        if VPAIRS:  # codes and scales of a token pair interleaved (value_token_pairs)
+            vptr = vc + (start + vpair).to(gl.int64) * svc_t + vbyte
+            vsptr = (start + spair).to(gl.int64) * svs_t + (2 * sgrp + sxp)
+        else:
+            vptr = vc + (start + vpair + vxp).to(gl.int64) * svc_t + vbyte
+            vsptr = (start + spair + sxp).to(gl.int64) * svs_t + sgrp
         if STAGES > 0:  # a ring of STAGES tiles of codes in shared memory, filled by cp.async; every thread
             # copies the bytes it reads later
             SM5: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [4, 3, 2, 1, 0])
@@ -208,10 +233,17 @@ def split_kernel(Q, QR, KC, KS, KZ, VC, VS, VZ, KR, VR, PO, PM, PL,
                              gl.join(kcodes[2] * ksc[2] + kze[2], kcodes[3] * ksc[3] + kze[3]))
                 k9 = gl.reshape(kd, [W, 4, 8, 4, 2, 2, 2, 2, 2])  # w nh nl j m kb1 kb0 f0 f1
                 k_b = gl.convert_layout(gl.reshape(gl.permute(k9, [0, 4, 8, 7, 5, 3, 6, 1, 2]), [W, D, 32]), B_OP)
-            m_i, l_i, acc, p_a = _softmax(q_a, k_b, mw * 32 + mn < left, m_i, l_i, acc, MMA, A_OP)
+            valid = mw * 32 + mn < left
+            if HAS_MASK:
+                valid = valid & (gl.load(mrow + start + it * 128 + mw * 32 + mn, mask=valid, other=0) != 0)
+            m_i, l_i, acc, p_a = _softmax(q_a, k_b, valid, m_i, l_i, acc, MMA, A_OP)
             # ---- values in token pairs: every fp16x2 the unpacker returns holds one channel of two tokens
-            vcodes = _unpack(gl.convert_layout(gl.reshape(vbytes, [W, 4, 4, 8, XV // 2, 2]), VB), VBITS)
-            smask = spair < left  # value scales in token pairs too: (pair, group, token of the pair)
+            if VPAIRS:
+                vbytes = gl.reshape(vbytes, [W, 4, 4, 8, XV // 2, 2])
+            else:
+                vbytes = gl.permute(vbytes, [0, 1, 2, 3, 5, 4])
+            vcodes = _unpack(gl.convert_layout(vbytes, VB), VBITS)
+            smask = spair < left
             sv = gl.convert_layout(gl.load(vs + vsptr, mask=smask, other=0.0), VB)
             zv = gl.convert_layout(gl.load(vz + vsptr, mask=smask, other=0.0), VB)
             # code f of byte xb of the pair's tokens: channel 16u + (8 / VBITS) xb + f; nu = u + 8 (channel - 16u)
@@ -241,7 +273,10 @@ def split_kernel(Q, QR, KC, KS, KZ, VC, VS, VZ, KR, VR, PO, PM, PL,
             live = rtok < n_r - r0
             k = gl.load(kr + r0 * skr_t, mask=live, other=0.0).to(gl.float16)  # [w n u c'], channel 16u + c'
             k_b = gl.convert_layout(gl.permute(gl.reshape(k, [W, 32, D]), [0, 2, 1]), B_OP)
-            m_i, l_i, acc, p_a = _softmax(q_a, k_b, mw * 32 + mn < n_r - r0, m_i, l_i, acc, MMA, A_OP)
+            valid = mw * 32 + mn < n_r - r0
+            if HAS_MASK:
+                valid = valid & (gl.load(mrow + n_q + r0 + mw * 32 + mn, mask=valid, other=0) != 0)
+            m_i, l_i, acc, p_a = _softmax(q_a, k_b, valid, m_i, l_i, acc, MMA, A_OP)
             # values to nu order: channel 16u + 2xb + e, nu = 16xb + 8e + u
             v = gl.load(vr + r0 * svr_t, mask=live, other=0.0).to(gl.float16)
             v5 = gl.reshape(v, [W, 32, 8, 8, 2])  # w n u xb e
@@ -276,12 +311,73 @@ def value_token_pairs(t):
     return t.reshape(b, h, n // 2, 2, c).transpose(-1, -2).reshape(b, h, n, c).contiguous()
 
 
+def supported(k_packed, v_packed, head_dim: int) -> bool:
+    """Whether :func:`decode_attention` reads this layer's packed storage: KIVI with 32-token key groups
+    in channel word order and 32-channel value groups along head_dim, 2-, 4- or 8-bit codes, head_dim 128."""
+    return (head_dim == 128 and k_packed.granularity == "per_channel" and k_packed.group_size == 32
+            and k_packed.channel_words and not k_packed.token_block and k_packed.bits in (2, 4, 8)
+            and v_packed.granularity == "per_token" and v_packed.group_size == 32 and not v_packed.channel_words
+            and not v_packed.token_block and v_packed.bits in (2, 4, 8))
+
+
+def decode_attention(q, k_packed, k_residual, v_packed, v_residual, scaling, kv_mask=None, out_scale=1.0, *,
+                     lengths=None, rotate_out=False, q_residual=None, scaling_residual=None, splits=None, stages=0):
+    """:func:`kvtuner.kernels.decode_attention`'s contract (packed history, then the residual window;
+    ``lengths`` for CUDA-graph replay; ``rotate_out`` / ``q_residual`` / ``scaling_residual`` for rotated
+    layers) on the storage :func:`supported` accepts. Returns ``[B, 1, Hq, 128]`` in ``q.dtype``."""
+    import torch
+    import triton
+
+    from .decode_kernel import merge_kernel
+
+    b, hq, one, d = q.shape
+    if k_packed is None or v_packed is None or not supported(k_packed, v_packed, d):
+        raise ValueError("the Gluon decode kernel reads KIVI G = 32 storage of 2, 4 or 8 bits at head_dim 128, keys "
+                         "in channel word order; allowed: such a packed history (else kvtuner.kernels.decode_attention)")
+    hkv, n = k_packed.codes.shape[1], k_packed.num_tokens
+    if one != 1 or hq % hkv or hq // hkv > 16 or n % 32 or n == 0 or v_packed.num_tokens < n:
+        raise ValueError(f"q {tuple(q.shape)} over {n} packed tokens of {hkv} KV heads; allowed: one query token, "
+                         "up to 16 query heads per KV head, whole 32-token groups")
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    nqs = splits or max(1, min(triton.cdiv(n, 128), triton.cdiv(2 * sms, b * hkv)))
+    per = triton.cdiv(triton.cdiv(n, nqs), 128) * 128
+    nqs = triton.cdiv(n, per)
+    num_splits = 4 * (nqs + 1)
+    rows = b * hq * num_splits
+    partial = torch.empty(rows * (d + 2), device=q.device, dtype=torch.float32)
+    po, pm, pl = partial[: rows * d], partial[rows * d: rows * (d + 1)], partial[rows * (d + 1):]
+    qr = q if q_residual is None else q_residual
+    kr = k_residual if k_residual is not None else q.new_empty(b, hkv, 0, d)
+    vr = v_residual if v_residual is not None else q.new_empty(b, hkv, 0, d)
+    mask = kv_mask.to(torch.uint8) if kv_mask is not None else torch.empty(1, device=q.device, dtype=torch.uint8)
+    lens = lengths if lengths is not None else torch.empty(1, device=q.device, dtype=torch.int32)
+    kc, ks, kz, vc, vs, vz = (k_packed.codes, k_packed.scale, k_packed.zero, v_packed.codes, v_packed.scale,
+                              v_packed.zero)
+    split_kernel[(b * hkv, nqs + 1)](
+        q, qr, kc, ks, kz, vc, vs, vz, kr, vr, mask, lens, po, pm, pl,
+        q.stride(0), q.stride(1), qr.stride(0), qr.stride(1), *kc.stride()[:3], *ks.stride()[:3],
+        *vc.stride()[:3], *vs.stride()[:3], *kr.stride()[:3], *vr.stride()[:3],
+        mask.stride(0) if kv_mask is not None else 0, n, kr.shape[2], per, nqs, float(scaling) * LOG2E,
+        float(scaling if scaling_residual is None else scaling_residual) * LOG2E, hkv, hq // hkv, num_splits,
+        KBITS=k_packed.bits, VBITS=v_packed.bits, VPAIRS=False, STAGES=stages, HAS_MASK=kv_mask is not None,
+        DEV_LEN=lengths is not None, num_warps=4)
+    out = torch.empty(b, 1, hq, d, device=q.device, dtype=q.dtype)
+    merge_kernel[(b * hq,)](po, pm, pl, out, out.stride(0), out.stride(2), hq, num_splits, float(out_scale), D=d,
+                            BLOCK_D=d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), ROT_O=bool(rotate_out),
+                            LOG_D=d.bit_length() - 1, RES_SPLITS=4)
+    return out
+
+
+decode_attention.fuses_rotation = True  # kvtuner.attention.rotated_decode hands it the output's rotation
+
+
 def decode_packed(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, scaling, kbits, vbits, k_residual=None,
-                  v_residual=None, q_residual=None, scaling_residual=None, splits=None, stages=0):
+                  v_residual=None, q_residual=None, scaling_residual=None, splits=None, stages=0, value_pairs=True):
     """Attention of ``q`` ``[B, Hq, 1, 128]`` over a packed history of ``kbits``/``vbits`` codes (2, 4 or 8)
     followed by an optional full-precision residual window ``[B, Hkv, R, 128]``: keys per channel in groups
     of 32 tokens, codes in channel word order (``quant.to_channel_words``); values per token in groups of
-    32 channels, codes and scales/zeros in token pairs (:func:`value_token_pairs`). ``q_residual`` /
+    32 channels, codes and scales/zeros in token pairs (:func:`value_token_pairs`; ``value_pairs=False``:
+    packed along head_dim per token, as the cache stores them, paired in registers). ``q_residual`` /
     ``scaling_residual``: the residual's query and scale (rotated layers). ``stages``: 0 loads codes
     straight into registers, >= 2 streams them through a ring of that many tiles in shared memory
     (cp.async). Returns ``[B, 1, Hq, 128]`` in ``q.dtype``."""
@@ -309,14 +405,15 @@ def decode_packed(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, scaling
     qr = q if q_residual is None else q_residual
     kr = k_residual if k_residual is not None else q.new_empty(b, hkv, 0, d)
     vr = v_residual if v_residual is not None else q.new_empty(b, hkv, 0, d)
+    dummy = torch.empty(1, device=q.device, dtype=torch.uint8)
     split_kernel[(b * hkv, nqs + 1)](
-        q, qr, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, kr, vr, po, pm, pl,
+        q, qr, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, kr, vr, dummy, dummy, po, pm, pl,
         q.stride(0), q.stride(1), qr.stride(0), qr.stride(1), *k_codes.stride()[:3], *k_scale.stride()[:3],
-        *v_codes.stride()[:3], *v_scale.stride()[:3], *kr.stride()[:3], *vr.stride()[:3],
+        *v_codes.stride()[:3], *v_scale.stride()[:3], *kr.stride()[:3], *vr.stride()[:3], 0,
         n, kr.shape[2], per, nqs, float(scaling) * LOG2E,
         float(scaling if scaling_residual is None else scaling_residual) * LOG2E, hkv, hq // hkv, num_splits,
-        KBITS=kbits, VBITS=vbits, STAGES=stages, num_warps=4)
+        KBITS=kbits, VBITS=vbits, VPAIRS=value_pairs, STAGES=stages, num_warps=4)
     out = torch.empty(b, 1, hq, d, device=q.device, dtype=q.dtype)
     merge_kernel[(b * hq,)](po, pm, pl, out, out.stride(0), out.stride(2), hq, num_splits, 1.0, D=d, BLOCK_D=d,
-                            BLOCK_S=max(2, triton.next_power_of_2(num_splits)))
+                            BLOCK_S=max(2, triton.next_power_of_2(num_splits)), RES_SPLITS=4)
     return out

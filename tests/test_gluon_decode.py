@@ -1,0 +1,107 @@
+"""The Gluon decode prototype (``kernels/gluon_decode.py``) against the PyTorch reference on a GPU, and the
+cache's choice of it (``KernelPolicy(decode="gluon")``) anywhere."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from kvtuner import KernelPolicy, KVPlan, quant
+from kvtuner.spec import QuantSpec
+
+CUDA = torch.cuda.is_available()
+gpu = pytest.mark.gpu
+
+
+def test_policy_chooses_the_gluon_kernel_where_it_reads_the_layer():
+    pol = KernelPolicy(decode="gluon")
+    lay = pol.layout(QuantSpec(4, "kivi"), QuantSpec(2, "kivi"), 128, "cuda")
+    if not pol.use_triton("cuda"):
+        pytest.skip("needs Triton")
+    assert lay.gluon and lay.key_words and not lay.value_block
+    for k, v, d in ((3, 3, 128), (4, 4, 64), (4, 6, 128)):  # bits or head_dim it does not read
+        assert not pol.layout(QuantSpec(k, "kivi"), QuantSpec(v, "kivi"), d, "cuda").gluon
+    assert not pol.layout(QuantSpec(4, "kivi", 128), QuantSpec(4, "kivi", 128), 128, "cuda").gluon
+    assert not KernelPolicy().layout(QuantSpec(4, "kivi"), QuantSpec(4, "kivi"), 128, "cuda").gluon
+    with pytest.raises(ValueError, match="decode"):
+        KernelPolicy(decode="cuda")
+
+
+def _case(b, hkv, group, n_q, n_r, kbits, vbits, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    d = 128
+    k = torch.randn(b, hkv, n_q + n_r, d, generator=g) + torch.randn(1, 1, 1, d, generator=g) * 3
+    v = torch.randn(b, hkv, n_q + n_r, d, generator=g)
+    q = torch.randn(b, hkv * group, 1, d, generator=g)
+    k, v, q = (t.to("cuda", torch.bfloat16) for t in (k, v, q))
+    kp = quant.in_channel_words(quant.quantize(k[..., :n_q, :], kbits, "per_channel", 32))
+    vp = quant.quantize(v[..., :n_q, :], vbits, "per_token", 32)
+    return q, kp, k[..., n_q:, :], vp, v[..., n_q:, :]
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@gpu
+@pytest.mark.parametrize("kbits,vbits", [(4, 4), (8, 8), (4, 2), (2, 2), (8, 4), (2, 8)])
+@pytest.mark.parametrize("group,n_q,n_r", [(4, 256, 32), (8, 96, 5), (1, 4096, 0), (4, 32, 40)])
+def test_gluon_decode_matches_the_reference(kbits, vbits, group, n_q, n_r):
+    from kvtuner.attention import decode_attention as reference
+    from kvtuner.kernels import gluon_decode
+
+    q, kp, kr, vp, vr = _case(3, 2, group, n_q, n_r, kbits, vbits)
+    want = reference(q.float(), kp, kr.float(), vp, vr.float(), 128 ** -0.5)
+    got = gluon_decode.decode_attention(q, kp, kr, vp, vr, 128 ** -0.5)
+    assert got.shape == want.shape and torch.isfinite(got).all()
+    assert _rel(got, want) < 5e-3
+    mask = torch.ones(3, n_q + n_r, dtype=torch.bool, device="cuda")
+    mask[0, : n_q // 2] = False  # left padding
+    mask[2, 3] = False
+    want = reference(q.float(), kp, kr.float(), vp, vr.float(), 128 ** -0.5, mask)
+    assert _rel(gluon_decode.decode_attention(q, kp, kr, vp, vr, 128 ** -0.5, mask), want) < 5e-3
+
+
+@gpu
+def test_gluon_decode_reads_device_lengths_and_rotated_layers():
+    from kvtuner.attention import decode_attention as reference
+    from kvtuner.attention import rotated_decode
+    from kvtuner.kernels import gluon_decode
+
+    q, kp, kr, vp, vr = _case(2, 2, 4, 256, 40, 4, 2, seed=1)
+    lens = torch.tensor([160 // 32, 17], device="cuda", dtype=torch.int32)  # 160 packed, 17 residual tokens
+    want = reference(q.float(), quant.slice_tokens(kp, 0, 160), kr[..., :17, :].float(),
+                     quant.slice_tokens(vp, 0, 160), vr[..., :17, :].float(), 128 ** -0.5)
+    got = gluon_decode.decode_attention(q, kp, kr, vp, vr, 128 ** -0.5, lengths=lens)
+    assert _rel(got, want) < 5e-3
+    # rotated storage: packed history rotated, residual plain; the same contract as the Triton kernel
+    kr_plain, vr_plain = kr, vr
+    kp_rot = quant.in_channel_words(quant.quantize(quant.rotate(quant.dequantize(kp, torch.bfloat16)), 4,
+                                                   "per_channel", 32))
+    vp_rot = quant.quantize(quant.rotate(quant.dequantize(vp, torch.bfloat16)), 2, "per_token", 32)
+    want = rotated_decode(reference, q.float(), kp_rot, kr_plain.float(), vp_rot, vr_plain.float(), 128 ** -0.5,
+                          None, True, True)
+    got = rotated_decode(gluon_decode.decode_attention, q, kp_rot, kr_plain, vp_rot, vr_plain, 128 ** -0.5, None,
+                         True, True)
+    assert _rel(got, want) < 5e-3
+
+
+@gpu
+def test_cache_decodes_with_the_gluon_kernel_as_with_the_triton_one():
+    from kvtuner.generation import greedy_generate
+    from kvtuner.testing import tiny_model
+
+    assert importlib.util.find_spec("triton.experimental.gluon")
+    model = tiny_model("llama", layers=2, heads=8, kv_heads=2, head_dim=128, vocab=128).to("cuda")
+    ids = torch.randint(3, 128, (2, 90), generator=torch.Generator().manual_seed(4)).to("cuda")
+    plan = KVPlan.from_pairs([(4, 2), (8, 4)], "kivi")
+    runs = {}
+    for decode in ("triton", "gluon"):
+        from kvtuner import MixedPrecisionCache
+
+        cache = MixedPrecisionCache(plan, model.config, policy=KernelPolicy(decode=decode))
+        runs[decode] = greedy_generate(model, ids, cache, 40)
+        assert all(layer.layout.gluon == (decode == "gluon") for layer in cache.layers)
+    assert (runs["gluon"] == runs["triton"]).float().mean() >= 0.9
