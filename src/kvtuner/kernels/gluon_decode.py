@@ -219,8 +219,8 @@ def split_kernel(Q, QR, KC, KS, KZ, VC, VS, VZ, KR, VR, MASK, LENS, PO, PM, PL,
             # ---- keys: codes -> fp16 in registers, scales per channel of the warp's group
             kcodes = _unpack(kbytes, KBITS)
             gmask = (sw * 32 < left) & (sch >= 0)
-            ksc = _per_code(gl.load(ks + sptr, mask=gmask, other=0.0), KBITS, KB)
-            kze = _per_code(gl.load(kz + sptr, mask=gmask, other=0.0), KBITS, KB)
+            ksc = _per_code(gl.load(ks + sptr, mask=gmask, other=0.0).to(gl.float16), KBITS, KB)
+            kze = _per_code(gl.load(kz + sptr, mask=gmask, other=0.0).to(gl.float16), KBITS, KB)
             if KBITS == 8:
                 k7 = gl.reshape(kcodes[0] * ksc[0] + kze[0], [W, 4, 8, 4, 8, 2, 2])  # w nh nl j m kb1 kb0
                 k_b = gl.convert_layout(gl.reshape(gl.permute(k7, [0, 4, 5, 3, 6, 1, 2]), [W, D, 32]), B_OP)
@@ -244,8 +244,8 @@ def split_kernel(Q, QR, KC, KS, KZ, VC, VS, VZ, KR, VR, MASK, LENS, PO, PM, PL,
                 vbytes = gl.permute(vbytes, [0, 1, 2, 3, 5, 4])
             vcodes = _unpack(gl.convert_layout(vbytes, VB), VBITS)
             smask = spair < left
-            sv = gl.convert_layout(gl.load(vs + vsptr, mask=smask, other=0.0), VB)
-            zv = gl.convert_layout(gl.load(vz + vsptr, mask=smask, other=0.0), VB)
+            sv = gl.convert_layout(gl.load(vs + vsptr, mask=smask, other=0.0).to(gl.float16), VB)
+            zv = gl.convert_layout(gl.load(vz + vsptr, mask=smask, other=0.0).to(gl.float16), VB)
             # code f of byte xb of the pair's tokens: channel 16u + (8 / VBITS) xb + f; nu = u + 8 (channel - 16u)
             if VBITS == 8:
                 v6 = vcodes[0] * sv + zv  # w nh nlh u xb xp
