@@ -91,6 +91,10 @@ def gluon_args(b: int = 64, n: int = 4096, hkv: int = 8, group: int = 4, d: int 
                       DEV_LEN=dev_len)
 
 
+def _opcodes(text: str) -> collections.Counter:
+    return collections.Counter(m.group(1) for m in SASS_OP.finditer(text) if not m.group(1).startswith("."))
+
+
 def sass_summary(compiled) -> tuple[str, collections.Counter, str]:
     """SASS text, its opcode counts, and cuobjdump's resource line (registers, stack = spills, shared)."""
     import subprocess
@@ -103,23 +107,9 @@ def sass_summary(compiled) -> tuple[str, collections.Counter, str]:
         sass = subprocess.run([str(tools / "nvdisasm"), "-c", f.name], check=True, capture_output=True, text=True).stdout
         res = subprocess.run([str(tools / "cuobjdump"), "-res-usage", f.name], check=True, capture_output=True,
                              text=True).stdout
-    ops = collections.Counter(m.group(1) for m in SASS_OP.finditer(sass) if not m.group(1).startswith("."))
+    ops = _opcodes(sass)
     usage = re.search(r"REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+", res)
     return sass, ops, usage.group(0) if usage else res.strip()
-
-
-def main_loop(sass: str) -> collections.Counter:
-    """Opcode counts of the longest loop in ``sass`` (from a label to the last branch back to it):
-    the token loop, whose length per tile decides decode time once the kernel is issue-bound."""
-    lines = sass.splitlines()
-    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^\s*(\.L_x_\d+):", line))}
-    best = (0, 0)
-    for i, line in enumerate(lines):
-        m = re.search(r"\bBRA\b.*?(\.L_x_\d+)", line)
-        if m and m.group(1) in labels and labels[m.group(1)] < i and i - labels[m.group(1)] > best[1] - best[0]:
-            best = (labels[m.group(1)], i)
-    body = "\n".join(lines[best[0]:best[1] + 1])
-    return collections.Counter(m.group(1) for m in SASS_OP.finditer(body) if not m.group(1).startswith("."))
 
 
 def loops(sass: str) -> list[collections.Counter]:
@@ -131,9 +121,15 @@ def loops(sass: str) -> list[collections.Counter]:
         m = re.search(r"\bBRA\b.*?(\.L_x_\d+)", line)
         if m and m.group(1) in labels and labels[m.group(1)] < i:
             spans[m.group(1)] = (labels[m.group(1)], i)
-    found = [collections.Counter(m.group(1) for m in SASS_OP.finditer("\n".join(lines[a:b + 1]))
-                                 if not m.group(1).startswith(".")) for a, b in spans.values()]
-    return sorted(found, key=lambda c: -sum(c.values()))
+    ordered = sorted(spans.values(), key=lambda span: span[0] - span[1])  # stable: the first of equal spans
+    return [_opcodes("\n".join(lines[a:b + 1])) for a, b in ordered]
+
+
+def main_loop(sass: str) -> collections.Counter:
+    """Opcode counts of the longest loop in ``sass`` (from a label to the last branch back to it):
+    the token loop, whose length per tile decides decode time once the kernel is issue-bound."""
+    found = loops(sass)
+    return found[0] if found else _opcodes(sass.splitlines()[0] if sass else "")
 
 
 def main() -> None:

@@ -50,7 +50,7 @@ def _where_keys_sit(bits: int, d: int = 128):
 
 
 def _join(codes):
-    """The kernel's _codes_last: codes (one tensor per code of a byte) on new last dims."""
+    """The kernel's _dequant_last (scales aside): codes (one tensor per code of a byte) on new last dims."""
     if len(codes) == 1:
         return codes[0]
     if len(codes) == 2:

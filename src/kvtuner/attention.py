@@ -96,17 +96,9 @@ def rotated_decode(decode: Any, q: torch.Tensor, k_packed: quant.QuantizedTensor
     if lengths is not None:
         k_packed, k_residual, v_packed, v_residual, kv_mask = counted(lengths, k_packed, k_residual, v_packed,
                                                                       v_residual, kv_mask)
-    k = _plain(k_packed, k_residual, k_rotation)
-    v = _plain(v_packed, v_residual, v_rotation)
+    k = quant.materialize(k_packed, k_residual, torch.float32, k_rotation)
+    v = quant.materialize(v_packed, v_residual, torch.float32, v_rotation)
     return decode(q, None, k, None, v, scaling, kv_mask, **kwargs)
-
-
-def _plain(packed: quant.QuantizedTensor | None, residual: torch.Tensor | None, rotated: bool) -> torch.Tensor:
-    """Packed history (rotated back when ``rotated``) followed by the residual, fp32."""
-    if not rotated or packed is None or not packed.num_tokens:
-        return quant.materialize(packed, residual, torch.float32)
-    history = quant.rotate(quant.dequantize(packed, torch.float32))
-    return history if residual is None else torch.cat([history, residual.float()], dim=-2)
 
 
 class PackedKV(torch.Tensor):

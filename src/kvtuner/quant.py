@@ -534,12 +534,14 @@ def cat(parts: list[QuantizedTensor], dim: int = -2) -> QuantizedTensor:
                            first.group_size, first.head_dim, first.token_block, first.channel_words)
 
 
-def materialize(packed: QuantizedTensor | None, residual: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+def materialize(packed: QuantizedTensor | None, residual: torch.Tensor | None, dtype: torch.dtype,
+                rotated: bool = False) -> torch.Tensor:
     """The dequantized history followed by the full-precision residual, in ``dtype`` (either part may
-    be ``None`` or empty, not both)."""
+    be ``None`` or empty, not both). ``rotated``: the history holds ``x @ H`` and is rotated back (in
+    fp32) to the residual's plain basis."""
     parts = []
     if packed is not None and packed.num_tokens:
-        parts.append(dequantize(packed, dtype))
+        parts.append(rotate(dequantize(packed, torch.float32), dtype) if rotated else dequantize(packed, dtype))
     if residual is not None and residual.shape[-2]:
         parts.append(residual.to(dtype))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)

@@ -199,18 +199,8 @@ class TensorStore:
     def materialize(self, dtype: torch.dtype) -> torch.Tensor:
         """Everything stored, in sequence order (sink, packed, newest), in ``dtype``."""
         h, res = self.held_sink, self.residual
-        parts = [res[..., :h, :].to(dtype)] if h else []
-        if self.packed is not None:
-            parts.append(self._history(self.packed, dtype))
-        if res is not None and res.shape[-2] > h:
-            parts.append(res[..., h:, :].to(dtype))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
-
-    def _history(self, packed: quant.QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
-        """Packed tokens dequantized in the residual's (plain) basis."""
-        if self.spec.rotation:
-            return quant.rotate(quant.dequantize(packed, torch.float32), dtype)
-        return quant.dequantize(packed, dtype)
+        out = quant.materialize(self.packed, None if res is None else res[..., h:, :], dtype, self.spec.rotation)
+        return torch.cat([res[..., :h, :].to(dtype), out], dim=-2) if h else out
 
     def drop_front(self, n: int) -> None:
         """Forget the ``n`` oldest tokens (per-channel stores: ``n`` is a multiple of the group)."""
@@ -246,8 +236,8 @@ class TensorStore:
         cut = min(keep // self.unit * self.unit if whole else keep, fresh)
         if cut == self.num_quantized:
             return
-        tail = self._history(quant.slice_tokens(self.packed, cut, self.num_quantized),
-                             self.residual.dtype)[..., : keep - cut, :]
+        tail = quant.materialize(quant.slice_tokens(self.packed, cut, self.num_quantized), None,
+                                 self.residual.dtype, self.spec.rotation)[..., : keep - cut, :]
         self.packed = quant.slice_tokens(self.packed, 0, cut) if cut else None
         res = self.residual  # sequence order [sink, packed, newest]: the tail goes between sink and newest
         self.residual = torch.cat([res[..., :h, :], tail, res[..., h:, :]], dim=-2)

@@ -46,15 +46,17 @@ def _unpack(b, BITS: gl.constexpr):
 
 
 @gluon.jit
-def _codes_last(c, BITS: gl.constexpr):
-    """The per-code tensors of :func:`_unpack` joined on new last dims: none at 8 bits, [.., 2] (the code
-    index) at 4 bits, [.., 2 (f & 1), 2 (f >> 1)] at 2 bits."""
+def _dequant_last(c, s, z, BITS: gl.constexpr):
+    """The per-code tensors of :func:`_unpack` times their scales ``s`` plus zeros ``z`` (tuples of the same
+    length, or longer), joined on new last dims: none at 8 bits, [.., 2] (the code index) at 4 bits,
+    [.., 2 (f & 1), 2 (f >> 1)] at 2 bits."""
     if BITS == 8:
-        return c[0]
+        return c[0] * s[0] + z[0]
     elif BITS == 4:
-        return gl.join(c[0], c[1])
+        return gl.join(c[0] * s[0] + z[0], c[1] * s[1] + z[1])
     else:
-        return gl.join(gl.join(c[0], c[1]), gl.join(c[2], c[3]))
+        return gl.join(gl.join(c[0] * s[0] + z[0], c[1] * s[1] + z[1]),
+                       gl.join(c[2] * s[2] + z[2], c[3] * s[3] + z[3]))
 
 
 @gluon.jit
@@ -221,18 +223,14 @@ def split_kernel(Q, QR, KC, KS, KZ, VC, VS, VZ, KR, VR, MASK, LENS, PO, PM, PL,
             gmask = (sw * 32 < left) & (sch >= 0)
             ksc = _per_code(gl.load(ks + sptr, mask=gmask, other=0.0).to(gl.float16), KBITS, KB)
             kze = _per_code(gl.load(kz + sptr, mask=gmask, other=0.0).to(gl.float16), KBITS, KB)
-            if KBITS == 8:
-                k7 = gl.reshape(kcodes[0] * ksc[0] + kze[0], [W, 4, 8, 4, 8, 2, 2])  # w nh nl j m kb1 kb0
-                k_b = gl.convert_layout(gl.reshape(gl.permute(k7, [0, 4, 5, 3, 6, 1, 2]), [W, D, 32]), B_OP)
-            elif KBITS == 4:
-                kd = gl.join(kcodes[0] * ksc[0] + kze[0], kcodes[1] * ksc[1] + kze[1])
-                k8 = gl.reshape(kd, [W, 4, 8, 4, 4, 2, 2, 2])  # w nh nl j m kb1 kb0 f
-                k_b = gl.convert_layout(gl.reshape(gl.permute(k8, [0, 4, 7, 5, 3, 6, 1, 2]), [W, D, 32]), B_OP)
-            else:
-                kd = gl.join(gl.join(kcodes[0] * ksc[0] + kze[0], kcodes[1] * ksc[1] + kze[1]),
-                             gl.join(kcodes[2] * ksc[2] + kze[2], kcodes[3] * ksc[3] + kze[3]))
-                k9 = gl.reshape(kd, [W, 4, 8, 4, 2, 2, 2, 2, 2])  # w nh nl j m kb1 kb0 f0 f1
-                k_b = gl.convert_layout(gl.reshape(gl.permute(k9, [0, 4, 8, 7, 5, 3, 6, 1, 2]), [W, D, 32]), B_OP)
+            kd = _dequant_last(kcodes, ksc, kze, KBITS)
+            if KBITS == 8:  # w nh nl j m kb1 kb0
+                kd = gl.permute(gl.reshape(kd, [W, 4, 8, 4, 8, 2, 2]), [0, 4, 5, 3, 6, 1, 2])
+            elif KBITS == 4:  # w nh nl j m kb1 kb0 f
+                kd = gl.permute(gl.reshape(kd, [W, 4, 8, 4, 4, 2, 2, 2]), [0, 4, 7, 5, 3, 6, 1, 2])
+            else:  # w nh nl j m kb1 kb0 f0 f1
+                kd = gl.permute(gl.reshape(kd, [W, 4, 8, 4, 2, 2, 2, 2, 2]), [0, 4, 8, 7, 5, 3, 6, 1, 2])
+            k_b = gl.convert_layout(gl.reshape(kd, [W, D, 32]), B_OP)
             valid = mw * 32 + mn < left
             if HAS_MASK:
                 valid = valid & (gl.load(mrow + start + it * 128 + mw * 32 + mn, mask=valid, other=0) != 0)
@@ -247,16 +245,14 @@ def split_kernel(Q, QR, KC, KS, KZ, VC, VS, VZ, KR, VR, MASK, LENS, PO, PM, PL,
             sv = gl.convert_layout(gl.load(vs + vsptr, mask=smask, other=0.0).to(gl.float16), VB)
             zv = gl.convert_layout(gl.load(vz + vsptr, mask=smask, other=0.0).to(gl.float16), VB)
             # code f of byte xb of the pair's tokens: channel 16u + (8 / VBITS) xb + f; nu = u + 8 (channel - 16u)
-            if VBITS == 8:
-                v6 = vcodes[0] * sv + zv  # w nh nlh u xb xp
-                v_b = gl.convert_layout(gl.reshape(gl.permute(v6, [0, 1, 2, 5, 4, 3]), [W, 32, D]), B_OP)
-            elif VBITS == 4:
-                v7 = gl.join(vcodes[0] * sv + zv, vcodes[1] * sv + zv)  # w nh nlh u xb xp f
-                v_b = gl.convert_layout(gl.reshape(gl.permute(v7, [0, 1, 2, 5, 4, 6, 3]), [W, 32, D]), B_OP)
-            else:
-                v8 = gl.join(gl.join(vcodes[0] * sv + zv, vcodes[1] * sv + zv),
-                             gl.join(vcodes[2] * sv + zv, vcodes[3] * sv + zv))  # w nh nlh u xb xp f0 f1
-                v_b = gl.convert_layout(gl.reshape(gl.permute(v8, [0, 1, 2, 5, 4, 7, 6, 3]), [W, 32, D]), B_OP)
+            vd = _dequant_last(vcodes, (sv, sv, sv, sv), (zv, zv, zv, zv), VBITS)
+            if VBITS == 8:  # w nh nlh u xb xp
+                vd = gl.permute(vd, [0, 1, 2, 5, 4, 3])
+            elif VBITS == 4:  # w nh nlh u xb xp f
+                vd = gl.permute(vd, [0, 1, 2, 5, 4, 6, 3])
+            else:  # w nh nlh u xb xp f0 f1
+                vd = gl.permute(vd, [0, 1, 2, 5, 4, 7, 6, 3])
+            v_b = gl.convert_layout(gl.reshape(vd, [W, 32, D]), B_OP)
             acc = mma_v2(p_a, v_b, acc)
             kptr += 128 * skc_t
             sptr += 4 * sks_t
@@ -325,12 +321,7 @@ def decode_attention(q, k_packed, k_residual, v_packed, v_residual, scaling, kv_
     """:func:`kvtuner.kernels.decode_attention`'s contract (packed history, then the residual window;
     ``lengths`` for CUDA-graph replay; ``rotate_out`` / ``q_residual`` / ``scaling_residual`` for rotated
     layers) on the storage :func:`supported` accepts. Returns ``[B, 1, Hq, 128]`` in ``q.dtype``."""
-    import torch
-    import triton
-
-    from .decode_kernel import merge_kernel
-
-    b, hq, one, d = q.shape
+    _, hq, one, d = q.shape
     if k_packed is None or v_packed is None or not supported(k_packed, v_packed, d):
         raise ValueError("the Gluon decode kernel reads KIVI G = 32 storage of 2, 4 or 8 bits at head_dim 128, keys "
                          "in channel word order; allowed: such a packed history (else kvtuner.kernels.decode_attention)")
@@ -338,34 +329,9 @@ def decode_attention(q, k_packed, k_residual, v_packed, v_residual, scaling, kv_
     if one != 1 or hq % hkv or hq // hkv > 16 or n % 32 or n == 0 or v_packed.num_tokens < n:
         raise ValueError(f"q {tuple(q.shape)} over {n} packed tokens of {hkv} KV heads; allowed: one query token, "
                          "up to 16 query heads per KV head, whole 32-token groups")
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    nqs = splits or max(1, min(triton.cdiv(n, 128), triton.cdiv(2 * sms, b * hkv)))
-    per = triton.cdiv(triton.cdiv(n, nqs), 128) * 128
-    nqs = triton.cdiv(n, per)
-    num_splits = 4 * (nqs + 1)
-    rows = b * hq * num_splits
-    partial = torch.empty(rows * (d + 2), device=q.device, dtype=torch.float32)
-    po, pm, pl = partial[: rows * d], partial[rows * d: rows * (d + 1)], partial[rows * (d + 1):]
-    qr = q if q_residual is None else q_residual
-    kr = k_residual if k_residual is not None else q.new_empty(b, hkv, 0, d)
-    vr = v_residual if v_residual is not None else q.new_empty(b, hkv, 0, d)
-    mask = kv_mask.to(torch.uint8) if kv_mask is not None else torch.empty(1, device=q.device, dtype=torch.uint8)
-    lens = lengths if lengths is not None else torch.empty(1, device=q.device, dtype=torch.int32)
-    kc, ks, kz, vc, vs, vz = (k_packed.codes, k_packed.scale, k_packed.zero, v_packed.codes, v_packed.scale,
-                              v_packed.zero)
-    split_kernel[(b * hkv, nqs + 1)](
-        q, qr, kc, ks, kz, vc, vs, vz, kr, vr, mask, lens, po, pm, pl,
-        q.stride(0), q.stride(1), qr.stride(0), qr.stride(1), *kc.stride()[:3], *ks.stride()[:3],
-        *vc.stride()[:3], *vs.stride()[:3], *kr.stride()[:3], *vr.stride()[:3],
-        mask.stride(0) if kv_mask is not None else 0, n, kr.shape[2], per, nqs, float(scaling) * LOG2E,
-        float(scaling if scaling_residual is None else scaling_residual) * LOG2E, hkv, hq // hkv, num_splits,
-        KBITS=k_packed.bits, VBITS=v_packed.bits, VPAIRS=False, STAGES=stages, HAS_MASK=kv_mask is not None,
-        DEV_LEN=lengths is not None, num_warps=4)
-    out = torch.empty(b, 1, hq, d, device=q.device, dtype=q.dtype)
-    merge_kernel[(b * hq,)](po, pm, pl, out, out.stride(0), out.stride(2), hq, num_splits, float(out_scale), D=d,
-                            BLOCK_D=d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), ROT_O=bool(rotate_out),
-                            LOG_D=d.bit_length() - 1, RES_SPLITS=4)
-    return out
+    return _launch(q, k_packed.codes, k_packed.scale, k_packed.zero, v_packed.codes, v_packed.scale, v_packed.zero,
+                   scaling, k_packed.bits, v_packed.bits, k_residual, v_residual, q_residual, scaling_residual,
+                   kv_mask, lengths, out_scale, rotate_out, splits, stages, value_pairs=False)
 
 
 decode_attention.fuses_rotation = True  # kvtuner.attention.rotated_decode hands it the output's rotation
@@ -381,12 +347,7 @@ def decode_packed(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, scaling
     ``scaling_residual``: the residual's query and scale (rotated layers). ``stages``: 0 loads codes
     straight into registers, >= 2 streams them through a ring of that many tiles in shared memory
     (cp.async). Returns ``[B, 1, Hq, 128]`` in ``q.dtype``."""
-    import torch
-    import triton
-
-    from .decode_kernel import merge_kernel
-
-    b, hq, one, d = q.shape
+    _, hq, one, d = q.shape
     _, hkv, n, width = k_codes.shape
     if kbits not in (2, 4, 8) or vbits not in (2, 4, 8) or width != 16 * kbits or v_codes.shape[-1] != 16 * vbits:
         raise ValueError(f"bits ({kbits}, {vbits}) with code rows of {width} and {v_codes.shape[-1]} bytes; allowed: "
@@ -394,6 +355,21 @@ def decode_packed(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, scaling
     if d != 128 or one != 1 or hq % hkv or hq // hkv > 16 or n % 32 or n == 0:
         raise ValueError(f"decode_packed covers head_dim 128, up to 16 query heads per KV head and whole 32-token "
                          f"groups; got q {tuple(q.shape)}, key codes {tuple(k_codes.shape)}")
+    return _launch(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, scaling, kbits, vbits, k_residual,
+                   v_residual, q_residual, scaling_residual, None, None, 1.0, False, splits, stages, value_pairs)
+
+
+def _launch(q, kc, ks, kz, vc, vs, vz, scaling, kbits, vbits, k_residual, v_residual, q_residual, scaling_residual,
+            kv_mask, lengths, out_scale, rotate_out, splits, stages, value_pairs):
+    """The split launch over ``splits`` (default: about two programs per SM) ranges of the packed history
+    plus the residual's program, then the merge of their per-warp partial results."""
+    import torch
+    import triton
+
+    from .decode_kernel import merge_kernel
+
+    b, hq, _, d = q.shape
+    hkv, n = kc.shape[1], kc.shape[2]
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
     nqs = splits or max(1, min(triton.cdiv(n, 128), triton.cdiv(2 * sms, b * hkv)))
     per = triton.cdiv(triton.cdiv(n, nqs), 128) * 128
@@ -405,15 +381,18 @@ def decode_packed(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, scaling
     qr = q if q_residual is None else q_residual
     kr = k_residual if k_residual is not None else q.new_empty(b, hkv, 0, d)
     vr = v_residual if v_residual is not None else q.new_empty(b, hkv, 0, d)
-    dummy = torch.empty(1, device=q.device, dtype=torch.uint8)
+    mask = kv_mask.to(torch.uint8) if kv_mask is not None else torch.empty(1, device=q.device, dtype=torch.uint8)
+    lens = lengths if lengths is not None else torch.empty(1, device=q.device, dtype=torch.int32)
     split_kernel[(b * hkv, nqs + 1)](
-        q, qr, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, kr, vr, dummy, dummy, po, pm, pl,
-        q.stride(0), q.stride(1), qr.stride(0), qr.stride(1), *k_codes.stride()[:3], *k_scale.stride()[:3],
-        *v_codes.stride()[:3], *v_scale.stride()[:3], *kr.stride()[:3], *vr.stride()[:3], 0,
-        n, kr.shape[2], per, nqs, float(scaling) * LOG2E,
+        q, qr, kc, ks, kz, vc, vs, vz, kr, vr, mask, lens, po, pm, pl,
+        q.stride(0), q.stride(1), qr.stride(0), qr.stride(1), *kc.stride()[:3], *ks.stride()[:3],
+        *vc.stride()[:3], *vs.stride()[:3], *kr.stride()[:3], *vr.stride()[:3],
+        mask.stride(0) if kv_mask is not None else 0, n, kr.shape[2], per, nqs, float(scaling) * LOG2E,
         float(scaling if scaling_residual is None else scaling_residual) * LOG2E, hkv, hq // hkv, num_splits,
-        KBITS=kbits, VBITS=vbits, VPAIRS=value_pairs, STAGES=stages, num_warps=4)
+        KBITS=kbits, VBITS=vbits, VPAIRS=value_pairs, STAGES=stages, HAS_MASK=kv_mask is not None,
+        DEV_LEN=lengths is not None, num_warps=4)
     out = torch.empty(b, 1, hq, d, device=q.device, dtype=q.dtype)
-    merge_kernel[(b * hq,)](po, pm, pl, out, out.stride(0), out.stride(2), hq, num_splits, 1.0, D=d, BLOCK_D=d,
-                            BLOCK_S=max(2, triton.next_power_of_2(num_splits)), RES_SPLITS=4)
+    merge_kernel[(b * hq,)](po, pm, pl, out, out.stride(0), out.stride(2), hq, num_splits, float(out_scale), D=d,
+                            BLOCK_D=d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), ROT_O=bool(rotate_out),
+                            LOG_D=d.bit_length() - 1, RES_SPLITS=4)
     return out
