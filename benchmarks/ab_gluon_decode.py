@@ -1,9 +1,9 @@
-"""A/B on the GPU: the Gluon decode prototype (``kvtuner/kernels/gluon_decode.py``) against the current split
+"""A/B on the GPU: the Gluon decode kernel (``kvtuner/kernels/gluon_decode.py``) against the Triton split
 kernel and bf16 SDPA, one decode-attention layer at Llama-3.1-8B shape (Hq 32, Hkv 8, D 128), KIVI G = 32,
 the packed history plus a 32-token bf16 residual window; every output against the PyTorch reference.
 
     PYTHONPATH=src python benchmarks/ab_gluon_decode.py [--pairs 88,44,42,22] [--shapes 64x4096,1x131072]
-        [--stages 0,2,3] [--out FILE]
+        [--out FILE]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import triton
 
 from kvtuner import kernels, quant
 from kvtuner.attention import decode_attention as reference
+from kvtuner.kernels import gluon_decode
 from kvtuner.kernels.gluon_decode import decode_packed, value_token_pairs
 
 
@@ -34,7 +35,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", default="88,44,42,22")
     ap.add_argument("--shapes", default="64x4096,1x131072")
-    ap.add_argument("--stages", default="0,2,3")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     hkv, group, d = 8, 4, 128
@@ -63,12 +63,12 @@ def main() -> None:
             kw = quant.in_channel_words(kp)
             vc, vs, vz = (value_token_pairs(t) for t in (vp.codes, vp.scale, vp.zero))
             nbytes = kp.nbytes() + vp.nbytes() + 2 * kr.numel() * 2 + q.numel() * 2
-            for st in (int(x) for x in args.stages.split(",")):
-                fn = (lambda st=st: decode_packed(q, kw.codes, kw.scale, kw.zero, vc, vs, vz, scaling, kbits, vbits,
-                                                  kr, vr, stages=st))
-                row(shape, f"K{kbits}V{vbits} Gluon, {st} stages", bench(fn), nbytes, rel(fn(), want))
+            fn = lambda: decode_packed(q, kw.codes, kw.scale, kw.zero, vc, vs, vz, scaling, kbits, vbits, kr, vr)
+            row(shape, f"K{kbits}V{vbits} Gluon, values in token pairs", bench(fn), nbytes, rel(fn(), want))
+            fn = lambda: gluon_decode.decode_attention(q, kw, kr, vp, vr, scaling)
+            row(shape, f"K{kbits}V{vbits} Gluon, values as the cache stores them", bench(fn), nbytes, rel(fn(), want))
             fn = lambda: kernels.decode_attention(q, kp, kr, vp, vr, scaling)
-            row(shape, f"K{kbits}V{vbits} current kernel", bench(fn), nbytes, rel(fn(), want))
+            row(shape, f"K{kbits}V{vbits} Triton kernel", bench(fn), nbytes, rel(fn(), want))
             del kp, vp, kw, vc, vs, vz
             torch.cuda.empty_cache()
         best = None

@@ -72,7 +72,7 @@ def compile_gluon_sm90(kernel, args: tuple, kwargs: dict):
 
 
 def gluon_args(b: int = 64, n: int = 4096, hkv: int = 8, group: int = 4, d: int = 128, kbits: int = 4,
-                   vbits: int = 4, stages: int = 0, value_pairs: bool = True, has_mask: bool = False,
+                   vbits: int = 4, value_pairs: bool = True, has_mask: bool = False,
                    dev_len: bool = False) -> tuple[tuple, dict]:
     """Launch arguments of ``kernels.gluon_decode.split_kernel`` at Llama-3.1-8B shape (CPU stand-ins)."""
     q = torch.empty(b, hkv * group, 1, d, dtype=torch.bfloat16)
@@ -87,8 +87,8 @@ def gluon_args(b: int = 64, n: int = 4096, hkv: int = 8, group: int = 4, d: int 
     args = (q, q, kc, ks, ks, vc, vs, vs, kr, kr, mask, lens, po, po, po, q.stride(0), q.stride(1), q.stride(0),
             q.stride(1), *kc.stride()[:3], *ks.stride()[:3], *vc.stride()[:3], *vs.stride()[:3], *kr.stride()[:3],
             *kr.stride()[:3], mask.stride(0), n, 40, 1024, 4, 0.1, 0.1, hkv, group, 20)
-    return args, dict(num_warps=4, KBITS=kbits, VBITS=vbits, VPAIRS=value_pairs, STAGES=stages, HAS_MASK=has_mask,
-                      DEV_LEN=dev_len)
+    return args, dict(num_warps=4, KBITS=kbits, VBITS=vbits, VPAIRS=value_pairs, HAS_MASK=has_mask,
+                      DEV_LEN=dev_len, BH=8 if group <= 8 else 16, RAWK=True)
 
 
 def _opcodes(text: str) -> collections.Counter:

@@ -47,7 +47,7 @@ def _rel(a, b):
 
 @gpu
 @pytest.mark.parametrize("kbits,vbits", [(4, 4), (8, 8), (4, 2), (2, 2), (8, 4), (2, 8)])
-@pytest.mark.parametrize("group,n_q,n_r", [(4, 256, 32), (8, 96, 5), (1, 4096, 0), (4, 32, 40)])
+@pytest.mark.parametrize("group,n_q,n_r", [(4, 256, 32), (8, 96, 5), (1, 4096, 0), (4, 32, 40), (16, 160, 7)])
 def test_gluon_decode_matches_the_reference(kbits, vbits, group, n_q, n_r):
     from kvtuner.attention import decode_attention as reference
     from kvtuner.kernels import gluon_decode

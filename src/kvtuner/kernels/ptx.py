@@ -188,3 +188,36 @@ ASM3N = tl.constexpr(asm3_nibble())
 ASM3 = tl.constexpr(asm3())
 ASM3_CONSTRAINTS = tl.constexpr("=r," * 8 + "r,r")
 ASM1_CONSTRAINTS = tl.constexpr("=r," * 16 + "r")
+
+
+# Codes as fp16 ``1024 + code << shift`` with nothing subtracted (two bytes per fp16x2 lane pair, as above):
+# where the MMA's other operand carries ``1 / 2^shift`` and a bias MMA removes the 1024, a code costs its
+# share of one ``prmt`` and one ``lop3``.
+RAW8 = tl.constexpr("""{
+prmt.b32 $0, $2, 0x64646464, 0x4140;
+prmt.b32 $1, $2, 0x64646464, 0x4342;
+}""")
+RAW4 = tl.constexpr("""{
+.reg .b32 t0, t1;
+prmt.b32 t0, $4, 0, 0x4140;
+prmt.b32 t1, $4, 0, 0x4342;
+lop3.b32 $0, t0, 0x000f000f, 0x64006400, 0xea;
+lop3.b32 $1, t1, 0x000f000f, 0x64006400, 0xea;
+lop3.b32 $2, t0, 0x00f000f0, 0x64006400, 0xea;
+lop3.b32 $3, t1, 0x00f000f0, 0x64006400, 0xea;
+}""")
+RAW2 = tl.constexpr("""{
+.reg .b32 t0, t1;
+prmt.b32 t0, $8, 0, 0x4140;
+prmt.b32 t1, $8, 0, 0x4342;
+lop3.b32 $0, t0, 0x00030003, 0x64006400, 0xea;
+lop3.b32 $1, t1, 0x00030003, 0x64006400, 0xea;
+lop3.b32 $2, t0, 0x000c000c, 0x64006400, 0xea;
+lop3.b32 $3, t1, 0x000c000c, 0x64006400, 0xea;
+lop3.b32 $4, t0, 0x00300030, 0x64006400, 0xea;
+lop3.b32 $5, t1, 0x00300030, 0x64006400, 0xea;
+lop3.b32 $6, t0, 0x00c000c0, 0x64006400, 0xea;
+lop3.b32 $7, t1, 0x00c000c0, 0x64006400, 0xea;
+}""")
+# the transpose of an 8x8 fp16 block held one row pair per thread (MMA accumulator -> B operand)
+MOVMATRIX_T = tl.constexpr("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;")
