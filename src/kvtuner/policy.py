@@ -24,11 +24,22 @@ from .spec import QuantSpec
 
 BACKENDS = ("auto", "torch", "triton")
 SWITCHES = ("auto", "on", "off")
-DECODERS = ("triton", "gluon")
+DECODERS = ("auto", "triton", "gluon")
 Switch = Literal["auto", "on", "off"]
 
 TOKEN_BLOCK_BITS = (2, 3, 4)
 FAST_TOKEN_BLOCKS = (128,)  # flush units at which the fused kernel reads token-blocked values faster
+
+
+@functools.cache
+def gluon_runs_on(device_index: int) -> bool:
+    """Whether the Gluon decode kernel runs on this CUDA device: Triton with Gluon, and an sm_80+ GPU
+    (``mma.sync`` and ``movmatrix``)."""
+    try:
+        import triton.experimental.gluon  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)
 
 
 @functools.cache
@@ -72,15 +83,16 @@ class KernelPolicy:
             ``"auto"``: on the kernel path for 128-token units.
         words3: 3-bit codes as contiguous 24-bit words per 8 channels (keys, and values not in token
             blocks). ``"auto"``: on the kernel path.
-        decode: the decode-attention kernel of layers it covers: ``"triton"`` (``kernels.decode_attention``)
-            or ``"gluon"`` (``kernels.gluon_decode``, a prototype: KIVI G = 32, 2/4/8 bits, head_dim 128;
-            other layers keep the Triton kernel).
+        decode: the decode-attention kernel of layers it covers: ``"gluon"`` (``kernels.gluon_decode``:
+            KIVI G = 32, 2/4/8 bits, head_dim 128; other layers keep the Triton kernel), ``"triton"``
+            (``kernels.decode_attention`` everywhere) or ``"auto"`` (Gluon on sm_80+ GPUs where Triton has
+            it, measured faster per layer and per step: ``docs/kernels.md``).
     """
 
     backend: str = "auto"
     value_token_blocks: Switch = "auto"
     words3: Switch = "auto"
-    decode: str = "triton"
+    decode: str = "auto"
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -101,6 +113,13 @@ class KernelPolicy:
             return True
         return self.backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
 
+    def _gluon(self, device: torch.device | str) -> bool:
+        if self.decode != "auto":
+            return self.decode == "gluon"
+        device = torch.device(device)
+        return device.type == "cuda" and torch.cuda.is_available() and gluon_runs_on(
+            device.index if device.index is not None else torch.cuda.current_device())
+
     def value_block(self, spec: QuantSpec, head_dim: int, triton: bool) -> int:
         """Tokens per value block (0: values packed along head_dim)."""
         unit = spec.flush_unit("value")
@@ -111,7 +130,7 @@ class KernelPolicy:
     def layout(self, key: QuantSpec, value: QuantSpec, head_dim: int, device: torch.device | str) -> LayerLayout:
         """The layout of one layer whose keys and values follow ``key`` and ``value`` on ``device``."""
         triton = self.use_triton(device)
-        if triton and self.decode == "gluon" and _gluon_covers(key, value, head_dim):
+        if triton and self._gluon(device) and _gluon_covers(key, value, head_dim):
             return LayerLayout(triton=True, key_words=True, gluon=True)
         block = self.value_block(value, head_dim, triton)
         words3 = _switch(self.words3, triton)

@@ -413,6 +413,11 @@ def decode_packed(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, scaling
                    v_residual, q_residual, scaling_residual, None, None, 1.0, False, splits, value_pairs)
 
 
+def _rows(t):
+    """Batch and head strides of packed rows, and their row length (the token stride the kernel is compiled for)."""
+    return t.stride(0), t.stride(1), t.shape[-1]
+
+
 def _launch(q, kc, ks, kz, vc, vs, vz, scaling, kbits, vbits, k_residual, v_residual, q_residual, scaling_residual,
             kv_mask, lengths, out_scale, rotate_out, splits, value_pairs):
     """The split launch over ``splits`` (default: about two programs per SM) ranges of the packed history
@@ -425,9 +430,11 @@ def _launch(q, kc, ks, kz, vc, vs, vz, scaling, kbits, vbits, k_residual, v_resi
     b, hq, _, d = q.shape
     hkv, n = kc.shape[1], kc.shape[2]
     for t in (kc, ks, kz, vc, vs, vz):
-        if t.stride(-1) != 1 or t.stride(-2) != t.shape[-1]:
+        if t.stride(-1) != 1 or (t.shape[-2] > 1 and t.stride(-2) != t.shape[-1]):
             raise ValueError(f"packed rows of shape {tuple(t.shape)} and strides {t.stride()}; allowed: contiguous rows "
                              "(token stride = row length), as the cache and quant.quantize lay them out")
+    if ks.stride()[:2] != kz.stride()[:2] or vs.stride()[:2] != vz.stride()[:2]:
+        raise ValueError("scales and zeros of one tensor must share strides")
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
     nqs = splits or max(1, min(triton.cdiv(n, 128), triton.cdiv(2 * sms, b * hkv)))
     per = triton.cdiv(triton.cdiv(n, nqs), 128) * 128
@@ -443,8 +450,8 @@ def _launch(q, kc, ks, kz, vc, vs, vz, scaling, kbits, vbits, k_residual, v_resi
     lens = lengths if lengths is not None else torch.empty(1, device=q.device, dtype=torch.int32)
     split_kernel[(b * hkv, nqs + 1)](
         q, qr, kc, ks, kz, vc, vs, vz, kr, vr, mask, lens, po, pm, pl,
-        q.stride(0), q.stride(1), qr.stride(0), qr.stride(1), *kc.stride()[:3], *ks.stride()[:3],
-        *vc.stride()[:3], *vs.stride()[:3], *kr.stride()[:3], *vr.stride()[:3],
+        q.stride(0), q.stride(1), qr.stride(0), qr.stride(1), *_rows(kc), *_rows(ks), *_rows(vc), *_rows(vs),
+        *kr.stride()[:3], *vr.stride()[:3],
         mask.stride(0) if kv_mask is not None else 0, n, kr.shape[2], per, nqs, float(scaling) * LOG2E,
         float(scaling if scaling_residual is None else scaling_residual) * LOG2E, hkv, hq // hkv, num_splits,
         KBITS=kbits, VBITS=vbits, VPAIRS=value_pairs, HAS_MASK=kv_mask is not None, DEV_LEN=lengths is not None,
