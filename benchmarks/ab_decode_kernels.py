@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--configs", default="KV4,C3.25")
     ap.add_argument("--budget-gib", type=float, default=30.0, help="KV memory for the maximum-batch rows (0: none)")
+    ap.add_argument("--max-batch-configs", default=None, help="configs run at the maximum batch too (default: all)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     model = build(32)
@@ -50,7 +51,8 @@ def main() -> None:
     best: dict = {}
     for _ in range(args.repeats):
         for name in args.configs.split(","):
-            for bb in [b] + ([max_batch(named[name])] if budget else []):
+            at_max = budget and (args.max_batch_configs is None or name in args.max_batch_configs.split(","))
+            for bb in [b] + ([max_batch(named[name])] if at_max else []):
                 for decode in ("triton", "gluon"):
                     cache = fill(model, named[name], bb, ctx, reserve, static=True, policy=KernelPolicy(decode=decode))
                     kv = torch.cuda.memory_allocated() - weights

@@ -111,3 +111,21 @@ def test_cache_decodes_with_the_gluon_kernel_as_with_the_triton_one():
         runs[decode] = greedy_generate(model, ids, cache, 40)
         assert all(layer.layout.gluon == (decode == "gluon") for layer in cache.layers)
     assert (runs["gluon"] == runs["triton"]).float().mean() >= 0.9
+
+
+@gpu
+def test_gluon_layers_replay_cuda_graph_decoding_as_triton_ones():
+    # static buffers: packed keys and values of different capacities, counts on the device
+    from kvtuner import MixedPrecisionCache
+    from kvtuner.generation import greedy_generate
+    from kvtuner.testing import tiny_model
+
+    model = tiny_model("llama", layers=2, heads=8, kv_heads=2, head_dim=128, vocab=128).to("cuda")
+    ids = torch.randint(3, 128, (2, 75), generator=torch.Generator().manual_seed(5)).to("cuda")
+    plan = KVPlan.from_pairs([(4, 2), (2, 4)], "kivi")
+    runs = {}
+    for decode in ("triton", "gluon"):
+        cache = MixedPrecisionCache(plan, model.config, policy=KernelPolicy(decode=decode))
+        runs[decode] = greedy_generate(model, ids, cache, 70, cuda_graph=True)
+        assert all(layer.layout.gluon == (decode == "gluon") for layer in cache.layers)
+    assert (runs["gluon"] == runs["triton"]).float().mean() >= 0.9

@@ -381,12 +381,14 @@ def decode_attention(q, k_packed, k_residual, v_packed, v_residual, scaling, kv_
         raise ValueError("the Gluon decode kernel reads KIVI G = 32 storage of 2, 4 or 8 bits at head_dim 128, keys "
                          "in channel word order; allowed: such a packed history (else kvtuner.kernels.decode_attention)")
     hkv, n = k_packed.codes.shape[1], k_packed.num_tokens
+    if lengths is not None:  # static buffers: the counts are on the device, both capacities bound them
+        n = min(n, v_packed.num_tokens) // 32 * 32
     if one != 1 or hq % hkv or hq // hkv > 16 or n % 32 or n == 0 or v_packed.num_tokens < n:
         raise ValueError(f"q {tuple(q.shape)} over {n} packed tokens of {hkv} KV heads; allowed: one query token, "
                          "up to 16 query heads per KV head, whole 32-token groups")
     return _launch(q, k_packed.codes, k_packed.scale, k_packed.zero, v_packed.codes, v_packed.scale, v_packed.zero,
                    scaling, k_packed.bits, v_packed.bits, k_residual, v_residual, q_residual, scaling_residual,
-                   kv_mask, lengths, out_scale, rotate_out, splits, value_pairs=False)
+                   kv_mask, lengths, out_scale, rotate_out, splits, value_pairs=False, n=n)
 
 
 decode_attention.fuses_rotation = True  # kvtuner.attention.rotated_decode hands it the output's rotation
@@ -419,16 +421,19 @@ def _rows(t):
 
 
 def _launch(q, kc, ks, kz, vc, vs, vz, scaling, kbits, vbits, k_residual, v_residual, q_residual, scaling_residual,
-            kv_mask, lengths, out_scale, rotate_out, splits, value_pairs):
-    """The split launch over ``splits`` (default: about two programs per SM) ranges of the packed history
-    plus the residual's program, then the merge of their per-warp partial results."""
+            kv_mask, lengths, out_scale, rotate_out, splits, value_pairs, n=None):
+    """The split launch over ``splits`` ranges of the packed history (``n`` tokens, default all of ``kc``) plus
+    the residual's program, then the merge of their per-warp partial results. Default split: about four
+    programs per SM when (batch x KV heads) rows fill the GPU, else one wave of three per SM under a 168-register
+    cap, codes of at most 4 bits (measured on an H100: ``docs/kernels.md``); two per SM otherwise."""
     import torch
     import triton
 
     from .decode_kernel import merge_kernel
 
     b, hq, _, d = q.shape
-    hkv, n = kc.shape[1], kc.shape[2]
+    hkv = kc.shape[1]
+    n = kc.shape[2] if n is None else n
     for t in (kc, ks, kz, vc, vs, vz):
         if t.stride(-1) != 1 or (t.shape[-2] > 1 and t.stride(-2) != t.shape[-1]):
             raise ValueError(f"packed rows of shape {tuple(t.shape)} and strides {t.stride()}; allowed: contiguous rows "
@@ -436,7 +441,10 @@ def _launch(q, kc, ks, kz, vc, vs, vz, scaling, kbits, vbits, k_residual, v_resi
     if ks.stride()[:2] != kz.stride()[:2] or vs.stride()[:2] != vz.stride()[:2]:
         raise ValueError("scales and zeros of one tensor must share strides")
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    nqs = splits or max(1, min(triton.cdiv(n, 128), triton.cdiv(2 * sms, b * hkv)))
+    kv_rows, per_sm, maxnreg = b * hkv, 2, None
+    if max(kbits, vbits) <= 4:
+        per_sm, maxnreg = (4, None) if kv_rows >= sms else (3, 168)
+    nqs = splits or max(1, min(triton.cdiv(n, 128), triton.cdiv(per_sm * sms, kv_rows)))
     per = triton.cdiv(triton.cdiv(n, nqs), 128) * 128
     nqs = triton.cdiv(n, per)
     num_splits = 4 * (nqs + 1)
@@ -455,7 +463,7 @@ def _launch(q, kc, ks, kz, vc, vs, vz, scaling, kbits, vbits, k_residual, v_resi
         mask.stride(0) if kv_mask is not None else 0, n, kr.shape[2], per, nqs, float(scaling) * LOG2E,
         float(scaling if scaling_residual is None else scaling_residual) * LOG2E, hkv, hq // hkv, num_splits,
         KBITS=kbits, VBITS=vbits, VPAIRS=value_pairs, HAS_MASK=kv_mask is not None, DEV_LEN=lengths is not None,
-        BH=8 if hq // hkv <= 8 else 16, RAWK=True, num_warps=4)
+        BH=8 if hq // hkv <= 8 else 16, RAWK=True, num_warps=4, **({} if maxnreg is None else dict(maxnreg=maxnreg)))
     out = torch.empty(b, 1, hq, d, device=q.device, dtype=q.dtype)
     merge_kernel[(b * hq,)](po, pm, pl, out, out.stride(0), out.stride(2), hq, num_splits, float(out_scale), D=d,
                             BLOCK_D=d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), ROT_O=bool(rotate_out),
