@@ -395,14 +395,16 @@ decode_attention.fuses_rotation = True  # kvtuner.attention.rotated_decode hands
 
 
 def decode_packed(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, scaling, kbits, vbits, k_residual=None,
-                  v_residual=None, q_residual=None, scaling_residual=None, splits=None, value_pairs=True):
+                  v_residual=None, q_residual=None, scaling_residual=None, splits=None, value_pairs=True,
+                  programs_per_sm=None, maxnreg=None):
     """Attention of ``q`` ``[B, Hq, 1, 128]`` over a packed history of ``kbits``/``vbits`` codes (2, 4 or 8)
     followed by an optional full-precision residual window ``[B, Hkv, R, 128]``: keys per channel in groups
     of 32 tokens, codes in channel word order (``quant.to_channel_words``); values per token in groups of
     32 channels, codes and scales/zeros in token pairs (:func:`value_token_pairs`; ``value_pairs=False``:
     packed along head_dim per token, as the cache stores them, paired in registers). ``q_residual`` /
-    ``scaling_residual``: the residual's query and scale (rotated layers). Returns ``[B, 1, Hq, 128]`` in
-    ``q.dtype``."""
+    ``scaling_residual``: the residual's query and scale (rotated layers). ``programs_per_sm`` / ``maxnreg``:
+    the launch (split count, register cap) instead of :func:`_launch`'s measured default, for sweeps.
+    Returns ``[B, 1, Hq, 128]`` in ``q.dtype``."""
     _, hq, one, d = q.shape
     _, hkv, n, width = k_codes.shape
     if kbits not in (2, 4, 8) or vbits not in (2, 4, 8) or width != 16 * kbits or v_codes.shape[-1] != 16 * vbits:
@@ -412,7 +414,8 @@ def decode_packed(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, scaling
         raise ValueError(f"decode_packed covers head_dim 128, up to 16 query heads per KV head and whole 32-token "
                          f"groups; got q {tuple(q.shape)}, key codes {tuple(k_codes.shape)}")
     return _launch(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, scaling, kbits, vbits, k_residual,
-                   v_residual, q_residual, scaling_residual, None, None, 1.0, False, splits, value_pairs)
+                   v_residual, q_residual, scaling_residual, None, None, 1.0, False, splits, value_pairs,
+                   programs_per_sm=programs_per_sm, maxnreg=maxnreg)
 
 
 def _rows(t):
@@ -421,7 +424,7 @@ def _rows(t):
 
 
 def _launch(q, kc, ks, kz, vc, vs, vz, scaling, kbits, vbits, k_residual, v_residual, q_residual, scaling_residual,
-            kv_mask, lengths, out_scale, rotate_out, splits, value_pairs, n=None):
+            kv_mask, lengths, out_scale, rotate_out, splits, value_pairs, n=None, programs_per_sm=None, maxnreg=None):
     """The split launch over ``splits`` ranges of the packed history (``n`` tokens, default all of ``kc``) plus
     the residual's program, then the merge of their per-warp partial results. Default split: about four
     programs per SM when (batch x KV heads) rows fill the GPU, else one wave of three per SM under a 168-register
@@ -441,9 +444,11 @@ def _launch(q, kc, ks, kz, vc, vs, vz, scaling, kbits, vbits, k_residual, v_resi
     if ks.stride()[:2] != kz.stride()[:2] or vs.stride()[:2] != vz.stride()[:2]:
         raise ValueError("scales and zeros of one tensor must share strides")
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    kv_rows, per_sm, maxnreg = b * hkv, 2, None
-    if max(kbits, vbits) <= 4:
-        per_sm, maxnreg = (4, None) if kv_rows >= sms else (3, 168)
+    kv_rows, per_sm = b * hkv, 2
+    if programs_per_sm is not None:
+        per_sm = programs_per_sm
+    elif max(kbits, vbits) <= 4:
+        per_sm, maxnreg = (4, maxnreg) if kv_rows >= sms else (3, maxnreg or 168)
     nqs = splits or max(1, min(triton.cdiv(n, 128), triton.cdiv(per_sm * sms, kv_rows)))
     per = triton.cdiv(triton.cdiv(n, nqs), 128) * 128
     nqs = triton.cdiv(n, per)

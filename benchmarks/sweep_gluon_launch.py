@@ -1,0 +1,51 @@
+"""Launch sweep of the Gluon decode kernel on the GPU: programs per SM (the split count) and a register cap
+(more resident programs), one layer at Llama-3.1-8B shape (Hq 32, Hkv 8, D 128), KIVI G = 32, values in token
+pairs, a 32-token residual window; µs in a CUDA graph.
+
+    PYTHONPATH=src python benchmarks/sweep_gluon_launch.py [--pairs 44,22] [--shapes 1x131072,64x4096]
+        [--launches none/2,168/3,168/2,none/4,168/6]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton
+
+from kvtuner import quant
+from kvtuner.kernels.gluon_decode import decode_packed, value_token_pairs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pairs", default="44,22")
+    ap.add_argument("--shapes", default="1x131072,64x4096")
+    ap.add_argument("--launches", default="none/2,168/3,168/2,none/4,168/6", help="maxnreg/programs per SM, ...")
+    args = ap.parse_args()
+    hkv, group, d = 8, 4, 128
+    print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)
+    for shape in args.shapes.split(","):
+        b, n = (int(x) for x in shape.split("x"))
+        k = torch.randn(b, hkv, n, d, device="cuda", dtype=torch.bfloat16)
+        q = torch.randn(b, hkv * group, 1, d, device="cuda", dtype=torch.bfloat16)
+        kr = torch.randn(b, hkv, 32, d, device="cuda", dtype=torch.bfloat16)
+        for pair in args.pairs.split(","):
+            kb, vb = int(pair[0]), int(pair[1])
+            kp = quant.in_channel_words(quant.quantize(k, kb, "per_channel", 32))
+            vp = quant.quantize(k, vb, "per_token", 32)
+            vc, vs, vz = (value_token_pairs(t) for t in (vp.codes, vp.scale, vp.zero))
+            out = []
+            for launch in args.launches.split(","):
+                reg, per_sm = launch.split("/")
+                mr = None if reg == "none" else int(reg)
+                f = lambda: decode_packed(q, kp.codes, kp.scale, kp.zero, vc, vs, vz, d ** -0.5, kb, vb, kr, kr,
+                                          programs_per_sm=int(per_sm), maxnreg=mr)
+                f()
+                torch.cuda.synchronize()
+                out.append(f"maxnreg {reg}, {per_sm}/SM: {triton.testing.do_bench_cudagraph(f, rep=50) * 1e3:.1f} µs")
+            print(shape, f"K{kb}V{vb}", " | ".join(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
