@@ -261,7 +261,7 @@ def main() -> None:
                     help="also run this plan file under NAME (repeatable; its layer count must equal --layers)")
     ap.add_argument("--planes3", action="store_true", help="3-bit codes in two bit planes (KernelPolicy(words3="
                     "'off')); default: contiguous words")
-    ap.add_argument("--decode", choices=("auto", "triton", "gluon"), default="auto",
+    ap.add_argument("--decode", choices=("auto", "triton", "gluon"), default="triton",
                     help="decode-attention kernel of the layers the Gluon kernel reads (KernelPolicy(decode=...))")
     ap.add_argument("--plot", help="only draw the plot from this JSON result file (no GPU needed)")
     ap.add_argument("--cprofile", metavar="CONFIG:BATCH:CONTEXT",

@@ -25,12 +25,15 @@ def test_policy_chooses_the_gluon_kernel_where_it_reads_the_layer():
         assert not pol.layout(QuantSpec(k, "kivi"), QuantSpec(v, "kivi"), d, "cuda").gluon
     assert not pol.layout(QuantSpec(4, "kivi", 128), QuantSpec(4, "kivi", 128), 128, "cuda").gluon
     assert not KernelPolicy(decode="triton").layout(QuantSpec(4, "kivi"), QuantSpec(4, "kivi"), 128, "cuda").gluon
-    # the default: Gluon only where it can run (a CUDA GPU of sm_80+, Triton with Gluon), never on the CPU
+    assert not KernelPolicy().layout(QuantSpec(4, "kivi"), QuantSpec(4, "kivi"), 128, "cuda").gluon
+    # "auto": Gluon only where it can run (a CUDA GPU of sm_80+, Triton with Gluon), never on the CPU
     from kvtuner.policy import gluon_runs_on
 
     runs = torch.cuda.is_available() and gluon_runs_on(torch.cuda.current_device())
-    assert KernelPolicy().layout(QuantSpec(4, "kivi"), QuantSpec(4, "kivi"), 128, "cuda").gluon == runs
-    assert not KernelPolicy(backend="triton").layout(QuantSpec(4, "kivi"), QuantSpec(4, "kivi"), 128, "cpu").gluon
+    auto = KernelPolicy(decode="auto")
+    assert auto.layout(QuantSpec(4, "kivi"), QuantSpec(4, "kivi"), 128, "cuda").gluon == runs
+    assert not KernelPolicy(backend="triton", decode="auto").layout(QuantSpec(4, "kivi"), QuantSpec(4, "kivi"), 128,
+                                                                     "cpu").gluon
     with pytest.raises(ValueError, match="decode"):
         KernelPolicy(decode="cuda")
 

@@ -83,16 +83,17 @@ class KernelPolicy:
             ``"auto"``: on the kernel path for 128-token units.
         words3: 3-bit codes as contiguous 24-bit words per 8 channels (keys, and values not in token
             blocks). ``"auto"``: on the kernel path.
-        decode: the decode-attention kernel of layers it covers: ``"gluon"`` (``kernels.gluon_decode``:
-            KIVI G = 32, 2/4/8 bits, head_dim 128; other layers keep the Triton kernel), ``"triton"``
-            (``kernels.decode_attention`` everywhere) or ``"auto"`` (Gluon on sm_80+ GPUs where Triton has
-            it, measured faster per layer and per step: ``docs/kernels.md``).
+        decode: the decode-attention kernel of layers it covers: ``"triton"`` (``kernels.decode_attention``
+            everywhere), ``"gluon"`` (``kernels.gluon_decode``: KIVI G = 32, 2/4/8 bits, head_dim 128; other
+            layers keep the Triton kernel) or ``"auto"`` (Gluon on sm_80+ GPUs where Triton has it). The Gluon
+            kernel is faster per layer (``docs/kernels.md``); it becomes the default once its CUDA-graph
+            decoding is verified and measured end to end on a GPU.
     """
 
     backend: str = "auto"
     value_token_blocks: Switch = "auto"
     words3: Switch = "auto"
-    decode: str = "auto"
+    decode: str = "triton"
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
