@@ -137,3 +137,37 @@ def test_value_operand_is_what_the_output_store_undoes(bits):
     rc = (torch.arange(8)[:, None] * 16 + torch.arange(16)[None, :]).reshape(1, 1, 8, 16).expand(W, 32, 8, 16)
     rv = rc.reshape(W, 32, 8, 8, 2).permute(0, 1, 3, 4, 2).reshape(W, 32, d)
     assert torch.equal(rv, (16 * (nu & 7) + (nu >> 3)).expand(W, 32, d))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_folded_key_scores_are_as_close_as_dequantized_fp16_keys(bits):
+    """The kernel's key arithmetic, emulated with its roundings: codes stay fp16 ``1024 + f c``; ``q' = fp16(q s
+    FMAX / f)`` per group; one bias from the same fp16 ``q'``; products exact, sums in fp32. Its scores must be
+    as close to the exact dequantized scores as those of keys dequantized to fp16 (what a per-code kernel does)."""
+    torch.manual_seed(bits)
+    d, n, heads = 128, 256, 4
+    k = torch.randn(1, 1, n, d) * 0.5 + torch.randn(1, 1, 1, d) * 3  # channel offsets, as real keys have
+    q = torch.randn(heads, d) * 2
+    kp = quant.quantize(k.to(torch.bfloat16), bits, "per_channel", 32)
+    codes = quant.unpack(kp.codes, bits, d)[0, 0].double()  # [n, d]
+    s = kp.scale[0, 0].double().repeat_interleave(32, 0)  # [n, d]: the group's per-channel scale
+    z = kp.zero[0, 0].double().repeat_interleave(32, 0)
+    qk = q.double() * (d ** -0.5 * 1.4426950408889634)
+    exact = (s * codes + z) @ qk.T  # [n, heads], log2 units
+    fp16_keys = ((s * codes + z).half().float() @ qk.half().float().T).double()
+    F = 8 // bits
+    fmax = {8: 1, 4: 16, 2: 64}[bits]
+    f = 2.0 ** (bits * ((torch.arange(d) % (4 * F)) // 4))  # the code's position in its byte
+    qg = (qk * (fmax / f)).half()  # [heads, d]
+    q_b = (qk * fmax).half()
+    scores = torch.empty(n, heads, dtype=torch.float64)
+    for g in range(n // 32):
+        rows = slice(32 * g, 32 * g + 32)
+        q1 = (qg.float() * s[32 * g].half().float()).half().double()  # q' of this group, fp16
+        bias = (z[32 * g].half().double() @ q_b.double().T) - 1024 * q1.sum(1)  # [heads]
+        raw = (1024 + f * codes[rows]).half().double()  # exact in fp16: integers below 2048
+        scores[rows] = (raw @ q1.T + bias) / fmax
+    scale = exact.abs().max()
+    err_folded = (scores - exact).abs().max() / scale
+    err_fp16 = (fp16_keys - exact).abs().max() / scale
+    assert err_folded <= 2 * err_fp16 + 1e-4, (err_folded.item(), err_fp16.item())
