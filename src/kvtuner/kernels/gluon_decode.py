@@ -428,7 +428,8 @@ def _launch(q, kc, ks, kz, vc, vs, vz, scaling, kbits, vbits, k_residual, v_resi
     """The split launch over ``splits`` ranges of the packed history (``n`` tokens, default all of ``kc``) plus
     the residual's program, then the merge of their per-warp partial results. Default split: about four
     programs per SM when (batch x KV heads) rows fill the GPU, else one wave of three per SM under a 168-register
-    cap, codes of at most 4 bits (measured on an H100: ``docs/kernels.md``); two per SM otherwise."""
+    cap, codes of at most 4 bits and up to 8 query heads per KV head (measured on an H100: ``docs/kernels.md``);
+    two per SM otherwise."""
     import torch
     import triton
 
@@ -447,7 +448,7 @@ def _launch(q, kc, ks, kz, vc, vs, vz, scaling, kbits, vbits, k_residual, v_resi
     kv_rows, per_sm = b * hkv, 2
     if programs_per_sm is not None:
         per_sm = programs_per_sm
-    elif max(kbits, vbits) <= 4:
+    elif max(kbits, vbits) <= 4 and hq // hkv <= 8:  # the measured cases (176 registers uncapped)
         per_sm, maxnreg = (4, maxnreg) if kv_rows >= sms else (3, maxnreg or 168)
     nqs = splits or max(1, min(triton.cdiv(n, 128), triton.cdiv(per_sm * sms, kv_rows)))
     per = triton.cdiv(triton.cdiv(n, nqs), 128) * 128
