@@ -88,7 +88,7 @@ def gluon_args(b: int = 64, n: int = 4096, hkv: int = 8, group: int = 4, d: int 
             q.stride(1), *kc.stride()[:3], *ks.stride()[:3], *vc.stride()[:3], *vs.stride()[:3], *kr.stride()[:3],
             *kr.stride()[:3], mask.stride(0), n, 40, 1024, 4, 0.1, 0.1, hkv, group, 20)
     return args, dict(num_warps=4, KBITS=kbits, VBITS=vbits, VPAIRS=value_pairs, HAS_MASK=has_mask,
-                      DEV_LEN=dev_len, BH=8 if group <= 8 else 16, RAWK=True)
+                      DEV_LEN=dev_len, BH=8 if group <= 8 else 16)
 
 
 def _opcodes(text: str) -> collections.Counter:

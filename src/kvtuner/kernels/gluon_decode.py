@@ -39,6 +39,45 @@ def _index(n: gl.constexpr, layout: gl.constexpr, rank: gl.constexpr, d: gl.cons
     return x
 
 
+_WARPS = gl.constexpr(4)  # per program, one 32-token key group each per 128-token tile
+
+
+@gluon.constexpr_function
+def _layout(name, kbits=4, vbits=4):
+    """The kernel's register layouts, all over ``[4 warps, ...]``: ``"mma"`` (the ``mma.sync`` accumulator),
+    ``"a"`` / ``"b"`` (its operands); ``"qb"``: ``[w, D (kappa), BH]`` as the B operand holds it (lane % 4 ->
+    kappa bits 1-2, lane / 4 -> head); ``"zb"``: ``[w, 32 tok, D (kappa)]`` as the A operand holds it;
+    ``"ks"``: key scale rows ``[w, 4 j, 32]`` (lane % 4 -> j, broadcast over lane / 4); ``"kb"``: key codes
+    ``[w, n_hi 4, n_lo 8, j 4, 4 kbits]`` (contiguous bytes of a token row); ``"vb5"``: value codes of token
+    pairs ``[w, n_hi 4, n_lo>>1 4, u 8, 4 vbits]``; ``"vbp"``: values as stored ``[w, n_hi, n_lo>>1, u, 2,
+    2 vbits]``; ``"vb"``: value codes in the unpacker's order ``[.., xb, xp]``; ``"vs"``: value scales
+    ``[.., 1, 2]``; ``"res"``: residual rows ``[w, 32 tok, 8, 16]``."""
+    w, xv = _WARPS.value, 4 * vbits
+    mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[w, 1, 1], instr_shape=[1, 16, 8])
+    return {
+        "mma": lambda: mma,
+        "a": lambda: gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2),
+        "b": lambda: gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2),
+        "qb": lambda: gl.BlockedLayout([1, 2, 1], [1, 4, 8], [w, 1, 1], [1, 2, 0]),
+        "zb": lambda: gl.BlockedLayout([1, 1, 2], [1, 8, 4], [w, 1, 1], [2, 1, 0]),
+        "ks": lambda: gl.BlockedLayout([1, 1, 32], [1, 4, 8], [w, 1, 1], [1, 2, 0]),
+        "kb": lambda: gl.BlockedLayout([1, 4, 1, 1, 4 * kbits], [1, 1, 8, 4, 1], [w, 1, 1, 1, 1], [4, 3, 2, 1, 0]),
+        "vb5": lambda: gl.BlockedLayout([1, 4, 1, 1, xv], [1, 1, 4, 8, 1], [w, 1, 1, 1, 1], [4, 2, 3, 1, 0]),
+        "vbp": lambda: gl.BlockedLayout([1, 4, 1, 1, 2, xv // 2], [1, 1, 4, 8, 1, 1], [w, 1, 1, 1, 1, 1],
+                                        [5, 4, 2, 3, 1, 0]),
+        "vb": lambda: gl.BlockedLayout([1, 4, 1, 1, xv // 2, 2], [1, 1, 4, 8, 1, 1], [w, 1, 1, 1, 1, 1],
+                                       [5, 4, 2, 3, 1, 0]),
+        "vs": lambda: gl.BlockedLayout([1, 4, 1, 1, 1, 2], [1, 1, 4, 8, 1, 1], [w, 1, 1, 1, 1, 1], [5, 4, 2, 3, 1, 0]),
+        "res": lambda: gl.BlockedLayout([1, 1, 1, 8], [1, 8, 4, 1], [w, 1, 1, 1], [3, 2, 1, 0]),
+    }[name]()
+
+
+@gluon.constexpr_function
+def _fmax(kbits):
+    """The largest power-of-two position factor ``f`` of a code in its byte (raw keys are ``1024 + f c``)."""
+    return {8: 1, 4: 16, 2: 64}[kbits]
+
+
 @gluon.jit
 def _unpack(b, BITS: gl.constexpr, RAW: gl.constexpr = False):
     """fp16 codes of bytes ``b``: one tensor per code of a byte (low bits first), each of ``b``'s shape;
@@ -100,39 +139,22 @@ def _softmax_t(s, m_i, l_i, acc):
 
 
 @gluon.jit
-def _tile(kptr, vptr, ksp, kzp, vsp, vzp, mptr, left, q_b, qg, neg_m, m_i, l_i, acc, KBITS: gl.constexpr,
-          VBITS: gl.constexpr, VPAIRS: gl.constexpr, RAWK: gl.constexpr, HAS_MASK: gl.constexpr,
-          MASKED: gl.constexpr, FMAX: gl.constexpr):
-    """One 128-token tile: every warp's 32-token key group (``left`` tokens remain; MASKED: maybe fewer than 128)."""
+def _tile(kptr, vptr, ksp, kzp, vsp, vzp, mptr, left, ktok, vpair, sw, sch, spair, mw, mt, q_b, qg, neg_m, m_i, l_i,
+          acc, KBITS: gl.constexpr, VBITS: gl.constexpr, VPAIRS: gl.constexpr, HAS_MASK: gl.constexpr,
+          MASKED: gl.constexpr):
+    """One 128-token tile: every warp's 32-token key group (``left`` tokens remain; MASKED: maybe fewer than 128;
+    the index tensors are the caller's, as its pointers were built)."""
     D: gl.constexpr = 128
-    W: gl.constexpr = 4
+    W: gl.constexpr = _WARPS
     BH: gl.constexpr = q_b.shape[2]
-    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1, 1], instr_shape=[1, 16, 8])
-    A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
-    B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
-    QBL: gl.constexpr = gl.BlockedLayout([1, 2, 1], [1, 4, 8], [W, 1, 1], [1, 2, 0])
-    ZBL: gl.constexpr = gl.BlockedLayout([1, 1, 2], [1, 8, 4], [W, 1, 1], [2, 1, 0])
-    SL: gl.constexpr = gl.BlockedLayout([1, 1, 32], [1, 4, 8], [W, 1, 1], [1, 2, 0])
-    KRB: gl.constexpr = 4 * KBITS
+    FMAX: gl.constexpr = _fmax(KBITS)
     XV: gl.constexpr = 4 * VBITS
-    KB: gl.constexpr = gl.BlockedLayout([1, 4, 1, 1, KRB], [1, 1, 8, 4, 1], [W, 1, 1, 1, 1], [4, 3, 2, 1, 0])
-    VB5: gl.constexpr = gl.BlockedLayout([1, 4, 1, 1, XV], [1, 1, 4, 8, 1], [W, 1, 1, 1, 1], [4, 2, 3, 1, 0])
-    VB: gl.constexpr = gl.BlockedLayout([1, 4, 1, 1, XV // 2, 2], [1, 1, 4, 8, 1, 1], [W, 1, 1, 1, 1, 1],
-                                        [5, 4, 2, 3, 1, 0])
-    VS6: gl.constexpr = gl.BlockedLayout([1, 4, 1, 1, 1, 2], [1, 1, 4, 8, 1, 1], [W, 1, 1, 1, 1, 1],
-                                         [5, 4, 2, 3, 1, 0])
-    VBP: gl.constexpr = gl.BlockedLayout([1, 4, 1, 1, 2, XV // 2], [1, 1, 4, 8, 1, 1], [W, 1, 1, 1, 1, 1],
-                                         [5, 4, 2, 3, 1, 0])
-    ktok = _index(W, KB, 5, 0) * 32 + _index(4, KB, 5, 1) * 8 + _index(8, KB, 5, 2)
-    sw = _index(W, SL, 3, 0)
-    sch = _index(4, SL, 3, 1) * 32 + _index(32, SL, 3, 2)
-    if VPAIRS:
-        vpair = _index(W, VB5, 5, 0) * 32 + _index(4, VB5, 5, 1) * 8 + _index(4, VB5, 5, 2) * 2
-    else:
-        vpair = _index(W, VBP, 6, 0) * 32 + _index(4, VBP, 6, 1) * 8 + _index(4, VBP, 6, 2) * 2
-    spair = _index(W, VS6, 6, 0) * 32 + _index(4, VS6, 6, 1) * 8 + _index(4, VS6, 6, 2) * 2
-    mw = _index(W, MMA, 3, 0)
-    mt = _index(32, MMA, 3, 1)
+    MMA: gl.constexpr = _layout("mma")
+    A_OP: gl.constexpr = _layout("a")
+    B_OP: gl.constexpr = _layout("b")
+    QBL: gl.constexpr = _layout("qb")
+    ZBL: gl.constexpr = _layout("zb")
+    VB: gl.constexpr = _layout("vb", KBITS, VBITS)
     if MASKED:
         kbytes = gl.load(kptr, mask=ktok < left)
         vbytes = gl.load(vptr, mask=vpair < left)
@@ -152,12 +174,8 @@ def _tile(kptr, vptr, ksp, kzp, vsp, vzp, mptr, left, q_b, qg, neg_m, m_i, l_i, 
     qs_b = gl.convert_layout(qg * gl.expand_dims(s_k, 2), B_OP, assert_trivial=True)
     z_a = gl.convert_layout(gl.broadcast(gl.expand_dims(z_k, 1), gl.zeros([W, 32, D], gl.float16, ZBL))[0],
                             A_OP, assert_trivial=True)
-    bias = mma_v2(z_a, q_b, gl.zeros([W, 32, BH], gl.float32, layout=MMA))
-    if RAWK:
-        bias = mma_v2(neg_m, qs_b, bias)
-        kd = _codes_last(_unpack(kbytes, KBITS, True), KBITS)
-    else:
-        kd = _codes_last(_unpack(kbytes, KBITS), KBITS)
+    bias = mma_v2(neg_m, qs_b, mma_v2(z_a, q_b, gl.zeros([W, 32, BH], gl.float32, layout=MMA)))
+    kd = _codes_last(_unpack(kbytes, KBITS, True), KBITS)
     if KBITS == 8:
         kd = gl.permute(gl.reshape(kd, [W, 4, 8, 4, 8, 2, 2]), [0, 4, 5, 3, 6, 1, 2])
     elif KBITS == 4:
@@ -165,9 +183,7 @@ def _tile(kptr, vptr, ksp, kzp, vsp, vzp, mptr, left, q_b, qg, neg_m, m_i, l_i, 
     else:
         kd = gl.permute(gl.reshape(kd, [W, 4, 8, 4, 2, 2, 2, 2, 2]), [0, 4, 8, 7, 5, 3, 6, 1, 2])
     k_a = gl.convert_layout(gl.permute(gl.reshape(kd, [W, D, 32]), [0, 2, 1]), A_OP)
-    s = mma_v2(k_a, qs_b, bias)
-    if RAWK:
-        s = s * (1.0 / FMAX)
+    s = mma_v2(k_a, qs_b, bias) * (1.0 / FMAX)
     if MASKED:
         valid = mw * 32 + mt < left
         if HAS_MASK:
@@ -207,30 +223,21 @@ def split_kernel(Q, QR, KC, KS, KZ, VC, VS, VZ, KR, VR, MASK, LENS, PO, PM, PL,
                  svc_b, svc_h, svc_t: gl.constexpr, svs_b, svs_h, svs_t: gl.constexpr, skr_b, skr_h, skr_t, svr_b, svr_h, svr_t, smask_b,
                  n_q, n_r, tokens_per_split, num_q_splits, qk_scale, qk_scale_r, HKV, GROUP, NUM_SPLITS,
                  KBITS: gl.constexpr = 4, VBITS: gl.constexpr = 4, VPAIRS: gl.constexpr = True,
-                 HAS_MASK: gl.constexpr = False, DEV_LEN: gl.constexpr = False, BH: gl.constexpr = 8,
-                 RAWK: gl.constexpr = False):
+                 HAS_MASK: gl.constexpr = False, DEV_LEN: gl.constexpr = False, BH: gl.constexpr = 8):
     D: gl.constexpr = 128
-    W: gl.constexpr = 4
-    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1, 1], instr_shape=[1, 16, 8])
-    A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
-    B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
-    # [W, D (kappa), BH] as the B operand holds it: lane % 4 -> kappa bits 1-2, lane / 4 -> head
-    QBL: gl.constexpr = gl.BlockedLayout([1, 2, 1], [1, 4, 8], [W, 1, 1], [1, 2, 0])
-    # [W, 32 tok, D (kappa)] as the A operand holds it: lane % 4 -> kappa bits 1-2, lane / 4 -> token
-    ZBL: gl.constexpr = gl.BlockedLayout([1, 1, 2], [1, 8, 4], [W, 1, 1], [2, 1, 0])
-    # key scale rows [W, 4 (j), 32]: lane % 4 -> j, broadcast over lane / 4
-    SL: gl.constexpr = gl.BlockedLayout([1, 1, 32], [1, 4, 8], [W, 1, 1], [1, 2, 0])
+    W: gl.constexpr = _WARPS
     KRB: gl.constexpr = 4 * KBITS
     XV: gl.constexpr = 4 * VBITS
-    KB: gl.constexpr = gl.BlockedLayout([1, 4, 1, 1, KRB], [1, 1, 8, 4, 1], [W, 1, 1, 1, 1], [4, 3, 2, 1, 0])
-    VB5: gl.constexpr = gl.BlockedLayout([1, 4, 1, 1, XV], [1, 1, 4, 8, 1], [W, 1, 1, 1, 1], [4, 2, 3, 1, 0])
-    VB: gl.constexpr = gl.BlockedLayout([1, 4, 1, 1, XV // 2, 2], [1, 1, 4, 8, 1, 1], [W, 1, 1, 1, 1, 1],
-                                        [5, 4, 2, 3, 1, 0])
-    VS6: gl.constexpr = gl.BlockedLayout([1, 4, 1, 1, 1, 2], [1, 1, 4, 8, 1, 1], [W, 1, 1, 1, 1, 1],
-                                         [5, 4, 2, 3, 1, 0])
-    VBP: gl.constexpr = gl.BlockedLayout([1, 4, 1, 1, 2, XV // 2], [1, 1, 4, 8, 1, 1], [W, 1, 1, 1, 1, 1],
-                                         [5, 4, 2, 3, 1, 0])
-    RL: gl.constexpr = gl.BlockedLayout([1, 1, 1, 8], [1, 8, 4, 1], [W, 1, 1, 1], [3, 2, 1, 0])
+    MMA: gl.constexpr = _layout("mma")
+    A_OP: gl.constexpr = _layout("a")
+    B_OP: gl.constexpr = _layout("b")
+    QBL: gl.constexpr = _layout("qb")
+    SL: gl.constexpr = _layout("ks")
+    KB: gl.constexpr = _layout("kb", KBITS, VBITS)
+    VB5: gl.constexpr = _layout("vb5", KBITS, VBITS)
+    VBP: gl.constexpr = _layout("vbp", KBITS, VBITS)
+    VS6: gl.constexpr = _layout("vs", KBITS, VBITS)
+    RL: gl.constexpr = _layout("res")
 
     if DEV_LEN:
         n_q = gl.load(LENS).to(gl.int32) * 32
@@ -255,20 +262,14 @@ def split_kernel(Q, QR, KC, KS, KZ, VC, VS, VZ, KR, VR, MASK, LENS, PO, PM, PL,
 
     if split < num_q_splits:
         q = gl.load(Q + b * sq_b + qrow * sq_h + ch, mask=qmask, other=0.0).to(gl.float32)
-        q16 = (q * qk_scale).to(gl.float16)
-        q_b = gl.convert_layout(q16, B_OP, assert_trivial=True)
-        if RAWK:  # keys stay 1024 + f c: q' carries FMAX / f, the bias -1024 sum q' and FMAX sum q z
-            FMAX: gl.constexpr = 1 if KBITS == 8 else (16 if KBITS == 4 else 64)
-            fpos = (kap >> 4) % F
-            fk = gl.where(fpos == 0, 1.0, gl.where(fpos == 1, 4.0 if KBITS == 2 else 16.0,
-                                                   gl.where(fpos == 2, 16.0, 64.0)))
-            qg = (q * qk_scale * (FMAX / fk)).to(gl.float16)
-            q_b = gl.convert_layout((q * (qk_scale * FMAX)).to(gl.float16), B_OP, assert_trivial=True)
-            neg_m = gl.full([W, 32, D], -1024.0, gl.float16, layout=A_OP)
-        else:
-            FMAX: gl.constexpr = 1
-            qg = q16
-            neg_m = q16
+        # keys stay 1024 + f c: q' carries FMAX / f, the bias -1024 sum q' and FMAX sum q z
+        FMAX: gl.constexpr = _fmax(KBITS)
+        fpos = (kap >> 4) % F
+        fk = gl.where(fpos == 0, 1.0, gl.where(fpos == 1, 4.0 if KBITS == 2 else 16.0,
+                                               gl.where(fpos == 2, 16.0, 64.0)))
+        qg = (q * qk_scale * (FMAX / fk)).to(gl.float16)
+        q_b = gl.convert_layout((q * (qk_scale * FMAX)).to(gl.float16), B_OP, assert_trivial=True)
+        neg_m = gl.full([W, 32, D], -1024.0, gl.float16, layout=A_OP)
         start = split * tokens_per_split
         end = gl.minimum(start + tokens_per_split, n_q)
         kc = KC + b * skc_b + h * skc_h
@@ -302,15 +303,16 @@ def split_kernel(Q, QR, KC, KS, KZ, VC, VS, VZ, KR, VR, MASK, LENS, PO, PM, PL,
         full = gl.maximum(end - start, 0) // 128
         for it in range(full):
             m_i, l_i, acc = _tile(kptr, vptr, ks + sptr, kz + sptr, vs + vsptr, vz + vsptr, mrow + start + it * 128, 128,
-                                  q_b, qg, neg_m, m_i, l_i, acc, KBITS, VBITS, VPAIRS, RAWK, HAS_MASK, False, FMAX)
+                                  ktok, vpair, sw, sch, spair, mw, mt, q_b, qg, neg_m, m_i, l_i, acc, KBITS, VBITS,
+                                  VPAIRS, HAS_MASK, False)
             kptr += 128 * skc_t
             sptr += 4 * sks_t
             vptr += 128 * svc_t
             vsptr += 128 * svs_t
         if full * 128 < end - start:
             m_i, l_i, acc = _tile(kptr, vptr, ks + sptr, kz + sptr, vs + vsptr, vz + vsptr, mrow + start + full * 128,
-                                  end - start - full * 128, q_b, qg, neg_m, m_i, l_i, acc, KBITS, VBITS, VPAIRS, RAWK,
-                                  HAS_MASK, True, FMAX)
+                                  end - start - full * 128, ktok, vpair, sw, sch, spair, mw, mt, q_b, qg, neg_m, m_i,
+                                  l_i, acc, KBITS, VBITS, VPAIRS, HAS_MASK, True)
     else:  # the residual window, plain channel order
         q = gl.load(QR + b * sqr_b + qrow * sqr_h + kap, mask=qmask, other=0.0).to(gl.float32)
         q_b = gl.convert_layout((q * qk_scale_r).to(gl.float16), B_OP, assert_trivial=True)
@@ -469,7 +471,7 @@ def _launch(q, kc, ks, kz, vc, vs, vz, scaling, kbits, vbits, k_residual, v_resi
         mask.stride(0) if kv_mask is not None else 0, n, kr.shape[2], per, nqs, float(scaling) * LOG2E,
         float(scaling if scaling_residual is None else scaling_residual) * LOG2E, hkv, hq // hkv, num_splits,
         KBITS=kbits, VBITS=vbits, VPAIRS=value_pairs, HAS_MASK=kv_mask is not None, DEV_LEN=lengths is not None,
-        BH=8 if hq // hkv <= 8 else 16, RAWK=True, num_warps=4, **({} if maxnreg is None else dict(maxnreg=maxnreg)))
+        BH=8 if hq // hkv <= 8 else 16, num_warps=4, **({} if maxnreg is None else dict(maxnreg=maxnreg)))
     out = torch.empty(b, 1, hq, d, device=q.device, dtype=q.dtype)
     merge_kernel[(b * hq,)](po, pm, pl, out, out.stride(0), out.stride(2), hq, num_splits, float(out_scale), D=d,
                             BLOCK_D=d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), ROT_O=bool(rotate_out),
