@@ -98,37 +98,22 @@ def test_gluon_decode_reads_device_lengths_and_rotated_layers():
 
 
 @gpu
-def test_cache_decodes_with_the_gluon_kernel_as_with_the_triton_one():
+@pytest.mark.parametrize("prompt,new,pairs,cuda_graph,seed", [
+    (90, 40, [(4, 2), (8, 4)], None, 4),
+    (75, 70, [(4, 2), (2, 4)], True, 5),  # static buffers: key and value capacities differ, counts on the device
+])
+def test_cache_decodes_with_the_gluon_kernel_as_with_the_triton_one(prompt, new, pairs, cuda_graph, seed):
+    from kvtuner import MixedPrecisionCache
     from kvtuner.generation import greedy_generate
     from kvtuner.testing import tiny_model
 
     assert importlib.util.find_spec("triton.experimental.gluon")
     model = tiny_model("llama", layers=2, heads=8, kv_heads=2, head_dim=128, vocab=128).to("cuda")
-    ids = torch.randint(3, 128, (2, 90), generator=torch.Generator().manual_seed(4)).to("cuda")
-    plan = KVPlan.from_pairs([(4, 2), (8, 4)], "kivi")
-    runs = {}
-    for decode in ("triton", "gluon"):
-        from kvtuner import MixedPrecisionCache
-
-        cache = MixedPrecisionCache(plan, model.config, policy=KernelPolicy(decode=decode))
-        runs[decode] = greedy_generate(model, ids, cache, 40)
-        assert all(layer.layout.gluon == (decode == "gluon") for layer in cache.layers)
-    assert (runs["gluon"] == runs["triton"]).float().mean() >= 0.9
-
-
-@gpu
-def test_gluon_layers_replay_cuda_graph_decoding_as_triton_ones():
-    # static buffers: packed keys and values of different capacities, counts on the device
-    from kvtuner import MixedPrecisionCache
-    from kvtuner.generation import greedy_generate
-    from kvtuner.testing import tiny_model
-
-    model = tiny_model("llama", layers=2, heads=8, kv_heads=2, head_dim=128, vocab=128).to("cuda")
-    ids = torch.randint(3, 128, (2, 75), generator=torch.Generator().manual_seed(5)).to("cuda")
-    plan = KVPlan.from_pairs([(4, 2), (2, 4)], "kivi")
+    ids = torch.randint(3, 128, (2, prompt), generator=torch.Generator().manual_seed(seed)).to("cuda")
+    plan = KVPlan.from_pairs(pairs, "kivi")
     runs = {}
     for decode in ("triton", "gluon"):
         cache = MixedPrecisionCache(plan, model.config, policy=KernelPolicy(decode=decode))
-        runs[decode] = greedy_generate(model, ids, cache, 70, cuda_graph=True)
+        runs[decode] = greedy_generate(model, ids, cache, new, cuda_graph=cuda_graph)
         assert all(layer.layout.gluon == (decode == "gluon") for layer in cache.layers)
     assert (runs["gluon"] == runs["triton"]).float().mean() >= 0.9
