@@ -1,6 +1,7 @@
 """A/B on the GPU: the Gluon decode kernel (``kvtuner/kernels/gluon_decode.py``) against the Triton split
 kernel and bf16 SDPA, one decode-attention layer at Llama-3.1-8B shape (Hq 32, Hkv 8, D 128), KIVI G = 32,
-the packed history plus a 32-token bf16 residual window; every output against the PyTorch reference.
+the packed history (in the layout the cache gives each kernel's layers) plus a 32-token bf16 residual window;
+every output against the PyTorch reference.
 
     PYTHONPATH=src python benchmarks/ab_gluon_decode.py [--pairs 88,44,42,22] [--shapes 64x4096,1x131072]
         [--out FILE]
@@ -18,7 +19,6 @@ import triton
 from kvtuner import kernels, quant
 from kvtuner.attention import decode_attention as reference
 from kvtuner.kernels import gluon_decode
-from kvtuner.kernels.gluon_decode import decode_packed, value_token_pairs
 
 
 def rel(a, b):
@@ -60,16 +60,13 @@ def main() -> None:
             kp = quant.quantize(k, kbits, "per_channel", 32)
             vp = quant.quantize(v, vbits, "per_token", 32)
             want = reference(q.float(), kp, kr.float(), vp, vr.float(), scaling)
-            kw = quant.in_channel_words(kp)
-            vc, vs, vz = (value_token_pairs(t) for t in (vp.codes, vp.scale, vp.zero))
+            kw, vw = quant.in_channel_words(kp), quant.in_token_pairs(vp)  # the cache's layout for Gluon layers
             nbytes = kp.nbytes() + vp.nbytes() + 2 * kr.numel() * 2 + q.numel() * 2
-            fn = lambda: decode_packed(q, kw.codes, kw.scale, kw.zero, vc, vs, vz, scaling, kbits, vbits, kr, vr)
-            row(shape, f"K{kbits}V{vbits} Gluon, values in token pairs", bench(fn), nbytes, rel(fn(), want))
-            fn = lambda: gluon_decode.decode_attention(q, kw, kr, vp, vr, scaling)
-            row(shape, f"K{kbits}V{vbits} Gluon, values as the cache stores them", bench(fn), nbytes, rel(fn(), want))
+            fn = lambda: gluon_decode.decode_attention(q, kw, kr, vw, vr, scaling)
+            row(shape, f"K{kbits}V{vbits} Gluon kernel", bench(fn), nbytes, rel(fn(), want))
             fn = lambda: kernels.decode_attention(q, kp, kr, vp, vr, scaling)
             row(shape, f"K{kbits}V{vbits} Triton kernel", bench(fn), nbytes, rel(fn(), want))
-            del kp, vp, kw, vc, vs, vz
+            del kp, vp, kw, vw
             torch.cuda.empty_cache()
         best = None
         for backend in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):

@@ -14,14 +14,18 @@ import torch
 import triton
 
 from kvtuner import quant
-from kvtuner.kernels.gluon_decode import decode_packed, value_token_pairs
+from kvtuner.attention import decode_attention as reference
+from kvtuner.kernels.gluon_decode import decode_packed
+from kvtuner.quant import to_token_pairs
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", default="44,22")
     ap.add_argument("--shapes", default="1x131072,64x4096")
-    ap.add_argument("--launches", default="none/2,168/3,168/2,none/4,168/6", help="maxnreg/programs per SM, ...")
+    ap.add_argument("--launches", default="none/2,168/3,168/2,none/4,168/6",
+                    help="maxnreg/programs per SM[/pipeline stages, 0: plain loads], ...")
+    ap.add_argument("--as-stored", action="store_true", help="values as the cache stores them (not in token pairs)")
     args = ap.parse_args()
     hkv, group, d = 8, 4, 128
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)
@@ -34,16 +38,20 @@ def main() -> None:
             kb, vb = int(pair[0]), int(pair[1])
             kp = quant.in_channel_words(quant.quantize(k, kb, "per_channel", 32))
             vp = quant.quantize(k, vb, "per_token", 32)
-            vc, vs, vz = (value_token_pairs(t) for t in (vp.codes, vp.scale, vp.zero))
+            vals = (vp.codes, vp.scale, vp.zero)
+            vc, vs, vz = vals if args.as_stored else (to_token_pairs(t) for t in vals)
+            want = reference(q.float(), quant.quantize(k, kb, "per_channel", 32), kr.float(), vp, kr.float(), d ** -0.5)
             out = []
             for launch in args.launches.split(","):
-                reg, per_sm = launch.split("/")
+                reg, per_sm, *stages = launch.split("/")
                 mr = None if reg == "none" else int(reg)
+                st = int(stages[0]) if stages else None
                 f = lambda: decode_packed(q, kp.codes, kp.scale, kp.zero, vc, vs, vz, d ** -0.5, kb, vb, kr, kr,
-                                          programs_per_sm=int(per_sm), maxnreg=mr)
-                f()
+                                          programs_per_sm=int(per_sm), maxnreg=mr, stages=st,
+                                          value_pairs=not args.as_stored)
+                err = ((f().float() - want).norm() / want.norm()).item()
                 torch.cuda.synchronize()
-                out.append(f"maxnreg {reg}, {per_sm}/SM: {triton.testing.do_bench_cudagraph(f, rep=50) * 1e3:.1f} µs")
+                out.append(f"{launch}: {triton.testing.do_bench_cudagraph(f, rep=50) * 1e3:.1f} µs (err {err:.1e})")
             print(shape, f"K{kb}V{vb}", " | ".join(out), flush=True)
 
 

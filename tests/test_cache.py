@@ -473,3 +473,25 @@ def test_crop_of_a_kivi_cache_holds_what_a_fresh_cache_of_that_length_holds():
         b = model(ids[:, 70:71], **with_cache(model, fresh)).logits
     # the 32 tokens that had been quantized keep their quantized values: close, not identical
     assert 0 < (a - b).abs().max() < 0.05 * b.abs().max()
+
+
+def test_values_in_token_pairs_hold_the_same_storage():
+    # Gluon layers keep values in token pairs (LayerLayout.value_pairs): same tensors out and bytes as plain
+    # rows, flushes and crops included
+    from kvtuner.policy import LayerLayout
+    from kvtuner.store import TensorStore
+
+    spec = KVPlan.uniform(1, 4, 2, "kivi").layers[0].v
+    stores = []
+    for pairs in (False, True):
+        store = TensorStore(spec, "value", 64)
+        store.set_layout(LayerLayout(value_pairs=pairs))
+        store.append(_kv(100)[1])
+        for s in range(40):
+            store.append(_kv(1, seed=s)[1])
+        stores.append(store)
+    plain, paired = stores
+    assert paired.packed.token_pairs and not plain.packed.token_pairs and paired.num_quantized == 96
+    assert not torch.equal(paired.packed.codes, plain.packed.codes)
+    assert torch.equal(paired.materialize(torch.float32), plain.materialize(torch.float32))
+    assert paired.nbytes() == plain.nbytes()

@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("triton.experimental.gluon", reason="needs Triton with Gluon (3.5+)")
 
 from kvtuner import quant
-from kvtuner.kernels.gluon_decode import value_token_pairs
+from kvtuner.quant import to_token_pairs
 from test_launch import _offline_sm90
 
 CASES = [dict(kbits=4, vbits=4), dict(kbits=8, vbits=8), dict(kbits=4, vbits=2), dict(kbits=2, vbits=2),
@@ -115,8 +115,8 @@ def test_value_operand_is_what_the_output_store_undoes(bits):
         assert int(packed[c // F]) == 1 << (bits * (c % F)) and int(packed.sum()) == int(packed[c // F])
     tokens = torch.arange(32)[:, None].expand(32, d // F)  # one warp's 32 tokens, bytes along head_dim
     byte = torch.arange(d // F)[None, :].expand(32, d // F)
-    pair_tok = value_token_pairs(tokens[None, None].contiguous()).reshape(-1)  # token pairs: contiguous blocks
-    pair_byte = value_token_pairs(byte[None, None].contiguous()).reshape(-1)
+    pair_tok = to_token_pairs(tokens[None, None].contiguous()).reshape(-1)  # token pairs: contiguous blocks
+    pair_byte = to_token_pairs(byte[None, None].contiguous()).reshape(-1)
     nh, nlh, u, x = (torch.arange(n).reshape(*([1] * i), n, *([1] * (3 - i))) for i, n in enumerate((4, 4, 8, X)))
     off = ((nh * 8 + nlh * 2) * (d // F) + u * X + x).expand(4, 4, 8, X)  # [nh nlh u x] as the kernel reads
     tok = pair_tok[off].reshape(1, 4, 4, 8, X // 2, 2).expand(W, 4, 4, 8, X // 2, 2)
@@ -130,7 +130,7 @@ def test_value_operand_is_what_the_output_store_undoes(bits):
     assert torch.equal(v_tok, torch.arange(32)[None, :, None].expand(W, 32, d))  # the keys' token order (nh 8 + nl)
     # value scales in token pairs: (pair, group, token of the pair) at 2 * group + parity of the pair's 8
     ids = (torch.arange(32)[:, None] * 4 + torch.arange(4)[None, :])[None, None]  # token * 4 + group
-    flat = value_token_pairs(ids).reshape(-1)
+    flat = to_token_pairs(ids).reshape(-1)
     first, grp, par = torch.arange(0, 32, 2)[:, None, None], torch.arange(4)[None, :, None], torch.arange(2)
     assert torch.equal(flat[first * 4 + 2 * grp + par], (first + par) * 4 + grp)
     # the residual window: plain rows [w n u c'] (channel 16u + c') to the same nu order

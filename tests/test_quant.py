@@ -308,3 +308,28 @@ def test_channel_words_round_trip_and_layout(bits, dim):
         col, shift = col + dim * w // 8, shift + w
     with pytest.raises(ValueError, match="multiple of 16"):
         quant.to_channel_words(quant.quantize(torch.randn(1, 1, 4, 8), 2).codes, 2, 8)
+
+
+# ------------------------------------------------------------------ token pairs (values read by the Gluon kernel)
+def test_token_pairs_interleave_rows_and_dequantize_the_same():
+    qt = quant.quantize(torch.randn(2, 3, 64, 128), 4, "per_token", 32)
+    tp = quant.in_token_pairs(qt)
+    assert tp.token_pairs and tp.nbytes() == qt.nbytes() and tp.codes.shape == qt.codes.shape
+    # token 2p + x, column c -> element 2c + x of the pair's two rows
+    flat = tp.codes[0, 0, 6:8].reshape(-1)
+    assert torch.equal(flat[0::2], qt.codes[0, 0, 6]) and torch.equal(flat[1::2], qt.codes[0, 0, 7])
+    assert torch.equal(tp.scale[0, 0, 6:8].reshape(-1)[1::2], qt.scale[0, 0, 7])
+    assert torch.equal(quant.from_token_pairs(tp.codes), qt.codes)
+    assert torch.equal(quant.dequantize(tp), quant.dequantize(qt))
+    parts = [quant.slice_tokens(tp, 0, 32), quant.slice_tokens(tp, 32, 64)]
+    assert torch.equal(quant.dequantize(quant.cat(parts)), quant.dequantize(qt))
+    with pytest.raises(ValueError, match="even ends"):
+        quant.slice_tokens(tp, 3, 64)
+    with pytest.raises(ValueError, match="different layouts"):
+        quant.cat([quant.slice_tokens(qt, 0, 32), parts[1]])
+    with pytest.raises(ValueError, match="whole token pairs"):
+        quant.to_token_pairs(torch.zeros(1, 1, 3, 8))
+    with pytest.raises(ValueError, match="per_token"):
+        quant.in_token_pairs(quant.quantize(torch.randn(1, 1, 64, 128), 4, "per_channel", 32))
+    with pytest.raises(ValueError, match="already re-laid"):
+        quant.in_token_pairs(tp)

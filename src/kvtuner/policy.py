@@ -60,13 +60,16 @@ class LayerLayout:
         key_words: keys in channel word order (``quant.in_channel_words``).
         value_words: values in channel word order (3-bit values packed along head_dim).
         value_block: tokens per value block (``quant.in_token_blocks``); 0: values packed along head_dim.
-        gluon: decode with the Gluon kernel (``kernels.gluon_decode``), which reads keys in channel word order.
+        value_pairs: values (codes, scales, zeros) in token pairs (``quant.in_token_pairs``).
+        gluon: decode with the Gluon kernel (``kernels.gluon_decode``), which reads keys in channel word order
+            and values in token pairs.
     """
 
     triton: bool = False
     key_words: bool = False
     value_words: bool = False
     value_block: int = 0
+    value_pairs: bool = False
     gluon: bool = False
 
 
@@ -132,7 +135,7 @@ class KernelPolicy:
         """The layout of one layer whose keys and values follow ``key`` and ``value`` on ``device``."""
         triton = self.use_triton(device)
         if triton and self._gluon(device) and _gluon_covers(key, value, head_dim):
-            return LayerLayout(triton=True, key_words=True, gluon=True)
+            return LayerLayout(triton=True, key_words=True, value_pairs=True, gluon=True)
         block = self.value_block(value, head_dim, triton)
         words3 = _switch(self.words3, triton)
         return LayerLayout(triton=triton, key_words=_key_words(key, head_dim, block, words3),

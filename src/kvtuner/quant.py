@@ -89,6 +89,7 @@ class QuantizedTensor:
     head_dim: int
     token_block: int = 0  # 0: codes packed along D; n > 0: token-blocked layout (``to_token_blocks``)
     channel_words: bool = False  # codes packed along D in word order (``to_channel_words``)
+    token_pairs: bool = False  # per-token rows (codes, scales, zeros) interleaved by token pairs (``to_token_pairs``)
 
     @property
     def num_tokens(self) -> int:
@@ -100,7 +101,7 @@ class QuantizedTensor:
     def map(self, fn) -> QuantizedTensor:
         """Apply ``fn`` to codes, scale and zero alike (batch indexing, device moves)."""
         return QuantizedTensor(fn(self.codes), fn(self.scale), fn(self.zero), self.bits, self.granularity,
-                               self.group_size, self.head_dim, self.token_block, self.channel_words)
+                               self.group_size, self.head_dim, self.token_block, self.channel_words, self.token_pairs)
 
 
 def _check_bits(bits: int) -> None:
@@ -302,6 +303,35 @@ def from_channel_words(worded: torch.Tensor, bits: int, dim: int) -> torch.Tenso
     return pack(codes.contiguous(), bits)
 
 
+def to_token_pairs(rows: torch.Tensor) -> torch.Tensor:
+    """Per-token rows ``[..., T, C]`` (codes, scales or zeros) interleaved by token pairs: the element of token
+    ``2p + x`` at column ``c`` goes to position ``2c + x`` of the pair's ``2C`` elements (rows ``2p`` and
+    ``2p + 1``). Same shape and bytes.
+
+    Why: the decode kernel's ``V^T P^T`` product runs over tokens, and its PTX unpackers return code ``f`` of
+    two adjacent bytes in one fp16x2 register; in this order those bytes belong to one channel of two adjacent
+    tokens, the pair that MMA operand wants, so values need no register repacking (``kernels.gluon_decode``).
+    """
+    *lead, t, c = rows.shape
+    if t % 2:
+        raise ValueError(f"{t} tokens are not whole token pairs; allowed: an even count")
+    return rows.reshape(*lead, t // 2, 2, c).transpose(-1, -2).reshape(*lead, t, c).contiguous()
+
+
+def from_token_pairs(rows: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`to_token_pairs`."""
+    *lead, t, c = rows.shape
+    return rows.reshape(*lead, t // 2, c, 2).transpose(-1, -2).reshape(*lead, t, c).contiguous()
+
+
+def in_token_pairs(qt: QuantizedTensor) -> QuantizedTensor:
+    """Per-token ``qt`` (codes packed along D) with codes, scales and zeros in token pairs (:func:`to_token_pairs`)."""
+    _check_plain(qt)
+    if qt.granularity != "per_token":
+        raise ValueError("token pairs lay out per-token rows; allowed: granularity 'per_token'")
+    return dataclasses.replace(qt.map(to_token_pairs), token_pairs=True)
+
+
 def in_token_blocks(qt: QuantizedTensor, block: int) -> QuantizedTensor:
     """``qt`` (codes packed along D) with its codes in token blocks of ``block`` (:func:`to_token_blocks`)."""
     _check_plain(qt)
@@ -315,8 +345,9 @@ def in_channel_words(qt: QuantizedTensor) -> QuantizedTensor:
 
 
 def _check_plain(qt: QuantizedTensor) -> None:
-    if qt.token_block or qt.channel_words:
-        raise ValueError("codes already re-laid (token_block or channel_words); allowed: codes packed along D")
+    if qt.token_block or qt.channel_words or qt.token_pairs:
+        raise ValueError("codes already re-laid (token_block, channel_words or token_pairs); allowed: codes packed "
+                         "along D")
 
 
 def word_channels(bits: int) -> int:
@@ -495,6 +526,8 @@ def dequantize(qt: QuantizedTensor, dtype: torch.dtype | None = None) -> torch.T
     """Reconstruct ``[..., T, D]`` from a :class:`QuantizedTensor` (math in fp32), in ``dtype``
     (default: the metadata dtype)."""
     dtype = dtype or qt.scale.dtype
+    if qt.token_pairs:
+        qt = dataclasses.replace(qt.map(from_token_pairs), token_pairs=False)
     codes = qt.codes
     if qt.token_block:
         codes = from_token_blocks(codes, qt.bits, qt.head_dim, qt.token_block)
@@ -527,11 +560,12 @@ def cat(parts: list[QuantizedTensor], dim: int = -2) -> QuantizedTensor:
     first = parts[0]
     if len(parts) == 1:
         return first
-    if any((p.token_block, p.channel_words) != (first.token_block, first.channel_words) for p in parts):
-        raise ValueError("blocks in different layouts (token_block, channel_words) cannot be concatenated")
+    layout = lambda p: (p.token_block, p.channel_words, p.token_pairs)  # noqa: E731
+    if any(layout(p) != layout(first) for p in parts):
+        raise ValueError("blocks in different layouts (token_block, channel_words, token_pairs) cannot be concatenated")
     return QuantizedTensor(torch.cat([p.codes for p in parts], dim=dim), torch.cat([p.scale for p in parts], dim=dim),
                            torch.cat([p.zero for p in parts], dim=dim), first.bits, first.granularity,
-                           first.group_size, first.head_dim, first.token_block, first.channel_words)
+                           first.group_size, first.head_dim, first.token_block, first.channel_words, first.token_pairs)
 
 
 def materialize(packed: QuantizedTensor | None, residual: torch.Tensor | None, dtype: torch.dtype,
@@ -563,6 +597,8 @@ def slice_tokens(qt: QuantizedTensor, start: int, stop: int) -> QuantizedTensor:
         gs, ge = start // g, -(-stop // g)
         return QuantizedTensor(qt.codes[..., start:stop, :], qt.scale[..., gs:ge, :], qt.zero[..., gs:ge, :],
                                qt.bits, qt.granularity, g, qt.head_dim, qt.token_block, qt.channel_words)
+    if qt.token_pairs and (start % 2 or stop % 2):
+        raise ValueError(f"slice [{start}, {stop}) of token-paired rows is invalid; allowed: even ends")
     if qt.token_block and (start % qt.token_block or stop % qt.token_block):
         raise ValueError(f"slice [{start}, {stop}) of token-blocked codes is invalid; allowed: multiples of the "
                          f"token block {qt.token_block}")

@@ -34,7 +34,7 @@ class TensorStore:
         self.group = spec.group_size if self.granularity == "per_channel" else spec.channel_group(head_dim)
         self.unit = spec.flush_unit(role)
         self.capacity = capacity
-        self.token_block, self.channel_words = 0, False  # set_layout
+        self.token_block, self.channel_words, self.token_pairs = 0, False, False  # set_layout
         self._buf: quant.QuantizedTensor | None = None
         self._n = 0
         self.residual: torch.Tensor | None = None
@@ -48,6 +48,7 @@ class TensorStore:
         self.triton = layout.triton
         self.token_block = 0 if key else layout.value_block
         self.channel_words = layout.key_words if key else layout.value_words
+        self.token_pairs = not key and layout.value_pairs
 
     @property
     def packed(self) -> quant.QuantizedTensor | None:
@@ -82,6 +83,8 @@ class TensorStore:
             block = quant.in_channel_words(block)
         if self.token_block:
             block = quant.in_token_blocks(block, self.token_block)
+        if self.token_pairs:
+            block = quant.in_token_pairs(block)
         n, m = self._n, block.num_tokens
         cap = 0 if self._buf is None else self._buf.num_tokens
         if n + m > cap:
@@ -104,7 +107,7 @@ class TensorStore:
         rows = self._meta_rows(want)
         self._buf = quant.QuantizedTensor(grow(like.codes, want), grow(like.scale, rows), grow(like.zero, rows),
                                           like.bits, like.granularity, like.group_size, like.head_dim,
-                                          self.token_block, self.channel_words)
+                                          self.token_block, self.channel_words, self.token_pairs)
         if old is not None:
             self._copy_in(old, 0)
 

@@ -156,6 +156,9 @@ def plan_launch(q: torch.Tensor, k_packed: QuantizedTensor | None, k_residual: t
             raise ValueError(f"per-token key groups of {gk} channels need head_dim a power of two multiple")
         if (gv != d and (d % gv or block_d != d)):
             raise ValueError(f"value groups of {gv} channels need head_dim a power of two multiple")
+        if v_packed.token_pairs:
+            raise ValueError("values in token pairs are read by kernels.gluon_decode; allowed here: values packed "
+                             "along head_dim or in token blocks")
         vt, kwords = v_packed.token_block, k_packed.channel_words
         vwords = v_packed.channel_words
         if vwords and (vbits != 3 or v_packed.token_block):

@@ -16,7 +16,7 @@ probabilities reach the ``P V`` operand with one ``movmatrix`` per 8 x 8 block.
 """
 import triton.experimental.gluon.language as gl
 from triton.experimental import gluon
-from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from .ptx import ASM2, ASM4, ASM8, MOVMATRIX_T, RAW2, RAW4, RAW8
 
@@ -69,6 +69,7 @@ def _layout(name, kbits=4, vbits=4):
                                        [5, 4, 2, 3, 1, 0]),
         "vs": lambda: gl.BlockedLayout([1, 4, 1, 1, 1, 2], [1, 1, 4, 8, 1, 1], [w, 1, 1, 1, 1, 1], [5, 4, 2, 3, 1, 0]),
         "res": lambda: gl.BlockedLayout([1, 1, 1, 8], [1, 8, 4, 1], [w, 1, 1, 1], [3, 2, 1, 0]),
+        "ksc": lambda: gl.BlockedLayout([1, 1, 4], [1, 4, 8], [w, 1, 1], [2, 1, 0]),
     }[name]()
 
 
@@ -128,6 +129,30 @@ def _transpose_p(p, B_OP: gl.constexpr):
     return gl.convert_layout(gl.reshape(y, [W, 32, BH]), B_OP, assert_trivial=True)
 
 
+@gluon.constexpr_function
+def _flat(rank):
+    """Shared memory in row-major order, unswizzled (each thread reads back the bytes it copied)."""
+    return gl.SwizzledSharedLayout(1, 1, 1, list(reversed(range(rank))))
+
+
+@gluon.jit
+def _issue(kb, vb, ksb, kzb, vsb, vzb, kptr, vptr, ksp, kzp, vsp, vzp, ktok, vpair, cw, spair, left,
+           VSCALES: gl.constexpr):
+    """cp.async of one 128-token tile (``left`` tokens remain; none or fewer copy zeros) into one ring slot;
+    value scales/zeros only if VSCALES (as the cache stores them, a thread's two tokens are not contiguous:
+    2-byte copies, which cp.async lacks)."""
+    async_copy.async_copy_global_to_shared(kb, kptr, mask=ktok < left)
+    async_copy.async_copy_global_to_shared(vb, vptr, mask=vpair < left)
+    gmask = cw * 32 < left
+    async_copy.async_copy_global_to_shared(ksb, ksp, mask=gmask)
+    async_copy.async_copy_global_to_shared(kzb, kzp, mask=gmask)
+    if VSCALES:
+        smask = spair < left
+        async_copy.async_copy_global_to_shared(vsb, vsp, mask=smask)
+        async_copy.async_copy_global_to_shared(vzb, vzp, mask=smask)
+    async_copy.commit_group()
+
+
 @gluon.jit
 def _softmax_t(s, m_i, l_i, acc):
     m_new = gl.maximum(m_i, gl.max(s, axis=1))
@@ -139,11 +164,12 @@ def _softmax_t(s, m_i, l_i, acc):
 
 
 @gluon.jit
-def _tile(kptr, vptr, ksp, kzp, vsp, vzp, mptr, left, ktok, vpair, sw, sch, spair, mw, mt, q_b, qg, neg_m, m_i, l_i,
-          acc, KBITS: gl.constexpr, VBITS: gl.constexpr, VPAIRS: gl.constexpr, HAS_MASK: gl.constexpr,
-          MASKED: gl.constexpr):
-    """One 128-token tile: every warp's 32-token key group (``left`` tokens remain; MASKED: maybe fewer than 128;
-    the index tensors are the caller's, as its pointers were built)."""
+def _tile(kbytes, vbytes, s3, z3, sv, zv, mptr, left, mw, mt, q_b, qg, neg_m, m_i, l_i, acc, KBITS: gl.constexpr,
+          VBITS: gl.constexpr, VPAIRS: gl.constexpr, HAS_MASK: gl.constexpr, MASKED: gl.constexpr,
+          VS_PTRS: gl.constexpr = False, smask=None):
+    """One 128-token tile from its loaded codes, key scales/zeros ``[W, 4, 32]`` and value scales/zeros (each
+    warp's 32-token key group; ``left`` tokens remain; MASKED: maybe fewer than 128). VS_PTRS: ``sv`` / ``zv``
+    are pointers, loaded (under ``smask``) where the values need them, so that their registers live briefly."""
     D: gl.constexpr = 128
     W: gl.constexpr = _WARPS
     BH: gl.constexpr = q_b.shape[2]
@@ -155,17 +181,8 @@ def _tile(kptr, vptr, ksp, kzp, vsp, vzp, mptr, left, ktok, vpair, sw, sch, spai
     QBL: gl.constexpr = _layout("qb")
     ZBL: gl.constexpr = _layout("zb")
     VB: gl.constexpr = _layout("vb", KBITS, VBITS)
-    if MASKED:
-        kbytes = gl.load(kptr, mask=ktok < left)
-        vbytes = gl.load(vptr, mask=vpair < left)
-        gmask = (sw * 32 < left) & (sch >= 0)
-        s3 = gl.load(ksp, mask=gmask, other=0.0).to(gl.float16)
-        z3 = gl.load(kzp, mask=gmask, other=0.0).to(gl.float16)
-    else:
-        kbytes = gl.load(kptr)
-        vbytes = gl.load(vptr)
-        s3 = gl.load(ksp).to(gl.float16)
-        z3 = gl.load(kzp).to(gl.float16)
+    s3 = s3.to(gl.float16)
+    z3 = z3.to(gl.float16)
     # ---- keys: codes as the A operand; scales folded into q, zeros (and the codes' offset) into a bias MMA
     s_k = gl.reshape(gl.permute(gl.reshape(s3, [W, 4, 8, 2, 2]), [0, 2, 3, 1, 4]), [W, D])
     z_k = gl.reshape(gl.permute(gl.reshape(z3, [W, 4, 8, 2, 2]), [0, 2, 3, 1, 4]), [W, D])
@@ -199,13 +216,15 @@ def _tile(kptr, vptr, ksp, kzp, vsp, vzp, mptr, left, ktok, vpair, sw, sch, spai
     else:
         vbytes = gl.permute(vbytes, [0, 1, 2, 3, 5, 4])
     vcodes = _unpack(gl.convert_layout(vbytes, VB), VBITS)
-    if MASKED:
-        smask = spair < left
-        sv = gl.convert_layout(gl.load(vsp, mask=smask, other=0.0).to(gl.float16), VB)
-        zv = gl.convert_layout(gl.load(vzp, mask=smask, other=0.0).to(gl.float16), VB)
-    else:
-        sv = gl.convert_layout(gl.load(vsp).to(gl.float16), VB)
-        zv = gl.convert_layout(gl.load(vzp).to(gl.float16), VB)
+    if VS_PTRS:
+        if MASKED:
+            sv = gl.load(sv, mask=smask, other=0.0)
+            zv = gl.load(zv, mask=smask, other=0.0)
+        else:
+            sv = gl.load(sv)
+            zv = gl.load(zv)
+    sv = gl.convert_layout(sv.to(gl.float16), VB)
+    zv = gl.convert_layout(zv.to(gl.float16), VB)
     vd = _dequant_last(vcodes, (sv, sv, sv, sv), (zv, zv, zv, zv), VBITS)
     if VBITS == 8:
         vd = gl.permute(vd, [0, 1, 2, 5, 4, 3])
@@ -223,7 +242,8 @@ def split_kernel(Q, QR, KC, KS, KZ, VC, VS, VZ, KR, VR, MASK, LENS, PO, PM, PL,
                  svc_b, svc_h, svc_t: gl.constexpr, svs_b, svs_h, svs_t: gl.constexpr, skr_b, skr_h, skr_t, svr_b, svr_h, svr_t, smask_b,
                  n_q, n_r, tokens_per_split, num_q_splits, qk_scale, qk_scale_r, HKV, GROUP, NUM_SPLITS,
                  KBITS: gl.constexpr = 4, VBITS: gl.constexpr = 4, VPAIRS: gl.constexpr = True,
-                 HAS_MASK: gl.constexpr = False, DEV_LEN: gl.constexpr = False, BH: gl.constexpr = 8):
+                 HAS_MASK: gl.constexpr = False, DEV_LEN: gl.constexpr = False, BH: gl.constexpr = 8,
+                 STAGES: gl.constexpr = 3):
     D: gl.constexpr = 128
     W: gl.constexpr = _WARPS
     KRB: gl.constexpr = 4 * KBITS
@@ -239,6 +259,20 @@ def split_kernel(Q, QR, KC, KS, KZ, VC, VS, VZ, KR, VR, MASK, LENS, PO, PM, PL,
     VS6: gl.constexpr = _layout("vs", KBITS, VBITS)
     RL: gl.constexpr = _layout("res")
 
+    if VPAIRS:
+        VBL: gl.constexpr = VB5
+    else:
+        VBL: gl.constexpr = VBP
+    if STAGES > 0:
+        kbuf = gl.allocate_shared_memory(gl.uint8, [STAGES, W, 4, 8, 4, KRB], _flat(5))
+        if VPAIRS:
+            vbuf = gl.allocate_shared_memory(gl.uint8, [STAGES, W, 4, 4, 8, XV], _flat(5))
+        else:
+            vbuf = gl.allocate_shared_memory(gl.uint8, [STAGES, W, 4, 4, 8, 2, XV // 2], _flat(6))
+        ksbuf = gl.allocate_shared_memory(KS.dtype.element_ty, [STAGES, W, 4, 32], _flat(3))
+        kzbuf = gl.allocate_shared_memory(KS.dtype.element_ty, [STAGES, W, 4, 32], _flat(3))
+        vsbuf = gl.allocate_shared_memory(VS.dtype.element_ty, [STAGES, W, 4, 4, 8, 1, 2], _flat(6))
+        vzbuf = gl.allocate_shared_memory(VS.dtype.element_ty, [STAGES, W, 4, 4, 8, 1, 2], _flat(6))
     if DEV_LEN:
         n_q = gl.load(LENS).to(gl.int32) * 32
         n_r = gl.load(LENS + 1).to(gl.int32)
@@ -300,19 +334,79 @@ def split_kernel(Q, QR, KC, KS, KZ, VC, VS, VZ, KR, VR, MASK, LENS, PO, PM, PL,
         else:
             vptr = vc + (start + vpair + vxp).to(gl.int64) * svc_t + vbyte
             vsptr = (start + spair + sxp).to(gl.int64) * svs_t + sgrp
-        full = gl.maximum(end - start, 0) // 128
-        for it in range(full):
-            m_i, l_i, acc = _tile(kptr, vptr, ks + sptr, kz + sptr, vs + vsptr, vz + vsptr, mrow + start + it * 128, 128,
-                                  ktok, vpair, sw, sch, spair, mw, mt, q_b, qg, neg_m, m_i, l_i, acc, KBITS, VBITS,
-                                  VPAIRS, HAS_MASK, False)
-            kptr += 128 * skc_t
-            sptr += 4 * sks_t
-            vptr += 128 * svc_t
-            vsptr += 128 * svs_t
-        if full * 128 < end - start:
-            m_i, l_i, acc = _tile(kptr, vptr, ks + sptr, kz + sptr, vs + vsptr, vz + vsptr, mrow + start + full * 128,
-                                  end - start - full * 128, ktok, vpair, sw, sch, spair, mw, mt, q_b, qg, neg_m, m_i,
-                                  l_i, acc, KBITS, VBITS, VPAIRS, HAS_MASK, True)
+        size = gl.maximum(end - start, 0)
+        full = size // 128
+        if STAGES == 0:  # plain loads
+            for it in range(full):
+                m_i, l_i, acc = _tile(gl.load(kptr), gl.load(vptr), gl.load(ks + sptr), gl.load(kz + sptr),
+                                      gl.load(vs + vsptr), gl.load(vz + vsptr), mrow + start + it * 128, 128, mw, mt,
+                                      q_b, qg, neg_m, m_i, l_i, acc, KBITS, VBITS, VPAIRS, HAS_MASK, False)
+                kptr += 128 * skc_t
+                sptr += 4 * sks_t
+                vptr += 128 * svc_t
+                vsptr += 128 * svs_t
+            if full * 128 < size:
+                left = size - full * 128
+                gmask = (sw * 32 < left) & (sch >= 0)
+                smask = spair < left
+                m_i, l_i, acc = _tile(gl.load(kptr, mask=ktok < left), gl.load(vptr, mask=vpair < left),
+                                      gl.load(ks + sptr, mask=gmask, other=0.0), gl.load(kz + sptr, mask=gmask, other=0.0),
+                                      gl.load(vs + vsptr, mask=smask, other=0.0),
+                                      gl.load(vz + vsptr, mask=smask, other=0.0), mrow + start + full * 128, left, mw,
+                                      mt, q_b, qg, neg_m, m_i, l_i, acc, KBITS, VBITS, VPAIRS, HAS_MASK, True)
+        else:  # a ring of STAGES tiles in shared memory, filled by cp.async STAGES - 1 tiles ahead
+            KSC: gl.constexpr = _layout("ksc")
+            cw = _index(W, KSC, 3, 0)
+            kscp = ((start + cw * 32) // 32).to(gl.int64) * sks_t + _index(4, KSC, 3, 1) * 32 + _index(32, KSC, 3, 2)
+            vscur = vs + vsptr  # the current tile's value scales/zeros, when read directly (not VPAIRS)
+            vzcur = vz + vsptr
+            for t0 in gl.static_range(STAGES - 1):
+                _issue(kbuf.index(t0), vbuf.index(t0), ksbuf.index(t0), kzbuf.index(t0), vsbuf.index(t0),
+                       vzbuf.index(t0), kptr, vptr, ks + kscp, kz + kscp, vs + vsptr, vz + vsptr, ktok, vpair, cw,
+                       spair, size - t0 * 128, VPAIRS)
+                kptr += 128 * skc_t
+                kscp += 4 * sks_t
+                vptr += 128 * svc_t
+                vsptr += 128 * svs_t
+            for it in range(full):
+                async_copy.wait_group(STAGES - 2)
+                gl.thread_barrier()  # tile it is visible to all; every thread is done with tile it - 1's slot
+                t = (it + STAGES - 1) % STAGES
+                _issue(kbuf.index(t), vbuf.index(t), ksbuf.index(t), kzbuf.index(t), vsbuf.index(t), vzbuf.index(t),
+                       kptr, vptr, ks + kscp, kz + kscp, vs + vsptr, vz + vsptr, ktok, vpair, cw, spair,
+                       size - (it + STAGES - 1) * 128, VPAIRS)
+                kptr += 128 * skc_t
+                kscp += 4 * sks_t
+                vptr += 128 * svc_t
+                vsptr += 128 * svs_t
+                c = it % STAGES
+                if VPAIRS:
+                    sv = vsbuf.index(c).load(VS6)
+                    zv = vzbuf.index(c).load(VS6)
+                else:
+                    sv = vscur
+                    zv = vzcur
+                m_i, l_i, acc = _tile(kbuf.index(c).load(KB), vbuf.index(c).load(VBL), ksbuf.index(c).load(SL),
+                                      kzbuf.index(c).load(SL), sv, zv, mrow + start + it * 128, 128, mw, mt, q_b, qg,
+                                      neg_m, m_i, l_i, acc, KBITS, VBITS, VPAIRS, HAS_MASK, False, not VPAIRS)
+                vscur += 128 * svs_t
+                vzcur += 128 * svs_t
+            if full * 128 < size:
+                async_copy.wait_group(STAGES - 2)
+                gl.thread_barrier()
+                c = full % STAGES
+                left = size - full * 128
+                if VPAIRS:
+                    sv = vsbuf.index(c).load(VS6)
+                    zv = vzbuf.index(c).load(VS6)
+                else:
+                    sv = vscur
+                    zv = vzcur
+                m_i, l_i, acc = _tile(kbuf.index(c).load(KB), vbuf.index(c).load(VBL), ksbuf.index(c).load(SL),
+                                      kzbuf.index(c).load(SL), sv, zv, mrow + start + full * 128, left, mw, mt, q_b,
+                                      qg, neg_m, m_i, l_i, acc, KBITS, VBITS, VPAIRS, HAS_MASK, True, not VPAIRS,
+                                      spair < left)
+            async_copy.wait_group(0)
     else:  # the residual window, plain channel order
         q = gl.load(QR + b * sqr_b + qrow * sqr_h + kap, mask=qmask, other=0.0).to(gl.float32)
         q_b = gl.convert_layout((q * qk_scale_r).to(gl.float16), B_OP, assert_trivial=True)
@@ -354,16 +448,6 @@ def split_kernel(Q, QR, KC, KS, KZ, VC, VS, VZ, KR, VR, MASK, LENS, PO, PM, PL,
 LOG2E = 1.4426950408889634
 
 
-def value_token_pairs(t):
-    """``[B, H, T, C]`` rows (value codes or scales/zeros) interleaved by token pairs: the element of
-    token ``2p + x`` at column ``c`` goes to position ``2c + x`` of the pair's ``2C`` elements (rows
-    ``2p`` and ``2p + 1``), so one fp16x2 the unpacker returns holds one channel of two tokens."""
-    b, h, n, c = t.shape
-    if n % 2:
-        raise ValueError(f"{n} tokens are not whole token pairs")
-    return t.reshape(b, h, n // 2, 2, c).transpose(-1, -2).reshape(b, h, n, c).contiguous()
-
-
 def supported(k_packed, v_packed, head_dim: int) -> bool:
     """Whether :func:`decode_attention` reads this layer's packed storage: KIVI with 32-token key groups
     in channel word order and 32-channel value groups along head_dim, 2-, 4- or 8-bit codes, head_dim 128."""
@@ -390,7 +474,7 @@ def decode_attention(q, k_packed, k_residual, v_packed, v_residual, scaling, kv_
                          "up to 16 query heads per KV head, whole 32-token groups")
     return _launch(q, k_packed.codes, k_packed.scale, k_packed.zero, v_packed.codes, v_packed.scale, v_packed.zero,
                    scaling, k_packed.bits, v_packed.bits, k_residual, v_residual, q_residual, scaling_residual,
-                   kv_mask, lengths, out_scale, rotate_out, splits, value_pairs=False, n=n)
+                   kv_mask, lengths, out_scale, rotate_out, splits, value_pairs=v_packed.token_pairs, n=n)
 
 
 decode_attention.fuses_rotation = True  # kvtuner.attention.rotated_decode hands it the output's rotation
@@ -398,11 +482,11 @@ decode_attention.fuses_rotation = True  # kvtuner.attention.rotated_decode hands
 
 def decode_packed(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, scaling, kbits, vbits, k_residual=None,
                   v_residual=None, q_residual=None, scaling_residual=None, splits=None, value_pairs=True,
-                  programs_per_sm=None, maxnreg=None):
+                  programs_per_sm=None, maxnreg=None, stages=None):
     """Attention of ``q`` ``[B, Hq, 1, 128]`` over a packed history of ``kbits``/``vbits`` codes (2, 4 or 8)
     followed by an optional full-precision residual window ``[B, Hkv, R, 128]``: keys per channel in groups
     of 32 tokens, codes in channel word order (``quant.to_channel_words``); values per token in groups of
-    32 channels, codes and scales/zeros in token pairs (:func:`value_token_pairs`; ``value_pairs=False``:
+    32 channels, codes and scales/zeros in token pairs (``quant.to_token_pairs``; ``value_pairs=False``:
     packed along head_dim per token, as the cache stores them, paired in registers). ``q_residual`` /
     ``scaling_residual``: the residual's query and scale (rotated layers). ``programs_per_sm`` / ``maxnreg``:
     the launch (split count, register cap) instead of :func:`_launch`'s measured default, for sweeps.
@@ -417,7 +501,7 @@ def decode_packed(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, scaling
                          f"groups; got q {tuple(q.shape)}, key codes {tuple(k_codes.shape)}")
     return _launch(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, scaling, kbits, vbits, k_residual,
                    v_residual, q_residual, scaling_residual, None, None, 1.0, False, splits, value_pairs,
-                   programs_per_sm=programs_per_sm, maxnreg=maxnreg)
+                   programs_per_sm=programs_per_sm, maxnreg=maxnreg, stages=stages)
 
 
 def _rows(t):
@@ -426,7 +510,8 @@ def _rows(t):
 
 
 def _launch(q, kc, ks, kz, vc, vs, vz, scaling, kbits, vbits, k_residual, v_residual, q_residual, scaling_residual,
-            kv_mask, lengths, out_scale, rotate_out, splits, value_pairs, n=None, programs_per_sm=None, maxnreg=None):
+            kv_mask, lengths, out_scale, rotate_out, splits, value_pairs, n=None, programs_per_sm=None, maxnreg=None,
+            stages=None):
     """The split launch over ``splits`` ranges of the packed history (``n`` tokens, default all of ``kc``) plus
     the residual's program, then the merge of their per-warp partial results. Default split: about four
     programs per SM when (batch x KV heads) rows fill the GPU, else one wave of three per SM under a 168-register
@@ -471,7 +556,8 @@ def _launch(q, kc, ks, kz, vc, vs, vz, scaling, kbits, vbits, k_residual, v_resi
         mask.stride(0) if kv_mask is not None else 0, n, kr.shape[2], per, nqs, float(scaling) * LOG2E,
         float(scaling if scaling_residual is None else scaling_residual) * LOG2E, hkv, hq // hkv, num_splits,
         KBITS=kbits, VBITS=vbits, VPAIRS=value_pairs, HAS_MASK=kv_mask is not None, DEV_LEN=lengths is not None,
-        BH=8 if hq // hkv <= 8 else 16, num_warps=4, **({} if maxnreg is None else dict(maxnreg=maxnreg)))
+        BH=8 if hq // hkv <= 8 else 16, STAGES=3 if stages is None else stages, num_warps=4,
+        **({} if maxnreg is None else dict(maxnreg=maxnreg)))
     out = torch.empty(b, 1, hq, d, device=q.device, dtype=q.dtype)
     merge_kernel[(b * hq,)](po, pm, pl, out, out.stride(0), out.stride(2), hq, num_splits, float(out_scale), D=d,
                             BLOCK_D=d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), ROT_O=bool(rotate_out),
