@@ -504,6 +504,26 @@ def decode_packed(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, scaling
                    programs_per_sm=programs_per_sm, maxnreg=maxnreg, stages=stages)
 
 
+def _resident(kbits, vbits, bh, value_pairs, stages):
+    """Programs of the split kernel one SM holds at once: registers (sm_90 compiles: 168 per thread with codes of
+    at most 4 bits and up to 8 query heads per KV head, 230-255 otherwise; 64 K per SM, 128 threads a program)
+    and shared memory (each stage: key and value codes, key scales/zeros, value scales/zeros in token pairs)."""
+    by_regs = 3 if max(kbits, vbits) <= 4 and bh == 8 else 2
+    stage = 2048 * (kbits + vbits) + 2048 + (4096 if value_pairs else 0)
+    return max(1, min(by_regs, (227 * 1024) // (stages * stage + 2048)))
+
+
+def _default_splits(rows, tiles, resident):
+    """Splits of each row's history: with fewer rows than resident programs, one wave of as many splits as fit
+    beside the rows' residual programs; else the count (up to 8) whose programs fill their last wave best, the
+    smallest within 3 %."""
+    if 2 * rows <= resident:
+        return max(1, min(tiles, resident // rows - 1))
+    fill = {k: rows * k / (-(-rows * k // resident) * resident) for k in range(1, min(tiles, 8) + 1)}
+    best = max(fill.values())
+    return min(k for k, f in fill.items() if f >= best - 0.03)
+
+
 def _rows(t):
     """Batch and head strides of packed rows, and their row length (the token stride the kernel is compiled for)."""
     return t.stride(0), t.stride(1), t.shape[-1]
@@ -513,10 +533,9 @@ def _launch(q, kc, ks, kz, vc, vs, vz, scaling, kbits, vbits, k_residual, v_resi
             kv_mask, lengths, out_scale, rotate_out, splits, value_pairs, n=None, programs_per_sm=None, maxnreg=None,
             stages=None):
     """The split launch over ``splits`` ranges of the packed history (``n`` tokens, default all of ``kc``) plus
-    the residual's program, then the merge of their per-warp partial results. Default split: about four
-    programs per SM when (batch x KV heads) rows fill the GPU, else one wave of three per SM under a 168-register
-    cap, codes of at most 4 bits and up to 8 query heads per KV head (measured on an H100: ``docs/kernels.md``);
-    two per SM otherwise."""
+    the residual's program, then the merge of their per-warp partial results. Default: ``stages`` 3 (2 with
+    8-bit codes), and the split count that fills whole waves of resident programs (:func:`_default_splits`);
+    ``programs_per_sm``: about that many programs per SM instead, for sweeps."""
     import torch
     import triton
 
@@ -532,12 +551,14 @@ def _launch(q, kc, ks, kz, vc, vs, vz, scaling, kbits, vbits, k_residual, v_resi
     if ks.stride()[:2] != kz.stride()[:2] or vs.stride()[:2] != vz.stride()[:2]:
         raise ValueError("scales and zeros of one tensor must share strides")
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    kv_rows, per_sm = b * hkv, 2
-    if programs_per_sm is not None:
-        per_sm = programs_per_sm
-    elif max(kbits, vbits) <= 4 and hq // hkv <= 8:  # the measured cases (176 registers uncapped)
-        per_sm, maxnreg = (4, maxnreg) if kv_rows >= sms else (3, maxnreg or 168)
-    nqs = splits or max(1, min(triton.cdiv(n, 128), triton.cdiv(per_sm * sms, kv_rows)))
+    kv_rows, tiles, bh = b * hkv, triton.cdiv(n, 128), 8 if hq // hkv <= 8 else 16
+    stages = stages if stages is not None else (2 if max(kbits, vbits) == 8 else 3)
+    if splits:
+        nqs = splits
+    elif programs_per_sm is not None:
+        nqs = max(1, min(tiles, triton.cdiv(programs_per_sm * sms, kv_rows)))
+    else:
+        nqs = _default_splits(kv_rows, tiles, sms * _resident(kbits, vbits, bh, value_pairs, stages))
     per = triton.cdiv(triton.cdiv(n, nqs), 128) * 128
     nqs = triton.cdiv(n, per)
     num_splits = 4 * (nqs + 1)
@@ -556,7 +577,7 @@ def _launch(q, kc, ks, kz, vc, vs, vz, scaling, kbits, vbits, k_residual, v_resi
         mask.stride(0) if kv_mask is not None else 0, n, kr.shape[2], per, nqs, float(scaling) * LOG2E,
         float(scaling if scaling_residual is None else scaling_residual) * LOG2E, hkv, hq // hkv, num_splits,
         KBITS=kbits, VBITS=vbits, VPAIRS=value_pairs, HAS_MASK=kv_mask is not None, DEV_LEN=lengths is not None,
-        BH=8 if hq // hkv <= 8 else 16, STAGES=3 if stages is None else stages, num_warps=4,
+        BH=bh, STAGES=stages, num_warps=4,
         **({} if maxnreg is None else dict(maxnreg=maxnreg)))
     out = torch.empty(b, 1, hq, d, device=q.device, dtype=q.dtype)
     merge_kernel[(b * hq,)](po, pm, pl, out, out.stride(0), out.stride(2), hq, num_splits, float(out_scale), D=d,
