@@ -54,14 +54,20 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+SHAPES = [(4, 256, 32), (8, 96, 5), (1, 4096, 0), (4, 32, 40), (16, 160, 7)]
+
+
 @gpu
-@pytest.mark.parametrize("kbits,vbits", [(4, 4), (8, 8), (4, 2), (2, 2), (8, 4), (2, 8)])
-@pytest.mark.parametrize("group,n_q,n_r", [(4, 256, 32), (8, 96, 5), (1, 4096, 0), (4, 32, 40), (16, 160, 7)])
-def test_gluon_decode_matches_the_reference(kbits, vbits, group, n_q, n_r):
+@pytest.mark.parametrize("kbits,vbits,pairs", [(4, 4, True), (8, 8, True), (4, 2, True), (2, 2, True), (8, 4, True),
+                                               (2, 8, True), (4, 4, False), (2, 8, False)])
+@pytest.mark.parametrize("group,n_q,n_r", SHAPES)
+def test_gluon_decode_matches_the_reference(kbits, vbits, pairs, group, n_q, n_r):
+    # values in token pairs (the cache's layout for Gluon layers) or packed along head_dim
     from kvtuner.attention import decode_attention as reference
     from kvtuner.kernels import gluon_decode
 
     q, kp, kr, vp, vr = _case(3, 2, group, n_q, n_r, kbits, vbits)
+    vp = quant.in_token_pairs(vp) if pairs else vp
     want = reference(q.float(), kp, kr.float(), vp, vr.float(), 128 ** -0.5)
     got = gluon_decode.decode_attention(q, kp, kr, vp, vr, 128 ** -0.5)
     assert got.shape == want.shape and torch.isfinite(got).all()
@@ -115,5 +121,5 @@ def test_cache_decodes_with_the_gluon_kernel_as_with_the_triton_one(prompt, new,
     for decode in ("triton", "gluon"):
         cache = MixedPrecisionCache(plan, model.config, policy=KernelPolicy(decode=decode))
         runs[decode] = greedy_generate(model, ids, cache, new, cuda_graph=cuda_graph)
-        assert all(layer.layout.gluon == (decode == "gluon") for layer in cache.layers)
+        assert all(layer.layout.gluon == layer._v.token_pairs == (decode == "gluon") for layer in cache.layers)
     assert (runs["gluon"] == runs["triton"]).float().mean() >= 0.9
