@@ -62,8 +62,10 @@ def main() -> None:
             want = reference(q.float(), kp, kr.float(), vp, vr.float(), scaling)
             kw, vw = quant.in_channel_words(kp), quant.in_token_pairs(vp)  # the cache's layout for Gluon layers
             nbytes = kp.nbytes() + vp.nbytes() + 2 * kr.numel() * 2 + q.numel() * 2
-            fn = lambda: gluon_decode.decode_attention(q, kw, kr, vw, vr, scaling)
-            row(shape, f"K{kbits}V{vbits} Gluon kernel", bench(fn), nbytes, rel(fn(), want))
+            for stages in (0, 2 if max(kbits, vbits) == 8 else 3):
+                fn = lambda: gluon_decode.decode_attention(q, kw, kr, vw, vr, scaling, stages=stages)
+                name = "tiles loaded into registers" if not stages else f"cp.async ring of {stages} tiles"
+                row(shape, f"K{kbits}V{vbits} Gluon kernel, {name}", bench(fn), nbytes, rel(fn(), want))
             fn = lambda: kernels.decode_attention(q, kp, kr, vp, vr, scaling)
             row(shape, f"K{kbits}V{vbits} Triton kernel", bench(fn), nbytes, rel(fn(), want))
             del kp, vp, kw, vw

@@ -73,7 +73,7 @@ def compile_gluon_sm90(kernel, args: tuple, kwargs: dict):
 
 def gluon_args(b: int = 64, n: int = 4096, hkv: int = 8, group: int = 4, d: int = 128, kbits: int = 4,
                    vbits: int = 4, value_pairs: bool = True, has_mask: bool = False,
-                   dev_len: bool = False) -> tuple[tuple, dict]:
+                   dev_len: bool = False, stages: int = 0) -> tuple[tuple, dict]:
     """Launch arguments of ``kernels.gluon_decode.split_kernel`` at Llama-3.1-8B shape (CPU stand-ins)."""
     q = torch.empty(b, hkv * group, 1, d, dtype=torch.bfloat16)
     kc = torch.empty(b, hkv, n, 16 * kbits, dtype=torch.uint8)
@@ -88,7 +88,7 @@ def gluon_args(b: int = 64, n: int = 4096, hkv: int = 8, group: int = 4, d: int 
             q.stride(1), *kc.stride()[:3], *ks.stride()[:3], *vc.stride()[:3], *vs.stride()[:3], *kr.stride()[:3],
             *kr.stride()[:3], mask.stride(0), n, 40, 1024, 4, 0.1, 0.1, hkv, group, 20)
     return args, dict(num_warps=4, KBITS=kbits, VBITS=vbits, VPAIRS=value_pairs, HAS_MASK=has_mask,
-                      DEV_LEN=dev_len, BH=8 if group <= 8 else 16)
+                      DEV_LEN=dev_len, BH=8 if group <= 8 else 16, STAGES=stages)
 
 
 def _opcodes(text: str) -> collections.Counter:

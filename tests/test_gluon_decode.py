@@ -58,25 +58,28 @@ SHAPES = [(4, 256, 32), (8, 96, 5), (1, 4096, 0), (4, 32, 40), (16, 160, 7)]
 
 
 @gpu
-@pytest.mark.parametrize("kbits,vbits,pairs", [(4, 4, True), (8, 8, True), (4, 2, True), (2, 2, True), (8, 4, True),
-                                               (2, 8, True), (4, 4, False), (2, 8, False)])
+@pytest.mark.parametrize("kbits,vbits,pairs,stages", [
+    (4, 4, True, 0), (8, 8, True, 0), (4, 2, True, 0), (2, 2, True, 0), (8, 4, True, 0), (2, 8, True, 0),
+    (4, 4, False, 0), (2, 8, False, 0), (4, 4, True, 3), (8, 8, True, 2), (4, 2, True, 3), (2, 2, True, 4),
+    (2, 8, False, 3)])
 @pytest.mark.parametrize("group,n_q,n_r", SHAPES)
-def test_gluon_decode_matches_the_reference(kbits, vbits, pairs, group, n_q, n_r):
-    # values in token pairs (the cache's layout for Gluon layers) or packed along head_dim
+def test_gluon_decode_matches_the_reference(kbits, vbits, pairs, stages, group, n_q, n_r):
+    # values in token pairs (the cache's layout for Gluon layers) or packed along head_dim; tiles loaded into
+    # registers (stages 0) or through a cp.async ring
     from kvtuner.attention import decode_attention as reference
     from kvtuner.kernels import gluon_decode
 
     q, kp, kr, vp, vr = _case(3, 2, group, n_q, n_r, kbits, vbits)
     vp = quant.in_token_pairs(vp) if pairs else vp
     want = reference(q.float(), kp, kr.float(), vp, vr.float(), 128 ** -0.5)
-    got = gluon_decode.decode_attention(q, kp, kr, vp, vr, 128 ** -0.5)
+    got = gluon_decode.decode_attention(q, kp, kr, vp, vr, 128 ** -0.5, stages=stages)
     assert got.shape == want.shape and torch.isfinite(got).all()
     assert _rel(got, want) < 5e-3
     mask = torch.ones(3, n_q + n_r, dtype=torch.bool, device="cuda")
     mask[0, : n_q // 2] = False  # left padding
     mask[2, 3] = False
     want = reference(q.float(), kp, kr.float(), vp, vr.float(), 128 ** -0.5, mask)
-    assert _rel(gluon_decode.decode_attention(q, kp, kr, vp, vr, 128 ** -0.5, mask), want) < 5e-3
+    assert _rel(gluon_decode.decode_attention(q, kp, kr, vp, vr, 128 ** -0.5, mask, stages=stages), want) < 5e-3
 
 
 @gpu
@@ -89,8 +92,9 @@ def test_gluon_decode_reads_device_lengths_and_rotated_layers():
     lens = torch.tensor([160 // 32, 17], device="cuda", dtype=torch.int32)  # 160 packed, 17 residual tokens
     want = reference(q.float(), quant.slice_tokens(kp, 0, 160), kr[..., :17, :].float(),
                      quant.slice_tokens(vp, 0, 160), vr[..., :17, :].float(), 128 ** -0.5)
-    got = gluon_decode.decode_attention(q, kp, kr, vp, vr, 128 ** -0.5, lengths=lens)
-    assert _rel(got, want) < 5e-3
+    for stages in (0, 3):
+        got = gluon_decode.decode_attention(q, kp, kr, vp, vr, 128 ** -0.5, lengths=lens, stages=stages)
+        assert _rel(got, want) < 5e-3
     # rotated storage: packed history rotated, residual plain; the same contract as the Triton kernel
     kr_plain, vr_plain = kr, vr
     kp_rot = quant.in_channel_words(quant.quantize(quant.rotate(quant.dequantize(kp, torch.bfloat16)), 4,

@@ -12,13 +12,15 @@ from kvtuner import quant
 from kvtuner.quant import to_token_pairs
 from test_launch import _offline_sm90
 
-CASES = [dict(kbits=4, vbits=4), dict(kbits=8, vbits=8), dict(kbits=4, vbits=2), dict(kbits=2, vbits=2),
-         dict(kbits=8, vbits=4), dict(kbits=4, vbits=4, value_pairs=False, has_mask=True, dev_len=True),
-         dict(kbits=4, vbits=2, value_pairs=False), dict(kbits=4, vbits=4, group=16), dict(kbits=2, vbits=8, group=1)]
+CASES = [dict(kbits=4, vbits=4, stages=3), dict(kbits=8, vbits=8, stages=2), dict(kbits=4, vbits=2, stages=3),
+         dict(kbits=2, vbits=2, stages=3), dict(kbits=8, vbits=4, stages=3),
+         dict(kbits=4, vbits=4, value_pairs=False, has_mask=True, dev_len=True, stages=3),
+         dict(kbits=4, vbits=4, group=16, stages=3), dict(kbits=2, vbits=8, group=1, stages=3),
+         dict(kbits=4, vbits=4), dict(kbits=2, vbits=2), dict(kbits=4, vbits=2, value_pairs=False)]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_packed_token_loop_streams_tiles_without_round_trips(case):
+def test_packed_token_loop_keeps_operands_off_round_trips(case):
     got = _offline_sm90(
         "from kvtuner.kernels.gluon_decode import split_kernel\n"
         f"ck = co.compile_gluon_sm90(split_kernel, *co.gluon_args(**{case!r}))\n"
@@ -26,8 +28,11 @@ def test_packed_token_loop_streams_tiles_without_round_trips(case):
         "print(json.dumps({'usage': usage, 'loops': [dict(c) for c in co.loops(sass)]}))\n")
     assert "STACK:0 " in got["usage"] + " ", got["usage"]
 
-    def moved(c):  # shared-memory stores (layout conversions) and spills
-        return {op: n for op, n in c.items() if op.split(".")[0] in ("STS", "LDSM", "LDL", "STL")}
+    staged = case.get("stages", 0) > 0
+
+    def moved(c):  # shared-memory stores (layout conversions) and spills; plain loads: no shared memory at all
+        return {op: n for op, n in c.items()
+                if op.split(".")[0] in ("STS", "LDSM", "LDL", "STL") + (() if staged else ("LDS", "BAR"))}
 
     # the packed loop's mma.sync per 128-token tile and warp (32 tokens x 128 channels): scores 16, bias 16,
     # values 16 with up to 8 query heads (N = 8), twice that with 16; the residual window's loop (plain bf16
@@ -36,12 +41,13 @@ def test_packed_token_loop_streams_tiles_without_round_trips(case):
     packed = [c for c in got["loops"] if c.get("HMMA.16816.F32") == (96 if wide else 48) and not moved(c)]
     assert len(packed) == 1, [sum(c.values()) for c in got["loops"]]
     ops = lambda name: sum(n for op, n in packed[0].items() if op.split(".")[0] == name)  # noqa: E731
-    # per tile: key and value codes and key scales/zeros by cp.async (values' scales too when in token pairs),
-    # one wait, at most two barriers, the staged bytes read back with LDS
-    copies = 10 if case.get("value_pairs", True) else 2
-    assert ops("LDGSTS") >= 8 + copies and ops("DEPBAR") == 1 and ops("BAR") <= 2 and ops("LDS") >= 16, packed[0]
+    if staged:  # per tile: key and value codes and key scales/zeros by cp.async (value scales/zeros too when
+        # in token pairs), one wait, at most two barriers, the staged bytes read back with LDS
+        copies = 10 if case.get("value_pairs", True) else 2
+        assert ops("LDGSTS") >= 8 + copies and ops("DEPBAR") == 1 and ops("BAR") <= 2 and ops("LDS") >= 16, packed[0]
     shuffles = sum(n for op, n in packed[0].items() if op.startswith("SHFL"))
-    limit = 760 if case.get("value_pairs", True) else 830  # values packed along head_dim: paired in registers
+    limit = (760 if staged else 700) if case.get("value_pairs", True) else 830  # values along head_dim: paired
+    # in registers
     assert shuffles <= (24 if wide else 12) and sum(packed[0].values()) < limit * (1.4 if wide else 1), (
         shuffles, sum(packed[0].values()))
     assert packed[0].get("MOVM.16.MT88", 0) == (8 if wide else 4)  # P^T: one movmatrix per 8 x 8 block
@@ -177,3 +183,15 @@ def test_folded_key_scores_are_as_close_as_dequantized_fp16_keys(bits):
     err_folded = (scores - exact).abs().max() / scale
     err_fp16 = (fp16_keys - exact).abs().max() / scale
     assert err_folded <= 2 * err_fp16 + 1e-4, (err_folded.item(), err_fp16.item())
+
+
+def test_staged_launch_fills_whole_waves_of_resident_programs():
+    from kvtuner.kernels.gluon_decode import _default_splits, _resident
+
+    # registers (168 per thread up to 4-bit codes and 8 heads) and the staged tiles bound residency
+    assert _resident(4, 4, 8, True, 3) == 3 and _resident(2, 2, 8, True, 3) == 3
+    assert _resident(8, 8, 8, True, 2) == 2 and _resident(8, 8, 8, True, 3) == 1 and _resident(4, 4, 16, True, 3) == 2
+    # few rows (1 x 131072, 8 KV heads): one wave, splits beside each row's residual program
+    assert _default_splits(8, 1024, 396) == 48 and _default_splits(8, 3, 396) == 3
+    # many rows (64 x 4096): the split count whose last wave is fullest (512 x 3 = 1536 of 4 x 396)
+    assert _default_splits(512, 32, 396) == 3 and _default_splits(512, 32, 264) == 1

@@ -243,7 +243,7 @@ def split_kernel(Q, QR, KC, KS, KZ, VC, VS, VZ, KR, VR, MASK, LENS, PO, PM, PL,
                  n_q, n_r, tokens_per_split, num_q_splits, qk_scale, qk_scale_r, HKV, GROUP, NUM_SPLITS,
                  KBITS: gl.constexpr = 4, VBITS: gl.constexpr = 4, VPAIRS: gl.constexpr = True,
                  HAS_MASK: gl.constexpr = False, DEV_LEN: gl.constexpr = False, BH: gl.constexpr = 8,
-                 STAGES: gl.constexpr = 3):
+                 STAGES: gl.constexpr = 0):
     D: gl.constexpr = 128
     W: gl.constexpr = _WARPS
     KRB: gl.constexpr = 4 * KBITS
@@ -458,10 +458,12 @@ def supported(k_packed, v_packed, head_dim: int) -> bool:
 
 
 def decode_attention(q, k_packed, k_residual, v_packed, v_residual, scaling, kv_mask=None, out_scale=1.0, *,
-                     lengths=None, rotate_out=False, q_residual=None, scaling_residual=None, splits=None):
+                     lengths=None, rotate_out=False, q_residual=None, scaling_residual=None, splits=None,
+                     stages=None):
     """:func:`kvtuner.kernels.decode_attention`'s contract (packed history, then the residual window;
     ``lengths`` for CUDA-graph replay; ``rotate_out`` / ``q_residual`` / ``scaling_residual`` for rotated
-    layers) on the storage :func:`supported` accepts. Returns ``[B, 1, Hq, 128]`` in ``q.dtype``."""
+    layers) on the storage :func:`supported` accepts; ``stages``: tiles copied ahead (:func:`_launch`).
+    Returns ``[B, 1, Hq, 128]`` in ``q.dtype``."""
     _, hq, one, d = q.shape
     if k_packed is None or v_packed is None or not supported(k_packed, v_packed, d):
         raise ValueError("the Gluon decode kernel reads KIVI G = 32 storage of 2, 4 or 8 bits at head_dim 128, keys "
@@ -474,7 +476,8 @@ def decode_attention(q, k_packed, k_residual, v_packed, v_residual, scaling, kv_
                          "up to 16 query heads per KV head, whole 32-token groups")
     return _launch(q, k_packed.codes, k_packed.scale, k_packed.zero, v_packed.codes, v_packed.scale, v_packed.zero,
                    scaling, k_packed.bits, v_packed.bits, k_residual, v_residual, q_residual, scaling_residual,
-                   kv_mask, lengths, out_scale, rotate_out, splits, value_pairs=v_packed.token_pairs, n=n)
+                   kv_mask, lengths, out_scale, rotate_out, splits, value_pairs=v_packed.token_pairs, n=n,
+                   stages=stages)
 
 
 decode_attention.fuses_rotation = True  # kvtuner.attention.rotated_decode hands it the output's rotation
@@ -533,9 +536,12 @@ def _launch(q, kc, ks, kz, vc, vs, vz, scaling, kbits, vbits, k_residual, v_resi
             kv_mask, lengths, out_scale, rotate_out, splits, value_pairs, n=None, programs_per_sm=None, maxnreg=None,
             stages=None):
     """The split launch over ``splits`` ranges of the packed history (``n`` tokens, default all of ``kc``) plus
-    the residual's program, then the merge of their per-warp partial results. Default: ``stages`` 3 (2 with
-    8-bit codes), and the split count that fills whole waves of resident programs (:func:`_default_splits`);
-    ``programs_per_sm``: about that many programs per SM instead, for sweeps."""
+    the residual's program, then the merge of their per-warp partial results. ``stages`` 0 (default): tiles
+    loaded straight into registers, about four programs per SM when (batch x KV heads) rows fill the GPU, else
+    one wave of three per SM under a 168-register cap, codes of at most 4 bits and up to 8 query heads per KV
+    head, two per SM otherwise (measured on an H100: ``docs/kernels.md``). ``stages`` > 0: a cp.async ring of
+    that many tiles, split to fill whole waves of resident programs (:func:`_default_splits`; not yet measured
+    on a GPU). ``programs_per_sm``: about that many programs per SM instead, for sweeps."""
     import torch
     import triton
 
@@ -552,11 +558,16 @@ def _launch(q, kc, ks, kz, vc, vs, vz, scaling, kbits, vbits, k_residual, v_resi
         raise ValueError("scales and zeros of one tensor must share strides")
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
     kv_rows, tiles, bh = b * hkv, triton.cdiv(n, 128), 8 if hq // hkv <= 8 else 16
-    stages = stages if stages is not None else (2 if max(kbits, vbits) == 8 else 3)
+    stages = stages or 0
+    per_sm = programs_per_sm
+    if per_sm is None and not stages:  # plain loads: the launch measured on an H100 (docs/kernels.md)
+        per_sm = 2
+        if max(kbits, vbits) <= 4 and bh == 8:
+            per_sm, maxnreg = (4, maxnreg) if kv_rows >= sms else (3, maxnreg or 168)
     if splits:
         nqs = splits
-    elif programs_per_sm is not None:
-        nqs = max(1, min(tiles, triton.cdiv(programs_per_sm * sms, kv_rows)))
+    elif per_sm is not None:
+        nqs = max(1, min(tiles, triton.cdiv(per_sm * sms, kv_rows)))
     else:
         nqs = _default_splits(kv_rows, tiles, sms * _resident(kbits, vbits, bh, value_pairs, stages))
     per = triton.cdiv(triton.cdiv(n, nqs), 128) * 128
