@@ -51,6 +51,8 @@ def emulate(asm: str, inputs: list[int]) -> dict[str, int]:
             regs[a[0]] = sum(((src >> 8 * ((sel >> 4 * i) & 7)) & 0xFF) << 8 * i for i in range(4))
         elif op == "shr.b32":
             regs[a[0]] = val(a[1]) >> val(a[2])
+        elif op == "shl.b32":
+            regs[a[0]] = (val(a[1]) << val(a[2])) & 0xFFFFFFFF
         elif op == "lop3.b32":
             assert a[4] == "0xea", "only (a & b) | c is emulated"
             regs[a[0]] = (val(a[1]) & val(a[2])) | val(a[3])
@@ -122,3 +124,19 @@ def test_ptx_contiguous_three_bit_words_exact():
         regs = emulate(ptx.ASM3C.value, [sum(int(c[e, k]) << 3 * k for k in range(8)) for e in range(2)])
         for k in range(8):
             assert outputs(regs, k, 2) == [c[0, k], c[1, k]]
+
+
+def test_ptx_three_bit_token_pairs_exact():
+    # 3-bit values as planes in token pairs: 2-bit plane bytes [b0 t0, b0 t1, b1 t0, b1 t1] (channels 4 b + f),
+    # the 1-bit plane's byte of those 8 channels per token (bit 4 j + f: channel 4 j + f's high bit)
+    codes = RNG.integers(0, 8, size=(300, 2, 8))  # [token, channel]
+    codes[0], codes[1] = 0, 7
+    for c in codes:
+        lo = [[sum(int(c[t, 4 * j + f] & 3) << 2 * f for f in range(4)) for j in range(2)] for t in range(2)]
+        hi = [sum(int(c[t, k] >> 2) << k for k in range(8)) for t in range(2)]
+        x = lo[0][0] | lo[1][0] << 8 | lo[0][1] << 16 | lo[1][1] << 24
+        junk = int(RNG.integers(0, 2**16))
+        regs = emulate(ptx.ASM3TP.value, [x, hi[0] | hi[1] << 8 | junk << 16])
+        for f in range(4):
+            for j in range(2):
+                assert outputs(regs, 2 * f + j, 2) == [c[0, 4 * j + f], c[1, 4 * j + f]]

@@ -178,7 +178,34 @@ def asm3_contiguous() -> str:
     return "\n".join(lines + ["}"])
 
 
+def asm3_token_pairs() -> str:
+    """PTX for 3-bit values as bit planes in token pairs (``quant.in_token_pairs``), two operands: ``$8`` the
+    2-bit plane's bytes ``[b0 t0, b0 t1, b1 t0, b1 t1]`` (codes of channels ``4 b .. 4 b + 3`` of two tokens, as
+    :data:`ASM2` takes them), ``$9`` the 1-bit plane's byte of those 8 channels per token in its bytes 0 and 1
+    (bits 0-3: the high bits of byte b0's codes, bits 4-7: b1's; bytes 2 and 3 unused). Output ``2 f + j``
+    holds code ``f`` of byte ``b_j`` of both tokens, exact: the high bit is moved next to the low bits (bit
+    ``2 f + 2`` of each half), the three bits become fp16 ``1024 + c << 2 f``, one packed fma removes the
+    offset and the shift."""
+    lines = ["{", ".reg .b32 t0, t1, h, u, m;", "prmt.b32 t0, $8, 0, 0x4140;", "prmt.b32 t1, $8, 0, 0x4342;",
+             "prmt.b32 h, $9, 0, 0x4140;", "mov.b32 m, 0x64006400;"]
+    for f in range(4):
+        for j in range(2):
+            out, shift = f"${2 * f + j}", f + 2 - 4 * j  # bit 4 j + f of the plane byte -> bit 2 f + 2
+            src = "h"
+            if shift:
+                lines.append(f"{'shl' if shift > 0 else 'shr'}.b32 u, h, {abs(shift)};")
+                src = "u"
+            lines.append(f"lop3.b32 u, {src}, {hex((4 << 2 * f) * 0x10001)}, m, 0xea;")
+            lines.append(f"lop3.b32 {out}, t{j}, {hex((3 << 2 * f) * 0x10001)}, u, 0xea;")
+            if f == 0:
+                lines.append(f"sub.f16x2 {out}, {out}, m;")
+            else:
+                scale, offset = f16x2(2.0 ** (-2 * f)), f16x2(-1024 * 2.0 ** (-2 * f))
+                lines.append(f"fma.rn.f16x2 {out}, {out}, {scale}, {offset};")
+    return "\n".join(lines + ["}"])
+
 ASM3C = tl.constexpr(asm3_contiguous())
+ASM3TP = tl.constexpr(asm3_token_pairs())
 ASM3P = tl.constexpr(asm3_pairs())
 # 8-channel words of a 3-bit row per thread (:func:`_unpack3_asm`): values packed along head_dim are
 # transposed through shared memory, and with a whole row per thread each fp16 went there alone (STS.U16)
@@ -188,6 +215,7 @@ ASM3N = tl.constexpr(asm3_nibble())
 ASM3 = tl.constexpr(asm3())
 ASM3_CONSTRAINTS = tl.constexpr("=r," * 8 + "r,r")
 ASM1_CONSTRAINTS = tl.constexpr("=r," * 16 + "r")
+
 
 
 # Codes as fp16 ``1024 + code << shift`` with nothing subtracted (two bytes per fp16x2 lane pair, as above):
