@@ -3,7 +3,7 @@ kernel and bf16 SDPA, one decode-attention layer at Llama-3.1-8B shape (Hq 32, H
 the packed history (in the layout the cache gives each kernel's layers) plus a 32-token bf16 residual window;
 every output against the PyTorch reference.
 
-    PYTHONPATH=src python benchmarks/ab_gluon_decode.py [--pairs 88,44,42,22] [--shapes 64x4096,1x131072]
+    PYTHONPATH=src python benchmarks/ab_gluon_decode.py [--pairs 88,44,42,22,43] [--shapes 64x4096,1x131072]
         [--out FILE]
 """
 
@@ -33,7 +33,7 @@ def bench(fn):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pairs", default="88,44,42,22")
+    ap.add_argument("--pairs", default="88,44,42,22,43")
     ap.add_argument("--shapes", default="64x4096,1x131072")
     ap.add_argument("--out", default="")
     args = ap.parse_args()

@@ -20,7 +20,8 @@ def test_policy_chooses_the_gluon_kernel_where_it_reads_the_layer():
     lay = pol.layout(QuantSpec(4, "kivi"), QuantSpec(2, "kivi"), 128, "cuda")
     if not pol.use_triton("cuda"):
         pytest.skip("needs Triton")
-    assert lay.gluon and lay.key_words and not lay.value_block
+    assert lay.gluon and lay.key_words and lay.value_pairs and not lay.value_block
+    assert pol.layout(QuantSpec(4, "kivi"), QuantSpec(3, "kivi"), 128, "cuda").gluon  # 3-bit values: bit planes
     for k, v, d in ((3, 3, 128), (4, 4, 64), (4, 6, 128)):  # bits or head_dim it does not read
         assert not pol.layout(QuantSpec(k, "kivi"), QuantSpec(v, "kivi"), d, "cuda").gluon
     assert not pol.layout(QuantSpec(4, "kivi", 128), QuantSpec(4, "kivi", 128), 128, "cuda").gluon
@@ -60,8 +61,8 @@ SHAPES = [(4, 256, 32), (8, 96, 5), (1, 4096, 0), (4, 32, 40), (16, 160, 7)]
 @gpu
 @pytest.mark.parametrize("kbits,vbits,pairs,stages", [
     (4, 4, True, 0), (8, 8, True, 0), (4, 2, True, 0), (2, 2, True, 0), (8, 4, True, 0), (2, 8, True, 0),
-    (4, 4, False, 0), (2, 8, False, 0), (4, 4, True, 3), (8, 8, True, 2), (4, 2, True, 3), (2, 2, True, 4),
-    (2, 8, False, 3)])
+    (4, 4, False, 0), (2, 8, False, 0), (4, 3, True, 0), (8, 3, True, 0), (4, 4, True, 3), (8, 8, True, 2),
+    (4, 2, True, 3), (2, 2, True, 4), (2, 8, False, 3), (4, 3, True, 3)])
 @pytest.mark.parametrize("group,n_q,n_r", SHAPES)
 def test_gluon_decode_matches_the_reference(kbits, vbits, pairs, stages, group, n_q, n_r):
     # values in token pairs (the cache's layout for Gluon layers) or packed along head_dim; tiles loaded into
@@ -111,6 +112,7 @@ def test_gluon_decode_reads_device_lengths_and_rotated_layers():
 @pytest.mark.parametrize("prompt,new,pairs,cuda_graph,seed", [
     (90, 40, [(4, 2), (8, 4)], None, 4),
     (75, 70, [(4, 2), (2, 4)], True, 5),  # static buffers: key and value capacities differ, counts on the device
+    (64, 40, [(4, 3), (8, 3)], True, 6),
 ])
 def test_cache_decodes_with_the_gluon_kernel_as_with_the_triton_one(prompt, new, pairs, cuda_graph, seed):
     from kvtuner import MixedPrecisionCache

@@ -16,7 +16,8 @@ CASES = [dict(kbits=4, vbits=4, stages=3), dict(kbits=8, vbits=8, stages=2), dic
          dict(kbits=2, vbits=2, stages=3), dict(kbits=8, vbits=4, stages=3),
          dict(kbits=4, vbits=4, value_pairs=False, has_mask=True, dev_len=True, stages=3),
          dict(kbits=4, vbits=4, group=16, stages=3), dict(kbits=2, vbits=8, group=1, stages=3),
-         dict(kbits=4, vbits=4), dict(kbits=2, vbits=2), dict(kbits=4, vbits=2, value_pairs=False)]
+         dict(kbits=4, vbits=4), dict(kbits=2, vbits=2), dict(kbits=4, vbits=2, value_pairs=False),
+         dict(kbits=4, vbits=3), dict(kbits=4, vbits=3, stages=3)]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
@@ -43,11 +44,12 @@ def test_packed_token_loop_keeps_operands_off_round_trips(case):
     ops = lambda name: sum(n for op, n in packed[0].items() if op.split(".")[0] == name)  # noqa: E731
     if staged:  # per tile: key and value codes and key scales/zeros by cp.async (value scales/zeros too when
         # in token pairs), one wait, at most two barriers, the staged bytes read back with LDS
-        copies = 10 if case.get("value_pairs", True) else 2
+        copies = (10 if case.get("value_pairs", True) else 2) + (4 if case.get("vbits") == 3 else 0)
         assert ops("LDGSTS") >= 8 + copies and ops("DEPBAR") == 1 and ops("BAR") <= 2 and ops("LDS") >= 16, packed[0]
     shuffles = sum(n for op, n in packed[0].items() if op.startswith("SHFL"))
     limit = (760 if staged else 700) if case.get("value_pairs", True) else 830  # values along head_dim: paired
-    # in registers
+    # in registers; 3-bit values join their 1-bit plane (a shift and a lop3 per code pair)
+    limit += 160 if case.get("vbits") == 3 else 0
     assert shuffles <= (24 if wide else 12) and sum(packed[0].values()) < limit * (1.4 if wide else 1), (
         shuffles, sum(packed[0].values()))
     assert packed[0].get("MOVM.16.MT88", 0) == (8 if wide else 4)  # P^T: one movmatrix per 8 x 8 block
@@ -195,3 +197,27 @@ def test_staged_launch_fills_whole_waves_of_resident_programs():
     assert _default_splits(8, 1024, 396) == 48 and _default_splits(8, 3, 396) == 3
     # many rows (64 x 4096): the split count whose last wave is fullest (512 x 3 = 1536 of 4 x 396)
     assert _default_splits(512, 32, 396) == 3 and _default_splits(512, 32, 264) == 1
+
+
+def test_three_bit_values_meet_their_high_bits_in_token_pairs():
+    """3-bit values (bit planes) in token pairs, read as the kernel does: a thread's 8 bytes of the 2-bit plane
+    (``[2-bit byte xb, token xp]``) and 4 bytes of the 1-bit plane (``[B, token]``, duplicated so that byte
+    ``xb`` sees ``B = xb // 2``); ``ptx.ASM3TP`` takes bit ``4 (xb % 2) + f`` of that byte as code ``f``'s high
+    bit. Every code must come out as stored, at the token and channel the 2-bit map names."""
+    d = 128
+    codes = torch.randint(0, 8, (1, 1, 32, d), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    rows = quant.pack(codes, 3)
+    assert rows.shape[-1] == 48  # the 2-bit plane (32 bytes), then the 1-bit plane (16)
+    paired = to_token_pairs(rows).reshape(-1).long()
+    nh, nlh, u, x = (torch.arange(n).reshape(*([1] * i), n, *([1] * (3 - i))) for i, n in enumerate((4, 4, 8, 8)))
+    base = (nh * 8 + nlh * 2) * 48  # the pair's first byte
+    lo = paired[base + u * 8 + x].reshape(4, 4, 8, 4, 2)  # [nh nlh u xb xp]
+    h = paired[(base + 64 + u * 4 + x[..., :4]).expand(4, 4, 8, 4)].reshape(4, 4, 8, 2, 2)  # [.. B token]
+    h8 = torch.stack([h, h], -1).permute(0, 1, 2, 3, 5, 4).reshape(4, 4, 8, 4, 2)  # as the kernel's join
+    xb, xp = torch.arange(4)[:, None], torch.arange(2)[None, :]
+    tok = (nh * 8 + nlh * 2)[..., None] + xp  # [4 4 1 1 2]
+    for f in range(4):
+        got = ((lo >> 2 * f) & 3) | (((h8 >> (4 * (xb % 2) + f)) & 1) << 2)
+        ch = 16 * u[..., None] + 4 * xb + f  # [1 1 8 4 1]: the 2-bit map's channel
+        want = codes[0, 0][tok.expand(4, 4, 8, 4, 2), ch.expand(4, 4, 8, 4, 2)].long()
+        assert torch.equal(got, want)

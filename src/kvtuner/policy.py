@@ -145,9 +145,9 @@ class KernelPolicy:
 
 def _gluon_covers(key: QuantSpec, value: QuantSpec, head_dim: int) -> bool:
     """Layers the Gluon decode kernel reads: KIVI, 32-token key groups and 32-channel value groups, 2-, 4- or
-    8-bit keys and values, head_dim 128 (rotated or not, with or without sink tokens)."""
+    8-bit keys, 2-, 3-, 4- or 8-bit values, head_dim 128 (rotated or not, with or without sink tokens)."""
     return (head_dim == 128 and key.mode == value.mode == "kivi" and key.bits in (2, 4, 8)
-            and value.bits in (2, 4, 8) and key.group_size == value.group_size == 32
+            and value.bits in (2, 3, 4, 8) and key.group_size == value.group_size == 32
             and value.channel_group(head_dim) == 32)
 
 

@@ -18,7 +18,7 @@ import triton.experimental.gluon.language as gl
 from triton.experimental import gluon
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
-from .ptx import ASM2, ASM4, ASM8, MOVMATRIX_T, RAW2, RAW4, RAW8
+from .ptx import ASM2, ASM3TP, ASM4, ASM8, MOVMATRIX_T, RAW2, RAW4, RAW8
 
 
 @gluon.constexpr_function
@@ -52,7 +52,7 @@ def _layout(name, kbits=4, vbits=4):
     pairs ``[w, n_hi 4, n_lo>>1 4, u 8, 4 vbits]``; ``"vbp"``: values as stored ``[w, n_hi, n_lo>>1, u, 2,
     2 vbits]``; ``"vb"``: value codes in the unpacker's order ``[.., xb, xp]``; ``"vs"``: value scales
     ``[.., 1, 2]``; ``"res"``: residual rows ``[w, 32 tok, 8, 16]``."""
-    w, xv = _WARPS.value, 4 * vbits
+    w, xv = _WARPS.value, 4 * _plane_bits(vbits)
     mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[w, 1, 1], instr_shape=[1, 16, 8])
     return {
         "mma": lambda: mma,
@@ -70,7 +70,14 @@ def _layout(name, kbits=4, vbits=4):
         "vs": lambda: gl.BlockedLayout([1, 4, 1, 1, 1, 2], [1, 1, 4, 8, 1, 1], [w, 1, 1, 1, 1, 1], [5, 4, 2, 3, 1, 0]),
         "res": lambda: gl.BlockedLayout([1, 1, 1, 8], [1, 8, 4, 1], [w, 1, 1, 1], [3, 2, 1, 0]),
         "ksc": lambda: gl.BlockedLayout([1, 1, 4], [1, 4, 8], [w, 1, 1], [2, 1, 0]),
+        "vh": lambda: gl.BlockedLayout([1, 4, 1, 1, 4], [1, 1, 4, 8, 1], [w, 1, 1, 1, 1], [4, 2, 3, 1, 0]),
     }[name]()
+
+
+@gluon.constexpr_function
+def _plane_bits(vbits):
+    """Bits of the value codes' first (or only) plane: 3-bit codes are a 2-bit plane and a 1-bit plane."""
+    return 2 if vbits == 3 else vbits
 
 
 @gluon.constexpr_function
@@ -136,13 +143,15 @@ def _flat(rank):
 
 
 @gluon.jit
-def _issue(kb, vb, ksb, kzb, vsb, vzb, kptr, vptr, ksp, kzp, vsp, vzp, ktok, vpair, cw, spair, left,
-           VSCALES: gl.constexpr):
+def _issue(kb, vb, hb, ksb, kzb, vsb, vzb, kptr, vptr, hptr, ksp, kzp, vsp, vzp, ktok, vpair, hpair, cw, spair,
+           left, VSCALES: gl.constexpr, PLANE1: gl.constexpr):
     """cp.async of one 128-token tile (``left`` tokens remain; none or fewer copy zeros) into one ring slot;
-    value scales/zeros only if VSCALES (as the cache stores them, a thread's two tokens are not contiguous:
-    2-byte copies, which cp.async lacks)."""
+    value scales/zeros only if VSCALES (packed along head_dim, a thread's two tokens are not contiguous:
+    2-byte copies, which cp.async lacks); the 1-bit plane of 3-bit values into ``hb`` if PLANE1."""
     async_copy.async_copy_global_to_shared(kb, kptr, mask=ktok < left)
     async_copy.async_copy_global_to_shared(vb, vptr, mask=vpair < left)
+    if PLANE1:  # the 1-bit plane of 3-bit values
+        async_copy.async_copy_global_to_shared(hb, hptr, mask=hpair < left)
     gmask = cw * 32 < left
     async_copy.async_copy_global_to_shared(ksb, ksp, mask=gmask)
     async_copy.async_copy_global_to_shared(kzb, kzp, mask=gmask)
@@ -164,17 +173,19 @@ def _softmax_t(s, m_i, l_i, acc):
 
 
 @gluon.jit
-def _tile(kbytes, vbytes, s3, z3, sv, zv, mptr, left, mw, mt, q_b, qg, neg_m, m_i, l_i, acc, KBITS: gl.constexpr,
-          VBITS: gl.constexpr, VPAIRS: gl.constexpr, HAS_MASK: gl.constexpr, MASKED: gl.constexpr,
-          VS_PTRS: gl.constexpr = False, smask=None):
+def _tile(kbytes, vbytes, hbytes, s3, z3, sv, zv, mptr, left, mw, mt, q_b, qg, neg_m, m_i, l_i, acc,
+          KBITS: gl.constexpr, VBITS: gl.constexpr, VPAIRS: gl.constexpr, HAS_MASK: gl.constexpr,
+          MASKED: gl.constexpr, VS_PTRS: gl.constexpr = False, smask=None):
     """One 128-token tile from its loaded codes, key scales/zeros ``[W, 4, 32]`` and value scales/zeros (each
-    warp's 32-token key group; ``left`` tokens remain; MASKED: maybe fewer than 128). VS_PTRS: ``sv`` / ``zv``
-    are pointers, loaded (under ``smask``) where the values need them, so that their registers live briefly."""
+    warp's 32-token key group; ``left`` tokens remain; MASKED: maybe fewer than 128). ``hbytes``: the 1-bit
+    plane of 3-bit values (else unused). VS_PTRS: ``sv`` / ``zv`` are pointers, loaded (under ``smask``)
+    where the values need them, so that their registers live briefly."""
     D: gl.constexpr = 128
     W: gl.constexpr = _WARPS
     BH: gl.constexpr = q_b.shape[2]
     FMAX: gl.constexpr = _fmax(KBITS)
-    XV: gl.constexpr = 4 * VBITS
+    VP: gl.constexpr = _plane_bits(VBITS)
+    XV: gl.constexpr = 4 * VP
     MMA: gl.constexpr = _layout("mma")
     A_OP: gl.constexpr = _layout("a")
     B_OP: gl.constexpr = _layout("b")
@@ -215,7 +226,15 @@ def _tile(kbytes, vbytes, s3, z3, sv, zv, mptr, left, mw, mt, q_b, qg, neg_m, m_
         vbytes = gl.reshape(vbytes, [W, 4, 4, 8, XV // 2, 2])
     else:
         vbytes = gl.permute(vbytes, [0, 1, 2, 3, 5, 4])
-    vcodes = _unpack(gl.convert_layout(vbytes, VB), VBITS)
+    if VBITS == 3:  # each 2-bit plane register [b0 t0, b0 t1, b1 t0, b1 t1] meets its 1-bit plane bytes [B t0, B t1]
+        h = gl.reshape(hbytes, [W, 4, 4, 8, 2, 2])  # [.., B, token]; B = 2-bit byte // 2
+        h = gl.reshape(gl.permute(gl.join(h, h), [0, 1, 2, 3, 4, 6, 5]), [W, 4, 4, 8, 4, 2])
+        vcodes = gl.inline_asm_elementwise(ASM3TP, "=r," * 8 + "r,r", [gl.convert_layout(vbytes, VB),
+                                           gl.convert_layout(h, VB)],
+                                           dtype=(gl.float16, gl.float16, gl.float16, gl.float16), is_pure=True,
+                                           pack=4)
+    else:
+        vcodes = _unpack(gl.convert_layout(vbytes, VB), VBITS)
     if VS_PTRS:
         if MASKED:
             sv = gl.load(sv, mask=smask, other=0.0)
@@ -225,7 +244,7 @@ def _tile(kbytes, vbytes, s3, z3, sv, zv, mptr, left, mw, mt, q_b, qg, neg_m, m_
             zv = gl.load(zv)
     sv = gl.convert_layout(sv.to(gl.float16), VB)
     zv = gl.convert_layout(zv.to(gl.float16), VB)
-    vd = _dequant_last(vcodes, (sv, sv, sv, sv), (zv, zv, zv, zv), VBITS)
+    vd = _dequant_last(vcodes, (sv, sv, sv, sv), (zv, zv, zv, zv), VP)
     if VBITS == 8:
         vd = gl.permute(vd, [0, 1, 2, 5, 4, 3])
     elif VBITS == 4:
@@ -247,7 +266,7 @@ def split_kernel(Q, QR, KC, KS, KZ, VC, VS, VZ, KR, VR, MASK, LENS, PO, PM, PL,
     D: gl.constexpr = 128
     W: gl.constexpr = _WARPS
     KRB: gl.constexpr = 4 * KBITS
-    XV: gl.constexpr = 4 * VBITS
+    XV: gl.constexpr = 4 * _plane_bits(VBITS)  # bytes of a thread's 16 channels of a token pair (first plane)
     MMA: gl.constexpr = _layout("mma")
     A_OP: gl.constexpr = _layout("a")
     B_OP: gl.constexpr = _layout("b")
@@ -257,6 +276,7 @@ def split_kernel(Q, QR, KC, KS, KZ, VC, VS, VZ, KR, VR, MASK, LENS, PO, PM, PL,
     VB5: gl.constexpr = _layout("vb5", KBITS, VBITS)
     VBP: gl.constexpr = _layout("vbp", KBITS, VBITS)
     VS6: gl.constexpr = _layout("vs", KBITS, VBITS)
+    VH: gl.constexpr = _layout("vh", KBITS, VBITS)
     RL: gl.constexpr = _layout("res")
 
     if VPAIRS:
@@ -269,6 +289,10 @@ def split_kernel(Q, QR, KC, KS, KZ, VC, VS, VZ, KR, VR, MASK, LENS, PO, PM, PL,
             vbuf = gl.allocate_shared_memory(gl.uint8, [STAGES, W, 4, 4, 8, XV], _flat(5))
         else:
             vbuf = gl.allocate_shared_memory(gl.uint8, [STAGES, W, 4, 4, 8, 2, XV // 2], _flat(6))
+        if VBITS == 3:
+            hbuf = gl.allocate_shared_memory(gl.uint8, [STAGES, W, 4, 4, 8, 4], _flat(5))
+        else:
+            hbuf = kbuf  # a stand-in the kernel neither copies into nor reads
         ksbuf = gl.allocate_shared_memory(KS.dtype.element_ty, [STAGES, W, 4, 32], _flat(3))
         kzbuf = gl.allocate_shared_memory(KS.dtype.element_ty, [STAGES, W, 4, 32], _flat(3))
         vsbuf = gl.allocate_shared_memory(VS.dtype.element_ty, [STAGES, W, 4, 4, 8, 1, 2], _flat(6))
@@ -328,6 +352,9 @@ def split_kernel(Q, QR, KC, KS, KZ, VC, VS, VZ, KR, VR, MASK, LENS, PO, PM, PL,
         sgrp = _index(8, VS6, 6, 3) // 2
         kptr = kc + (start + ktok).to(gl.int64) * skc_t + kbyte
         sptr = ((start + sw * 32) // 32).to(gl.int64) * sks_t + sch
+        # 3-bit values: the 1-bit plane of a token pair follows the 64 bytes of its 2-bit plane
+        hpair = _index(W, VH, 5, 0) * 32 + _index(4, VH, 5, 1) * 8 + _index(4, VH, 5, 2) * 2
+        hptr = vc + (start + hpair).to(gl.int64) * svc_t + (64 + _index(8, VH, 5, 3) * 4 + _index(4, VH, 5, 4))
         if VPAIRS:
             vptr = vc + (start + vpair).to(gl.int64) * svc_t + vbyte
             vsptr = (start + spair).to(gl.int64) * svs_t + (2 * sgrp + sxp)
@@ -338,18 +365,27 @@ def split_kernel(Q, QR, KC, KS, KZ, VC, VS, VZ, KR, VR, MASK, LENS, PO, PM, PL,
         full = size // 128
         if STAGES == 0:  # plain loads
             for it in range(full):
-                m_i, l_i, acc = _tile(gl.load(kptr), gl.load(vptr), gl.load(ks + sptr), gl.load(kz + sptr),
+                if VBITS == 3:
+                    hb = gl.load(hptr)
+                else:
+                    hb = None
+                m_i, l_i, acc = _tile(gl.load(kptr), gl.load(vptr), hb, gl.load(ks + sptr), gl.load(kz + sptr),
                                       gl.load(vs + vsptr), gl.load(vz + vsptr), mrow + start + it * 128, 128, mw, mt,
                                       q_b, qg, neg_m, m_i, l_i, acc, KBITS, VBITS, VPAIRS, HAS_MASK, False)
                 kptr += 128 * skc_t
                 sptr += 4 * sks_t
                 vptr += 128 * svc_t
+                hptr += 128 * svc_t
                 vsptr += 128 * svs_t
             if full * 128 < size:
                 left = size - full * 128
                 gmask = (sw * 32 < left) & (sch >= 0)
                 smask = spair < left
-                m_i, l_i, acc = _tile(gl.load(kptr, mask=ktok < left), gl.load(vptr, mask=vpair < left),
+                if VBITS == 3:
+                    hb = gl.load(hptr, mask=hpair < left)
+                else:
+                    hb = None
+                m_i, l_i, acc = _tile(gl.load(kptr, mask=ktok < left), gl.load(vptr, mask=vpair < left), hb,
                                       gl.load(ks + sptr, mask=gmask, other=0.0), gl.load(kz + sptr, mask=gmask, other=0.0),
                                       gl.load(vs + vsptr, mask=smask, other=0.0),
                                       gl.load(vz + vsptr, mask=smask, other=0.0), mrow + start + full * 128, left, mw,
@@ -361,23 +397,25 @@ def split_kernel(Q, QR, KC, KS, KZ, VC, VS, VZ, KR, VR, MASK, LENS, PO, PM, PL,
             vscur = vs + vsptr  # the current tile's value scales/zeros, when read directly (not VPAIRS)
             vzcur = vz + vsptr
             for t0 in gl.static_range(STAGES - 1):
-                _issue(kbuf.index(t0), vbuf.index(t0), ksbuf.index(t0), kzbuf.index(t0), vsbuf.index(t0),
-                       vzbuf.index(t0), kptr, vptr, ks + kscp, kz + kscp, vs + vsptr, vz + vsptr, ktok, vpair, cw,
-                       spair, size - t0 * 128, VPAIRS)
+                _issue(kbuf.index(t0), vbuf.index(t0), hbuf.index(t0), ksbuf.index(t0), kzbuf.index(t0),
+                       vsbuf.index(t0), vzbuf.index(t0), kptr, vptr, hptr, ks + kscp, kz + kscp, vs + vsptr,
+                       vz + vsptr, ktok, vpair, hpair, cw, spair, size - t0 * 128, VPAIRS, VBITS == 3)
                 kptr += 128 * skc_t
                 kscp += 4 * sks_t
                 vptr += 128 * svc_t
+                hptr += 128 * svc_t
                 vsptr += 128 * svs_t
             for it in range(full):
                 async_copy.wait_group(STAGES - 2)
                 gl.thread_barrier()  # tile it is visible to all; every thread is done with tile it - 1's slot
                 t = (it + STAGES - 1) % STAGES
-                _issue(kbuf.index(t), vbuf.index(t), ksbuf.index(t), kzbuf.index(t), vsbuf.index(t), vzbuf.index(t),
-                       kptr, vptr, ks + kscp, kz + kscp, vs + vsptr, vz + vsptr, ktok, vpair, cw, spair,
-                       size - (it + STAGES - 1) * 128, VPAIRS)
+                _issue(kbuf.index(t), vbuf.index(t), hbuf.index(t), ksbuf.index(t), kzbuf.index(t), vsbuf.index(t),
+                       vzbuf.index(t), kptr, vptr, hptr, ks + kscp, kz + kscp, vs + vsptr, vz + vsptr, ktok, vpair,
+                       hpair, cw, spair, size - (it + STAGES - 1) * 128, VPAIRS, VBITS == 3)
                 kptr += 128 * skc_t
                 kscp += 4 * sks_t
                 vptr += 128 * svc_t
+                hptr += 128 * svc_t
                 vsptr += 128 * svs_t
                 c = it % STAGES
                 if VPAIRS:
@@ -386,8 +424,13 @@ def split_kernel(Q, QR, KC, KS, KZ, VC, VS, VZ, KR, VR, MASK, LENS, PO, PM, PL,
                 else:
                     sv = vscur
                     zv = vzcur
-                m_i, l_i, acc = _tile(kbuf.index(c).load(KB), vbuf.index(c).load(VBL), ksbuf.index(c).load(SL),
-                                      kzbuf.index(c).load(SL), sv, zv, mrow + start + it * 128, 128, mw, mt, q_b, qg,
+                if VBITS == 3:
+                    hb = hbuf.index(c).load(VH)
+                else:
+                    hb = None
+                m_i, l_i, acc = _tile(kbuf.index(c).load(KB), vbuf.index(c).load(VBL), hb,
+                                      ksbuf.index(c).load(SL), kzbuf.index(c).load(SL), sv, zv, mrow + start + it * 128,
+                                      128, mw, mt, q_b, qg,
                                       neg_m, m_i, l_i, acc, KBITS, VBITS, VPAIRS, HAS_MASK, False, not VPAIRS)
                 vscur += 128 * svs_t
                 vzcur += 128 * svs_t
@@ -402,8 +445,13 @@ def split_kernel(Q, QR, KC, KS, KZ, VC, VS, VZ, KR, VR, MASK, LENS, PO, PM, PL,
                 else:
                     sv = vscur
                     zv = vzcur
-                m_i, l_i, acc = _tile(kbuf.index(c).load(KB), vbuf.index(c).load(VBL), ksbuf.index(c).load(SL),
-                                      kzbuf.index(c).load(SL), sv, zv, mrow + start + full * 128, left, mw, mt, q_b,
+                if VBITS == 3:
+                    hb = hbuf.index(c).load(VH)
+                else:
+                    hb = None
+                m_i, l_i, acc = _tile(kbuf.index(c).load(KB), vbuf.index(c).load(VBL), hb,
+                                      ksbuf.index(c).load(SL), kzbuf.index(c).load(SL), sv, zv,
+                                      mrow + start + full * 128, left, mw, mt, q_b,
                                       qg, neg_m, m_i, l_i, acc, KBITS, VBITS, VPAIRS, HAS_MASK, True, not VPAIRS,
                                       spair < left)
             async_copy.wait_group(0)
@@ -450,11 +498,13 @@ LOG2E = 1.4426950408889634
 
 def supported(k_packed, v_packed, head_dim: int) -> bool:
     """Whether :func:`decode_attention` reads this layer's packed storage: KIVI with 32-token key groups
-    in channel word order and 32-channel value groups along head_dim, 2-, 4- or 8-bit codes, head_dim 128."""
+    in channel word order and 32-channel value groups along head_dim, head_dim 128, 2-, 4- or 8-bit keys,
+    2-, 4- or 8-bit values, or 3-bit values (bit planes) in token pairs."""
     return (head_dim == 128 and k_packed.granularity == "per_channel" and k_packed.group_size == 32
             and k_packed.channel_words and not k_packed.token_block and k_packed.bits in (2, 4, 8)
             and v_packed.granularity == "per_token" and v_packed.group_size == 32 and not v_packed.channel_words
-            and not v_packed.token_block and v_packed.bits in (2, 4, 8))
+            and not v_packed.token_block
+            and (v_packed.bits in (2, 4, 8) or (v_packed.bits == 3 and v_packed.token_pairs)))
 
 
 def decode_attention(q, k_packed, k_residual, v_packed, v_residual, scaling, kv_mask=None, out_scale=1.0, *,
@@ -466,8 +516,9 @@ def decode_attention(q, k_packed, k_residual, v_packed, v_residual, scaling, kv_
     Returns ``[B, 1, Hq, 128]`` in ``q.dtype``."""
     _, hq, one, d = q.shape
     if k_packed is None or v_packed is None or not supported(k_packed, v_packed, d):
-        raise ValueError("the Gluon decode kernel reads KIVI G = 32 storage of 2, 4 or 8 bits at head_dim 128, keys "
-                         "in channel word order; allowed: such a packed history (else kvtuner.kernels.decode_attention)")
+        raise ValueError("the Gluon decode kernel reads KIVI G = 32 storage at head_dim 128: 2-, 4- or 8-bit keys in "
+                         "channel word order, 2-, 4- or 8-bit values, 3-bit values in token pairs; allowed: such a "
+                         "packed history (else kvtuner.kernels.decode_attention)")
     hkv, n = k_packed.codes.shape[1], k_packed.num_tokens
     if lengths is not None:  # static buffers: the counts are on the device, both capacities bound them
         n = min(n, v_packed.num_tokens) // 32 * 32
@@ -496,9 +547,11 @@ def decode_packed(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, scaling
     Returns ``[B, 1, Hq, 128]`` in ``q.dtype``."""
     _, hq, one, d = q.shape
     _, hkv, n, width = k_codes.shape
-    if kbits not in (2, 4, 8) or vbits not in (2, 4, 8) or width != 16 * kbits or v_codes.shape[-1] != 16 * vbits:
+    if (kbits not in (2, 4, 8) or vbits not in (2, 3, 4, 8) or (vbits == 3 and not value_pairs)
+            or width != 16 * kbits or v_codes.shape[-1] != 16 * vbits):
         raise ValueError(f"bits ({kbits}, {vbits}) with code rows of {width} and {v_codes.shape[-1]} bytes; allowed: "
-                         "2, 4 or 8 bits, rows of head_dim * bits / 8 bytes")
+                         "2-, 4- or 8-bit keys, 2-, 4- or 8-bit values or 3-bit values in token pairs, rows of "
+                         "head_dim * bits / 8 bytes")
     if d != 128 or one != 1 or hq % hkv or hq // hkv > 16 or n % 32 or n == 0:
         raise ValueError(f"decode_packed covers head_dim 128, up to 16 query heads per KV head and whole 32-token "
                          f"groups; got q {tuple(q.shape)}, key codes {tuple(k_codes.shape)}")

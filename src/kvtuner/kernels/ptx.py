@@ -186,7 +186,7 @@ def asm3_token_pairs() -> str:
     holds code ``f`` of byte ``b_j`` of both tokens, exact: the high bit is moved next to the low bits (bit
     ``2 f + 2`` of each half), the three bits become fp16 ``1024 + c << 2 f``, one packed fma removes the
     offset and the shift."""
-    lines = ["{", ".reg .b32 t0, t1, h, u, m;", "prmt.b32 t0, $8, 0, 0x4140;", "prmt.b32 t1, $8, 0, 0x4342;",
+    lines = ["{", ".reg .b32 t0, t1, h, u, m, s, o;", "prmt.b32 t0, $8, 0, 0x4140;", "prmt.b32 t1, $8, 0, 0x4342;",
              "prmt.b32 h, $9, 0, 0x4140;", "mov.b32 m, 0x64006400;"]
     for f in range(4):
         for j in range(2):
@@ -200,8 +200,9 @@ def asm3_token_pairs() -> str:
             if f == 0:
                 lines.append(f"sub.f16x2 {out}, {out}, m;")
             else:
-                scale, offset = f16x2(2.0 ** (-2 * f)), f16x2(-1024 * 2.0 ** (-2 * f))
-                lines.append(f"fma.rn.f16x2 {out}, {out}, {scale}, {offset};")
+                if j == 0:  # fma takes registers only
+                    lines += [f"mov.b32 s, {f16x2(2.0 ** (-2 * f))};", f"mov.b32 o, {f16x2(-1024 * 2.0 ** (-2 * f))};"]
+                lines.append(f"fma.rn.f16x2 {out}, {out}, s, o;")
     return "\n".join(lines + ["}"])
 
 ASM3C = tl.constexpr(asm3_contiguous())
