@@ -193,6 +193,7 @@ def test_staged_launch_fills_whole_waves_of_resident_programs():
     # registers (168 per thread up to 4-bit codes and 8 heads) and the staged tiles bound residency
     assert _resident(4, 4, 8, True, 3) == 3 and _resident(2, 2, 8, True, 3) == 3
     assert _resident(8, 8, 8, True, 2) == 2 and _resident(8, 8, 8, True, 3) == 1 and _resident(4, 4, 16, True, 3) == 2
+    assert _resident(4, 3, 8, True, 3) == 2
     # few rows (1 x 131072, 8 KV heads): one wave, splits beside each row's residual program
     assert _default_splits(8, 1024, 396) == 48 and _default_splits(8, 3, 396) == 3
     # many rows (64 x 4096): the split count whose last wave is fullest (512 x 3 = 1536 of 4 x 396)

@@ -561,10 +561,10 @@ def decode_packed(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, scaling
 
 
 def _resident(kbits, vbits, bh, value_pairs, stages):
-    """Programs of the split kernel one SM holds at once: registers (sm_90 compiles: 168 per thread with codes of
-    at most 4 bits and up to 8 query heads per KV head, 230-255 otherwise; 64 K per SM, 128 threads a program)
+    """Programs of the split kernel one SM holds at once: registers (sm_90 compiles: 168 per thread with 2- or
+    4-bit codes and up to 8 query heads per KV head, 230-255 otherwise; 64 K per SM, 128 threads a program)
     and shared memory (each stage: key and value codes, key scales/zeros, value scales/zeros in token pairs)."""
-    by_regs = 3 if max(kbits, vbits) <= 4 and bh == 8 else 2
+    by_regs = 3 if max(kbits, vbits) <= 4 and vbits != 3 and bh == 8 else 2
     stage = 2048 * (kbits + vbits) + 2048 + (4096 if value_pairs else 0)
     return max(1, min(by_regs, (227 * 1024) // (stages * stage + 2048)))
 
