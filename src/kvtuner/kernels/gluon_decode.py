@@ -1,18 +1,21 @@
-"""Decode attention over a packed KIVI cache (G = 32, head_dim 128, 2-, 4- and 8-bit keys and values) and its
-residual window, in Gluon (explicit layouts).
+"""Decode attention over a packed KIVI cache (G = 32, head_dim 128, 2-, 4- and 8-bit keys, 2-, 3-, 4- and 8-bit
+values) and its residual window, in Gluon (explicit layouts).
 
 Scores and outputs are computed transposed, ``S^T = K q'^T`` and ``O^T = V^T P^T``, so the query heads of a
 KV head (GQA) fill the MMA's N dimension (8, or 16 above 8 heads) instead of padding its M to 16: half the
 MMAs, accumulator and rescaling of the other orientation. Each warp owns one 32-token key group per
-128-token tile with its own online softmax. Codes are loaded with 8- to 16-byte vectors in layouts whose
-registers, once unpacked, are the MMA operands (a permutation of the channels, applied to q once and
-undone at the output store, makes every thread's bytes contiguous).
+128-token tile with its own online softmax; the four warps' results are merged at the program's end. Codes
+are loaded with 8- to 16-byte vectors (straight into registers, or through a ``cp.async`` ring of tiles in
+shared memory) in layouts whose registers, once unpacked, are the MMA operands (a permutation of the
+channels, applied to q once and undone at the output store, makes every thread's bytes contiguous).
 
 Keys are never dequantized: their unpacked fp16 values ``1024 + f c`` (``f`` the code's power-of-two
 position in its byte) meet ``q' = q s FMAX / f`` (scales folded into q, one packed multiply per 2 channels
 and head), and one bias MMA per group adds ``FMAX sum q z - 1024 sum q'`` from the same fp16 ``q'``, so the
-offset cancels in fp32. Values are dequantized per code (their scales vary along the MMA's K); the
-probabilities reach the ``P V`` operand with one ``movmatrix`` per 8 x 8 block.
+offset cancels in fp32. Values are dequantized per code (their scales vary along the MMA's K), in token
+pairs (``quant.in_token_pairs``: one unpacked fp16x2 register holds a channel of two tokens; 3-bit values
+join their 1-bit plane in the same PTX); the probabilities reach the ``P V`` operand with one
+``movmatrix`` per 8 x 8 block.
 """
 import triton.experimental.gluon.language as gl
 from triton.experimental import gluon
@@ -478,17 +481,22 @@ def split_kernel(Q, QR, KC, KS, KZ, VC, VS, VZ, KR, VR, MASK, LENS, PO, PM, PL,
                                     A_OP)
             acc = mma_v2(v_a, p_b, acc)
 
-    ow = _index(W, MMA, 3, 0)
-    onu = _index(D, MMA, 3, 1)
-    oh = _index(BH, MMA, 3, 2)
-    row = ((b * HKV + h) * GROUP + oh) * NUM_SPLITS + split * W + ow
-    gl.store(PO + row * D + 16 * (onu & 7) + (onu >> 3), acc, mask=(oh < GROUP) & (onu >= 0))
-    sw2 = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(1, MMA)))
-    sh2 = gl.arange(0, BH, layout=gl.SliceLayout(0, gl.SliceLayout(1, MMA)))
-    srow = ((b * HKV + h) * GROUP + gl.expand_dims(sh2, 0)) * NUM_SPLITS + split * W + gl.expand_dims(sw2, 1)
-    smask = gl.expand_dims(sh2, 0) < GROUP
-    gl.store(PM + srow, m_i, mask=smask)
-    gl.store(PL + srow, l_i, mask=smask)
+    # the warps' partial results merged into the program's one (a cross-warp reduction through shared memory):
+    # the merge kernel then reads one row per program, not four
+    m_p = gl.max(m_i, axis=0)
+    alpha = gl.where(m_i == float("-inf"), 0.0, gl.exp2(m_i - gl.expand_dims(gl.where(m_p == float("-inf"), 0.0,
+                                                                                      m_p), 0)))
+    l_p = gl.sum(l_i * alpha, axis=0)
+    o_p = gl.sum(acc * gl.expand_dims(alpha, 1), axis=0)  # [D (nu), BH]
+    OL: gl.constexpr = gl.SliceLayout(0, MMA)
+    onu = _index(D, OL, 2, 0)
+    oh = _index(BH, OL, 2, 1)
+    row = ((b * HKV + h) * GROUP + oh) * NUM_SPLITS + split
+    gl.store(PO + row * D + 16 * (onu & 7) + (onu >> 3), o_p, mask=(oh < GROUP) & (onu >= 0))
+    sh = gl.arange(0, BH, layout=gl.SliceLayout(0, gl.SliceLayout(1, MMA)))
+    srow = ((b * HKV + h) * GROUP + sh) * NUM_SPLITS + split
+    gl.store(PM + srow, m_p, mask=sh < GROUP)
+    gl.store(PL + srow, l_p, mask=sh < GROUP)
 
 
 
@@ -561,8 +569,9 @@ def decode_packed(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, scaling
 
 
 def _resident(kbits, vbits, bh, value_pairs, stages):
-    """Programs of the split kernel one SM holds at once: registers (sm_90 compiles: 168 per thread with 2- or
-    4-bit codes and up to 8 query heads per KV head, 230-255 otherwise; 64 K per SM, 128 threads a program)
+    """Programs of the split kernel one SM holds at once: registers (sm_90 compiles: 168 per thread, capped
+    there, with 2- or 4-bit codes and up to 8 query heads per KV head, 230-255 otherwise; 64 K per SM, 128
+    threads a program)
     and shared memory (each stage: key and value codes, key scales/zeros, value scales/zeros in token pairs)."""
     by_regs = 3 if max(kbits, vbits) <= 4 and vbits != 3 and bh == 8 else 2
     stage = 2048 * (kbits + vbits) + 2048 + (4096 if value_pairs else 0)
@@ -589,7 +598,7 @@ def _launch(q, kc, ks, kz, vc, vs, vz, scaling, kbits, vbits, k_residual, v_resi
             kv_mask, lengths, out_scale, rotate_out, splits, value_pairs, n=None, programs_per_sm=None, maxnreg=None,
             stages=None):
     """The split launch over ``splits`` ranges of the packed history (``n`` tokens, default all of ``kc``) plus
-    the residual's program, then the merge of their per-warp partial results. ``stages`` 0 (default): tiles
+    the residual's program, then the merge of their partial results (one per program). ``stages`` 0 (default): tiles
     loaded straight into registers, about four programs per SM when (batch x KV heads) rows fill the GPU, else
     one wave of three per SM under a 168-register cap, codes of at most 4 bits and up to 8 query heads per KV
     head, two per SM otherwise (measured on an H100: ``docs/kernels.md``). ``stages`` > 0: a cp.async ring of
@@ -622,10 +631,13 @@ def _launch(q, kc, ks, kz, vc, vs, vz, scaling, kbits, vbits, k_residual, v_resi
     elif per_sm is not None:
         nqs = max(1, min(tiles, triton.cdiv(per_sm * sms, kv_rows)))
     else:
-        nqs = _default_splits(kv_rows, tiles, sms * _resident(kbits, vbits, bh, value_pairs, stages))
+        resident = _resident(kbits, vbits, bh, value_pairs, stages)
+        if resident == 3:  # three programs' registers: at most 168 each (ptxas picks 168-176 unasked)
+            maxnreg = maxnreg or 168
+        nqs = _default_splits(kv_rows, tiles, sms * resident)
     per = triton.cdiv(triton.cdiv(n, nqs), 128) * 128
     nqs = triton.cdiv(n, per)
-    num_splits = 4 * (nqs + 1)
+    num_splits = nqs + 1
     rows = b * hq * num_splits
     partial = torch.empty(rows * (d + 2), device=q.device, dtype=torch.float32)
     po, pm, pl = partial[: rows * d], partial[rows * d: rows * (d + 1)], partial[rows * (d + 1):]
@@ -646,5 +658,5 @@ def _launch(q, kc, ks, kz, vc, vs, vz, scaling, kbits, vbits, k_residual, v_resi
     out = torch.empty(b, 1, hq, d, device=q.device, dtype=q.dtype)
     merge_kernel[(b * hq,)](po, pm, pl, out, out.stride(0), out.stride(2), hq, num_splits, float(out_scale), D=d,
                             BLOCK_D=d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)), ROT_O=bool(rotate_out),
-                            LOG_D=d.bit_length() - 1, RES_SPLITS=4)
+                            LOG_D=d.bit_length() - 1, RES_SPLITS=1)
     return out
