@@ -1,10 +1,10 @@
 """End to end on the GPU: whole CUDA-graph decode steps of a 32-layer Llama-3.1-8B-shaped model (random bf16
-weights) with each decode-attention kernel (``KernelPolicy(decode="triton")`` and ``"gluon"``), alternating,
-and the strong bf16 baseline (``strong_bf16.py``: static buffers, flash SDPA, CUDA graph) in the same run, at
+weights) with each decode-attention kernel (``KernelPolicy(decode="triton")``, ``"gluon"``, and ``"gluon"`` with
+``decode_stages=3``: "gluon-ring"), alternating, and the strong bf16 baseline (``strong_bf16.py``: static buffers, flash SDPA, CUDA graph) in the same run, at
 batch ``--batch`` and at the largest batch whose cache fits ``--budget-gib`` (the throughput metric).
 
     PYTHONPATH=src python benchmarks/ab_decode_kernels.py [--batch 64] [--context 4096] [--repeats 2]
-        [--budget-gib 30]
+        [--budget-gib 30] [--kernels triton,gluon,gluon-ring]
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--configs", default="KV4,C3.25")
     ap.add_argument("--budget-gib", type=float, default=30.0, help="KV memory for the maximum-batch rows (0: none)")
     ap.add_argument("--max-batch-configs", default=None, help="configs run at the maximum batch too (default: all)")
+    ap.add_argument("--kernels", default="triton,gluon,gluon-ring",
+                    help="triton, gluon (tiles loaded into registers), gluon-ring (a 3-stage cp.async ring)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     model = build(32)
@@ -53,8 +55,9 @@ def main() -> None:
         for name in args.configs.split(","):
             at_max = budget and (args.max_batch_configs is None or name in args.max_batch_configs.split(","))
             for bb in [b] + ([max_batch(named[name])] if at_max else []):
-                for decode in ("triton", "gluon"):
-                    cache = fill(model, named[name], bb, ctx, reserve, static=True, policy=KernelPolicy(decode=decode))
+                for decode in args.kernels.split(","):
+                    policy = KernelPolicy(decode=decode.split("-")[0], decode_stages=3 if decode.endswith("ring") else 0)
+                    cache = fill(model, named[name], bb, ctx, reserve, static=True, policy=policy)
                     kv = torch.cuda.memory_allocated() - weights
                     dt = decode_graph(model, cache, bb, steps)
                     del cache

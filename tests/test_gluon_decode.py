@@ -39,6 +39,15 @@ def test_policy_chooses_the_gluon_kernel_where_it_reads_the_layer():
         KernelPolicy(decode="cuda")
 
 
+def test_ring_depth_is_checked_and_kept_to_two_programs_per_sm():
+    with pytest.raises(ValueError, match="decode_stages"):
+        KernelPolicy(decode="gluon", decode_stages=1)
+    pytest.importorskip("triton.experimental.gluon", reason="needs Triton with Gluon (3.5+)")
+    from kvtuner.kernels.gluon_decode import ring_stages
+
+    assert ring_stages(3, 4, 2) == 3 and ring_stages(3, 8, 4) == 2 and ring_stages(0, 8, 8) == 0
+
+
 def _case(b, hkv, group, n_q, n_r, kbits, vbits, seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
     d = 128
@@ -109,12 +118,13 @@ def test_gluon_decode_reads_device_lengths_and_rotated_layers():
 
 
 @gpu
-@pytest.mark.parametrize("prompt,new,pairs,cuda_graph,seed", [
-    (90, 40, [(4, 2), (8, 4)], None, 4),
-    (75, 70, [(4, 2), (2, 4)], True, 5),  # static buffers: key and value capacities differ, counts on the device
-    (64, 40, [(4, 3), (8, 3)], True, 6),
+@pytest.mark.parametrize("prompt,new,pairs,cuda_graph,seed,stages", [
+    (90, 40, [(4, 2), (8, 4)], None, 4, 0),
+    (75, 70, [(4, 2), (2, 4)], True, 5, 0),  # static buffers: key and value capacities differ, counts on the device
+    (64, 40, [(4, 3), (8, 3)], True, 6, 0),
+    (75, 70, [(4, 2), (8, 8)], True, 7, 3),  # the cp.async ring (2 stages for the 8-bit layer)
 ])
-def test_cache_decodes_with_the_gluon_kernel_as_with_the_triton_one(prompt, new, pairs, cuda_graph, seed):
+def test_cache_decodes_with_the_gluon_kernel_as_with_the_triton_one(prompt, new, pairs, cuda_graph, seed, stages):
     from kvtuner import MixedPrecisionCache
     from kvtuner.generation import greedy_generate
     from kvtuner.testing import tiny_model
@@ -125,7 +135,7 @@ def test_cache_decodes_with_the_gluon_kernel_as_with_the_triton_one(prompt, new,
     plan = KVPlan.from_pairs(pairs, "kivi")
     runs = {}
     for decode in ("triton", "gluon"):
-        cache = MixedPrecisionCache(plan, model.config, policy=KernelPolicy(decode=decode))
+        cache = MixedPrecisionCache(plan, model.config, policy=KernelPolicy(decode=decode, decode_stages=stages))
         runs[decode] = greedy_generate(model, ids, cache, new, cuda_graph=cuda_graph)
         assert all(layer.layout.gluon == layer._v.token_pairs == (decode == "gluon") for layer in cache.layers)
     assert (runs["gluon"] == runs["triton"]).float().mean() >= 0.9

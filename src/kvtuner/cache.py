@@ -25,6 +25,8 @@ Example:
 
 from __future__ import annotations
 
+import functools
+
 import os
 from collections.abc import Callable
 from typing import Any
@@ -162,11 +164,18 @@ class QuantizedKVLayer(CacheLayerMixin):
 
     def _kernel(self, packed: quant.QuantizedTensor | None) -> Any:
         """The decode kernel for this layer: the Gluon one where the layout chose it and there is packed
-        history to read, else the Triton one."""
+        history to read (with the policy's ``decode_stages``), else the Triton one."""
         if self.layout.gluon and packed is not None and packed.num_tokens:
             from .kernels.gluon_decode import decode_attention
-        else:
-            from .kernels import decode_attention
+
+            from .kernels.gluon_decode import ring_stages
+
+            stages = ring_stages(self.policy.decode_stages, self.spec.k.bits, self.spec.v.bits)
+            kernel = functools.partial(decode_attention, stages=stages)
+            kernel.fuses_rotation = decode_attention.fuses_rotation
+            return kernel
+        from .kernels import decode_attention
+
         return decode_attention
 
     # ------------------------------------------------------------------ static mode (CUDA graphs)
@@ -354,15 +363,6 @@ class MixedPrecisionCache(Cache):
             self.config._attn_implementation = register()
         for layer in self.layers:
             layer.fused_attention = fused
-
-    def _kernel(self, packed: quant.QuantizedTensor | None) -> Any:
-        """The decode kernel for this layer: the Gluon one where the layout chose it and there is packed
-        history to read, else the Triton one."""
-        if self.layout.gluon and packed is not None and packed.num_tokens:
-            from .kernels.gluon_decode import decode_attention
-        else:
-            from .kernels import decode_attention
-        return decode_attention
 
     # ------------------------------------------------------------------ static mode (CUDA graphs)
     def make_static(self, max_len: int, attention_mask: torch.Tensor | None = None) -> None:

@@ -87,16 +87,19 @@ class KernelPolicy:
         words3: 3-bit codes as contiguous 24-bit words per 8 channels (keys, and values not in token
             blocks). ``"auto"``: on the kernel path.
         decode: the decode-attention kernel of layers it covers: ``"triton"`` (``kernels.decode_attention``
-            everywhere), ``"gluon"`` (``kernels.gluon_decode``: KIVI G = 32, 2/4/8 bits, head_dim 128; other
-            layers keep the Triton kernel) or ``"auto"`` (Gluon on sm_80+ GPUs where Triton has it). The Gluon
-            kernel is faster per layer (``docs/kernels.md``); it becomes the default once its CUDA-graph
-            decoding is verified and measured end to end on a GPU.
+            everywhere), ``"gluon"`` (``kernels.gluon_decode``: KIVI G = 32, head_dim 128, 2/4/8-bit keys,
+            2/3/4/8-bit values; other layers keep the Triton kernel) or ``"auto"`` (Gluon on sm_80+ GPUs where
+            Triton has it). The Gluon kernel is faster per layer (``docs/kernels.md``); it becomes the default
+            once its CUDA-graph decoding is verified and measured end to end on a GPU.
+        decode_stages: tiles the Gluon kernel copies ahead through a ring in shared memory (``cp.async``);
+            0 loads them straight into registers.
     """
 
     backend: str = "auto"
     value_token_blocks: Switch = "auto"
     words3: Switch = "auto"
     decode: str = "triton"
+    decode_stages: int = 0
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -106,6 +109,8 @@ class KernelPolicy:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid; allowed: {', '.join(SWITCHES)}")
         if self.decode not in DECODERS:
             raise ValueError(f"decode={self.decode!r} is invalid; allowed: {', '.join(DECODERS)}")
+        if self.decode_stages not in (0, 2, 3, 4):
+            raise ValueError(f"decode_stages={self.decode_stages!r} is invalid; allowed: 0, 2, 3 or 4")
         if self.backend == "triton" and not triton_available():
             raise ImportError("backend='triton' needs Triton; install it with: pip install 'kvtuner[gpu]'")
 

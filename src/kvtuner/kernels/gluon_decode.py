@@ -568,6 +568,12 @@ def decode_packed(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, scaling
                    programs_per_sm=programs_per_sm, maxnreg=maxnreg, stages=stages)
 
 
+def ring_stages(requested, kbits, vbits):
+    """The ring depth for a layer of ``kbits`` / ``vbits`` codes when ``requested`` stages are asked for: at
+    most 2 with 8-bit codes (a third 36 KB stage would leave one program per SM)."""
+    return min(requested, 2) if max(kbits, vbits) == 8 else requested
+
+
 def _resident(kbits, vbits, bh, value_pairs, stages):
     """Programs of the split kernel one SM holds at once: registers (sm_90 compiles: 168 per thread, capped
     there, with 2- or 4-bit codes and up to 8 query heads per KV head, 230-255 otherwise; 64 K per SM, 128
