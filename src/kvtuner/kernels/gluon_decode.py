@@ -146,23 +146,25 @@ def _flat(rank):
 
 
 @gluon.jit
-def _issue(kb, vb, hb, ksb, kzb, vsb, vzb, kptr, vptr, hptr, ksp, kzp, vsp, vzp, ktok, vpair, hpair, cw, spair,
-           left, VSCALES: gl.constexpr, PLANE1: gl.constexpr):
+def _issue(kb, vb, hb, ksb, kzb, vsb, vzb, kptr, vptr, hptr, ks, kz, kscp, vs, vz, vsptr, ktok, vpair, hpair, cw,
+           spair, left, skc_t, sks_t, svc_t, svs_t, VSCALES: gl.constexpr, PLANE1: gl.constexpr):
     """cp.async of one 128-token tile (``left`` tokens remain; none or fewer copy zeros) into one ring slot;
     value scales/zeros only if VSCALES (packed along head_dim, a thread's two tokens are not contiguous:
-    2-byte copies, which cp.async lacks); the 1-bit plane of 3-bit values into ``hb`` if PLANE1."""
+    2-byte copies, which cp.async lacks); the 1-bit plane of 3-bit values into ``hb`` if PLANE1. Returns the
+    pointer offsets advanced to the next tile."""
     async_copy.async_copy_global_to_shared(kb, kptr, mask=ktok < left)
     async_copy.async_copy_global_to_shared(vb, vptr, mask=vpair < left)
     if PLANE1:  # the 1-bit plane of 3-bit values
         async_copy.async_copy_global_to_shared(hb, hptr, mask=hpair < left)
     gmask = cw * 32 < left
-    async_copy.async_copy_global_to_shared(ksb, ksp, mask=gmask)
-    async_copy.async_copy_global_to_shared(kzb, kzp, mask=gmask)
+    async_copy.async_copy_global_to_shared(ksb, ks + kscp, mask=gmask)
+    async_copy.async_copy_global_to_shared(kzb, kz + kscp, mask=gmask)
     if VSCALES:
         smask = spair < left
-        async_copy.async_copy_global_to_shared(vsb, vsp, mask=smask)
-        async_copy.async_copy_global_to_shared(vzb, vzp, mask=smask)
+        async_copy.async_copy_global_to_shared(vsb, vs + vsptr, mask=smask)
+        async_copy.async_copy_global_to_shared(vzb, vz + vsptr, mask=smask)
     async_copy.commit_group()
+    return kptr + 128 * skc_t, kscp + 4 * sks_t, vptr + 128 * svc_t, hptr + 128 * svc_t, vsptr + 128 * svs_t
 
 
 @gluon.jit
@@ -256,6 +258,29 @@ def _tile(kbytes, vbytes, hbytes, s3, z3, sv, zv, mptr, left, mw, mt, q_b, qg, n
         vd = gl.permute(vd, [0, 1, 2, 5, 4, 7, 6, 3])
     v_a = gl.convert_layout(gl.permute(gl.reshape(vd, [W, 32, D]), [0, 2, 1]), A_OP)
     return m_i, l_i, mma_v2(v_a, p_b, acc)
+
+
+@gluon.jit
+def _staged_tile(kbuf, vbuf, hbuf, ksbuf, kzbuf, vsbuf, vzbuf, c, vscur, vzcur, mptr, left, spair, mw, mt, q_b, qg,
+                 neg_m, m_i, l_i, acc, KBITS: gl.constexpr, VBITS: gl.constexpr, VPAIRS: gl.constexpr,
+                 HAS_MASK: gl.constexpr, MASKED: gl.constexpr):
+    """:func:`_tile` on ring slot ``c``, read back in the plain loads' register layouts (value scales/zeros
+    packed along head_dim are not staged: ``vscur`` / ``vzcur`` point at them)."""
+    if VPAIRS:
+        VBL: gl.constexpr = _layout("vb5", KBITS, VBITS)
+        sv = vsbuf.index(c).load(_layout("vs", KBITS, VBITS))
+        zv = vzbuf.index(c).load(_layout("vs", KBITS, VBITS))
+    else:
+        VBL: gl.constexpr = _layout("vbp", KBITS, VBITS)
+        sv = vscur
+        zv = vzcur
+    if VBITS == 3:
+        hb = hbuf.index(c).load(_layout("vh", KBITS, VBITS))
+    else:
+        hb = None
+    return _tile(kbuf.index(c).load(_layout("kb", KBITS, VBITS)), vbuf.index(c).load(VBL), hb,
+                 ksbuf.index(c).load(_layout("ks")), kzbuf.index(c).load(_layout("ks")), sv, zv, mptr, left, mw, mt,
+                 q_b, qg, neg_m, m_i, l_i, acc, KBITS, VBITS, VPAIRS, HAS_MASK, MASKED, not VPAIRS, spair < left)
 
 
 @gluon.jit
@@ -400,63 +425,29 @@ def split_kernel(Q, QR, KC, KS, KZ, VC, VS, VZ, KR, VR, MASK, LENS, PO, PM, PL,
             vscur = vs + vsptr  # the current tile's value scales/zeros, when read directly (not VPAIRS)
             vzcur = vz + vsptr
             for t0 in gl.static_range(STAGES - 1):
-                _issue(kbuf.index(t0), vbuf.index(t0), hbuf.index(t0), ksbuf.index(t0), kzbuf.index(t0),
-                       vsbuf.index(t0), vzbuf.index(t0), kptr, vptr, hptr, ks + kscp, kz + kscp, vs + vsptr,
-                       vz + vsptr, ktok, vpair, hpair, cw, spair, size - t0 * 128, VPAIRS, VBITS == 3)
-                kptr += 128 * skc_t
-                kscp += 4 * sks_t
-                vptr += 128 * svc_t
-                hptr += 128 * svc_t
-                vsptr += 128 * svs_t
+                kptr, kscp, vptr, hptr, vsptr = _issue(
+                    kbuf.index(t0), vbuf.index(t0), hbuf.index(t0), ksbuf.index(t0), kzbuf.index(t0), vsbuf.index(t0),
+                    vzbuf.index(t0), kptr, vptr, hptr, ks, kz, kscp, vs, vz, vsptr, ktok, vpair, hpair, cw, spair,
+                    size - t0 * 128, skc_t, sks_t, svc_t, svs_t, VPAIRS, VBITS == 3)
             for it in range(full):
                 async_copy.wait_group(STAGES - 2)
                 gl.thread_barrier()  # tile it is visible to all; every thread is done with tile it - 1's slot
                 t = (it + STAGES - 1) % STAGES
-                _issue(kbuf.index(t), vbuf.index(t), hbuf.index(t), ksbuf.index(t), kzbuf.index(t), vsbuf.index(t),
-                       vzbuf.index(t), kptr, vptr, hptr, ks + kscp, kz + kscp, vs + vsptr, vz + vsptr, ktok, vpair,
-                       hpair, cw, spair, size - (it + STAGES - 1) * 128, VPAIRS, VBITS == 3)
-                kptr += 128 * skc_t
-                kscp += 4 * sks_t
-                vptr += 128 * svc_t
-                hptr += 128 * svc_t
-                vsptr += 128 * svs_t
-                c = it % STAGES
-                if VPAIRS:
-                    sv = vsbuf.index(c).load(VS6)
-                    zv = vzbuf.index(c).load(VS6)
-                else:
-                    sv = vscur
-                    zv = vzcur
-                if VBITS == 3:
-                    hb = hbuf.index(c).load(VH)
-                else:
-                    hb = None
-                m_i, l_i, acc = _tile(kbuf.index(c).load(KB), vbuf.index(c).load(VBL), hb,
-                                      ksbuf.index(c).load(SL), kzbuf.index(c).load(SL), sv, zv, mrow + start + it * 128,
-                                      128, mw, mt, q_b, qg,
-                                      neg_m, m_i, l_i, acc, KBITS, VBITS, VPAIRS, HAS_MASK, False, not VPAIRS)
+                kptr, kscp, vptr, hptr, vsptr = _issue(
+                    kbuf.index(t), vbuf.index(t), hbuf.index(t), ksbuf.index(t), kzbuf.index(t), vsbuf.index(t),
+                    vzbuf.index(t), kptr, vptr, hptr, ks, kz, kscp, vs, vz, vsptr, ktok, vpair, hpair, cw, spair,
+                    size - (it + STAGES - 1) * 128, skc_t, sks_t, svc_t, svs_t, VPAIRS, VBITS == 3)
+                m_i, l_i, acc = _staged_tile(kbuf, vbuf, hbuf, ksbuf, kzbuf, vsbuf, vzbuf, it % STAGES, vscur, vzcur,
+                                             mrow + start + it * 128, 128, spair, mw, mt, q_b, qg, neg_m, m_i, l_i,
+                                             acc, KBITS, VBITS, VPAIRS, HAS_MASK, False)
                 vscur += 128 * svs_t
                 vzcur += 128 * svs_t
             if full * 128 < size:
                 async_copy.wait_group(STAGES - 2)
                 gl.thread_barrier()
-                c = full % STAGES
-                left = size - full * 128
-                if VPAIRS:
-                    sv = vsbuf.index(c).load(VS6)
-                    zv = vzbuf.index(c).load(VS6)
-                else:
-                    sv = vscur
-                    zv = vzcur
-                if VBITS == 3:
-                    hb = hbuf.index(c).load(VH)
-                else:
-                    hb = None
-                m_i, l_i, acc = _tile(kbuf.index(c).load(KB), vbuf.index(c).load(VBL), hb,
-                                      ksbuf.index(c).load(SL), kzbuf.index(c).load(SL), sv, zv,
-                                      mrow + start + full * 128, left, mw, mt, q_b,
-                                      qg, neg_m, m_i, l_i, acc, KBITS, VBITS, VPAIRS, HAS_MASK, True, not VPAIRS,
-                                      spair < left)
+                m_i, l_i, acc = _staged_tile(kbuf, vbuf, hbuf, ksbuf, kzbuf, vsbuf, vzbuf, full % STAGES, vscur,
+                                             vzcur, mrow + start + full * 128, size - full * 128, spair, mw, mt, q_b,
+                                             qg, neg_m, m_i, l_i, acc, KBITS, VBITS, VPAIRS, HAS_MASK, True)
             async_copy.wait_group(0)
     else:  # the residual window, plain channel order
         q = gl.load(QR + b * sqr_b + qrow * sqr_h + kap, mask=qmask, other=0.0).to(gl.float32)
