@@ -223,3 +223,53 @@ def test_three_bit_values_meet_their_high_bits_in_token_pairs():
         ch = 16 * u[..., None] + 4 * xb + f  # [1 1 8 4 1]: the 2-bit map's channel
         want = codes[0, 0][tok.expand(4, 4, 8, 4, 2), ch.expand(4, 4, 8, 4, 2)].long()
         assert torch.equal(got, want)
+
+
+HOST_RUN = '''
+import types, torch
+from kvtuner import quant
+from kvtuner.kernels import decode_kernel, gluon_decode as gd
+real, seen = gd.split_kernel, []
+class Launch:  # compiles the split kernel for sm_90 with the wrapper's exact arguments instead of launching
+    def __init__(self, gluon):
+        self.gluon = gluon
+    def __getitem__(self, grid):
+        def run(*args, **kw):
+            if self.gluon:
+                ck = co.compile_gluon_sm90(real, args, dict(kw))
+                seen.append(dict(grid=list(grid), usage=co.sass_summary(ck)[2], smem=ck.metadata.shared,
+                                 **{k: v for k, v in kw.items() if k in ("STAGES", "VPAIRS", "DEV_LEN", "maxnreg")}))
+            else:
+                seen.append(dict(grid=list(grid), num_splits=args[7], res_splits=kw["RES_SPLITS"]))
+        return run
+gd.split_kernel, decode_kernel.merge_kernel = Launch(True), Launch(False)
+torch.cuda.get_device_properties = lambda device: types.SimpleNamespace(multi_processor_count=132)
+b, hkv, n, kbits, vbits, kw = CASE
+k = torch.randn(b, hkv, n + 32, 128, dtype=torch.bfloat16)
+q = torch.randn(b, hkv * 4, 1, 128, dtype=torch.bfloat16)
+kp = quant.in_channel_words(quant.quantize(k[..., :n, :], kbits, "per_channel", 32))
+vp = quant.in_token_pairs(quant.quantize(k[..., :n, :], vbits, "per_token", 32))
+if "lengths" in kw:
+    kw["lengths"] = torch.tensor(kw["lengths"], dtype=torch.int32)
+gd.decode_attention(q, kp, k[..., n:, :], vp, k[..., n:, :], 0.1, **kw)
+print(json.dumps(seen))
+'''
+
+
+@pytest.mark.parametrize("case,splits", [
+    ((1, 8, 8192, 2, 2, {"stages": 3}), 32),  # one wave: 396 resident programs, 8 rows, whole 128-token tiles
+    ((64, 8, 1024, 4, 2, {"stages": 3}), 3),  # many rows: the fullest last wave
+    ((2, 8, 4096, 4, 3, {}), 16),  # plain loads: about three programs per SM under the register cap
+    ((2, 8, 1024, 4, 3, {"stages": 3, "lengths": [5, 17]}), 8),
+])
+def test_host_wrapper_launches_what_the_kernel_compiles(case, splits):
+    split, merge = _offline_sm90(f"CASE = {case!r}\n" + HOST_RUN)
+    b, hkv, n, kbits, vbits, kw = case
+    stages = kw.get("stages", 0)
+    assert split["grid"] == [b * hkv, splits + 1] and split["STAGES"] == stages and split["VPAIRS"]
+    assert split["DEV_LEN"] == ("lengths" in kw)
+    assert merge == {"grid": [b * hkv * 4], "num_splits": splits + 1, "res_splits": 1}  # one row per program
+    if vbits != 3:  # two- and four-bit codes: three programs per SM fit (registers capped at 168)
+        assert split["maxnreg"] == 168 and "REG:168 " in split["usage"]
+    if stages:
+        assert split["smem"] == stages * (2048 * (kbits + vbits) + 2048 + 4096)  # the ring (the merge reuses it)
