@@ -12,7 +12,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$out/dev
 git rev-parse --short HEAD 2>/dev/null | tee -a "$out/device.txt"
 timeout 150 python benchmarks/ab_gluon_decode.py --out "$out/gluon_ab.md" 2>&1 | tail -30
 timeout 110 python -m pytest -q -p no:cacheprovider -n 8 tests/test_gluon_decode.py 2>&1 | tee "$out/gluon_tests.log" | tail -8
-timeout 250 python benchmarks/ab_decode_kernels.py --repeats 1 --configs C3.25,KV4 --max-batch-configs C3.25 \
+timeout 240 python benchmarks/ab_decode_kernels.py --repeats 1 --configs C3.25,KV4 --max-batch-configs C3.25 \
     --out "$out/decode_steps.md" 2>&1 | tail -25
-timeout 45 python benchmarks/sweep_gluon_launch.py --pairs 44,42,22,43 --shapes 64x4096 \
-    --launches none/3/0,none/3/3,none/6/3,none/3/2,none/3/4 2>&1 | tee "$out/sweep.txt"
+timeout 60 python benchmarks/sweep_gluon_launch.py --pairs 42,22,44,43 --shapes 64x4096 \
+    --launches none/4/0,none/9/0,none/3/3,none/9/3,none/9/2,none/9/4 2>&1 | tee "$out/sweep.txt"
