@@ -15,4 +15,4 @@ timeout 110 python -m pytest -q -p no:cacheprovider -n 8 tests/test_gluon_decode
 timeout 240 python benchmarks/ab_decode_kernels.py --repeats 1 --configs C3.25,KV4 --max-batch-configs C3.25 \
     --out "$out/decode_steps.md" 2>&1 | tail -25
 timeout 60 python benchmarks/sweep_gluon_launch.py --pairs 42,22,44,43 --shapes 64x4096 \
-    --launches none/4/0,none/9/0,none/3/3,none/9/3,none/9/2,none/9/4 2>&1 | tee "$out/sweep.txt"
+    --launches none/4/0,168/9/0,168/3/3,168/9/3,none/9/2,168/9/4 2>&1 | tee "$out/sweep.txt"
