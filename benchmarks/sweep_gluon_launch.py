@@ -25,7 +25,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="1x131072,64x4096")
     ap.add_argument("--launches", default="none/2,168/3,168/2,none/4,168/6",
                     help="maxnreg/programs per SM[/pipeline stages, 0: plain loads], ...")
-    ap.add_argument("--as-stored", action="store_true", help="values as the cache stores them (not in token pairs)")
+    ap.add_argument("--as-stored", action="store_true", help="values packed along head_dim (not in token pairs)")
     args = ap.parse_args()
     hkv, group, d = 8, 4, 128
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)

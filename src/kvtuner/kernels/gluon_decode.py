@@ -536,14 +536,14 @@ decode_attention.fuses_rotation = True  # kvtuner.attention.rotated_decode hands
 def decode_packed(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, scaling, kbits, vbits, k_residual=None,
                   v_residual=None, q_residual=None, scaling_residual=None, splits=None, value_pairs=True,
                   programs_per_sm=None, maxnreg=None, stages=None):
-    """Attention of ``q`` ``[B, Hq, 1, 128]`` over a packed history of ``kbits``/``vbits`` codes (2, 4 or 8)
-    followed by an optional full-precision residual window ``[B, Hkv, R, 128]``: keys per channel in groups
-    of 32 tokens, codes in channel word order (``quant.to_channel_words``); values per token in groups of
-    32 channels, codes and scales/zeros in token pairs (``quant.to_token_pairs``; ``value_pairs=False``:
-    packed along head_dim per token, as the cache stores them, paired in registers). ``q_residual`` /
-    ``scaling_residual``: the residual's query and scale (rotated layers). ``programs_per_sm`` / ``maxnreg``:
-    the launch (split count, register cap) instead of :func:`_launch`'s measured default, for sweeps.
-    Returns ``[B, 1, Hq, 128]`` in ``q.dtype``."""
+    """Attention of ``q`` ``[B, Hq, 1, 128]`` over a packed history of ``kbits``/``vbits`` codes (keys 2, 4 or
+    8 bits, values 2, 3, 4 or 8) followed by an optional full-precision residual window ``[B, Hkv, R, 128]``:
+    keys per channel in groups of 32 tokens, codes in channel word order (``quant.to_channel_words``); values
+    per token in groups of 32 channels, codes and scales/zeros in token pairs (``quant.to_token_pairs``, the
+    cache's layout for Gluon layers; ``value_pairs=False``: packed along head_dim per token, paired in
+    registers, not for 3 bits). ``q_residual`` / ``scaling_residual``: the residual's query and scale (rotated
+    layers). ``programs_per_sm`` / ``maxnreg`` / ``stages``: the launch (split count, register cap, ring
+    depth) instead of :func:`_launch`'s default, for sweeps. Returns ``[B, 1, Hq, 128]`` in ``q.dtype``."""
     _, hq, one, d = q.shape
     _, hkv, n, width = k_codes.shape
     if (kbits not in (2, 4, 8) or vbits not in (2, 3, 4, 8) or (vbits == 3 and not value_pairs)
