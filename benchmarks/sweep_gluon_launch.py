@@ -1,9 +1,10 @@
-"""Launch sweep of the Gluon decode kernel on the GPU: programs per SM (the split count) and a register cap
-(more resident programs), one layer at Llama-3.1-8B shape (Hq 32, Hkv 8, D 128), KIVI G = 32, values in token
-pairs, a 32-token residual window; µs in a CUDA graph.
+"""Launch sweep of the Gluon decode kernel on the GPU: programs per SM (the split count), a register cap
+(more resident programs) and the cp.async ring's depth, one layer at Llama-3.1-8B shape (Hq 32, Hkv 8, D 128),
+KIVI G = 32, values in token pairs (``--as-stored``: packed along head_dim), a 32-token residual window; µs
+in a CUDA graph, each output checked against the reference.
 
     PYTHONPATH=src python benchmarks/sweep_gluon_launch.py [--pairs 44,22] [--shapes 1x131072,64x4096]
-        [--launches none/2,168/3,168/2,none/4,168/6]
+        [--launches none/2,168/3,168/9/3,...]   (maxnreg/programs per SM[/stages])
 """
 
 from __future__ import annotations
