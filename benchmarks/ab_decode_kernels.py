@@ -18,7 +18,7 @@ sys.path.insert(0, "benchmarks")
 
 import strong_bf16  # noqa: E402
 from bench_decode import build, decode_graph, fill, plans  # noqa: E402
-from provenance import provenance, publish  # noqa: E402
+from provenance import hbm_peak, provenance, publish  # noqa: E402
 
 from kvtuner import KernelPolicy  # noqa: E402
 
@@ -64,7 +64,7 @@ def main() -> None:
                     torch.cuda.empty_cache()
                     best[(name, bb, decode)] = min(best.get((name, bb, decode), (dt, kv)), (dt, kv))
                     print(name, bb, decode, f"{1e3 * dt:.2f} ms/step", flush=True)
-    peak = 3.35e12
+    peak = hbm_peak()
     lines = [f"# Decode steps by attention kernel, B = {b}, {ctx}-token context (Llama-3.1-8B shape, 32 layers)", "",
              provenance(), f"Command: `python benchmarks/ab_decode_kernels.py {' '.join(sys.argv[1:])}`; each "
              f"quantized row is the best of {args.repeats} alternating runs of {steps} steps (StaticDecoder), the bf16 "

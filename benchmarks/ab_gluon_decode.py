@@ -16,9 +16,12 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from kvtuner import kernels, quant
-from kvtuner.attention import decode_attention as reference
-from kvtuner.kernels import gluon_decode
+sys.path.insert(0, "benchmarks")
+from provenance import hbm_peak, provenance  # noqa: E402
+
+from kvtuner import kernels, quant  # noqa: E402
+from kvtuner.attention import decode_attention as reference  # noqa: E402
+from kvtuner.kernels import gluon_decode  # noqa: E402
 
 
 def rel(a, b):
@@ -38,11 +41,15 @@ def main() -> None:
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     hkv, group, d = 8, 4, 128
-    lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", "",
-             "| B x L | config | µs in graph | TB/s | rel. error vs reference |", "|---|---|---|---|---|"]
+    peak = hbm_peak()
+    lines = [provenance(), f"Triton {triton.__version__}; HBM peak {peak / 1e12:.2f} TB/s", "",
+             "| B x L | config | µs in graph | TB/s | share of HBM peak | rel. error vs reference |",
+             "|---|---|---|---|---|---|"]
 
     def row(shape, name, us, nbytes, err=None):
-        lines.append(f"| {shape} | {name} | {us:.1f} | {nbytes / us / 1e6:.2f} | {'' if err is None else f'{err:.2e}'} |")
+        tbs = nbytes / us / 1e6
+        lines.append(f"| {shape} | {name} | {us:.1f} | {tbs:.2f} | {tbs * 1e12 / peak:.0%} | "
+                     f"{'' if err is None else f'{err:.2e}'} |")
         print(lines[-1], flush=True)
 
     for shape in args.shapes.split(","):

@@ -20,7 +20,7 @@ import time
 import torch
 import triton
 import triton.testing
-from provenance import provenance
+from provenance import hbm_peak, provenance
 
 from kvtuner import KernelPolicy, kernels, quant
 from kvtuner.attention import rotated_decode
@@ -242,6 +242,7 @@ def mixed_plan_row(b: int = 64, n: int = 4096) -> dict:
 
 
 def write(args, props, rows, t_start) -> None:
+    peak = hbm_peak(props.name)
     head = [f"# Decode attention, one layer, Llama-3.1-8B shape (Hq={HQ}, Hkv={HKV}, D={D}, bf16)", "",
             f"{provenance()}; GPU: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, triton "
             f"{triton.__version__}, CUDA {torch.version.cuda}, python {platform.python_version()}.",
@@ -262,18 +263,20 @@ def write(args, props, rows, t_start) -> None:
             "token and head; G=32: four), plus a 32-token bf16 residual window read by the same launch. "
             "µs = median of triton.testing.do_bench (L2 flushed), each config after 0.25 s of back-to-back calls "
             "(the GPU clocks down while the next config compiles); TB/s = bytes the step must read / time; "
+            f"share of HBM peak = TB/s / {peak / 1e12:.2f} TB/s (provenance.HBM_PEAK); "
             "speed-up vs the fastest bf16 SDPA backend at that shape. Launch: the kernel's defaults per pair "
             "(kernels.launch_defaults), or with --tune a sweep per (pair, G) at the first shape.", "",
             "µs in graph: the same call captured in a CUDA graph (do_bench_cudagraph), i.e. GPU time without "
             "Python launch gaps (--cudagraph).", "",
-            "| batch | context | config | µs | µs in graph | eff. TB/s | vs bf16 SDPA | launch |",
-            "|---|---|---|---|---|---|---|---|"]
+            "| batch | context | config | µs | µs in graph | eff. TB/s | share of HBM peak | vs bf16 SDPA | launch |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "us" not in r:
-            head.append(f"| {r['batch']} | {r['context']} | {r['config']} | {r['note']} | | | | |")
+            head.append(f"| {r['batch']} | {r['context']} | {r['config']} | {r['note']} | | | | | |")
             continue
         graph = f"{r['us_graph']:.1f}" if r.get("us_graph") else ""
         head.append(f"| {r['batch']} | {r['context']} | {r['config']} | {r['us']:.1f} | {graph} | {r['tbps']:.2f} | "
+                    f"{r['tbps'] * 1e12 / peak:.0%} | "
                     f"{'' if r['speedup'] != r['speedup'] else format(r['speedup'], '.2f') + 'x'} | {r.get('launch', '')} |")
     text = "\n".join(head) + "\n"
     with open(args.out, "w") as f:

@@ -37,3 +37,20 @@ def publish(text: str, out: str | None) -> None:
     print(text)
     if out:
         Path(out).write_text(text if text.endswith("\n") else text + "\n")
+
+
+# HBM bandwidth of the GPUs results are reported for (vendor figures, bytes/s): the share-of-peak columns
+HBM_PEAK = {"H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H200": 4.8e12}
+
+
+def hbm_peak(name: str | None = None) -> float:
+    """Peak HBM bandwidth of the GPU named ``name`` (default: device 0), or a clear error for one not listed."""
+    if name is None:
+        import torch
+
+        name = torch.cuda.get_device_name(0)
+    for key, peak in HBM_PEAK.items():
+        if key in name:
+            return peak
+    raise ValueError(f"no HBM peak known for {name!r}; allowed: GPUs named like {', '.join(HBM_PEAK)} "
+                     "(add its vendor figure to provenance.HBM_PEAK)")

@@ -35,3 +35,11 @@ def test_every_benchmark_script_compiles():
     assert len(scripts) >= 10
     for script in scripts:
         py_compile.compile(str(script), doraise=True)
+
+
+def test_share_of_hbm_peak_names_the_gpu_it_was_measured_on():
+    import provenance
+
+    assert provenance.hbm_peak("NVIDIA H100 80GB HBM3") == 3.35e12 and provenance.hbm_peak("NVIDIA H200") == 4.8e12
+    with pytest.raises(ValueError, match="no HBM peak known"):
+        provenance.hbm_peak("NVIDIA A100-SXM4-80GB")
