@@ -246,8 +246,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--budget-gib", type=float, default=30.0, help="GPU memory for the KV cache")
-    ap.add_argument("--peak-tbs", type=float, default=3.35, help="HBM peak for the share column (H100 SXM 3.35, "
-                    "H200 4.8 TB/s): (weights + KV bytes) / step time / peak, every byte read once")
+    ap.add_argument("--peak-tbs", type=float, default=None, help="HBM peak for the share column (default: the "
+                    "GPU's, provenance.HBM_PEAK): (weights + KV bytes) / step time / peak, every byte read once")
     ap.add_argument("--batches", default="1,8,32,64,128")
     ap.add_argument("--contexts", default="1024,4096,16384,32768")
     ap.add_argument("--max-kv-gib", type=float, default=56.0, help="skip grid points whose cache needs more")
@@ -274,6 +274,10 @@ def main() -> None:
     if args.cprofile:
         python_profile(args)
         return
+    if args.peak_tbs is None:
+        from provenance import hbm_peak
+
+        args.peak_tbs = hbm_peak() / 1e12
     t_start = time.time()
     model = build(args.layers)
     weights = torch.cuda.memory_allocated()

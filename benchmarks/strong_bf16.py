@@ -91,8 +91,12 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=4096)
     ap.add_argument("--batches", default="64", help="comma list; the max batch in --budget-gib is added")
     ap.add_argument("--budget-gib", type=float, default=30.0)
-    ap.add_argument("--peak-tbs", type=float, default=3.35, help="HBM peak (H100 SXM 3.35, H200 4.8)")
+    ap.add_argument("--peak-tbs", type=float, default=None, help="HBM peak (default: the GPU's, provenance.HBM_PEAK)")
     args = ap.parse_args()
+    if args.peak_tbs is None:
+        from provenance import hbm_peak
+
+        args.peak_tbs = hbm_peak() / 1e12
     model = build(32)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     per_seq = kv_bytes(model, 1, args.ctx)
