@@ -473,7 +473,7 @@ def split_kernel(Q, QR, KC, KS, KZ, VC, VS, VZ, KR, VR, MASK, LENS, PO, PM, PL,
             acc = mma_v2(v_a, p_b, acc)
 
     # the warps' partial results merged into the program's one (a cross-warp reduction through shared memory):
-    # the merge kernel then reads one row per program, not four
+    # the merge kernel then reads one row per program
     m_p = gl.max(m_i, axis=0)
     alpha = gl.where(m_i == float("-inf"), 0.0, gl.exp2(m_i - gl.expand_dims(gl.where(m_p == float("-inf"), 0.0,
                                                                                       m_p), 0)))
