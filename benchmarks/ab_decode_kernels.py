@@ -36,6 +36,7 @@ def main() -> None:
                     help="triton, gluon (tiles loaded into registers), gluon-ring (a 3-stage cp.async ring)")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
+    peak = hbm_peak()  # before the runs: a GPU without a known peak fails here, not after them
     model = build(32)
     weights = torch.cuda.memory_allocated()
     named = plans(32)
@@ -56,7 +57,8 @@ def main() -> None:
             at_max = budget and (args.max_batch_configs is None or name in args.max_batch_configs.split(","))
             for bb in [b] + ([max_batch(named[name])] if at_max else []):
                 for decode in args.kernels.split(","):
-                    policy = KernelPolicy(decode=decode.split("-")[0], decode_stages=3 if decode.endswith("ring") else 0)
+                    ring = decode.endswith("-ring")
+                    policy = KernelPolicy(decode=decode.removesuffix("-ring"), decode_stages=3 if ring else 0)
                     cache = fill(model, named[name], bb, ctx, reserve, static=True, policy=policy)
                     kv = torch.cuda.memory_allocated() - weights
                     dt = decode_graph(model, cache, bb, steps)
@@ -64,7 +66,6 @@ def main() -> None:
                     torch.cuda.empty_cache()
                     best[(name, bb, decode)] = min(best.get((name, bb, decode), (dt, kv)), (dt, kv))
                     print(name, bb, decode, f"{1e3 * dt:.2f} ms/step", flush=True)
-    peak = hbm_peak()
     lines = [f"# Decode steps by attention kernel, B = {b}, {ctx}-token context (Llama-3.1-8B shape, 32 layers)", "",
              provenance(), f"Command: `python benchmarks/ab_decode_kernels.py {' '.join(sys.argv[1:])}`; each "
              f"quantized row is the best of {args.repeats} alternating runs of {steps} steps (StaticDecoder), the bf16 "

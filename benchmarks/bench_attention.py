@@ -164,6 +164,7 @@ def main() -> None:
     pairs = [(int(x[0]), int(x[1])) for x in args.pairs.split(",")]
     t_start = time.time()
     props = torch.cuda.get_device_properties(0)
+    peak = hbm_peak(props.name)
     free = torch.cuda.mem_get_info()[0]
     shapes = [(64, 4096), (16, 32768), (1, 131072), (1, 4096)] if args.quick else [(64, 4096)] + [(b, n) for b in (1, 16, 64) for n in (4096, 32768, 131072) if (b, n) != (64, 4096)]
     if args.shapes:
@@ -198,11 +199,11 @@ def main() -> None:
                     print(rows[-1], flush=True)
                 del case
                 torch.cuda.empty_cache()
-                write(args, props, rows, t_start)
+                write(args, props, rows, t_start, peak)
     if args.mixed:
         rows.append(mixed_plan_row())
         print(rows[-1], flush=True)
-    write(args, props, rows, t_start)
+    write(args, props, rows, t_start, peak)
 
 
 def mixed_plan_row(b: int = 64, n: int = 4096) -> dict:
@@ -241,8 +242,7 @@ def mixed_plan_row(b: int = 64, n: int = 4096) -> dict:
                         "per pair in graph (us)": {f"K{k}V{v}": round(t, 1) for (k, v), t in single_graph.items()}})
 
 
-def write(args, props, rows, t_start) -> None:
-    peak = hbm_peak(props.name)
+def write(args, props, rows, t_start, peak) -> None:
     head = [f"# Decode attention, one layer, Llama-3.1-8B shape (Hq={HQ}, Hkv={HKV}, D={D}, bf16)", "",
             f"{provenance()}; GPU: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, triton "
             f"{triton.__version__}, CUDA {torch.version.cuda}, python {platform.python_version()}.",

@@ -26,7 +26,6 @@ Example:
 from __future__ import annotations
 
 import functools
-
 import os
 from collections.abc import Callable
 from typing import Any
@@ -166,9 +165,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         """The decode kernel for this layer: the Gluon one where the layout chose it and there is packed
         history to read (with the policy's ``decode_stages``), else the Triton one."""
         if self.layout.gluon and packed is not None and packed.num_tokens:
-            from .kernels.gluon_decode import decode_attention
-
-            from .kernels.gluon_decode import ring_stages
+            from .kernels.gluon_decode import decode_attention, ring_stages
 
             stages = ring_stages(self.policy.decode_stages, self.spec.k.bits, self.spec.v.bits)
             kernel = functools.partial(decode_attention, stages=stages)

@@ -54,7 +54,8 @@ def _layout(name, kbits=4, vbits=4):
     ``[w, n_hi 4, n_lo 8, j 4, 4 kbits]`` (contiguous bytes of a token row); ``"vb5"``: value codes of token
     pairs ``[w, n_hi 4, n_lo>>1 4, u 8, 4 vbits]``; ``"vbp"``: values as stored ``[w, n_hi, n_lo>>1, u, 2,
     2 vbits]``; ``"vb"``: value codes in the unpacker's order ``[.., xb, xp]``; ``"vs"``: value scales
-    ``[.., 1, 2]``; ``"res"``: residual rows ``[w, 32 tok, 8, 16]``."""
+    ``[.., 1, 2]``; ``"res"``: residual rows ``[w, 32 tok, 8, 16]``; ``"ksc"``: key scale rows as the ring
+    copies them (4 per thread, no broadcast); ``"vh"``: the 1-bit plane of 3-bit values ``[.., u 8, 4 bytes]``."""
     w, xv = _WARPS.value, 4 * _plane_bits(vbits)
     mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[w, 1, 1], instr_shape=[1, 16, 8])
     return {
@@ -90,10 +91,14 @@ def _fmax(kbits):
 
 
 @gluon.jit
-def _unpack(b, BITS: gl.constexpr, RAW: gl.constexpr = False):
+def _unpack(b, BITS: gl.constexpr, RAW: gl.constexpr = False, high=None):
     """fp16 codes of bytes ``b``: one tensor per code of a byte (low bits first), each of ``b``'s shape;
-    ``RAW``: ``1024 + code << shift`` (nothing subtracted)."""
-    if BITS == 8:
+    ``RAW``: ``1024 + code << shift`` (nothing subtracted). 3 bits: ``b`` the 2-bit plane in token pairs,
+    ``high`` the 1-bit plane's bytes each of them meets (``ptx.asm3_token_pairs``)."""
+    if BITS == 3:
+        return gl.inline_asm_elementwise(ASM3TP, "=r,=r,=r,=r,=r,=r,=r,=r,r,r", [b, high],
+                                         dtype=(gl.float16, gl.float16, gl.float16, gl.float16), is_pure=True, pack=4)
+    elif BITS == 8:
         return (gl.inline_asm_elementwise(RAW8 if RAW else ASM8, "=r,=r,r", [b], dtype=gl.float16, is_pure=True,
                                           pack=4),)
     elif BITS == 4:
@@ -234,10 +239,7 @@ def _tile(kbytes, vbytes, hbytes, s3, z3, sv, zv, mptr, left, mw, mt, q_b, qg, n
     if VBITS == 3:  # each 2-bit plane register [b0 t0, b0 t1, b1 t0, b1 t1] meets its 1-bit plane bytes [B t0, B t1]
         h = gl.reshape(hbytes, [W, 4, 4, 8, 2, 2])  # [.., B, token]; B = 2-bit byte // 2
         h = gl.reshape(gl.permute(gl.join(h, h), [0, 1, 2, 3, 4, 6, 5]), [W, 4, 4, 8, 4, 2])
-        vcodes = gl.inline_asm_elementwise(ASM3TP, "=r," * 8 + "r,r", [gl.convert_layout(vbytes, VB),
-                                           gl.convert_layout(h, VB)],
-                                           dtype=(gl.float16, gl.float16, gl.float16, gl.float16), is_pure=True,
-                                           pack=4)
+        vcodes = _unpack(gl.convert_layout(vbytes, VB), 3, high=gl.convert_layout(h, VB))
     else:
         vcodes = _unpack(gl.convert_layout(vbytes, VB), VBITS)
     if VS_PTRS:
@@ -307,10 +309,6 @@ def split_kernel(Q, QR, KC, KS, KZ, VC, VS, VZ, KR, VR, MASK, LENS, PO, PM, PL,
     VH: gl.constexpr = _layout("vh", KBITS, VBITS)
     RL: gl.constexpr = _layout("res")
 
-    if VPAIRS:
-        VBL: gl.constexpr = VB5
-    else:
-        VBL: gl.constexpr = VBP
     if STAGES > 0:
         kbuf = gl.allocate_shared_memory(gl.uint8, [STAGES, W, 4, 8, 4, KRB], _flat(5))
         if VPAIRS:
@@ -568,8 +566,8 @@ def ring_stages(requested, kbits, vbits):
 def _resident(kbits, vbits, bh, value_pairs, stages):
     """Programs of the split kernel one SM holds at once: registers (sm_90 compiles: 168 per thread, capped
     there, with 2- or 4-bit codes and up to 8 query heads per KV head, 230-255 otherwise; 64 K per SM, 128
-    threads a program)
-    and shared memory (each stage: key and value codes, key scales/zeros, value scales/zeros in token pairs)."""
+    threads a program) and shared memory (each stage: key and value codes, key scales/zeros, value
+    scales/zeros in token pairs)."""
     by_regs = 3 if max(kbits, vbits) <= 4 and vbits != 3 and bh == 8 else 2
     stage = 2048 * (kbits + vbits) + 2048 + (4096 if value_pairs else 0)
     return max(1, min(by_regs, (227 * 1024) // (stages * stage + 2048)))
@@ -595,10 +593,10 @@ def _launch(q, kc, ks, kz, vc, vs, vz, scaling, kbits, vbits, k_residual, v_resi
             kv_mask, lengths, out_scale, rotate_out, splits, value_pairs, n=None, programs_per_sm=None, maxnreg=None,
             stages=None):
     """The split launch over ``splits`` ranges of the packed history (``n`` tokens, default all of ``kc``) plus
-    the residual's program, then the merge of their partial results (one per program). ``stages`` 0 (default): tiles
-    loaded straight into registers, about four programs per SM when (batch x KV heads) rows fill the GPU, else
-    one wave of three per SM under a 168-register cap, codes of at most 4 bits and up to 8 query heads per KV
-    head, two per SM otherwise (measured on an H100: ``docs/kernels.md``). ``stages`` > 0: a cp.async ring of
+    the residual's program, then the merge of their partial results (one per program). ``stages`` 0
+    (default): tiles loaded straight into registers, about four programs per SM when (batch x KV heads) rows
+    fill the GPU, else one wave of three per SM under a 168-register cap, codes of at most 4 bits and up to 8
+    query heads per KV head, two per SM otherwise (measured on an H100: ``docs/kernels.md``). ``stages`` > 0: a cp.async ring of
     that many tiles, split to fill whole waves of resident programs (:func:`_default_splits`; not yet measured
     on a GPU). ``programs_per_sm``: about that many programs per SM instead, for sweeps."""
     import torch
