@@ -17,7 +17,6 @@ import triton
 from kvtuner import quant
 from kvtuner.attention import decode_attention as reference
 from kvtuner.kernels.gluon_decode import decode_packed
-from kvtuner.quant import to_token_pairs
 
 
 def main() -> None:
@@ -39,9 +38,9 @@ def main() -> None:
             kb, vb = int(pair[0]), int(pair[1])
             kp = quant.in_channel_words(quant.quantize(k, kb, "per_channel", 32))
             vp = quant.quantize(k, vb, "per_token", 32)
-            vals = (vp.codes, vp.scale, vp.zero)
-            vc, vs, vz = vals if args.as_stored else (to_token_pairs(t) for t in vals)
-            want = reference(q.float(), quant.quantize(k, kb, "per_channel", 32), kr.float(), vp, kr.float(), d ** -0.5)
+            vw = vp if args.as_stored else quant.in_token_pairs(vp)
+            vc, vs, vz = vw.codes, vw.scale, vw.zero
+            want = reference(q.float(), kp, kr.float(), vp, kr.float(), d ** -0.5)
             out = []
             for launch in args.launches.split(","):
                 reg, per_sm, *stages = launch.split("/")
